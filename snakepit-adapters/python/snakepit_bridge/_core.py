@@ -1,0 +1,344 @@
+"""Protocol v1 over framed stdio: framing, handshake, dispatch. Standard library only."""
+
+import inspect
+import json
+import os
+import struct
+import sys
+import threading
+import traceback
+
+PROTOCOL_VERSIONS = (1,)
+BRIDGE = "python/0.1.0 (%s %s)" % (
+    sys.implementation.name,
+    ".".join(str(x) for x in sys.version_info[:3]),
+)
+
+_HDR = struct.Struct(">I")
+_TOOLS = {}
+_state = {"in_fd": None, "out_fd": None, "served": False}
+_write_lock = threading.Lock()
+
+
+class ToolError(Exception):
+    """Raise it from a tool to report an error with a chosen ``type`` name."""
+
+    def __init__(self, message, type_name=None):
+        super().__init__(message)
+        self.type_name = type_name
+
+
+class ProtocolError(Exception):
+    """The host broke the protocol; the bridge exits."""
+
+
+def tool(fn=None, *, name=None):
+    """Marks a function (or an adapter method) as a tool callable from the host.
+
+    ``@tool`` or ``@tool(name="other_name")``. Module-level functions are registered at once;
+    methods are collected from their ``BaseAdapter`` subclass when it is served.
+    """
+
+    def mark(f):
+        tool_name = name or f.__name__
+        f.__snakepit_tool__ = tool_name
+        parts = f.__qualname__.split(".")
+        is_method = len(parts) > 1 and parts[-2] != "<locals>"
+        if not is_method:
+            _TOOLS[tool_name] = f
+        return f
+
+    return mark(fn) if fn is not None else mark
+
+
+class BaseAdapter:
+    """Base class for stateful workers: mark methods with ``@tool``.
+
+    ``setup()`` runs once before the worker reports ready (load models there; the host's
+    handshake timeout bounds it). ``self.config`` is the worker config the host sent.
+    """
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else {}
+
+    def setup(self):
+        """Called once, before ``ready``."""
+
+    def teardown(self):
+        """Called once when the worker stops normally."""
+
+
+def served():
+    """Whether ``serve()`` has run in this process."""
+    return _state["served"]
+
+
+def claim_stdio():
+    """Moves the protocol to private fds and points fd 1 at stderr, fd 0 at /dev/null.
+
+    Idempotent. Called by the bootstrap before any user code is imported.
+    """
+    if _state["in_fd"] is not None:
+        return
+    try:
+        sys.stdout.flush()
+    except Exception:
+        pass
+    in_fd = os.dup(0)  # non-inheritable by default (PEP 446): children never see the protocol
+    out_fd = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    try:
+        sys.stdout.reconfigure(line_buffering=True)
+    except Exception:
+        pass
+    _state["in_fd"] = in_fd
+    _state["out_fd"] = out_fd
+
+
+def _log(msg):
+    try:
+        sys.stderr.write("snakepit_bridge: %s\n" % msg)
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+class _Channel:
+    def __init__(self, in_fd, out_fd):
+        self.reader = os.fdopen(in_fd, "rb", buffering=1 << 16, closefd=False)
+        self.out_fd = out_fd
+        self.max_frame = 64 * 1024 * 1024
+
+    def read(self):
+        """Returns the next frame body, or None at EOF."""
+        hdr = self.reader.read(4)
+        if not hdr or len(hdr) < 4:
+            return None
+        (n,) = _HDR.unpack(hdr)
+        if n > self.max_frame:
+            raise ProtocolError("inbound frame of %d bytes exceeds max_frame %d" % (n, self.max_frame))
+        body = self.reader.read(n)
+        if len(body) < n:
+            return None
+        return body
+
+    def write(self, body):
+        data = _HDR.pack(len(body)) + body if len(body) < 65536 else None
+        with _write_lock:
+            if data is not None:
+                self._write_all(data)
+            else:
+                self._write_all(_HDR.pack(len(body)))
+                self._write_all(body)
+
+    def _write_all(self, data):
+        view = memoryview(data)
+        while view:
+            n = os.write(self.out_fd, view)
+            view = view[n:]
+
+    def send(self, msg):
+        self.write(_dumps(msg))
+
+
+def _dumps(msg):
+    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _find_adapter(adapter, namespace):
+    if adapter is None and namespace is not None:
+        modname = namespace.get("__name__")
+        found = [
+            v
+            for v in namespace.values()
+            if isinstance(v, type)
+            and issubclass(v, BaseAdapter)
+            and v is not BaseAdapter
+            and v.__module__ == modname
+        ]
+        if len(found) > 1:
+            raise RuntimeError(
+                "several BaseAdapter subclasses found (%s); choose one with --adapter"
+                % ", ".join(c.__name__ for c in found)
+            )
+        return found[0] if found else None
+    if isinstance(adapter, str):
+        if namespace is None or adapter not in namespace:
+            raise RuntimeError("adapter class %r not found" % adapter)
+        return namespace[adapter]
+    return adapter
+
+
+def _collect_tools(instance):
+    tools = dict(_TOOLS)
+    if instance is not None:
+        for attr in dir(type(instance)):
+            fn = getattr(type(instance), attr, None)
+            name = getattr(fn, "__snakepit_tool__", None)
+            if name is not None:
+                tools[name] = getattr(instance, attr)
+    return tools
+
+
+def _invoke(fn, args):
+    if args is None:
+        return fn()
+    if isinstance(args, dict):
+        return fn(**args)
+    if isinstance(args, list):
+        return fn(*args)
+    return fn(args)
+
+
+def _error(exc):
+    type_name = getattr(exc, "type_name", None) or type(exc).__name__
+    return {
+        "type": type_name,
+        "message": str(exc),
+        "traceback": traceback.format_exc(),
+    }
+
+
+def _pick_version(offered):
+    override = os.environ.get("SNAKEPIT_BRIDGE_VERSIONS")
+    ours = tuple(int(v) for v in override.split(",")) if override else PROTOCOL_VERSIONS
+    common = [v for v in offered if v in ours]
+    return (max(common), ours) if common else (None, ours)
+
+
+def serve(adapter=None, namespace=None):
+    """Runs the worker loop until the host closes stdin or sends ``shutdown``.
+
+    ``adapter`` may be a ``BaseAdapter`` subclass, an instance, or a class name in ``namespace``;
+    by default the one subclass defined in the calling script is used, if any. Module-level
+    ``@tool`` functions are always served.
+    """
+    _state["served"] = True
+    claim_stdio()
+    if namespace is None and adapter is None:
+        main = sys.modules.get("__main__")
+        namespace = vars(main) if main is not None else None
+    chan = _Channel(_state["in_fd"], _state["out_fd"])
+    try:
+        _serve(chan, adapter, namespace)
+    except ProtocolError as e:
+        _log("protocol error: %s; exiting" % e)
+        sys.exit(2)
+
+
+def _serve(chan, adapter, namespace):
+    body = chan.read()
+    if body is None:
+        return
+    hello = json.loads(body)
+    if hello.get("t") != "hello":
+        raise ProtocolError("expected hello, got %r" % hello.get("t"))
+    chan.max_frame = int(hello.get("max_frame") or chan.max_frame)
+    version, ours = _pick_version(hello.get("versions") or [])
+    if version is None:
+        chan.send(
+            {
+                "t": "refuse",
+                "reason": "this bridge speaks protocol versions %s, the host offered %s"
+                % (list(ours), hello.get("versions")),
+                "versions": list(ours),
+            }
+        )
+        return
+    config = hello.get("config")
+    cls = _find_adapter(adapter, namespace)
+    instance = None
+    if cls is not None:
+        instance = cls(config) if isinstance(cls, type) else cls
+        if config is not None:
+            instance.config = config
+        instance.setup()
+    tools = _collect_tools(instance)
+    chan.send(
+        {
+            "t": "ready",
+            "version": version,
+            "pid": os.getpid(),
+            "tools": [{"name": n, "doc": inspect.getdoc(f)} for n, f in sorted(tools.items())],
+            "max_in_flight": 1,
+            "bridge": BRIDGE,
+        }
+    )
+    try:
+        _loop(chan, tools)
+    finally:
+        if instance is not None:
+            try:
+                instance.teardown()
+            except Exception:
+                _log("teardown failed:\n" + traceback.format_exc())
+
+
+def _loop(chan, tools):
+    while True:
+        body = chan.read()
+        if body is None:
+            return
+        try:
+            msg = json.loads(body)
+            t = msg["t"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ProtocolError("malformed message from host: %s" % e)
+        if t == "call":
+            _call(chan, tools, msg)
+        elif t == "ping":
+            chan.send({"t": "pong", "id": msg.get("id")})
+        elif t == "shutdown":
+            return
+        elif t == "cancel":
+            pass  # calls run one at a time: a cancel arriving now is for a call already answered
+        else:
+            _log("ignoring unknown message type %r" % t)
+
+
+def _call(chan, tools, msg):
+    rid = msg.get("id")
+    cmd = msg.get("cmd")
+    fn = tools.get(cmd)
+    if fn is None:
+        reply = {
+            "t": "error",
+            "id": rid,
+            "error": {"type": "UnknownCommand", "message": "no tool named %r" % (cmd,)},
+        }
+    else:
+        try:
+            result = _invoke(fn, msg.get("args"))
+            reply = {"t": "result", "id": rid, "ok": result}
+        except Exception as e:
+            reply = {"t": "error", "id": rid, "error": _error(e)}
+    try:
+        body = _dumps(reply)
+    except (TypeError, ValueError) as e:
+        body = _dumps(
+            {
+                "t": "error",
+                "id": rid,
+                "error": {"type": "TypeError", "message": "result is not JSON-serialisable: %s" % e},
+            }
+        )
+    if len(body) > chan.max_frame:
+        body = _dumps(
+            {
+                "t": "error",
+                "id": rid,
+                "error": {
+                    "type": "FrameTooLarge",
+                    "message": "result of %d bytes exceeds max_frame %d" % (len(body), chan.max_frame),
+                },
+            }
+        )
+    chan.write(body)
+
+
+def protocol_fd():
+    """The real protocol output fd (for fault-injection tests only)."""
+    return _state["out_fd"]

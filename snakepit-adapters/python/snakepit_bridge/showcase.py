@@ -1,0 +1,130 @@
+"""The showcase adapter: small tools for demos, tests and fault injection.
+
+Run with ``python -m snakepit_bridge --module snakepit_bridge.showcase`` (what
+``Python::module("snakepit_bridge.showcase")`` does) or ``python -m snakepit_bridge.showcase``.
+"""
+
+import builtins
+import os
+import struct
+import sys
+import time
+
+from snakepit_bridge import _core, serve, tool
+
+
+@tool
+def ping():
+    """Returns "pong"."""
+    return "pong"
+
+
+@tool
+def echo(*args, **kwargs):
+    """Returns its arguments: the keyword object, or the single positional value."""
+    if kwargs:
+        return kwargs
+    if len(args) == 1:
+        return args[0]
+    return list(args)
+
+
+@tool
+def add(a, b):
+    """Returns a + b."""
+    return a + b
+
+
+@tool
+def sleep(ms):
+    """Sleeps `ms` milliseconds, returns `ms`."""
+    time.sleep(ms / 1000.0)
+    return ms
+
+
+@tool
+def cpu(n):
+    """CPU-bound work: counts the primes below `n`."""
+    n = int(n)
+    if n < 3:
+        return 0 if n < 2 else 0
+    sieve = bytearray([1]) * n
+    sieve[0] = sieve[1] = 0
+    i = 2
+    while i * i < n:
+        if sieve[i]:
+            sieve[i * i :: i] = bytearray(len(range(i * i, n, i)))
+        i += 1
+    return sum(sieve)
+
+
+@tool
+def fail(type="ValueError", message="boom"):
+    """Raises an exception of the given builtin type name (or a new class of that name)."""
+    cls = getattr(builtins, type, None)
+    if not (isinstance(cls, builtins.type) and issubclass(cls, Exception)):
+        cls = builtins.type(type, (Exception,), {})
+    raise cls(message)
+
+
+@tool
+def crash(code=1):
+    """Exits the worker process at once with `code` (no reply is sent)."""
+    sys.stderr.write("showcase: crashing with exit code %d\n" % code)
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@tool
+def print_stdout(text="hello from print"):
+    """Prints `text` to stdout (which the bridge points at stderr); returns its length."""
+    print(text)
+    return len(text)
+
+
+@tool
+def garbage(kind="text"):
+    """Writes raw bytes to the real protocol fd, breaking the stream on purpose.
+
+    kind: "text" (not a frame at all), "json" (a frame whose body is not JSON), "partial" (a
+    header announcing 100 bytes followed by 10), "oversize" (a header announcing 1 GiB).
+    """
+    fd = _core.protocol_fd()
+    if kind == "json":
+        data = struct.pack(">I", 9) + b"not json!"
+    elif kind == "partial":
+        data = struct.pack(">I", 100) + b"0123456789"
+    elif kind == "oversize":
+        data = struct.pack(">I", 1 << 30) + b"xxxx"
+    else:
+        data = b"this is not a frame\n"
+    os.write(fd, data)
+    return kind
+
+
+@tool
+def big(bytes):
+    """Returns a string of `bytes` characters."""
+    return "x" * int(bytes)
+
+
+@tool
+def pid():
+    """Returns the worker's process id."""
+    return os.getpid()
+
+
+@tool
+def env(name):
+    """Returns the environment variable `name` (or None)."""
+    return os.environ.get(name)
+
+
+@tool
+def cwd():
+    """Returns the worker's working directory."""
+    return os.getcwd()
+
+
+if __name__ == "__main__":
+    serve()

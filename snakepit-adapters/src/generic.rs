@@ -1,0 +1,98 @@
+//! An adapter for any program that speaks protocol v1 itself.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use snakepit_core::{Adapter, Error, SpawnContext, SpawnSpec};
+
+/// Runs `program args...` as a worker; the program must speak protocol v1 on stdin/stdout
+/// (see `docs/protocol.md`).
+#[derive(Debug, Clone)]
+pub struct Generic {
+    program: PathBuf,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    cwd: Option<PathBuf>,
+    handshake_timeout: Duration,
+    timeouts: HashMap<String, Duration>,
+    config: serde_json::Value,
+}
+
+impl Generic {
+    /// A worker running `program`.
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        Generic {
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            handshake_timeout: Duration::from_secs(30),
+            timeouts: HashMap::new(),
+            config: serde_json::Value::Null,
+        }
+    }
+
+    /// Appends an argument.
+    pub fn arg(mut self, a: impl Into<OsString>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    /// Sets an environment variable for the worker.
+    pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Sets the worker's working directory.
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    /// Sets how long start-up may take until `ready`.
+    pub fn handshake_timeout(mut self, t: Duration) -> Self {
+        self.handshake_timeout = t;
+        self
+    }
+
+    /// Sets a default timeout for one command.
+    pub fn command_timeout(mut self, command: impl Into<String>, t: Duration) -> Self {
+        self.timeouts.insert(command.into(), t);
+        self
+    }
+
+    /// Sets the configuration sent to the worker in `hello`.
+    pub fn config(mut self, config: serde_json::Value) -> Self {
+        self.config = config;
+        self
+    }
+}
+
+impl Adapter for Generic {
+    fn name(&self) -> String {
+        format!("generic:{}", self.program.display())
+    }
+
+    fn spawn_spec(&self, _ctx: &SpawnContext) -> Result<SpawnSpec, Error> {
+        let mut spec = SpawnSpec::new(&self.program);
+        spec.args = self.args.clone();
+        spec.env = self.env.clone();
+        spec.cwd = self.cwd.clone();
+        Ok(spec)
+    }
+
+    fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
+
+    fn worker_config(&self) -> serde_json::Value {
+        self.config.clone()
+    }
+
+    fn timeout_for(&self, command: &str) -> Option<Duration> {
+        self.timeouts.get(command).copied()
+    }
+}

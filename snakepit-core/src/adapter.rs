@@ -1,0 +1,95 @@
+//! The [`Adapter`] trait: what program a worker runs, and how.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{Error, Payload, WorkerId};
+
+/// What the supervisor knows when it asks an adapter for a spawn spec.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SpawnContext {
+    /// The worker about to be started.
+    pub worker: WorkerId,
+    /// The pool instance's run id (also put in the worker's environment as `SNAKEPIT_RUN_ID`).
+    pub run_id: String,
+}
+
+impl SpawnContext {
+    /// A context for `worker` in the pool run `run_id`.
+    pub fn new(worker: WorkerId, run_id: impl Into<String>) -> Self {
+        SpawnContext { worker, run_id: run_id.into() }
+    }
+}
+
+/// How to start one worker process.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct SpawnSpec {
+    /// The program (a path, or a name looked up in `PATH`).
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+    /// Extra environment variables (set on top of the host's environment).
+    pub env: Vec<(OsString, OsString)>,
+    /// Environment variables to remove.
+    pub env_remove: Vec<OsString>,
+    /// The working directory (the host's when `None`).
+    pub cwd: Option<PathBuf>,
+}
+
+impl SpawnSpec {
+    /// A spec that runs `program` with no arguments.
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        SpawnSpec { program: program.into(), ..Default::default() }
+    }
+
+    /// Appends an argument.
+    pub fn arg(mut self, a: impl Into<OsString>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    /// Sets an environment variable.
+    pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Sets the working directory.
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+}
+
+/// What to run in a worker and how to treat its commands; one per pool. Like deadpool's
+/// `Manager`, it is small and synchronous: the supervisor does the process work.
+pub trait Adapter: Send + Sync + 'static {
+    /// A short name for logs (`python:script.py`).
+    fn name(&self) -> String;
+
+    /// How to start a worker.
+    fn spawn_spec(&self, ctx: &SpawnContext) -> Result<SpawnSpec, Error>;
+
+    /// How long a worker may take from spawn to `ready` (model loading may take minutes).
+    fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(30)
+    }
+
+    /// Configuration handed to the worker in `hello` (the Python bridge passes it to `setup`).
+    fn worker_config(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    /// Validates a call before it is queued; an error fails the call without a round trip.
+    fn validate(&self, _command: &str, _args: &Payload) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// A default timeout for `command`, used when the caller gives none.
+    fn timeout_for(&self, _command: &str) -> Option<Duration> {
+        None
+    }
+}

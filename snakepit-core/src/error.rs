@@ -1,0 +1,325 @@
+//! The one error type every snakepit crate returns to callers.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::transport::WorkerId;
+
+/// Shorthand for `Result<T, snakepit_core::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ExitInfo {
+    /// The process exited with this status code.
+    Code(i32),
+    /// The process was killed by this signal number.
+    Signal(i32),
+    /// The process is gone but its status could not be collected (yet).
+    Unknown,
+}
+
+impl fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitInfo::Code(c) => write!(f, "exit code {c}"),
+            ExitInfo::Signal(s) => write!(f, "killed by signal {s}"),
+            ExitInfo::Unknown => f.write_str("unknown exit status"),
+        }
+    }
+}
+
+/// An exception raised by the worker's code, as the worker reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerError {
+    /// The exception's type name, e.g. `ValueError`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The exception's message.
+    #[serde(default)]
+    pub message: String,
+    /// The formatted traceback, when the worker sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceback: Option<String>,
+}
+
+impl fmt::Display for WorkerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+/// Everything that can go wrong between a caller and a worker.
+///
+/// Each variant names the worker and the command where it knows them, and its message says
+/// what to do about it. [`Error::kind`] gives a stable snake_case name for logs and JSON.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The queue already holds `max_queue` waiting calls; the call was refused at once.
+    #[error("pool saturated: {max_queue} calls are already queued; retry later, add workers or raise max_queue")]
+    PoolSaturated {
+        /// The queue bound that was hit.
+        max_queue: usize,
+    },
+    /// No worker became free within the queue timeout; the call was never sent and never will be.
+    #[error("call `{command}` waited {waited:?} for a free worker (queue_timeout); add workers or raise queue_timeout")]
+    QueueTimeout {
+        /// The command that waited.
+        command: String,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// The call did not complete within its timeout or deadline.
+    #[error("call `{command}` timed out after {after:?}{}", on_worker(.worker))]
+    Timeout {
+        /// The command that timed out.
+        command: String,
+        /// The worker that was running it, if it had reached one.
+        worker: Option<WorkerId>,
+        /// The time budget that ran out.
+        after: Duration,
+    },
+    /// The call was cancelled before it completed.
+    #[error("call `{command}` was cancelled")]
+    Cancelled {
+        /// The command that was cancelled.
+        command: String,
+    },
+    /// The worker process died while it held the call.
+    #[error("{worker} crashed ({exit}) while running `{}`{}", .command.as_deref().unwrap_or("?"), tail(.stderr_tail))]
+    WorkerCrashed {
+        /// The worker that died.
+        worker: WorkerId,
+        /// The command it was running.
+        command: Option<String>,
+        /// How it ended.
+        exit: ExitInfo,
+        /// The last lines it wrote to stderr.
+        stderr_tail: String,
+    },
+    /// The worker's code raised an exception; the worker itself is fine.
+    #[error("`{command}` raised {error} on {worker}")]
+    Worker {
+        /// The worker that ran the call.
+        worker: WorkerId,
+        /// The command that raised.
+        command: String,
+        /// The exception.
+        error: WorkerError,
+    },
+    /// The command is not one of the tools the workers announced; nothing was sent.
+    #[error("unknown command `{command}`; the workers offer: {}", .available.join(", "))]
+    UnknownCommand {
+        /// The command asked for.
+        command: String,
+        /// The commands the workers announced in their handshake.
+        available: Vec<String>,
+    },
+    /// The request itself is invalid (arguments that cannot be encoded, rejected by the adapter...).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// A message is larger than the frame limit; when outbound, nothing was written and the
+    /// worker is untouched.
+    #[error("frame of {size} bytes exceeds max_frame ({max} bytes); send less or raise max_frame")]
+    FrameTooLarge {
+        /// The message size in bytes.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The worker broke the wire protocol (garbage, an oversized or stalled frame, a malformed
+    /// message); every call in flight on it fails with this and the worker is replaced.
+    #[error("protocol error from {worker}: {detail}")]
+    Protocol {
+        /// The offending worker.
+        worker: WorkerId,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The connection to the worker closed (its output reached EOF). The pool turns this into
+    /// [`Error::WorkerCrashed`] once it knows the exit status.
+    #[error("connection to {worker} closed")]
+    Disconnected {
+        /// The worker whose connection closed.
+        worker: WorkerId,
+    },
+    /// The worker process could not be started (missing interpreter, bad cwd, ...).
+    #[error("cannot start {worker} (`{program}`): {reason}")]
+    Spawn {
+        /// The slot that was being started.
+        worker: WorkerId,
+        /// The program that failed to start.
+        program: String,
+        /// Why.
+        reason: String,
+    },
+    /// The worker process exited before it finished the handshake (an import error, a syntax
+    /// error in the script, a bad argument...).
+    #[error("{worker} exited during start-up ({exit}){}", tail(.stderr_tail))]
+    StartupFailed {
+        /// The worker that exited.
+        worker: WorkerId,
+        /// How it ended.
+        exit: ExitInfo,
+        /// The last lines it wrote to stderr (usually the traceback).
+        stderr_tail: String,
+    },
+    /// The worker did not answer `hello` with `ready` within the adapter's handshake timeout.
+    #[error("{worker} did not complete the handshake within {after:?}; raise the adapter's handshake_timeout if start-up is slow{}", tail(.stderr_tail))]
+    HandshakeTimeout {
+        /// The worker that stayed silent.
+        worker: WorkerId,
+        /// The handshake timeout.
+        after: Duration,
+        /// The last lines it wrote to stderr.
+        stderr_tail: String,
+    },
+    /// The worker refused every protocol version the host offered.
+    #[error("{worker} refused protocol versions {offered:?}: {reason}")]
+    VersionMismatch {
+        /// The worker.
+        worker: WorkerId,
+        /// The versions the host offered.
+        offered: Vec<u32>,
+        /// The worker's reason.
+        reason: String,
+    },
+    /// The pool is shutting down and takes no new calls.
+    #[error("the pool is shutting down")]
+    ShuttingDown,
+    /// A typed result could not be decoded, or typed arguments could not be encoded.
+    #[error("codec error: {0}")]
+    Codec(String),
+    /// The pool has no live worker to run the call (all slots are down or restarting).
+    #[error("no worker is available: {0}")]
+    Unavailable(String),
+}
+
+fn on_worker(w: &Option<WorkerId>) -> String {
+    match w {
+        Some(w) => format!(" on {w}"),
+        None => String::new(),
+    }
+}
+
+fn tail(t: &str) -> String {
+    let t = t.trim_end();
+    if t.is_empty() {
+        String::new()
+    } else {
+        format!("; stderr tail:\n{t}")
+    }
+}
+
+impl Error {
+    /// A stable snake_case name of the variant, for logs, metrics and JSON replies.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::PoolSaturated { .. } => "pool_saturated",
+            Error::QueueTimeout { .. } => "queue_timeout",
+            Error::Timeout { .. } => "timeout",
+            Error::Cancelled { .. } => "cancelled",
+            Error::WorkerCrashed { .. } => "worker_crashed",
+            Error::Worker { .. } => "worker",
+            Error::UnknownCommand { .. } => "unknown_command",
+            Error::BadRequest(_) => "bad_request",
+            Error::FrameTooLarge { .. } => "frame_too_large",
+            Error::Protocol { .. } => "protocol",
+            Error::Disconnected { .. } => "disconnected",
+            Error::Spawn { .. } => "spawn",
+            Error::StartupFailed { .. } => "startup_failed",
+            Error::HandshakeTimeout { .. } => "handshake_timeout",
+            Error::VersionMismatch { .. } => "version_mismatch",
+            Error::ShuttingDown => "shutting_down",
+            Error::Codec(_) => "codec",
+            Error::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// The worker this error concerns, if any.
+    pub fn worker(&self) -> Option<WorkerId> {
+        match self {
+            Error::Timeout { worker, .. } => *worker,
+            Error::WorkerCrashed { worker, .. }
+            | Error::Worker { worker, .. }
+            | Error::Protocol { worker, .. }
+            | Error::Disconnected { worker }
+            | Error::Spawn { worker, .. }
+            | Error::StartupFailed { worker, .. }
+            | Error::HandshakeTimeout { worker, .. }
+            | Error::VersionMismatch { worker, .. } => Some(*worker),
+            _ => None,
+        }
+    }
+
+    /// The error as a JSON object: `{"kind": .., "message": ..}` plus the variant's fields
+    /// (`type` and `traceback` for worker errors, `exit` and `stderr_tail` for crashes, ...).
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::{json, Value};
+        let mut v = json!({ "kind": self.kind(), "message": self.to_string() });
+        let obj = match v.as_object_mut() {
+            Some(o) => o,
+            None => return v,
+        };
+        if let Some(w) = self.worker() {
+            obj.insert("worker".into(), Value::String(w.to_string()));
+        }
+        match self {
+            Error::Worker { error, .. } => {
+                obj.insert("message".into(), Value::String(error.message.clone()));
+                obj.insert("type".into(), Value::String(error.kind.clone()));
+                if let Some(tb) = &error.traceback {
+                    obj.insert("traceback".into(), Value::String(tb.clone()));
+                }
+            }
+            Error::WorkerCrashed { exit, stderr_tail, .. }
+            | Error::StartupFailed { exit, stderr_tail, .. } => {
+                obj.insert("exit".into(), serde_json::to_value(exit).unwrap_or(Value::Null));
+                obj.insert("stderr_tail".into(), Value::String(stderr_tail.clone()));
+            }
+            Error::HandshakeTimeout { stderr_tail, .. } => {
+                obj.insert("stderr_tail".into(), Value::String(stderr_tail.clone()));
+            }
+            Error::UnknownCommand { available, .. } => {
+                obj.insert("available".into(), json!(available));
+            }
+            _ => {}
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_are_snake_case_and_json_carries_fields() {
+        let w = WorkerId { slot: 1, generation: 2 };
+        let e = Error::WorkerCrashed {
+            worker: w,
+            command: Some("crash".into()),
+            exit: ExitInfo::Signal(9),
+            stderr_tail: "boom\n".into(),
+        };
+        assert_eq!(e.kind(), "worker_crashed");
+        let j = e.to_json();
+        assert_eq!(j["exit"], serde_json::json!({"signal": 9}));
+        assert_eq!(j["stderr_tail"], "boom\n");
+        assert!(e.to_string().contains("worker 1.2"), "{e}");
+        let e = Error::Worker {
+            worker: w,
+            command: "fail".into(),
+            error: WorkerError { kind: "ValueError".into(), message: "bad".into(), traceback: Some("tb".into()) },
+        };
+        let j = e.to_json();
+        assert_eq!(j["type"], "ValueError");
+        assert_eq!(j["message"], "bad");
+        assert_eq!(j["traceback"], "tb");
+    }
+}

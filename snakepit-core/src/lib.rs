@@ -1,0 +1,31 @@
+//! # snakepit-core
+//!
+//! The shared vocabulary of snakepit: what a request, a payload, a worker and an error are, and
+//! the small traits the other crates implement:
+//!
+//! * [`Adapter`]: what program a worker runs and how (program, args, env, cwd, handshake timeout,
+//!   per-command validation and timeouts);
+//! * [`WorkerProfile`]: how many requests one worker serves at once and how it is started;
+//! * [`Transport`] / [`Connection`]: how the host talks to a started worker.
+//!
+//! This crate has no process, socket or runtime code: it only names things. The wire messages of
+//! protocol v1 live in [`wire`] so that every transport and every worker SDK agree on them.
+
+mod adapter;
+mod error;
+mod payload;
+mod profile;
+mod transport;
+pub mod wire;
+
+pub use adapter::{Adapter, SpawnContext, SpawnSpec};
+pub use error::{Error, ExitInfo, Result, WorkerError};
+pub use payload::{Codec, Payload};
+pub use profile::{ProcessProfile, StartMode, WorkerProfile};
+pub use transport::{CloseReason, Connection, Hello, Ready, Request, RequestId, ToolInfo, Transport, WorkerId, WorkerIo};
+
+/// The wire protocol versions this build of the host speaks, newest first.
+pub const PROTOCOL_VERSIONS: &[u32] = &[1];
+
+/// The default largest frame body either side accepts: 64 MiB.
+pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;

@@ -1,0 +1,185 @@
+//! The [`Transport`] and [`Connection`] traits and the types that cross them.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::{Error, Payload};
+
+/// Identifies one worker incarnation: its pool slot and how many times that slot has been
+/// (re)started. Displayed as `worker SLOT.GENERATION`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WorkerId {
+    /// The pool slot (0-based).
+    pub slot: usize,
+    /// The slot's start count (0 for the first process).
+    pub generation: u64,
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "worker {}.{}", self.slot, self.generation)
+    }
+}
+
+/// A request id, unique per connection. Ids stay below 2^53 so that every language's JSON
+/// number holds them exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RequestId(pub u64);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// One call, as a transport sends it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Request {
+    /// The tool to run.
+    pub command: String,
+    /// Its arguments.
+    pub args: Payload,
+    /// When the caller stops waiting; the worker is told the remaining budget.
+    pub deadline: Option<Instant>,
+    /// The session this call belongs to, if any.
+    pub session: Option<String>,
+}
+
+impl Request {
+    /// A request for `command` with `args`, no deadline and no session.
+    pub fn new(command: impl Into<String>, args: Payload) -> Self {
+        Request { command: command.into(), args, deadline: None, session: None }
+    }
+
+    /// Sets the deadline.
+    pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+}
+
+/// What the host tells a worker first.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Hello {
+    /// The worker being greeted.
+    pub worker: WorkerId,
+    /// Protocol versions the host speaks, newest first.
+    pub versions: Vec<u32>,
+    /// The largest frame body either side may send.
+    pub max_frame: usize,
+    /// Adapter configuration for the worker.
+    pub config: serde_json::Value,
+}
+
+impl Hello {
+    /// A hello for `worker` offering [`crate::PROTOCOL_VERSIONS`].
+    pub fn new(worker: WorkerId, max_frame: usize, config: serde_json::Value) -> Self {
+        Hello { worker, versions: crate::PROTOCOL_VERSIONS.to_vec(), max_frame, config }
+    }
+}
+
+/// A tool a worker offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolInfo {
+    /// Its command name.
+    pub name: String,
+    /// Its documentation, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc: Option<String>,
+}
+
+/// What a worker answers to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Ready {
+    /// The protocol version the worker chose.
+    pub version: u32,
+    /// The worker's process id as it sees it.
+    pub pid: u32,
+    /// The tools it offers.
+    #[serde(default)]
+    pub tools: Vec<ToolInfo>,
+    /// How many calls it runs at once.
+    #[serde(default = "one")]
+    pub max_in_flight: usize,
+    /// The bridge's name and version, e.g. `python/0.1.0 (CPython 3.11.7)`.
+    #[serde(default)]
+    pub bridge: String,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The pipes of a started worker process, as the supervisor hands them to a transport.
+pub struct WorkerIo {
+    /// The worker this is.
+    pub worker: WorkerId,
+    /// Host → worker bytes (the worker's stdin).
+    pub input: Box<dyn AsyncWrite + Send + Unpin>,
+    /// Worker → host bytes (the worker's protocol output).
+    pub output: Box<dyn AsyncRead + Send + Unpin>,
+}
+
+impl fmt::Debug for WorkerIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerIo").field("worker", &self.worker).finish_non_exhaustive()
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The worker's output reached end-of-file (it exited or closed its side).
+    Eof,
+    /// The worker broke the protocol; every call in flight failed with [`Error::Protocol`].
+    Protocol(String),
+    /// The host closed the connection.
+    Closed,
+}
+
+/// Turns a started worker's pipes into a [`Connection`], doing the handshake.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Sends `hello`, waits for `ready` and returns the live connection. The caller bounds this
+    /// with the adapter's handshake timeout and watches the process for an early exit.
+    async fn connect(&self, io: WorkerIo, hello: Hello) -> Result<(Arc<dyn Connection>, Ready), Error>;
+
+    /// The largest frame body this transport sends or accepts.
+    fn max_frame(&self) -> usize;
+}
+
+/// A live, multiplexed link to one worker, usable from many tasks at once.
+///
+/// A dropped `call` future leaves the connection consistent: its id is forgotten and a late
+/// reply for it is dropped, never handed to another caller.
+#[async_trait]
+pub trait Connection: Send + Sync + 'static {
+    /// Sends one request and waits for its reply.
+    async fn call(&self, req: Request) -> Result<Payload, Error>;
+
+    /// Round-trips a `ping`; returns the time it took.
+    async fn ping(&self) -> Result<Duration, Error>;
+
+    /// Asks the worker to exit and closes the host's side of the connection.
+    async fn shutdown(&self);
+
+    /// Resolves when the connection is gone, with the reason.
+    fn closed(&self) -> BoxFuture<'static, CloseReason>;
+
+    /// Whether the connection is gone (the worker can take no more calls).
+    fn is_closed(&self) -> bool;
+
+    /// How many calls are waiting for a reply.
+    fn in_flight(&self) -> usize;
+}

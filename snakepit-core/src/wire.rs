@@ -1,0 +1,152 @@
+//! Protocol v1 messages as they appear on the wire (see `docs/protocol.md`).
+//!
+//! Every frame body is one JSON object with a `t` (type) tag. Payloads (`args`, `ok`) are
+//! embedded as raw JSON values so the host never re-encodes what it forwards.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::{Ready, WorkerError};
+
+/// `hello`: host → worker, first frame.
+#[derive(Debug, Serialize)]
+pub struct HelloMsg<'a> {
+    /// Always `"hello"`.
+    pub t: &'static str,
+    /// Versions the host speaks, newest first.
+    pub versions: &'a [u32],
+    /// Codecs the host accepts for payloads.
+    pub codecs: &'a [&'a str],
+    /// The worker's id, for its logs.
+    pub worker: String,
+    /// Largest frame body either side may send.
+    pub max_frame: usize,
+    /// Adapter configuration.
+    pub config: &'a serde_json::Value,
+}
+
+/// Any message a worker sends. Fields a tag does not use are absent.
+#[derive(Debug, Deserialize)]
+pub struct Inbound<'a> {
+    /// The message type: `ready`, `refuse`, `result`, `error`, `pong`, `log`.
+    #[serde(borrow)]
+    pub t: Cow<'a, str>,
+    /// The request id the message answers.
+    #[serde(default)]
+    pub id: Option<u64>,
+    /// `result`: the value.
+    #[serde(default, borrow)]
+    pub ok: Option<&'a RawValue>,
+    /// `error`: the exception.
+    #[serde(default)]
+    pub error: Option<WorkerError>,
+    /// `refuse`: why.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// `ready`: the chosen version.
+    #[serde(default)]
+    pub version: Option<u32>,
+    /// `ready`: the worker's pid.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// `ready`: its tools.
+    #[serde(default)]
+    pub tools: Option<Vec<crate::ToolInfo>>,
+    /// `ready`: its concurrency.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
+    /// `ready`: its bridge description.
+    #[serde(default)]
+    pub bridge: Option<String>,
+}
+
+impl Inbound<'_> {
+    /// The handshake fields of a `ready` message, if `version` and `pid` are present.
+    pub fn ready(self) -> Option<Ready> {
+        Some(Ready {
+            version: self.version?,
+            pid: self.pid?,
+            tools: self.tools.unwrap_or_default(),
+            max_in_flight: self.max_in_flight.unwrap_or(1).max(1),
+            bridge: self.bridge.unwrap_or_default(),
+        })
+    }
+}
+
+/// Appends a `call` message body to `out`. `args` must be well-formed JSON.
+pub fn encode_call(out: &mut Vec<u8>, id: u64, command: &str, args: &[u8], timeout_ms: Option<u64>) {
+    out.extend_from_slice(br#"{"t":"call","id":"#);
+    push_u64(out, id);
+    out.extend_from_slice(br#","cmd":"#);
+    // A command name is a short string; serialising a &str to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, command);
+    if let Some(ms) = timeout_ms {
+        out.extend_from_slice(br#","timeout_ms":"#);
+        push_u64(out, ms);
+    }
+    out.extend_from_slice(br#","args":"#);
+    out.extend_from_slice(args);
+    out.push(b'}');
+}
+
+/// Appends a message with only a tag and an id (`ping`, `cancel`) to `out`.
+pub fn encode_simple(out: &mut Vec<u8>, tag: &str, id: Option<u64>) {
+    out.extend_from_slice(br#"{"t":""#);
+    out.extend_from_slice(tag.as_bytes());
+    out.push(b'"');
+    if let Some(id) = id {
+        out.extend_from_slice(br#","id":"#);
+        push_u64(out, id);
+    }
+    out.push(b'}');
+}
+
+fn push_u64(out: &mut Vec<u8>, mut v: u64) {
+    let mut tmp = [0u8; 20];
+    let mut i = tmp.len();
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&tmp[i..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_encodes_as_json() {
+        let mut out = Vec::new();
+        encode_call(&mut out, 42, "a\"b", br#"{"x":[1,2]}"#, Some(7));
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("valid json");
+        assert_eq!(v["t"], "call");
+        assert_eq!(v["id"], 42);
+        assert_eq!(v["cmd"], "a\"b");
+        assert_eq!(v["timeout_ms"], 7);
+        assert_eq!(v["args"]["x"][1], 2);
+        let mut out = Vec::new();
+        encode_simple(&mut out, "ping", Some(0));
+        assert_eq!(out, br#"{"t":"ping","id":0}"#);
+    }
+
+    #[test]
+    fn inbound_parses_result_and_ready() {
+        let m: Inbound = serde_json::from_slice(br#"{"t":"result","id":3,"ok":{"a":"b"}}"#).expect("parse");
+        assert_eq!(m.t, "result");
+        assert_eq!(m.ok.map(|r| r.get()), Some(r#"{"a":"b"}"#));
+        let m: Inbound = serde_json::from_slice(br#"{"t":"ready","version":1,"pid":9,"tools":[{"name":"x"}]}"#)
+            .expect("parse");
+        let r: Ready = m.ready().expect("ready fields");
+        assert_eq!(r.pid, 9);
+        assert_eq!(r.max_in_flight, 1);
+        let m: Inbound = serde_json::from_slice(br#"{"t":"result","id":3,"ok":1}"#).expect("parse");
+        assert!(m.ready().is_none());
+    }
+}

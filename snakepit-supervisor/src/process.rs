@@ -1,0 +1,400 @@
+//! Spawning, watching and stopping one worker process.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use snakepit_core::{
+    Adapter, Connection, Error, ExitInfo, Hello, Ready, SpawnContext, Transport, WorkerId, WorkerIo,
+};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStderr, Command};
+use tokio::sync::watch;
+
+const TAIL_LINES: usize = 40;
+const TAIL_BYTES: usize = 8 * 1024;
+/// How long to wait for a dead worker's stderr to drain before reporting its tail.
+const STDERR_DRAIN: Duration = Duration::from_millis(300);
+
+/// Everything [`start_worker`] needs besides the adapter and the transport.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StartOptions {
+    /// The worker to start.
+    pub worker: WorkerId,
+    /// The pool's run id (exported as `SNAKEPIT_RUN_ID`).
+    pub run_id: String,
+    /// Extra environment set on top of the adapter's.
+    pub env: Vec<(OsString, OsString)>,
+    /// Largest frame body (sent in `hello`).
+    pub max_frame: usize,
+}
+
+impl StartOptions {
+    /// Options for `worker` in run `run_id`.
+    pub fn new(worker: WorkerId, run_id: impl Into<String>, max_frame: usize) -> Self {
+        StartOptions { worker, run_id: run_id.into(), env: Vec::new(), max_frame }
+    }
+
+    /// Adds environment variables.
+    pub fn with_env(mut self, env: Vec<(OsString, OsString)>) -> Self {
+        self.env = env;
+        self
+    }
+}
+
+/// The last lines a worker wrote to stderr.
+#[derive(Debug, Default)]
+struct Tail {
+    lines: VecDeque<String>,
+    bytes: usize,
+}
+
+impl Tail {
+    fn push(&mut self, line: String) {
+        self.bytes += line.len();
+        self.lines.push_back(line);
+        while self.lines.len() > TAIL_LINES || (self.bytes > TAIL_BYTES && self.lines.len() > 1) {
+            if let Some(l) = self.lines.pop_front() {
+                self.bytes -= l.len();
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut s = String::with_capacity(self.bytes + self.lines.len());
+        for l in &self.lines {
+            s.push_str(l);
+            s.push('\n');
+        }
+        s
+    }
+}
+
+/// Shared between the worker handle, its stderr pump and its monitor.
+#[derive(Debug)]
+struct Shared {
+    id: WorkerId,
+    pid: u32,
+    tail: Mutex<Tail>,
+    exit: watch::Sender<Option<ExitInfo>>,
+    stderr_done: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn tail(&self) -> String {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner()).text()
+    }
+
+    fn signal_group(&self, sig: Signal) {
+        // The group leader is our unreaped child until the monitor records its exit, so the
+        // group id cannot have been reused while `exit` is still `None`.
+        if self.exit.borrow().is_some() {
+            return;
+        }
+        let pgid = Pid::from_raw(self.pid as i32);
+        if let Err(e) = killpg(pgid, sig) {
+            if e != nix::errno::Errno::ESRCH {
+                tracing::warn!(worker = %self.id, "{}", crate::Error::Signal { pgid: self.pid as i32, source: e });
+            }
+        }
+    }
+
+    async fn wait_stderr(&self) {
+        let mut rx = self.stderr_done.subscribe();
+        let _ = tokio::time::timeout(STDERR_DRAIN, rx.wait_for(|d| *d)).await;
+    }
+}
+
+/// A started, handshaken worker: its connection and its process.
+///
+/// Dropping it kills the worker's whole process group; the monitor task reaps it.
+pub struct Worker {
+    shared: Arc<Shared>,
+    conn: Arc<dyn Connection>,
+    ready: Ready,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("id", &self.shared.id).field("pid", &self.shared.pid).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.shared.signal_group(Signal::SIGKILL);
+    }
+}
+
+fn exit_info(status: ExitStatus) -> ExitInfo {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => ExitInfo::Code(c),
+        (None, Some(s)) => ExitInfo::Signal(s),
+        _ => ExitInfo::Unknown,
+    }
+}
+
+impl Worker {
+    /// The worker's id.
+    pub fn id(&self) -> WorkerId {
+        self.shared.id
+    }
+
+    /// The worker's process id (also its process group id).
+    pub fn pid(&self) -> u32 {
+        self.shared.pid
+    }
+
+    /// What the worker announced in its handshake.
+    pub fn ready(&self) -> &Ready {
+        &self.ready
+    }
+
+    /// The live connection.
+    pub fn connection(&self) -> &Arc<dyn Connection> {
+        &self.conn
+    }
+
+    /// When the worker became ready.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// How the process ended, if it has.
+    pub fn exit_info(&self) -> Option<ExitInfo> {
+        *self.shared.exit.borrow()
+    }
+
+    /// The last lines the worker wrote to stderr.
+    pub fn stderr_tail(&self) -> String {
+        self.shared.tail()
+    }
+
+    /// Waits until the process has ended and been reaped (and its stderr drained, briefly).
+    pub async fn exited(&self) -> ExitInfo {
+        let mut rx = self.shared.exit.subscribe();
+        let info = match rx.wait_for(|e| e.is_some()).await {
+            Ok(e) => e.unwrap_or(ExitInfo::Unknown),
+            Err(_) => ExitInfo::Unknown,
+        };
+        self.shared.wait_stderr().await;
+        info
+    }
+
+    /// Sends SIGKILL to the worker's process group (no-op once it has been reaped).
+    pub fn kill(&self) {
+        self.shared.signal_group(Signal::SIGKILL);
+    }
+
+    /// Stops the worker gracefully: `shutdown` and stdin closed, then after `grace` SIGTERM to
+    /// its group, then after `grace` again SIGKILL. Returns how it ended.
+    pub async fn shutdown(&self, grace: Duration) -> ExitInfo {
+        if let Some(e) = self.exit_info() {
+            return e;
+        }
+        self.conn.shutdown().await;
+        if let Ok(e) = tokio::time::timeout(grace, self.exited()).await {
+            return e;
+        }
+        tracing::debug!(worker = %self.id(), "did not exit after stdin closed; SIGTERM");
+        self.shared.signal_group(Signal::SIGTERM);
+        if let Ok(e) = tokio::time::timeout(grace, self.exited()).await {
+            return e;
+        }
+        tracing::warn!(worker = %self.id(), "ignored SIGTERM for {grace:?}; SIGKILL");
+        self.kill();
+        self.exited().await
+    }
+}
+
+fn spawn_stderr_pump(stderr: ChildStderr, shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stderr);
+        let mut buf = Vec::with_capacity(256);
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf);
+                    let line = line.trim_end_matches(['\n', '\r']);
+                    tracing::info!(target: "snakepit::worker", worker = %shared.id, "{line}");
+                    shared.tail.lock().unwrap_or_else(|p| p.into_inner()).push(line.to_owned());
+                }
+            }
+        }
+        let _ = shared.stderr_done.send(true);
+    });
+}
+
+/// Watches the process until it exits, killing it if its connection breaks first.
+fn spawn_monitor(mut child: Child, conn: Arc<dyn Connection>, shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        let status = tokio::select! {
+            s = child.wait() => s,
+            reason = conn.closed() => {
+                // Output closed or the protocol broke: the process is of no further use.
+                tracing::debug!(worker = %shared.id, ?reason, "connection closed; making sure the process is gone");
+                if !matches!(reason, snakepit_core::CloseReason::Eof) {
+                    shared.signal_group(Signal::SIGKILL);
+                }
+                match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        shared.signal_group(Signal::SIGKILL);
+                        child.wait().await
+                    }
+                }
+            }
+        };
+        let info = match status {
+            Ok(s) => exit_info(s),
+            Err(e) => {
+                tracing::warn!(worker = %shared.id, "cannot wait for the worker: {e}");
+                ExitInfo::Unknown
+            }
+        };
+        // Take down whatever the worker left in its group (grandchildren).
+        let pgid = Pid::from_raw(shared.pid as i32);
+        let _ = killpg(pgid, Signal::SIGKILL);
+        tracing::debug!(worker = %shared.id, "exited: {info}");
+        let _ = shared.exit.send(Some(info));
+    });
+}
+
+/// Spawns a worker for `adapter`, performs the handshake through `transport` within the
+/// adapter's handshake timeout, and returns it ready for calls.
+///
+/// Fails fast, leaving no process behind: [`Error::Spawn`] when the program cannot be started,
+/// [`Error::StartupFailed`] when it exits before `ready` (import errors), and
+/// [`Error::HandshakeTimeout`] when it stays silent.
+pub async fn start_worker(
+    adapter: &dyn Adapter,
+    transport: &dyn Transport,
+    opts: StartOptions,
+) -> Result<Worker, Error> {
+    let worker = opts.worker;
+    let spec = adapter.spawn_spec(&SpawnContext::new(worker, opts.run_id.clone()))?;
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    for k in &spec.env_remove {
+        cmd.env_remove(k);
+    }
+    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+    cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
+    cmd.env("SNAKEPIT_RUN_ID", &opts.run_id).env("SNAKEPIT_WORKER_ID", worker.to_string());
+    if let Some(dir) = &spec.cwd {
+        cmd.current_dir(dir);
+    }
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and only makes two
+    // async-signal-safe syscalls (prctl, getppid); it does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+                .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+            // The parent may have died between fork and prctl: then nobody would kill us.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(nix::errno::Errno::ESRCH as i32));
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| Error::Spawn {
+        worker,
+        program: spec.program.display().to_string(),
+        reason: match e.kind() {
+            std::io::ErrorKind::NotFound => format!("{e} (is the interpreter installed and on PATH?)"),
+            _ => e.to_string(),
+        },
+    })?;
+    let pid = child.id().unwrap_or(0);
+    let (exit, _) = watch::channel(None);
+    let (stderr_done, _) = watch::channel(false);
+    let shared = Arc::new(Shared { id: worker, pid, tail: Mutex::new(Tail::default()), exit, stderr_done });
+    if let Some(stderr) = child.stderr.take() {
+        spawn_stderr_pump(stderr, shared.clone());
+    } else {
+        let _ = shared.stderr_done.send(true);
+    }
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        // Cannot happen with piped stdio; treat it as a spawn failure anyway.
+        shared.signal_group(Signal::SIGKILL);
+        let _ = child.wait().await;
+        return Err(Error::Spawn { worker, program: spec.program.display().to_string(), reason: "no stdio pipes".into() });
+    };
+    let io = WorkerIo { worker, input: Box::new(stdin), output: Box::new(stdout) };
+    let hello = Hello::new(worker, opts.max_frame, adapter.worker_config());
+    let timeout = adapter.handshake_timeout();
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(timeout, transport.connect(io, hello)) => match r {
+            Ok(r) => Handshake::Done(r),
+            Err(_) => Handshake::TimedOut,
+        },
+        status = child.wait() => Handshake::Exited(status),
+    };
+    let fail = |shared: &Arc<Shared>| shared.signal_group(Signal::SIGKILL);
+    match outcome {
+        Handshake::Done(Ok((conn, ready))) => {
+            tracing::debug!(worker = %worker, pid, bridge = %ready.bridge, "ready");
+            spawn_monitor(child, conn.clone(), shared.clone());
+            Ok(Worker { shared, conn, ready, started: Instant::now() })
+        }
+        Handshake::Done(Err(e)) => {
+            // EOF during the handshake means the process is exiting: report how it ended.
+            let info = if matches!(e, Error::Disconnected { .. }) {
+                match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+                    Ok(Ok(s)) => Some(exit_info(s)),
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            fail(&shared);
+            let _ = child.wait().await;
+            let _ = shared.exit.send(Some(info.unwrap_or(ExitInfo::Unknown)));
+            shared.wait_stderr().await;
+            match (e, info) {
+                (Error::Disconnected { .. }, exit) => Err(Error::StartupFailed {
+                    worker,
+                    exit: exit.unwrap_or(ExitInfo::Unknown),
+                    stderr_tail: shared.tail(),
+                }),
+                (e, _) => Err(e),
+            }
+        }
+        Handshake::TimedOut => {
+            fail(&shared);
+            let _ = child.wait().await;
+            let _ = shared.exit.send(Some(ExitInfo::Signal(Signal::SIGKILL as i32)));
+            shared.wait_stderr().await;
+            Err(Error::HandshakeTimeout { worker, after: timeout, stderr_tail: shared.tail() })
+        }
+        Handshake::Exited(status) => {
+            let info = status.map(exit_info).unwrap_or(ExitInfo::Unknown);
+            // Its children may still hold the pipes: take the group down.
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = shared.exit.send(Some(info));
+            shared.wait_stderr().await;
+            Err(Error::StartupFailed { worker, exit: info, stderr_tail: shared.tail() })
+        }
+    }
+}
+
+enum Handshake {
+    Done(Result<(Arc<dyn Connection>, Ready), Error>),
+    TimedOut,
+    Exited(std::io::Result<ExitStatus>),
+}

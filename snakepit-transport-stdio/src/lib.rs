@@ -1,0 +1,495 @@
+//! # snakepit-transport-stdio
+//!
+//! The framed stdio transport: every message is a `u32` big-endian length followed by a JSON
+//! body (protocol v1, see `docs/protocol.md`). One [`StdioConnection`] multiplexes calls by
+//! request id, so it is safe to use from many tasks at once.
+//!
+//! Guarantees:
+//! * an outbound body over `max_frame` fails its caller with [`Error::FrameTooLarge`] before
+//!   anything is written; the worker is untouched;
+//! * an inbound frame over `max_frame`, a body that is not a valid message, or a frame whose body
+//!   stops arriving for `frame_timeout` closes the connection with [`CloseReason::Protocol`] and
+//!   fails every call in flight with [`Error::Protocol`];
+//! * a reply for an id nobody waits for (its caller gave up) is dropped and logged, never handed
+//!   to another caller;
+//! * a dropped `call` future forgets its id; frames are written by one writer task, so a caller
+//!   that goes away can never leave half a frame on the pipe.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use snakepit_core::wire::{self, HelloMsg, Inbound};
+use snakepit_core::{
+    CloseReason, Codec, Connection, Error, Hello, Payload, Ready, Request, Transport, WorkerError, WorkerId,
+    WorkerIo, DEFAULT_MAX_FRAME,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::codec::{Decoder, LengthDelimitedCodec};
+
+/// The default time a frame's body may stall once its header has arrived.
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The framed stdio transport. Cheap to clone; holds only its limits.
+#[derive(Debug, Clone)]
+pub struct StdioTransport {
+    max_frame: usize,
+    frame_timeout: Duration,
+}
+
+impl Default for StdioTransport {
+    fn default() -> Self {
+        StdioTransport { max_frame: DEFAULT_MAX_FRAME, frame_timeout: DEFAULT_FRAME_TIMEOUT }
+    }
+}
+
+impl StdioTransport {
+    /// A transport with the default limits (64 MiB frames, 10 s frame timeout).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the largest frame body either side may send.
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.max_frame = bytes.max(64);
+        self
+    }
+
+    /// Sets how long a frame's body may stall once its header has arrived.
+    pub fn frame_timeout(mut self, t: Duration) -> Self {
+        self.frame_timeout = t;
+        self
+    }
+}
+
+#[async_trait]
+impl Transport for StdioTransport {
+    async fn connect(&self, io: WorkerIo, hello: Hello) -> Result<(Arc<dyn Connection>, Ready), Error> {
+        let (conn, ready) = StdioConnection::connect(io, hello, self.frame_timeout).await?;
+        Ok((Arc::new(conn) as Arc<dyn Connection>, ready))
+    }
+
+    fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+}
+
+/// What the reader hands a waiting caller.
+#[derive(Debug)]
+enum Reply {
+    Ok(Payload),
+    Err(WorkerError),
+    Pong,
+    Closed(CloseReason),
+}
+
+struct Shared {
+    worker: WorkerId,
+    max_frame: usize,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    closed: watch::Sender<Option<CloseReason>>,
+}
+
+impl Shared {
+    fn pending(&self) -> MutexGuard<'_, HashMap<u64, oneshot::Sender<Reply>>> {
+        // A panic while holding this lock cannot leave the map inconsistent: recover it.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the connection closed (first reason wins) and fails every pending call.
+    fn close(&self, reason: CloseReason) {
+        let mut first = false;
+        self.closed.send_if_modified(|cur| {
+            if cur.is_none() {
+                *cur = Some(reason.clone());
+                first = true;
+                true
+            } else {
+                false
+            }
+        });
+        let reason = self.closed.borrow().clone().unwrap_or(reason);
+        if first {
+            match &reason {
+                CloseReason::Protocol(d) => tracing::warn!(worker = %self.worker, "protocol error: {d}"),
+                r => tracing::debug!(worker = %self.worker, reason = ?r, "connection closed"),
+            }
+        }
+        let drained: Vec<_> = self.pending().drain().collect();
+        for (_, tx) in drained {
+            let _ = tx.send(Reply::Closed(reason.clone()));
+        }
+    }
+
+    fn close_reason(&self) -> Option<CloseReason> {
+        self.closed.borrow().clone()
+    }
+
+    fn error_for(&self, reason: &CloseReason) -> Error {
+        match reason {
+            CloseReason::Protocol(detail) => Error::Protocol { worker: self.worker, detail: detail.clone() },
+            _ => Error::Disconnected { worker: self.worker },
+        }
+    }
+}
+
+/// A live framed-stdio connection to one worker.
+pub struct StdioConnection {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>,
+    next_id: AtomicU64,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for StdioConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StdioConnection").field("worker", &self.shared.worker).finish_non_exhaustive()
+    }
+}
+
+impl Drop for StdioConnection {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.shared.close(CloseReason::Closed);
+    }
+}
+
+/// Removes a pending id when its caller goes away (completed, cancelled or dropped).
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.pending().remove(&self.id);
+    }
+}
+
+/// Reads length-delimited frames, failing a frame whose body stalls past `frame_timeout`.
+struct FrameReader {
+    output: Box<dyn AsyncRead + Send + Unpin>,
+    buf: BytesMut,
+    codec: LengthDelimitedCodec,
+    max_frame: usize,
+    frame_timeout: Duration,
+}
+
+enum ReadOutcome {
+    Frame(Bytes),
+    Eof,
+    Broken(String),
+}
+
+impl FrameReader {
+    fn new(output: Box<dyn AsyncRead + Send + Unpin>, max_frame: usize, frame_timeout: Duration) -> Self {
+        let codec = LengthDelimitedCodec::builder()
+            .big_endian()
+            .length_field_length(4)
+            .max_frame_length(max_frame)
+            .new_codec();
+        FrameReader { output, buf: BytesMut::with_capacity(64 * 1024), codec, max_frame, frame_timeout }
+    }
+
+    async fn next(&mut self) -> ReadOutcome {
+        loop {
+            match self.codec.decode(&mut self.buf) {
+                Ok(Some(frame)) => return ReadOutcome::Frame(frame.freeze()),
+                Ok(None) => {}
+                Err(_) => {
+                    let announced = self.announced().unwrap_or(0);
+                    return ReadOutcome::Broken(format!(
+                        "inbound frame announces {announced} bytes, over max_frame ({} bytes)",
+                        self.max_frame
+                    ));
+                }
+            }
+            if self.buf.capacity() - self.buf.len() < 8 * 1024 {
+                let want = self.announced().map_or(64 * 1024, |n| n + 4).clamp(8 * 1024, 4 * 1024 * 1024);
+                self.buf.reserve(want);
+            }
+            let read = if self.buf.is_empty() {
+                self.output.read_buf(&mut self.buf).await
+            } else {
+                match tokio::time::timeout(self.frame_timeout, self.output.read_buf(&mut self.buf)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return ReadOutcome::Broken(match self.announced() {
+                            Some(n) => format!(
+                                "frame stalled: header announced {n} bytes, {} arrived, then nothing for {:?}",
+                                self.buf.len().saturating_sub(4),
+                                self.frame_timeout
+                            ),
+                            None => format!("{} stray bytes, then nothing for {:?}", self.buf.len(), self.frame_timeout),
+                        })
+                    }
+                }
+            };
+            match read {
+                Ok(0) => return ReadOutcome::Eof,
+                Ok(_) => {}
+                Err(e) => return ReadOutcome::Broken(format!("read error: {e}")),
+            }
+        }
+    }
+
+    /// The length announced by a header at the front of the buffer, if one is there.
+    fn announced(&self) -> Option<usize> {
+        let h: [u8; 4] = self.buf.get(..4)?.try_into().ok()?;
+        Some(u32::from_be_bytes(h) as usize)
+    }
+}
+
+/// Frames `body_fn`'s output: reserves 4 header bytes, appends the body, patches the length.
+fn frame(capacity: usize, max_frame: usize, body_fn: impl FnOnce(&mut Vec<u8>)) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::with_capacity(capacity + 4);
+    out.extend_from_slice(&[0; 4]);
+    body_fn(&mut out);
+    let len = out.len() - 4;
+    if len > max_frame {
+        return Err(Error::FrameTooLarge { size: len, max: max_frame });
+    }
+    let len32 = u32::try_from(len).map_err(|_| Error::FrameTooLarge { size: len, max: max_frame })?;
+    out[..4].copy_from_slice(&len32.to_be_bytes());
+    Ok(out)
+}
+
+async fn write_loop(mut input: Box<dyn AsyncWrite + Send + Unpin>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>, shared: Arc<Shared>) {
+    while let Some(buf) = rx.recv().await {
+        let res = async {
+            input.write_all(&buf).await?;
+            // Drain whatever else is queued before flushing.
+            while let Ok(more) = rx.try_recv() {
+                input.write_all(&more).await?;
+            }
+            input.flush().await
+        }
+        .await;
+        if let Err(e) = res {
+            tracing::debug!(worker = %shared.worker, "write to worker failed: {e}");
+            shared.close(CloseReason::Eof);
+            return;
+        }
+    }
+    // Every sender is gone: closing stdin tells the worker to exit.
+    let _ = input.shutdown().await;
+}
+
+async fn read_loop(mut reader: FrameReader, shared: Arc<Shared>) {
+    loop {
+        match reader.next().await {
+            ReadOutcome::Frame(f) => {
+                if let Err(detail) = dispatch(&shared, f) {
+                    shared.close(CloseReason::Protocol(detail));
+                    return;
+                }
+            }
+            ReadOutcome::Eof => {
+                shared.close(CloseReason::Eof);
+                return;
+            }
+            ReadOutcome::Broken(detail) => {
+                shared.close(CloseReason::Protocol(detail));
+                return;
+            }
+        }
+    }
+}
+
+fn dispatch(shared: &Shared, frame: Bytes) -> Result<(), String> {
+    let msg: Inbound<'_> = serde_json::from_slice(&frame).map_err(|e| format!("malformed message: {e}"))?;
+    let reply = match &*msg.t {
+        "result" => match msg.ok {
+            Some(raw) => Reply::Ok(Payload::from_trusted(Codec::Json, frame.slice_ref(raw.get().as_bytes()))),
+            None => Reply::Ok(Payload::null()),
+        },
+        "error" => Reply::Err(msg.error.unwrap_or_else(|| WorkerError {
+            kind: "UnknownError".into(),
+            message: "the worker sent an error without details".into(),
+            traceback: None,
+        })),
+        "pong" => Reply::Pong,
+        other => {
+            tracing::debug!(worker = %shared.worker, tag = other, "ignoring message of unknown type");
+            return Ok(());
+        }
+    };
+    let Some(id) = msg.id else {
+        return Err(format!("`{}` message without an id", msg.t));
+    };
+    let waiter = shared.pending().remove(&id);
+    match waiter {
+        Some(tx) => {
+            if tx.send(reply).is_err() {
+                tracing::debug!(worker = %shared.worker, id, "caller went away; reply dropped");
+            }
+        }
+        None => tracing::warn!(worker = %shared.worker, id, "reply for a request nobody waits for; dropped"),
+    }
+    Ok(())
+}
+
+impl StdioConnection {
+    /// Performs the handshake on `io` and returns the connection and the worker's `ready`.
+    pub async fn connect(io: WorkerIo, hello: Hello, frame_timeout: Duration) -> Result<(Self, Ready), Error> {
+        let worker = io.worker;
+        let max_frame = hello.max_frame;
+        let (closed, _) = watch::channel(None);
+        let shared = Arc::new(Shared { worker, max_frame, pending: Mutex::new(HashMap::new()), closed });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hello_frame = frame(256, max_frame, |out| {
+            let msg = HelloMsg {
+                t: "hello",
+                versions: &hello.versions,
+                codecs: &[Codec::Json.name()],
+                worker: worker.to_string(),
+                max_frame,
+                config: &hello.config,
+            };
+            // Serialising a struct of strings, numbers and a Value into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, &msg);
+        })?;
+        let _ = tx.send(hello_frame);
+        let writer = tokio::spawn(write_loop(io.input, rx, shared.clone()));
+        let mut reader = FrameReader::new(io.output, max_frame, frame_timeout);
+        let protocol = |detail: String| Error::Protocol { worker, detail };
+        let first = match reader.next().await {
+            ReadOutcome::Frame(f) => f,
+            ReadOutcome::Eof => {
+                writer.abort();
+                return Err(Error::Disconnected { worker });
+            }
+            ReadOutcome::Broken(d) => {
+                writer.abort();
+                return Err(protocol(format!("during handshake: {d}")));
+            }
+        };
+        let msg: Inbound<'_> = serde_json::from_slice(&first)
+            .map_err(|e| protocol(format!("handshake: expected `ready`, got a malformed message: {e}")))?;
+        let ready = match &*msg.t {
+            "ready" => msg.ready().ok_or_else(|| protocol("`ready` without `version` and `pid`".into()))?,
+            "refuse" => {
+                return Err(Error::VersionMismatch {
+                    worker,
+                    offered: hello.versions.clone(),
+                    reason: msg.reason.unwrap_or_else(|| "no reason given".into()),
+                })
+            }
+            other => return Err(protocol(format!("handshake: expected `ready`, got `{other}`"))),
+        };
+        if !hello.versions.contains(&ready.version) {
+            return Err(Error::VersionMismatch {
+                worker,
+                offered: hello.versions.clone(),
+                reason: format!("the worker chose version {}, which was not offered", ready.version),
+            });
+        }
+        let reader = tokio::spawn(read_loop(reader, shared.clone()));
+        let conn = StdioConnection { shared, writer: Mutex::new(Some(tx)), next_id: AtomicU64::new(1), reader };
+        Ok((conn, ready))
+    }
+
+    fn send(&self, frame: Vec<u8>) -> Result<(), Error> {
+        let guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(tx) if tx.send(frame).is_ok() => Ok(()),
+            _ => Err(self.closed_error()),
+        }
+    }
+
+    fn closed_error(&self) -> Error {
+        let reason = self.shared.close_reason().unwrap_or(CloseReason::Closed);
+        self.shared.error_for(&reason)
+    }
+
+    async fn round_trip(&self, id: u64, frame: Vec<u8>) -> Result<Reply, Error> {
+        if let Some(reason) = self.shared.close_reason() {
+            return Err(self.shared.error_for(&reason));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.shared.pending().insert(id, tx);
+        let _guard = PendingGuard { shared: &self.shared, id };
+        // The reader may have closed between the check and the insert: re-check.
+        if let Some(reason) = self.shared.close_reason() {
+            return Err(self.shared.error_for(&reason));
+        }
+        self.send(frame)?;
+        match rx.await {
+            Ok(Reply::Closed(reason)) => Err(self.shared.error_for(&reason)),
+            Ok(r) => Ok(r),
+            Err(_) => Err(self.closed_error()),
+        }
+    }
+
+    fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+#[async_trait]
+impl Connection for StdioConnection {
+    async fn call(&self, req: Request) -> Result<Payload, Error> {
+        let args = req.args.bytes();
+        if !req.args.is_trusted() {
+            serde_json::from_slice::<serde::de::IgnoredAny>(args)
+                .map_err(|e| Error::BadRequest(format!("arguments of `{}` are not valid JSON: {e}", req.command)))?;
+        }
+        let id = self.next_id();
+        let timeout_ms =
+            req.deadline.map(|d| d.saturating_duration_since(Instant::now()).as_millis().min(u64::MAX as u128) as u64);
+        let frame = frame(args.len() + req.command.len() + 64, self.shared.max_frame, |out| {
+            wire::encode_call(out, id, &req.command, args, timeout_ms)
+        })?;
+        match self.round_trip(id, frame).await? {
+            Reply::Ok(p) => Ok(p),
+            Reply::Err(error) => Err(Error::Worker { worker: self.shared.worker, command: req.command, error }),
+            Reply::Pong | Reply::Closed(_) => {
+                Err(Error::Protocol { worker: self.shared.worker, detail: format!("`pong` sent for call id {id}") })
+            }
+        }
+    }
+
+    async fn ping(&self) -> Result<Duration, Error> {
+        let id = self.next_id();
+        let frame = frame(32, self.shared.max_frame, |out| wire::encode_simple(out, "ping", Some(id)))?;
+        let start = Instant::now();
+        match self.round_trip(id, frame).await? {
+            Reply::Pong => Ok(start.elapsed()),
+            _ => Err(Error::Protocol { worker: self.shared.worker, detail: format!("ping {id} answered by a non-pong") }),
+        }
+    }
+
+    async fn shutdown(&self) {
+        if let Ok(f) = frame(32, self.shared.max_frame, |out| wire::encode_simple(out, "shutdown", None)) {
+            let _ = self.send(f);
+        }
+        // Dropping the last sender makes the writer close the worker's stdin.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    fn closed(&self) -> BoxFuture<'static, CloseReason> {
+        let mut rx = self.shared.closed.subscribe();
+        Box::pin(async move {
+            match rx.wait_for(|r| r.is_some()).await {
+                Ok(r) => r.clone().unwrap_or(CloseReason::Closed),
+                Err(_) => CloseReason::Closed,
+            }
+        })
+    }
+
+    fn is_closed(&self) -> bool {
+        self.shared.close_reason().is_some()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.shared.pending().len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

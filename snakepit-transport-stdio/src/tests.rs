@@ -1,0 +1,187 @@
+//! Unit tests of the framing layer against an in-memory peer (real workers are exercised by the
+//! workspace's integration tests).
+
+use super::*;
+use tokio::io::{duplex, DuplexStream};
+
+fn wid() -> WorkerId {
+    WorkerId { slot: 0, generation: 0 }
+}
+
+struct Peer {
+    rd: DuplexStream,
+    wr: DuplexStream,
+}
+
+impl Peer {
+    async fn read_msg(&mut self) -> serde_json::Value {
+        let mut h = [0u8; 4];
+        self.rd.read_exact(&mut h).await.expect("header");
+        let mut body = vec![0; u32::from_be_bytes(h) as usize];
+        self.rd.read_exact(&mut body).await.expect("body");
+        serde_json::from_slice(&body).expect("json")
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        self.wr.write_all(bytes).await.expect("write");
+    }
+
+    async fn send(&mut self, v: serde_json::Value) {
+        let b = v.to_string().into_bytes();
+        let mut f = (b.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(&b);
+        self.send_raw(&f).await;
+    }
+}
+
+async fn connected(max_frame: usize, frame_timeout: Duration) -> (StdioConnection, Peer) {
+    let (host_in, worker_rd) = duplex(1 << 20);
+    let (worker_wr, host_out) = duplex(1 << 20);
+    let io = WorkerIo { worker: wid(), input: Box::new(host_in), output: Box::new(host_out) };
+    let mut peer = Peer { rd: worker_rd, wr: worker_wr };
+    let hello = Hello::new(wid(), max_frame, serde_json::Value::Null);
+    let (conn, ready) = tokio::join!(StdioConnection::connect(io, hello, frame_timeout), async {
+        let h = peer.read_msg().await;
+        assert_eq!(h["t"], "hello");
+        assert_eq!(h["versions"], serde_json::json!([1]));
+        peer.send(serde_json::json!({"t":"ready","version":1,"pid":42,"tools":[{"name":"echo"}]})).await;
+    });
+    let _ = ready;
+    let (conn, ready) = conn.expect("handshake");
+    assert_eq!(ready.pid, 42);
+    (conn, peer)
+}
+
+#[tokio::test]
+async fn call_result_and_worker_error() {
+    let (conn, mut peer) = connected(1024, DEFAULT_FRAME_TIMEOUT).await;
+    let call = conn.call(Request::new("echo", Payload::json(&serde_json::json!({"x": 1})).expect("enc")));
+    let peer_side = async {
+        let m = peer.read_msg().await;
+        assert_eq!(m["cmd"], "echo");
+        peer.send(serde_json::json!({"t":"result","id":m["id"],"ok":{"y":[1,2]}})).await;
+        let m = peer.read_msg().await;
+        peer.send(serde_json::json!({"t":"error","id":m["id"],"error":{"type":"ValueError","message":"no"}})).await;
+    };
+    let second = async {
+        // Sent after the first so the peer sees them in order.
+        tokio::task::yield_now().await;
+        conn.call(Request::new("echo", Payload::null())).await
+    };
+    let (a, second, _) = tokio::join!(call, second, peer_side);
+    let v: serde_json::Value = a.expect("ok").decode().expect("decode");
+    assert_eq!(v["y"][1], 2);
+    match second {
+        Err(Error::Worker { error, .. }) => assert_eq!(error.kind, "ValueError"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn oversized_request_fails_before_writing() {
+    let (conn, mut peer) = connected(128, DEFAULT_FRAME_TIMEOUT).await;
+    let big = serde_json::json!("x".repeat(500));
+    match conn.call(Request::new("echo", Payload::json(&big).expect("enc"))).await {
+        Err(Error::FrameTooLarge { max: 128, .. }) => {}
+        other => panic!("unexpected {other:?}"),
+    }
+    // The connection is still usable: the next frame the peer sees is the ping.
+    let (p, _) = tokio::join!(conn.ping(), async {
+        let m = peer.read_msg().await;
+        assert_eq!(m["t"], "ping");
+        peer.send(serde_json::json!({"t":"pong","id":m["id"]})).await;
+    });
+    p.expect("pong");
+}
+
+#[tokio::test]
+async fn invalid_untrusted_args_are_a_bad_request() {
+    let (conn, _peer) = connected(1024, DEFAULT_FRAME_TIMEOUT).await;
+    let p = Payload::from_encoded(Codec::Json, &b"{not json"[..]);
+    assert!(matches!(conn.call(Request::new("echo", p)).await, Err(Error::BadRequest(_))));
+}
+
+#[tokio::test]
+async fn garbage_fails_every_call_in_flight() {
+    let (conn, mut peer) = connected(1024, DEFAULT_FRAME_TIMEOUT).await;
+    let (a, _) = tokio::join!(conn.call(Request::new("echo", Payload::null())), async {
+        let _ = peer.read_msg().await;
+        peer.send_raw(b"\x00\x00\x00\x05hello").await;
+    });
+    assert!(matches!(a, Err(Error::Protocol { .. })), "{a:?}");
+    assert!(matches!(conn.closed().await, CloseReason::Protocol(_)));
+    assert!(matches!(conn.call(Request::new("echo", Payload::null())).await, Err(Error::Protocol { .. })));
+}
+
+#[tokio::test]
+async fn oversized_inbound_frame_is_a_protocol_error() {
+    let (conn, mut peer) = connected(1024, DEFAULT_FRAME_TIMEOUT).await;
+    let (a, _) = tokio::join!(conn.call(Request::new("echo", Payload::null())), async {
+        let _ = peer.read_msg().await;
+        peer.send_raw(&(1u32 << 30).to_be_bytes()).await;
+    });
+    match a {
+        Err(Error::Protocol { detail, .. }) => assert!(detail.contains("max_frame"), "{detail}"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn stalled_frame_is_a_protocol_error() {
+    let (conn, mut peer) = connected(1024, Duration::from_millis(200)).await;
+    let (a, _) = tokio::join!(conn.call(Request::new("echo", Payload::null())), async {
+        let _ = peer.read_msg().await;
+        peer.send_raw(b"\x00\x00\x00\x64only ten!").await;
+    });
+    match a {
+        Err(Error::Protocol { detail, .. }) => assert!(detail.contains("stalled"), "{detail}"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn late_reply_for_dropped_call_is_not_delivered_to_the_next() {
+    let (conn, mut peer) = connected(1024, DEFAULT_FRAME_TIMEOUT).await;
+    {
+        let fut = conn.call(Request::new("first", Payload::null()));
+        // Poll once so the frame is sent, then drop the future.
+        let _ = tokio::time::timeout(Duration::from_millis(1), fut).await;
+    }
+    let first = peer.read_msg().await;
+    assert_eq!(first["cmd"], "first");
+    let (b, _) = tokio::join!(conn.call(Request::new("second", Payload::null())), async {
+        let second = peer.read_msg().await;
+        // The late reply to the dropped call arrives first, then the real one.
+        peer.send(serde_json::json!({"t":"result","id":first["id"],"ok":"late"})).await;
+        peer.send(serde_json::json!({"t":"result","id":second["id"],"ok":"mine"})).await;
+    });
+    assert_eq!(b.expect("ok").decode::<String>().expect("decode"), "mine");
+    assert_eq!(conn.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn eof_is_disconnected() {
+    let (conn, peer) = connected(1024, DEFAULT_FRAME_TIMEOUT).await;
+    drop(peer);
+    assert_eq!(conn.closed().await, CloseReason::Eof);
+    assert!(matches!(conn.call(Request::new("x", Payload::null())).await, Err(Error::Disconnected { .. })));
+}
+
+#[tokio::test]
+async fn refuse_is_a_version_mismatch() {
+    let (host_in, worker_rd) = duplex(4096);
+    let (worker_wr, host_out) = duplex(4096);
+    let io = WorkerIo { worker: wid(), input: Box::new(host_in), output: Box::new(host_out) };
+    let mut peer = Peer { rd: worker_rd, wr: worker_wr };
+    let (r, _) = tokio::join!(
+        StdioConnection::connect(io, Hello::new(wid(), 1024, serde_json::Value::Null), DEFAULT_FRAME_TIMEOUT),
+        async {
+            let _ = peer.read_msg().await;
+            peer.send(serde_json::json!({"t":"refuse","reason":"I speak 99 only"})).await;
+        }
+    );
+    match r {
+        Err(Error::VersionMismatch { reason, .. }) => assert!(reason.contains("99")),
+        other => panic!("unexpected {:?}", other.map(|_| ())),
+    }
+}

@@ -1,0 +1,177 @@
+//! `snakepit demo`: a real pool of Python workers doing a mixed workload.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use snakepit::{Pool, Python};
+
+/// Options of `snakepit demo`.
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Number of workers.
+    #[arg(long, default_value_t = 4)]
+    size: usize,
+    /// Number of calls.
+    #[arg(long, default_value_t = 5000)]
+    calls: usize,
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Echo,
+    Add,
+    Cpu,
+    Fail,
+    Crash,
+    Print,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Echo => "echo",
+            Kind::Add => "add",
+            Kind::Cpu => "cpu",
+            Kind::Fail => "fail",
+            Kind::Crash => "crash",
+            Kind::Print => "print_stdout",
+        }
+    }
+}
+
+/// The i-th call of the workload: mostly echo and add, some CPU work, a few raising tools,
+/// a print to stdout, and a worker crash every 1000 calls.
+fn plan(i: usize) -> (Kind, serde_json::Value) {
+    if i % 1000 == 500 {
+        return (Kind::Crash, json!({"code": 3}));
+    }
+    match i % 20 {
+        0..=9 => (Kind::Echo, json!({"msg": "hello", "i": i, "blob": "x".repeat(i % 7 * 100)})),
+        10..=15 => (Kind::Add, json!({"a": i, "b": 2 * i})),
+        16 | 17 => (Kind::Cpu, json!({"n": 20_000})),
+        18 => (Kind::Fail, json!({"type": "ValueError", "message": format!("bad input {i}")})),
+        _ => (Kind::Print, json!({"text": format!("print #{i} goes to stderr, not into the protocol")})),
+    }
+}
+
+pub async fn run(args: DemoArgs) -> std::process::ExitCode {
+    let t0 = Instant::now();
+    eprintln!("starting {} Python workers (snakepit_bridge.showcase)...", args.size);
+    let pool = match Pool::builder()
+        .adapter(Python::showcase())
+        .size(args.size)
+        .restart_backoff(Duration::from_millis(20), Duration::from_secs(1))
+        .build()
+        .await
+    {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            eprintln!("snakepit demo: the pool could not start: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let startup = t0.elapsed();
+    eprintln!("{} workers ready in {:.0} ms; tools: {}", args.size, startup.as_secs_f64() * 1e3, pool.tools().join(", "));
+
+    let bar = ProgressBar::new(args.calls as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} calls ({per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut callers = Vec::new();
+    for _ in 0..args.concurrency.max(1) {
+        let pool = pool.clone();
+        let next = next.clone();
+        let bar = bar.clone();
+        let total = args.calls;
+        callers.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).ok();
+            let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+            let mut wrong = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let (kind, a) = plan(i);
+                let t = Instant::now();
+                let r = pool.execute_timeout(kind.name(), a, Duration::from_secs(10)).await;
+                let us = t.elapsed().as_micros() as u64;
+                if let Some(h) = hist.as_mut() {
+                    let _ = h.record(us.max(1));
+                }
+                match r {
+                    Ok(v) => {
+                        if let Kind::Add = kind {
+                            if v != json!(3 * i) {
+                                wrong += 1;
+                            }
+                        }
+                        *outcomes.entry("ok".into()).or_default() += 1;
+                    }
+                    Err(e) => *outcomes.entry(e.kind().to_string()).or_default() += 1,
+                }
+                bar.inc(1);
+            }
+            (hist, outcomes, wrong)
+        }));
+    }
+    let mut hist = Histogram::<u64>::new(3).ok();
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut wrong = 0;
+    for c in callers {
+        if let Ok((h, o, w)) = c.await {
+            if let (Some(all), Some(h)) = (hist.as_mut(), h) {
+                let _ = all.add(h);
+            }
+            for (k, v) in o {
+                *outcomes.entry(k).or_default() += v;
+            }
+            wrong += w;
+        }
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    let stats = pool.stats();
+    let (p50, p99, max) = hist
+        .as_ref()
+        .map(|h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max()))
+        .unwrap_or_default();
+    println!("snakepit demo: {} Python workers, {} callers", args.size, args.concurrency);
+    println!("  {:<22} {:>10}", "start-up (all ready)", format!("{:.0} ms", startup.as_secs_f64() * 1e3));
+    println!("  {:<22} {:>10}", "calls", args.calls);
+    for (k, v) in &outcomes {
+        println!("  {:<22} {:>10}", format!("  {k}"), v);
+    }
+    println!("  {:<22} {:>10}", "wrong results", wrong);
+    println!("  {:<22} {:>10}", "worker restarts", stats.restarts);
+    println!("  {:<22} {:>10}", "latency p50", format!("{p50} µs"));
+    println!("  {:<22} {:>10}", "latency p99", format!("{p99} µs"));
+    println!("  {:<22} {:>10}", "latency max", format!("{max} µs"));
+    println!("  {:<22} {:>10}", "throughput", format!("{:.0}/s", args.calls as f64 / elapsed.as_secs_f64()));
+    println!("  {:<22} {:>10}", "wall time", format!("{:.2} s", elapsed.as_secs_f64()));
+    let expected_errors: usize = outcomes.iter().filter(|(k, _)| *k != "ok").map(|(_, v)| v).sum();
+    let unexpected = outcomes.keys().any(|k| !matches!(k.as_str(), "ok" | "worker" | "worker_crashed"));
+    let t = Instant::now();
+    match Arc::try_unwrap(pool) {
+        Ok(p) => p.shutdown().await,
+        Err(p) => drop(p),
+    }
+    println!("  {:<22} {:>10}", "shutdown", format!("{:.0} ms", t.elapsed().as_secs_f64() * 1e3));
+    if wrong > 0 || unexpected {
+        eprintln!("snakepit demo: unexpected outcomes ({expected_errors} errors)");
+        return std::process::ExitCode::FAILURE;
+    }
+    std::process::ExitCode::SUCCESS
+}

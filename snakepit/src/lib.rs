@@ -1,0 +1,41 @@
+//! # snakepit
+//!
+//! Supervised pools of external worker processes — Python first — called from Rust like local
+//! async functions. No interpreter is embedded: a crash in a worker is a typed error in the host,
+//! never a crash of the host.
+//!
+//! ```no_run
+//! use snakepit::{Pool, Python};
+//! use serde_json::json;
+//!
+//! # async fn demo() -> Result<(), snakepit::Error> {
+//! let pool = Pool::builder().adapter(Python::script("worker.py")).size(4).build().await?;
+//! let sum = pool.execute("add", json!({"a": 1, "b": 2})).await?;
+//! assert_eq!(sum, json!(3));
+//! let n: i64 = pool.execute_as("add", &json!({"a": 40, "b": 2})).await?;
+//! pool.shutdown().await;
+//! # let _ = n; Ok(()) }
+//! ```
+//!
+//! The pool starts its workers concurrently and returns once all are ready; calls wait in a
+//! bounded FIFO queue for a free worker; a worker that crashes, hangs past a call's timeout or
+//! breaks the protocol is replaced (with backoff) while its caller gets a precise [`Error`].
+//!
+//! Crates behind this facade: [`core`] (vocabulary and traits), [`supervisor`] (processes),
+//! [`adapters`] (Python, generic), and the transports (`stdio`).
+
+mod pool;
+
+pub use pool::{CallOptions, Pool, PoolBuilder, PoolStats};
+
+pub use snakepit_adapters as adapters;
+#[cfg(feature = "python")]
+pub use snakepit_adapters::Python;
+pub use snakepit_adapters::Generic;
+pub use snakepit_core as core;
+pub use snakepit_core::{Adapter, Error, ExitInfo, Payload, Result, WorkerError, WorkerId};
+pub use snakepit_supervisor as supervisor;
+#[cfg(feature = "stdio")]
+pub use snakepit_transport_stdio as stdio;
+#[cfg(feature = "stdio")]
+pub use snakepit_transport_stdio::StdioTransport;

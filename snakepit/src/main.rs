@@ -1,0 +1,232 @@
+//! The `snakepit` command-line tool: `demo`, `serve`, `call`.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use snakepit::{CallOptions, Payload, Pool, Python};
+
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "snakepit", version, about = "Supervised pools of Python workers, driven from the command line")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start 4 showcase workers and run a mixed workload (the main job).
+    Demo(demo::DemoArgs),
+    /// Serve JSON requests, one per line on stdin, replies one per line on stdout.
+    Serve {
+        #[command(flatten)]
+        worker: WorkerArgs,
+        /// Number of workers (default: CPU count).
+        #[arg(long)]
+        size: Option<usize>,
+    },
+    /// Run one call and print its JSON result.
+    Call {
+        #[command(flatten)]
+        worker: WorkerArgs,
+        /// The command (tool) to run.
+        command: String,
+        /// Its arguments as JSON (default: null).
+        #[arg(default_value = "null")]
+        args: String,
+        /// Timeout in milliseconds.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+    },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct WorkerArgs {
+    /// A Python worker script.
+    #[arg(long)]
+    script: Option<PathBuf>,
+    /// An importable Python worker module (e.g. snakepit_bridge.showcase).
+    #[arg(long)]
+    module: Option<String>,
+}
+
+impl WorkerArgs {
+    fn adapter(&self) -> Python {
+        match (&self.script, &self.module) {
+            (Some(s), _) => Python::script(s),
+            (None, Some(m)) => Python::module(m),
+            (None, None) => Python::showcase(),
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SNAKEPIT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("snakepit: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Demo(args) => demo::run(args).await,
+            Cmd::Serve { worker, size } => serve(worker, size).await,
+            Cmd::Call { worker, command, args, timeout_ms } => call(worker, command, args, timeout_ms).await,
+        }
+    })
+}
+
+async fn call(worker: WorkerArgs, command: String, args: String, timeout_ms: Option<u64>) -> ExitCode {
+    let args: serde_json::Value = match serde_json::from_str(&args) {
+        Ok(v) => v,
+        Err(e) => {
+            let err = serde_json::json!({"kind": "bad_request", "message": format!("ARGS is not JSON: {e}")});
+            eprintln!("{err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let pool = match Pool::builder().adapter(worker.adapter()).size(1).build().await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{}", e.to_json());
+            return ExitCode::FAILURE;
+        }
+    };
+    let opts = CallOptions::default().with_timeout(timeout_ms.map(Duration::from_millis));
+    let r = pool.execute_with(&command, Payload::from(args), opts).await;
+    pool.shutdown().await;
+    match r {
+        Ok(p) => {
+            println!("{}", String::from_utf8_lossy(p.bytes()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}", e.to_json());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One request line of `snakepit serve`.
+#[derive(serde::Deserialize)]
+struct LineRequest {
+    #[serde(default)]
+    id: serde_json::Value,
+    command: String,
+    #[serde(default)]
+    args: serde_json::Value,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+fn error_line(id: &serde_json::Value, e: &serde_json::Value) -> String {
+    serde_json::json!({"id": id, "error": e}).to_string()
+}
+
+async fn serve(worker: WorkerArgs, size: Option<usize>) -> ExitCode {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut b = Pool::builder().adapter(worker.adapter());
+    if let Some(n) = size {
+        b = b.size(n);
+    }
+    let pool = match b.build().await {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            eprintln!("snakepit serve: the pool could not start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    // One writer: each reply is a whole line, flushed at once.
+    let writer = std::thread::spawn(move || {
+        let stdout = std::io::stdout();
+        while let Some(line) = rx.blocking_recv() {
+            let mut out = stdout.lock();
+            if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("snakepit serve: cannot install the SIGTERM handler: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    loop {
+        let line = tokio::select! {
+            l = lines.next_line() => l,
+            _ = term.recv() => { tracing::info!("SIGTERM: finishing in-flight calls"); break }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: finishing in-flight calls"); break }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        let line = match line {
+            Ok(Some(l)) => l,
+            Ok(None) => break,
+            Err(e) => {
+                let _ = tx.send(error_line(
+                    &serde_json::Value::Null,
+                    &serde_json::json!({"kind": "bad_request", "message": format!("unreadable input: {e}")}),
+                ));
+                continue;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let received = Instant::now();
+        let req: LineRequest = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                let id = serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v.get("id").cloned())
+                    .unwrap_or(serde_json::Value::Null);
+                let _ = tx.send(error_line(
+                    &id,
+                    &serde_json::json!({"kind": "bad_request", "message": format!("malformed request: {e}")}),
+                ));
+                continue;
+            }
+        };
+        let pool = pool.clone();
+        let tx = tx.clone();
+        tasks.spawn(async move {
+            let opts =
+                CallOptions::default().with_deadline(req.timeout_ms.map(|ms| received + Duration::from_millis(ms)));
+            let line = match pool.execute_with(&req.command, Payload::from(req.args), opts).await {
+                Ok(p) => {
+                    let id = req.id.to_string();
+                    let ok = String::from_utf8_lossy(p.bytes());
+                    format!("{{\"id\":{id},\"ok\":{ok}}}")
+                }
+                Err(e) => error_line(&req.id, &e.to_json()),
+            };
+            let _ = tx.send(line);
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    drop(tx);
+    pool.shutdown().await;
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    ExitCode::SUCCESS
+}
+

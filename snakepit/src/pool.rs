@@ -1,0 +1,717 @@
+//! The pool: startup, the bounded FIFO queue, leases, restarts, shutdown.
+
+use std::collections::{HashSet, VecDeque};
+use std::ffi::OsString;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use snakepit_core::{Adapter, Error, Payload, Request, Transport, WorkerId, DEFAULT_MAX_FRAME};
+use snakepit_supervisor::{start_worker, RestartBackoff, StartOptions, Worker};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Per-call options.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct CallOptions {
+    /// The call's time budget from now (queue wait included).
+    pub timeout: Option<Duration>,
+    /// An absolute deadline (the earlier of this and `timeout` wins).
+    pub deadline: Option<Instant>,
+}
+
+impl CallOptions {
+    /// Options with a timeout.
+    pub fn timeout(t: Duration) -> Self {
+        CallOptions { timeout: Some(t), deadline: None }
+    }
+
+    /// Options with an absolute deadline.
+    pub fn deadline(d: Instant) -> Self {
+        CallOptions { timeout: None, deadline: Some(d) }
+    }
+
+    /// Sets or clears the timeout.
+    pub fn with_timeout(mut self, t: Option<Duration>) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Sets or clears the deadline.
+    pub fn with_deadline(mut self, d: Option<Instant>) -> Self {
+        self.deadline = d;
+        self
+    }
+}
+
+/// A snapshot of the pool's state and counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// Configured number of workers.
+    pub size: usize,
+    /// Workers alive and ready (idle or busy).
+    pub ready: usize,
+    /// Workers idle right now.
+    pub idle: usize,
+    /// Workers running a call right now.
+    pub busy: usize,
+    /// Calls waiting for a worker.
+    pub queued: usize,
+    /// Worker restarts since the pool started.
+    pub restarts: u64,
+    /// Calls that returned a result.
+    pub calls_ok: u64,
+    /// Calls that returned an error.
+    pub calls_failed: u64,
+}
+
+#[derive(Clone)]
+struct Config {
+    size: usize,
+    max_queue: usize,
+    queue_timeout: Duration,
+    default_timeout: Option<Duration>,
+    startup_concurrency: usize,
+    shutdown_grace: Duration,
+    restart_min: Duration,
+    restart_max: Duration,
+    env: Vec<(OsString, OsString)>,
+    max_frame: usize,
+}
+
+/// Builds a [`Pool`]; see [`Pool::builder`].
+pub struct PoolBuilder {
+    adapter: Option<Arc<dyn Adapter>>,
+    transport: Option<Arc<dyn Transport>>,
+    cfg: Config,
+}
+
+impl std::fmt::Debug for PoolBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolBuilder").field("size", &self.cfg.size).finish_non_exhaustive()
+    }
+}
+
+impl Default for PoolBuilder {
+    fn default() -> Self {
+        PoolBuilder {
+            adapter: None,
+            transport: None,
+            cfg: Config {
+                size: std::thread::available_parallelism().map_or(2, |n| n.get()),
+                max_queue: 1000,
+                queue_timeout: Duration::from_secs(5),
+                default_timeout: None,
+                startup_concurrency: 0,
+                shutdown_grace: Duration::from_secs(2),
+                restart_min: Duration::from_millis(50),
+                restart_max: Duration::from_secs(5),
+                env: Vec::new(),
+                max_frame: DEFAULT_MAX_FRAME,
+            },
+        }
+    }
+}
+
+impl PoolBuilder {
+    /// What the workers run (required), e.g. `Python::script("worker.py")`.
+    pub fn adapter(mut self, adapter: impl Adapter) -> Self {
+        self.adapter = Some(Arc::new(adapter));
+        self
+    }
+
+    /// The transport (default: framed stdio).
+    pub fn transport(mut self, transport: impl Transport) -> Self {
+        self.transport = Some(Arc::new(transport));
+        self
+    }
+
+    /// Number of workers (default: the CPU count).
+    pub fn size(mut self, n: usize) -> Self {
+        self.cfg.size = n.max(1);
+        self
+    }
+
+    /// Most calls that may wait for a worker; more fail at once with `PoolSaturated`
+    /// (default 1000).
+    pub fn max_queue(mut self, n: usize) -> Self {
+        self.cfg.max_queue = n;
+        self
+    }
+
+    /// Longest wait for a free worker before `QueueTimeout` (default 5 s).
+    pub fn queue_timeout(mut self, t: Duration) -> Self {
+        self.cfg.queue_timeout = t;
+        self
+    }
+
+    /// Timeout for calls that set none and whose command has no adapter default.
+    pub fn default_timeout(mut self, t: Duration) -> Self {
+        self.cfg.default_timeout = Some(t);
+        self
+    }
+
+    /// How many workers start at once (default: all).
+    pub fn startup_concurrency(mut self, n: usize) -> Self {
+        self.cfg.startup_concurrency = n;
+        self
+    }
+
+    /// How long each step of a graceful stop waits (stdin closed, then SIGTERM, then SIGKILL).
+    pub fn shutdown_grace(mut self, t: Duration) -> Self {
+        self.cfg.shutdown_grace = t;
+        self
+    }
+
+    /// Restart backoff bounds (default 50 ms to 5 s, exponential with jitter).
+    pub fn restart_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.cfg.restart_min = min;
+        self.cfg.restart_max = max.max(min);
+        self
+    }
+
+    /// Sets an environment variable for every worker, on top of the adapter's.
+    pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Self {
+        self.cfg.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Starts the workers concurrently and returns once all are ready, or the first start-up
+    /// error (with every started process stopped).
+    pub async fn build(self) -> Result<Pool, Error> {
+        let adapter = self.adapter.ok_or_else(|| Error::BadRequest("PoolBuilder: no adapter set".into()))?;
+        let transport = match self.transport {
+            Some(t) => t,
+            None => default_transport()?,
+        };
+        let mut cfg = self.cfg;
+        cfg.max_frame = transport.max_frame();
+        let run_id = new_run_id();
+        let (shutdown, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            slots: (0..cfg.size).map(|_| Slot::default()).collect(),
+            cfg,
+            adapter,
+            transport,
+            run_id,
+            state: Mutex::new(State::default()),
+            tools: RwLock::new(None),
+            shutdown,
+            restarts: AtomicU64::new(0),
+            calls_ok: AtomicU64::new(0),
+            calls_failed: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+            all_idle: tokio::sync::Notify::new(),
+        });
+        let workers = inner.start_all().await?;
+        let mut tasks = Vec::with_capacity(workers.len());
+        for w in workers {
+            let slot = w.id().slot;
+            tasks.push(tokio::spawn(run_slot(inner.clone(), slot, w)));
+        }
+        tracing::info!(size = inner.cfg.size, adapter = %inner.adapter.name(), run_id = %inner.run_id, "pool ready");
+        Ok(Pool { inner, tasks: Mutex::new(tasks) })
+    }
+}
+
+#[cfg(feature = "stdio")]
+fn default_transport() -> Result<Arc<dyn Transport>, Error> {
+    Ok(Arc::new(snakepit_transport_stdio::StdioTransport::default()))
+}
+
+#[cfg(not(feature = "stdio"))]
+fn default_transport() -> Result<Arc<dyn Transport>, Error> {
+    Err(Error::BadRequest("no transport set and the `stdio` feature is off".into()))
+}
+
+fn new_run_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    format!("{:x}-{:x}-{}", std::process::id(), nanos & 0xffff_ffff_ffff, SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+#[derive(Default)]
+struct Slot {
+    current: Mutex<Option<Arc<Worker>>>,
+}
+
+#[derive(Default)]
+struct State {
+    idle: Vec<Arc<Worker>>,
+    waiters: VecDeque<oneshot::Sender<Lease>>,
+    closed: bool,
+}
+
+struct ToolSet {
+    names: HashSet<String>,
+    sorted: Vec<String>,
+}
+
+struct Inner {
+    cfg: Config,
+    adapter: Arc<dyn Adapter>,
+    transport: Arc<dyn Transport>,
+    run_id: String,
+    slots: Vec<Slot>,
+    state: Mutex<State>,
+    tools: RwLock<Option<Arc<ToolSet>>>,
+    shutdown: watch::Sender<bool>,
+    restarts: AtomicU64,
+    calls_ok: AtomicU64,
+    calls_failed: AtomicU64,
+    busy: AtomicUsize,
+    all_idle: tokio::sync::Notify,
+}
+
+fn alive(w: &Worker) -> bool {
+    w.exit_info().is_none() && !w.connection().is_closed()
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn start_options(&self, worker: WorkerId) -> StartOptions {
+        StartOptions::new(worker, self.run_id.clone(), self.cfg.max_frame).with_env(self.cfg.env.clone())
+    }
+
+    async fn start(&self, worker: WorkerId) -> Result<Worker, Error> {
+        let w = start_worker(&*self.adapter, &*self.transport, self.start_options(worker)).await?;
+        self.learn_tools(&w);
+        Ok(w)
+    }
+
+    fn learn_tools(&self, w: &Worker) {
+        let mut tools = self.tools.write().unwrap_or_else(|p| p.into_inner());
+        if tools.is_none() {
+            let mut sorted: Vec<String> = w.ready().tools.iter().map(|t| t.name.clone()).collect();
+            sorted.sort();
+            *tools = Some(Arc::new(ToolSet { names: sorted.iter().cloned().collect(), sorted }));
+        }
+    }
+
+    async fn start_all(&self) -> Result<Vec<Worker>, Error> {
+        let limit = match self.cfg.startup_concurrency {
+            0 => self.cfg.size,
+            n => n,
+        };
+        let mut pending = (0..self.cfg.size).map(|slot| WorkerId { slot, generation: 0 });
+        let mut running = FuturesUnordered::new();
+        let mut ready = Vec::with_capacity(self.cfg.size);
+        let mut first_err = None;
+        for id in pending.by_ref().take(limit) {
+            running.push(self.start(id));
+        }
+        while let Some(r) = running.next().await {
+            match r {
+                Ok(w) => ready.push(w),
+                Err(e) => {
+                    // Fail fast: stop the others still starting (dropping their futures kills
+                    // their processes) and report the first error.
+                    first_err = Some(e);
+                    break;
+                }
+            }
+            if let Some(id) = pending.next() {
+                running.push(self.start(id));
+            }
+        }
+        drop(running);
+        if let Some(e) = first_err {
+            for w in &ready {
+                w.kill();
+            }
+            for w in &ready {
+                w.exited().await;
+            }
+            return Err(e);
+        }
+        Ok(ready)
+    }
+
+    fn call_done(&self) {
+        if self.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.all_idle.notify_waiters();
+        }
+    }
+
+    /// Returns a worker to the pool: to the oldest live waiter, else to the idle stack.
+    fn checkin(self: &Arc<Self>, worker: Arc<Worker>) {
+        if !alive(&worker) {
+            return;
+        }
+        let mut st = self.state();
+        if st.closed {
+            st.idle.push(worker);
+            return;
+        }
+        let mut worker = Some(worker);
+        while let Some(tx) = st.waiters.pop_front() {
+            let Some(w) = worker.take() else { return };
+            match tx.send(Lease::new(w, self)) {
+                Ok(()) => return,
+                // That caller gave up: take the worker back without running the lease's drop.
+                Err(mut lease) => worker = lease.worker.take(),
+            }
+        }
+        if let Some(w) = worker {
+            st.idle.push(w);
+        }
+    }
+
+    fn remove_idle(&self, id: WorkerId) {
+        self.state().idle.retain(|w| w.id() != id);
+    }
+
+    fn known_tool(&self, command: &str) -> Result<(), Error> {
+        let tools = self.tools.read().unwrap_or_else(|p| p.into_inner());
+        match tools.as_ref() {
+            Some(t) if !t.names.contains(command) => {
+                Err(Error::UnknownCommand { command: command.into(), available: t.sorted.clone() })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn checkout(self: &Arc<Self>, command: &str, deadline: Option<Instant>) -> Result<Lease, Error> {
+        let rx = {
+            let mut st = self.state();
+            if st.closed {
+                return Err(Error::ShuttingDown);
+            }
+            while let Some(w) = st.idle.pop() {
+                if alive(&w) {
+                    return Ok(Lease::new(w, self));
+                }
+            }
+            if st.waiters.len() >= self.cfg.max_queue {
+                st.waiters.retain(|tx| !tx.is_closed());
+                if st.waiters.len() >= self.cfg.max_queue {
+                    return Err(Error::PoolSaturated { max_queue: self.cfg.max_queue });
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            st.waiters.push_back(tx);
+            rx
+        };
+        let start = Instant::now();
+        let queue_deadline = start + self.cfg.queue_timeout;
+        let (limit, is_call_deadline) = match deadline {
+            Some(d) if d < queue_deadline => (d, true),
+            _ => (queue_deadline, false),
+        };
+        match tokio::time::timeout_at(limit.into(), rx).await {
+            Ok(Ok(lease)) => Ok(lease),
+            Ok(Err(_)) => Err(Error::ShuttingDown),
+            // Dropping `rx` withdraws the call: a worker sent meanwhile comes back via the
+            // lease's drop, and the call is never run.
+            Err(_) if is_call_deadline => {
+                Err(Error::Timeout { command: command.into(), worker: None, after: start.elapsed() })
+            }
+            Err(_) => Err(Error::QueueTimeout { command: command.into(), waited: start.elapsed() }),
+        }
+    }
+}
+
+/// A worker checked out for one call. Dropping it returns the worker to the pool, or kills it
+/// when a call was interrupted on it (so a stuck or half-answered worker never serves again).
+struct Lease {
+    worker: Option<Arc<Worker>>,
+    inner: Option<Arc<Inner>>,
+    in_call: bool,
+}
+
+impl Lease {
+    fn new(w: Arc<Worker>, inner: &Arc<Inner>) -> Self {
+        Lease { worker: Some(w), inner: Some(inner.clone()), in_call: false }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(w) = self.worker.take() else { return };
+        let Some(inner) = self.inner.take() else { return };
+        if self.in_call {
+            inner.call_done();
+            tracing::debug!(worker = %w.id(), "call interrupted; killing the worker");
+            w.kill();
+            return;
+        }
+        inner.checkin(w);
+    }
+}
+
+/// A supervised pool of worker processes. See the [crate docs](crate).
+///
+/// Dropping the pool kills every worker's process group at once; [`Pool::shutdown`] stops them
+/// gracefully instead.
+pub struct Pool {
+    inner: Arc<Inner>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("run_id", &self.inner.run_id).field("stats", &self.stats()).finish()
+    }
+}
+
+impl Pool {
+    /// A builder with the defaults (CPU-count workers, stdio transport, queue of 1000, 5 s
+    /// queue timeout, no call timeout).
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder::default()
+    }
+
+    /// Runs `command` with JSON `args` and returns its JSON result.
+    pub async fn execute(&self, command: &str, args: serde_json::Value) -> Result<serde_json::Value, Error> {
+        self.execute_with(command, Payload::from(args), CallOptions::default()).await?.to_value()
+    }
+
+    /// Runs `command` with typed arguments and decodes a typed result.
+    pub async fn execute_as<A: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        command: &str,
+        args: &A,
+    ) -> Result<R, Error> {
+        self.execute_with(command, Payload::json(args)?, CallOptions::default()).await?.decode()
+    }
+
+    /// Runs `command` with a timeout.
+    pub async fn execute_timeout(
+        &self,
+        command: &str,
+        args: serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, Error> {
+        self.execute_with(command, Payload::from(args), CallOptions::timeout(timeout)).await?.to_value()
+    }
+
+    /// Runs `command` with an encoded payload and options; the most general form.
+    ///
+    /// Errors: `UnknownCommand` (no round trip), `PoolSaturated` (at once), `QueueTimeout`,
+    /// `Timeout` (the worker is killed and replaced; its late reply is never delivered),
+    /// `Worker` (the tool raised), `WorkerCrashed`, `Protocol`, `ShuttingDown`.
+    /// Dropping the future withdraws a queued call, or kills the worker of a running one.
+    pub async fn execute_with(&self, command: &str, args: Payload, opts: CallOptions) -> Result<Payload, Error> {
+        let r = self.run(command, args, opts).await;
+        let counter = if r.is_ok() { &self.inner.calls_ok } else { &self.inner.calls_failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    async fn run(&self, command: &str, args: Payload, opts: CallOptions) -> Result<Payload, Error> {
+        let inner = &self.inner;
+        inner.known_tool(command)?;
+        inner.adapter.validate(command, &args)?;
+        let now = Instant::now();
+        let timeout = opts.timeout.or_else(|| inner.adapter.timeout_for(command)).or(inner.cfg.default_timeout);
+        let deadline = match (timeout.map(|t| now + t), opts.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut lease = inner.checkout(command, deadline).await?;
+        let worker = match &lease.worker {
+            Some(w) => w.clone(),
+            None => return Err(Error::Unavailable("internal: empty lease".into())),
+        };
+        lease.in_call = true;
+        inner.busy.fetch_add(1, Ordering::Relaxed);
+        let req = Request::new(command, args).with_deadline(deadline);
+        let call = worker.connection().call(req);
+        let result = match deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), call).await {
+                Ok(r) => r,
+                Err(_) => {
+                    // The lease stays `in_call`: dropping it kills the stuck worker.
+                    tracing::warn!(worker = %worker.id(), command, "call timed out; replacing the worker");
+                    return Err(Error::Timeout {
+                        command: command.into(),
+                        worker: Some(worker.id()),
+                        after: d.saturating_duration_since(now),
+                    });
+                }
+            },
+            None => call.await,
+        };
+        match result {
+            Ok(p) => {
+                inner.call_done();
+                lease.in_call = false;
+                Ok(p)
+            }
+            Err(Error::Disconnected { worker: id }) => {
+                inner.call_done();
+                lease.in_call = false;
+                let exit = match tokio::time::timeout(Duration::from_secs(3), worker.exited()).await {
+                    Ok(e) => e,
+                    Err(_) => snakepit_core::ExitInfo::Unknown,
+                };
+                Err(Error::WorkerCrashed {
+                    worker: id,
+                    command: Some(command.into()),
+                    exit,
+                    stderr_tail: worker.stderr_tail(),
+                })
+            }
+            Err(e) => {
+                inner.call_done();
+                lease.in_call = false;
+                Err(e)
+            }
+        }
+    }
+
+    /// The commands the workers announced (sorted).
+    pub fn tools(&self) -> Vec<String> {
+        let tools = self.inner.tools.read().unwrap_or_else(|p| p.into_inner());
+        tools.as_ref().map(|t| t.sorted.clone()).unwrap_or_default()
+    }
+
+    /// The pool's run id (exported to workers as `SNAKEPIT_RUN_ID`).
+    pub fn run_id(&self) -> &str {
+        &self.inner.run_id
+    }
+
+    /// The process ids of the live workers, by slot.
+    pub fn worker_pids(&self) -> Vec<Option<u32>> {
+        self.inner
+            .slots
+            .iter()
+            .map(|s| {
+                let cur = s.current.lock().unwrap_or_else(|p| p.into_inner());
+                cur.as_ref().filter(|w| alive(w)).map(|w| w.pid())
+            })
+            .collect()
+    }
+
+    /// A snapshot of the pool's counters.
+    pub fn stats(&self) -> PoolStats {
+        let inner = &self.inner;
+        let ready = inner
+            .slots
+            .iter()
+            .filter(|s| s.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|w| alive(w)))
+            .count();
+        let (idle, queued) = {
+            let st = inner.state();
+            (st.idle.iter().filter(|w| alive(w)).count(), st.waiters.iter().filter(|w| !w.is_closed()).count())
+        };
+        PoolStats {
+            size: inner.cfg.size,
+            ready,
+            idle,
+            busy: inner.busy.load(Ordering::Relaxed),
+            queued,
+            restarts: inner.restarts.load(Ordering::Relaxed),
+            calls_ok: inner.calls_ok.load(Ordering::Relaxed),
+            calls_failed: inner.calls_failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the pool gracefully: new calls fail with `ShuttingDown`, queued calls are failed,
+    /// running calls get up to the shutdown grace to finish, then every worker is stopped
+    /// (stdin closed, then SIGTERM, then SIGKILL to its group) and reaped.
+    pub async fn shutdown(&self) {
+        let inner = &self.inner;
+        let waiters = {
+            let mut st = inner.state();
+            st.closed = true;
+            std::mem::take(&mut st.waiters)
+        };
+        drop(waiters);
+        // Let running calls finish, within the grace period.
+        let until = tokio::time::Instant::now() + inner.cfg.shutdown_grace;
+        loop {
+            let idle = inner.all_idle.notified();
+            if inner.busy.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(until, idle).await.is_err() {
+                tracing::warn!("calls still running after the shutdown grace; stopping their workers");
+                break;
+            }
+        }
+        inner.shutdown.send_replace(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
+        let workers: Vec<Arc<Worker>> = inner
+            .slots
+            .iter()
+            .filter_map(|s| s.current.lock().unwrap_or_else(|p| p.into_inner()).take())
+            .collect();
+        inner.state().idle.clear();
+        let grace = inner.cfg.shutdown_grace;
+        futures::future::join_all(workers.iter().map(|w| w.shutdown(grace))).await;
+        tracing::info!(run_id = %inner.run_id, "pool stopped");
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let inner = &self.inner;
+        inner.state().closed = true;
+        inner.shutdown.send_replace(true);
+        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            t.abort();
+        }
+        for s in &inner.slots {
+            if let Some(w) = s.current.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                w.kill();
+            }
+        }
+        let mut st = inner.state();
+        for w in st.idle.drain(..) {
+            w.kill();
+        }
+        st.waiters.clear();
+    }
+}
+
+/// Supervises one slot: publishes its worker, waits for it to die, restarts it with backoff.
+async fn run_slot(inner: Arc<Inner>, slot: usize, first: Worker) {
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut backoff = RestartBackoff::new(inner.cfg.restart_min, inner.cfg.restart_max, Duration::from_secs(30));
+    let mut worker = Arc::new(first);
+    loop {
+        *inner.slots[slot].current.lock().unwrap_or_else(|p| p.into_inner()) = Some(worker.clone());
+        inner.checkin(worker.clone());
+        let exit = tokio::select! {
+            e = worker.exited() => e,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        inner.remove_idle(worker.id());
+        if *shutdown.borrow() {
+            return;
+        }
+        let mut generation = worker.id().generation + 1;
+        let mut started = Some(worker.started());
+        tracing::warn!(worker = %worker.id(), "worker exited ({exit}); restarting");
+        worker = loop {
+            let delay = backoff.next_delay(started.take());
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            let id = WorkerId { slot, generation };
+            generation += 1;
+            let attempt = tokio::select! {
+                r = inner.start(id) => r,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            match attempt {
+                Ok(w) => break Arc::new(w),
+                Err(e) => tracing::error!(%id, "restart failed: {e}"),
+            }
+        };
+        inner.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+}
