@@ -230,7 +230,7 @@ fn spawn_stderr_pump(stderr: ChildStderr, shared: Arc<Shared>) {
                 }
             }
         }
-        let _ = shared.stderr_done.send(true);
+        let _ = shared.stderr_done.send_replace(true);
     });
 }
 
@@ -265,7 +265,7 @@ fn spawn_monitor(mut child: Child, conn: Arc<dyn Connection>, shared: Arc<Shared
         let pgid = Pid::from_raw(shared.pid as i32);
         let _ = killpg(pgid, Signal::SIGKILL);
         tracing::debug!(worker = %shared.id, "exited: {info}");
-        let _ = shared.exit.send(Some(info));
+        let _ = shared.exit.send_replace(Some(info));
     });
 }
 
@@ -327,7 +327,7 @@ pub async fn start_worker(
     if let Some(stderr) = child.stderr.take() {
         spawn_stderr_pump(stderr, shared.clone());
     } else {
-        let _ = shared.stderr_done.send(true);
+        let _ = shared.stderr_done.send_replace(true);
     }
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         // Cannot happen with piped stdio; treat it as a spawn failure anyway.
@@ -364,7 +364,7 @@ pub async fn start_worker(
             };
             fail(&shared);
             let _ = child.wait().await;
-            let _ = shared.exit.send(Some(info.unwrap_or(ExitInfo::Unknown)));
+            let _ = shared.exit.send_replace(Some(info.unwrap_or(ExitInfo::Unknown)));
             shared.wait_stderr().await;
             match (e, info) {
                 (Error::Disconnected { .. }, exit) => Err(Error::StartupFailed {
@@ -378,7 +378,7 @@ pub async fn start_worker(
         Handshake::TimedOut => {
             fail(&shared);
             let _ = child.wait().await;
-            let _ = shared.exit.send(Some(ExitInfo::Signal(Signal::SIGKILL as i32)));
+            let _ = shared.exit.send_replace(Some(ExitInfo::Signal(Signal::SIGKILL as i32)));
             shared.wait_stderr().await;
             Err(Error::HandshakeTimeout { worker, after: timeout, stderr_tail: shared.tail() })
         }
@@ -386,7 +386,7 @@ pub async fn start_worker(
             let info = status.map(exit_info).unwrap_or(ExitInfo::Unknown);
             // Its children may still hold the pipes: take the group down.
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            let _ = shared.exit.send(Some(info));
+            let _ = shared.exit.send_replace(Some(info));
             shared.wait_stderr().await;
             Err(Error::StartupFailed { worker, exit: info, stderr_tail: shared.tail() })
         }

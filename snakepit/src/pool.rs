@@ -207,11 +207,16 @@ impl PoolBuilder {
             calls_failed: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
             all_idle: tokio::sync::Notify::new(),
+            changes: watch::channel(0).0,
         });
         let workers = inner.start_all().await?;
         let mut tasks = Vec::with_capacity(workers.len());
         for w in workers {
             let slot = w.id().slot;
+            let w = Arc::new(w);
+            // Published before `build` returns, so the pool is fully usable at once.
+            *inner.slots[slot].current.lock().unwrap_or_else(|p| p.into_inner()) = Some(w.clone());
+            inner.checkin(w.clone());
             tasks.push(tokio::spawn(run_slot(inner.clone(), slot, w)));
         }
         tracing::info!(size = inner.cfg.size, adapter = %inner.adapter.name(), run_id = %inner.run_id, "pool ready");
@@ -266,6 +271,8 @@ struct Inner {
     calls_failed: AtomicU64,
     busy: AtomicUsize,
     all_idle: tokio::sync::Notify,
+    /// Bumped on every change observers may wait for (see [`Pool::wait_stats`]).
+    changes: watch::Sender<u64>,
 }
 
 fn alive(w: &Worker) -> bool {
@@ -339,6 +346,14 @@ impl Inner {
         if self.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.all_idle.notify_waiters();
         }
+        self.bump();
+    }
+
+    /// Wakes stats observers; free when nobody observes.
+    fn bump(&self) {
+        if self.changes.receiver_count() > 0 {
+            self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
     /// Returns a worker to the pool: to the oldest live waiter, else to the idle stack.
@@ -363,6 +378,8 @@ impl Inner {
         if let Some(w) = worker {
             st.idle.push(w);
         }
+        drop(st);
+        self.bump();
     }
 
     fn remove_idle(&self, id: WorkerId) {
@@ -400,6 +417,7 @@ impl Inner {
             st.waiters.push_back(tx);
             rx
         };
+        self.bump();
         let start = Instant::now();
         let queue_deadline = start + self.cfg.queue_timeout;
         let (limit, is_call_deadline) = match deadline {
@@ -523,6 +541,7 @@ impl Pool {
         };
         lease.in_call = true;
         inner.busy.fetch_add(1, Ordering::Relaxed);
+        inner.bump();
         let req = Request::new(command, args).with_deadline(deadline);
         let call = worker.connection().call(req);
         let result = match deadline {
@@ -615,6 +634,29 @@ impl Pool {
         }
     }
 
+    /// Waits until the pool's stats satisfy `cond`, re-checking on every change (checkout,
+    /// check-in, queueing, call completion, restart), for at most `timeout`. Returns the stats
+    /// that satisfied it, or the last ones seen when the time ran out.
+    pub async fn wait_stats(
+        &self,
+        mut cond: impl FnMut(&PoolStats) -> bool,
+        timeout: Duration,
+    ) -> Result<PoolStats, PoolStats> {
+        let mut rx = self.inner.changes.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            rx.borrow_and_update();
+            let stats = self.stats();
+            if cond(&stats) {
+                return Ok(stats);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(self.stats()),
+            }
+        }
+    }
+
     /// Stops the pool gracefully: new calls fail with `ShuttingDown`, queued calls are failed,
     /// running calls get up to the shutdown grace to finish, then every worker is stopped
     /// (stdin closed, then SIGTERM, then SIGKILL to its group) and reaped.
@@ -677,18 +719,17 @@ impl Drop for Pool {
 }
 
 /// Supervises one slot: publishes its worker, waits for it to die, restarts it with backoff.
-async fn run_slot(inner: Arc<Inner>, slot: usize, first: Worker) {
+async fn run_slot(inner: Arc<Inner>, slot: usize, first: Arc<Worker>) {
     let mut shutdown = inner.shutdown.subscribe();
     let mut backoff = RestartBackoff::new(inner.cfg.restart_min, inner.cfg.restart_max, Duration::from_secs(30));
-    let mut worker = Arc::new(first);
+    let mut worker = first;
     loop {
-        *inner.slots[slot].current.lock().unwrap_or_else(|p| p.into_inner()) = Some(worker.clone());
-        inner.checkin(worker.clone());
         let exit = tokio::select! {
             e = worker.exited() => e,
             _ = shutdown.wait_for(|s| *s) => return,
         };
         inner.remove_idle(worker.id());
+        inner.bump();
         if *shutdown.borrow() {
             return;
         }
@@ -713,5 +754,7 @@ async fn run_slot(inner: Arc<Inner>, slot: usize, first: Worker) {
             }
         };
         inner.restarts.fetch_add(1, Ordering::Relaxed);
+        *inner.slots[slot].current.lock().unwrap_or_else(|p| p.into_inner()) = Some(worker.clone());
+        inner.checkin(worker.clone());
     }
 }

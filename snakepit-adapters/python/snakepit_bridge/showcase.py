@@ -121,9 +121,17 @@ def env(name):
 
 
 @tool
-def cwd():
-    """Returns the worker's working directory."""
-    return os.getcwd()
+def info():
+    """Returns facts about the worker: pid, interpreter, cwd, argv."""
+    return {"pid": os.getpid(), "executable": sys.executable, "cwd": os.getcwd(), "argv": sys.argv}
+
+
+@tool
+def touch(path):
+    """Creates the file `path` (lets tests observe that a call ran)."""
+    with open(path, "a"):
+        pass
+    return path
 
 
 if __name__ == "__main__":

@@ -1,0 +1,274 @@
+//! Fault injection with real python3 workers: crashes, garbage on the protocol, oversized and
+//! stalled frames, start-up failures, version refusal. Each ends with no process left behind.
+
+use std::io::{Read, Write};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::json;
+use snakepit::{Error, ExitInfo, Python, StdioTransport};
+use snakepit_tests::{Reaper, ADD_SCRIPT};
+
+#[tokio::test]
+async fn kill_9_mid_request_is_worker_crashed_at_once_and_the_slot_restarts() {
+    let r = Reaper::new();
+    let pool = std::sync::Arc::new(r.builder().adapter(Python::showcase()).size(1).build().await.expect("pool"));
+    let pid = pool.execute("pid", json!(null)).await.expect("pid").as_i64().expect("int") as i32;
+    let p = pool.clone();
+    let call = tokio::spawn(async move { p.execute_timeout("sleep", json!({"ms": 60_000}), Duration::from_secs(60)).await });
+    pool.wait_stats(|s| s.busy == 1, Duration::from_secs(10)).await.expect("busy");
+    let t = Instant::now();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+    match call.await.expect("join") {
+        Err(Error::WorkerCrashed { exit, command, .. }) => {
+            assert_eq!(exit, ExitInfo::Signal(9));
+            assert_eq!(command.as_deref(), Some("sleep"));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "crash noticed after {:?}", t.elapsed());
+    let new_pid = pool.execute("pid", json!(null)).await.expect("served again after restart");
+    assert_ne!(new_pid, json!(pid));
+    assert_eq!(pool.stats().restarts, 1);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn crash_reports_exit_code_and_stderr_tail() {
+    let r = Reaper::new();
+    let pool = r.builder().adapter(Python::showcase()).size(1).build().await.expect("pool");
+    match pool.execute("crash", json!({"code": 7})).await {
+        Err(Error::WorkerCrashed { exit, stderr_tail, .. }) => {
+            assert_eq!(exit, ExitInfo::Code(7));
+            assert!(stderr_tail.contains("crashing with exit code 7"), "{stderr_tail}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(pool.execute("add", json!({"a": 1, "b": 1})).await.expect("served again"), json!(2));
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_worker_that_exits_0_on_its_own_is_restarted() {
+    let r = Reaper::new();
+    let script = r.script(
+        "quitter.py",
+        r#"
+import os, sys
+from snakepit_bridge import tool
+
+@tool
+def quit_later():
+    sys.stdout.flush()
+    os._exit(0)
+
+@tool
+def ok():
+    return "ok"
+"#,
+    );
+    let pool = r.builder().adapter(Python::script(&script)).size(1).build().await.expect("pool");
+    match pool.execute("quit_later", json!(null)).await {
+        Err(Error::WorkerCrashed { exit, .. }) => assert_eq!(exit, ExitInfo::Code(0)),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(pool.execute("ok", json!(null)).await.expect("restarted"), json!("ok"));
+    pool.shutdown().await;
+}
+
+async fn garbage_case(kind: &str, transport: StdioTransport) {
+    let r = Reaper::new();
+    let pool = r.builder().adapter(Python::showcase()).transport(transport).size(1).build().await.expect("pool");
+    let pid = pool.execute("pid", json!(null)).await.expect("pid");
+    match pool.execute("garbage", json!({"kind": kind})).await {
+        Err(Error::Protocol { detail, .. }) => eprintln!("{kind}: {detail}"),
+        other => panic!("{kind}: unexpected {other:?}"),
+    }
+    // The worker is replaced and the pool serves again.
+    let new_pid = pool.execute("pid", json!(null)).await.expect("served again");
+    assert_ne!(new_pid, pid, "{kind}: the broken worker must be replaced");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_text_on_the_protocol_is_a_protocol_error() {
+    garbage_case("text", StdioTransport::new()).await;
+}
+
+#[tokio::test]
+async fn a_frame_that_is_not_json_is_a_protocol_error() {
+    garbage_case("json", StdioTransport::new()).await;
+}
+
+#[tokio::test]
+async fn an_oversized_inbound_frame_is_a_protocol_error() {
+    garbage_case("oversize", StdioTransport::new()).await;
+}
+
+#[tokio::test]
+async fn a_stalled_frame_is_a_protocol_error() {
+    garbage_case("partial", StdioTransport::new().frame_timeout(Duration::from_millis(300))).await;
+}
+
+#[tokio::test]
+async fn oversized_request_fails_before_writing_and_the_worker_stays() {
+    let r = Reaper::new();
+    let pool = r
+        .builder()
+        .adapter(Python::showcase())
+        .transport(StdioTransport::new().max_frame(4096))
+        .size(1)
+        .build()
+        .await
+        .expect("pool");
+    let pid = pool.execute("pid", json!(null)).await.expect("pid");
+    match pool.execute("echo", json!({"blob": "x".repeat(10_000)})).await {
+        Err(Error::FrameTooLarge { max: 4096, size }) => assert!(size > 10_000),
+        other => panic!("unexpected {other:?}"),
+    }
+    // A reply over the limit is refused by the worker itself, which also stays.
+    match pool.execute("big", json!({"bytes": 10_000})).await {
+        Err(Error::Worker { error, .. }) => assert_eq!(error.kind, "FrameTooLarge"),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(pool.execute("pid", json!(null)).await.expect("pid"), pid);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_worker_fails_startup_with_handshake_timeout_and_stderr_tail() {
+    let r = Reaper::new();
+    let script = r.script(
+        "silent.py",
+        r#"
+import sys, threading
+sys.stderr.write("loading a huge model...\n")
+sys.stderr.flush()
+threading.Event().wait()  # never becomes ready
+"#,
+    );
+    let t = Instant::now();
+    let err = r
+        .builder()
+        .adapter(Python::script(&script).handshake_timeout(Duration::from_millis(700)))
+        .size(2)
+        .build()
+        .await
+        .expect_err("must time out");
+    match err {
+        Error::HandshakeTimeout { worker, stderr_tail, after } => {
+            assert_eq!(after, Duration::from_millis(700));
+            assert!(stderr_tail.contains("loading a huge model"), "{stderr_tail}");
+            assert!(err_string_names_worker(&worker.to_string()));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(10));
+    r.assert_none_left(Duration::from_secs(5));
+}
+
+fn err_string_names_worker(s: &str) -> bool {
+    s.starts_with("worker ")
+}
+
+#[tokio::test]
+async fn import_error_fails_startup_fast_with_the_traceback() {
+    let r = Reaper::new();
+    let script = r.script("broken.py", "import definitely_not_a_module_xyz\n");
+    let t = Instant::now();
+    let err = r
+        .builder()
+        .adapter(Python::script(&script).handshake_timeout(Duration::from_secs(60)))
+        .size(3)
+        .build()
+        .await
+        .expect_err("must fail");
+    match err {
+        Error::StartupFailed { exit, stderr_tail, .. } => {
+            assert_eq!(exit, ExitInfo::Code(1));
+            assert!(stderr_tail.contains("ModuleNotFoundError"), "{stderr_tail}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Far below the 60 s handshake timeout.
+    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+    r.assert_none_left(Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn missing_interpreter_is_a_spawn_error() {
+    let r = Reaper::new();
+    let err = r
+        .builder()
+        .adapter(Python::showcase().interpreter("/nonexistent/python3"))
+        .size(2)
+        .build()
+        .await
+        .expect_err("must fail");
+    match err {
+        Error::Spawn { program, reason, .. } => {
+            assert_eq!(program, "/nonexistent/python3");
+            assert!(reason.contains("installed"), "{reason}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    r.assert_none_left(Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_worker_offering_only_unknown_versions_is_refused() {
+    let r = Reaper::new();
+    let err = r
+        .builder()
+        .adapter(Python::showcase().env("SNAKEPIT_BRIDGE_VERSIONS", "99"))
+        .size(1)
+        .build()
+        .await
+        .expect_err("must fail");
+    match err {
+        Error::VersionMismatch { offered, reason, .. } => {
+            assert_eq!(offered, [1]);
+            assert!(reason.contains("99"), "{reason}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    r.assert_none_left(Duration::from_secs(5));
+}
+
+#[test]
+fn the_bridge_exits_by_itself_on_stdin_eof() {
+    let r = Reaper::new();
+    let script = r.script("w.py", ADD_SCRIPT);
+    let bridge = snakepit::adapters::bridge_dir().expect("bridge");
+    let mut child = std::process::Command::new("python3")
+        .args(["-m", "snakepit_bridge", "--script"])
+        .arg(&script)
+        .env("PYTHONPATH", bridge)
+        .env(snakepit_tests::procs::MARKER_VAR, &r.marker)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let hello = br#"{"t":"hello","versions":[1],"max_frame":65536,"config":null}"#;
+    stdin.write_all(&(hello.len() as u32).to_be_bytes()).expect("write");
+    stdin.write_all(hello).expect("write");
+    stdin.flush().expect("flush");
+    let mut h = [0u8; 4];
+    stdout.read_exact(&mut h).expect("ready header");
+    let mut body = vec![0; u32::from_be_bytes(h) as usize];
+    stdout.read_exact(&mut body).expect("ready body");
+    let ready: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(ready["t"], "ready");
+    assert_eq!(ready["pid"], child.id());
+    drop(stdin);
+    let pid = child.id() as i32;
+    assert!(
+        snakepit_tests::procs::wait_exit(pid, Instant::now() + Duration::from_secs(10)),
+        "the bridge did not exit on stdin EOF"
+    );
+    assert!(child.wait().expect("wait").success());
+}
