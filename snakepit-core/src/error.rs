@@ -61,7 +61,9 @@ impl fmt::Display for WorkerError {
 #[non_exhaustive]
 pub enum Error {
     /// The queue already holds `max_queue` waiting calls; the call was refused at once.
-    #[error("pool saturated: {max_queue} calls are already queued; retry later, add workers or raise max_queue")]
+    #[error(
+        "pool saturated: {max_queue} calls are already queued; retry later, add workers or raise max_queue"
+    )]
     PoolSaturated {
         /// The queue bound that was hit.
         max_queue: usize,
@@ -315,7 +317,11 @@ mod tests {
         let e = Error::Worker {
             worker: w,
             command: "fail".into(),
-            error: WorkerError { kind: "ValueError".into(), message: "bad".into(), traceback: Some("tb".into()) },
+            error: WorkerError {
+                kind: "ValueError".into(),
+                message: "bad".into(),
+                traceback: Some("tb".into()),
+            },
         };
         let j = e.to_json();
         assert_eq!(j["type"], "ValueError");

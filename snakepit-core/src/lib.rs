@@ -22,7 +22,9 @@ pub use adapter::{Adapter, SpawnContext, SpawnSpec};
 pub use error::{Error, ExitInfo, Result, WorkerError};
 pub use payload::{Codec, Payload};
 pub use profile::{ProcessProfile, StartMode, WorkerProfile};
-pub use transport::{CloseReason, Connection, Hello, Ready, Request, RequestId, ToolInfo, Transport, WorkerId, WorkerIo};
+pub use transport::{
+    CloseReason, Connection, Hello, Ready, Request, RequestId, ToolInfo, Transport, WorkerId, WorkerIo,
+};
 
 /// The wire protocol versions this build of the host speaks, newest first.
 pub const PROTOCOL_VERSIONS: &[u32] = &[1];

@@ -141,8 +141,9 @@ mod tests {
         let m: Inbound = serde_json::from_slice(br#"{"t":"result","id":3,"ok":{"a":"b"}}"#).expect("parse");
         assert_eq!(m.t, "result");
         assert_eq!(m.ok.map(|r| r.get()), Some(r#"{"a":"b"}"#));
-        let m: Inbound = serde_json::from_slice(br#"{"t":"ready","version":1,"pid":9,"tools":[{"name":"x"}]}"#)
-            .expect("parse");
+        let m: Inbound =
+            serde_json::from_slice(br#"{"t":"ready","version":1,"pid":9,"tools":[{"name":"x"}]}"#)
+                .expect("parse");
         let r: Ready = m.ready().expect("ready fields");
         assert_eq!(r.pid, 9);
         assert_eq!(r.max_in_flight, 1);

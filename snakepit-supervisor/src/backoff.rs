@@ -42,7 +42,8 @@ mod tests {
 
     #[test]
     fn grows_and_resets() {
-        let mut b = RestartBackoff::new(Duration::from_millis(10), Duration::from_millis(100), Duration::ZERO);
+        let mut b =
+            RestartBackoff::new(Duration::from_millis(10), Duration::from_millis(100), Duration::ZERO);
         let first = b.next_delay(None);
         assert!(first >= Duration::from_millis(10) && first <= Duration::from_millis(20), "{first:?}");
         let mut last = first;

@@ -123,7 +123,10 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("id", &self.shared.id).field("pid", &self.shared.pid).finish_non_exhaustive()
+        f.debug_struct("Worker")
+            .field("id", &self.shared.id)
+            .field("pid", &self.shared.pid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -333,7 +336,11 @@ pub async fn start_worker(
         // Cannot happen with piped stdio; treat it as a spawn failure anyway.
         shared.signal_group(Signal::SIGKILL);
         let _ = child.wait().await;
-        return Err(Error::Spawn { worker, program: spec.program.display().to_string(), reason: "no stdio pipes".into() });
+        return Err(Error::Spawn {
+            worker,
+            program: spec.program.display().to_string(),
+            reason: "no stdio pipes".into(),
+        });
     };
     let io = WorkerIo { worker, input: Box::new(stdin), output: Box::new(stdout) };
     let hello = Hello::new(worker, opts.max_frame, adapter.worker_config());

@@ -218,16 +218,18 @@ impl FrameReader {
             } else {
                 match tokio::time::timeout(self.frame_timeout, self.output.read_buf(&mut self.buf)).await {
                     Ok(r) => r,
-                    Err(_) => {
-                        return ReadOutcome::Broken(match self.announced() {
-                            Some(n) => format!(
-                                "frame stalled: header announced {n} bytes, {} arrived, then nothing for {:?}",
-                                self.buf.len().saturating_sub(4),
-                                self.frame_timeout
-                            ),
-                            None => format!("{} stray bytes, then nothing for {:?}", self.buf.len(), self.frame_timeout),
-                        })
-                    }
+                    Err(_) => return ReadOutcome::Broken(match self.announced() {
+                        Some(n) => format!(
+                            "frame stalled: header announced {n} bytes, {} arrived, then nothing for {:?}",
+                            self.buf.len().saturating_sub(4),
+                            self.frame_timeout
+                        ),
+                        None => format!(
+                            "{} stray bytes, then nothing for {:?}",
+                            self.buf.len(),
+                            self.frame_timeout
+                        ),
+                    }),
                 }
             };
             match read {
@@ -259,7 +261,11 @@ fn frame(capacity: usize, max_frame: usize, body_fn: impl FnOnce(&mut Vec<u8>)) 
     Ok(out)
 }
 
-async fn write_loop(mut input: Box<dyn AsyncWrite + Send + Unpin>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>, shared: Arc<Shared>) {
+async fn write_loop(
+    mut input: Box<dyn AsyncWrite + Send + Unpin>,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    shared: Arc<Shared>,
+) {
     while let Some(buf) = rx.recv().await {
         let res = async {
             input.write_all(&buf).await?;
@@ -336,7 +342,11 @@ fn dispatch(shared: &Shared, frame: Bytes) -> Result<(), String> {
 
 impl StdioConnection {
     /// Performs the handshake on `io` and returns the connection and the worker's `ready`.
-    pub async fn connect(io: WorkerIo, hello: Hello, frame_timeout: Duration) -> Result<(Self, Ready), Error> {
+    pub async fn connect(
+        io: WorkerIo,
+        hello: Hello,
+        frame_timeout: Duration,
+    ) -> Result<(Self, Ready), Error> {
         let worker = io.worker;
         let max_frame = hello.max_frame;
         let (closed, _) = watch::channel(None);
@@ -390,7 +400,8 @@ impl StdioConnection {
             });
         }
         let reader = tokio::spawn(read_loop(reader, shared.clone()));
-        let conn = StdioConnection { shared, writer: Mutex::new(Some(tx)), next_id: AtomicU64::new(1), reader };
+        let conn =
+            StdioConnection { shared, writer: Mutex::new(Some(tx)), next_id: AtomicU64::new(1), reader };
         Ok((conn, ready))
     }
 
@@ -436,21 +447,26 @@ impl Connection for StdioConnection {
     async fn call(&self, req: Request) -> Result<Payload, Error> {
         let args = req.args.bytes();
         if !req.args.is_trusted() {
-            serde_json::from_slice::<serde::de::IgnoredAny>(args)
-                .map_err(|e| Error::BadRequest(format!("arguments of `{}` are not valid JSON: {e}", req.command)))?;
+            serde_json::from_slice::<serde::de::IgnoredAny>(args).map_err(|e| {
+                Error::BadRequest(format!("arguments of `{}` are not valid JSON: {e}", req.command))
+            })?;
         }
         let id = self.next_id();
-        let timeout_ms =
-            req.deadline.map(|d| d.saturating_duration_since(Instant::now()).as_millis().min(u64::MAX as u128) as u64);
+        let timeout_ms = req
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()).as_millis().min(u64::MAX as u128) as u64);
         let frame = frame(args.len() + req.command.len() + 64, self.shared.max_frame, |out| {
             wire::encode_call(out, id, &req.command, args, timeout_ms)
         })?;
         match self.round_trip(id, frame).await? {
             Reply::Ok(p) => Ok(p),
-            Reply::Err(error) => Err(Error::Worker { worker: self.shared.worker, command: req.command, error }),
-            Reply::Pong | Reply::Closed(_) => {
-                Err(Error::Protocol { worker: self.shared.worker, detail: format!("`pong` sent for call id {id}") })
+            Reply::Err(error) => {
+                Err(Error::Worker { worker: self.shared.worker, command: req.command, error })
             }
+            Reply::Pong | Reply::Closed(_) => Err(Error::Protocol {
+                worker: self.shared.worker,
+                detail: format!("`pong` sent for call id {id}"),
+            }),
         }
     }
 
@@ -460,7 +476,10 @@ impl Connection for StdioConnection {
         let start = Instant::now();
         match self.round_trip(id, frame).await? {
             Reply::Pong => Ok(start.elapsed()),
-            _ => Err(Error::Protocol { worker: self.shared.worker, detail: format!("ping {id} answered by a non-pong") }),
+            _ => Err(Error::Protocol {
+                worker: self.shared.worker,
+                detail: format!("ping {id} answered by a non-pong"),
+            }),
         }
     }
 

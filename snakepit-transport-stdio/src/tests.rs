@@ -40,13 +40,12 @@ async fn connected(max_frame: usize, frame_timeout: Duration) -> (StdioConnectio
     let io = WorkerIo { worker: wid(), input: Box::new(host_in), output: Box::new(host_out) };
     let mut peer = Peer { rd: worker_rd, wr: worker_wr };
     let hello = Hello::new(wid(), max_frame, serde_json::Value::Null);
-    let (conn, ready) = tokio::join!(StdioConnection::connect(io, hello, frame_timeout), async {
+    let (conn, ()) = tokio::join!(StdioConnection::connect(io, hello, frame_timeout), async {
         let h = peer.read_msg().await;
         assert_eq!(h["t"], "hello");
         assert_eq!(h["versions"], serde_json::json!([1]));
         peer.send(serde_json::json!({"t":"ready","version":1,"pid":42,"tools":[{"name":"echo"}]})).await;
     });
-    let _ = ready;
     let (conn, ready) = conn.expect("handshake");
     assert_eq!(ready.pid, 42);
     (conn, peer)
@@ -61,7 +60,8 @@ async fn call_result_and_worker_error() {
         assert_eq!(m["cmd"], "echo");
         peer.send(serde_json::json!({"t":"result","id":m["id"],"ok":{"y":[1,2]}})).await;
         let m = peer.read_msg().await;
-        peer.send(serde_json::json!({"t":"error","id":m["id"],"error":{"type":"ValueError","message":"no"}})).await;
+        peer.send(serde_json::json!({"t":"error","id":m["id"],"error":{"type":"ValueError","message":"no"}}))
+            .await;
     };
     let second = async {
         // Sent after the first so the peer sees them in order.

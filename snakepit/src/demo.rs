@@ -80,12 +80,19 @@ pub async fn run(args: DemoArgs) -> std::process::ExitCode {
         }
     };
     let startup = t0.elapsed();
-    eprintln!("{} workers ready in {:.0} ms; tools: {}", args.size, startup.as_secs_f64() * 1e3, pool.tools().join(", "));
+    eprintln!(
+        "{} workers ready in {:.0} ms; tools: {}",
+        args.size,
+        startup.as_secs_f64() * 1e3,
+        pool.tools().join(", ")
+    );
 
     let bar = ProgressBar::new(args.calls as u64);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} calls ({per_sec})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} calls ({per_sec})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();

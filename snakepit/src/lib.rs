@@ -29,9 +29,9 @@ mod pool;
 pub use pool::{CallOptions, Pool, PoolBuilder, PoolStats};
 
 pub use snakepit_adapters as adapters;
+pub use snakepit_adapters::Generic;
 #[cfg(feature = "python")]
 pub use snakepit_adapters::Python;
-pub use snakepit_adapters::Generic;
 pub use snakepit_core as core;
 pub use snakepit_core::{Adapter, Error, ExitInfo, Payload, Result, WorkerError, WorkerId};
 pub use snakepit_supervisor as supervisor;

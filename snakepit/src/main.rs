@@ -12,7 +12,11 @@ use snakepit::{CallOptions, Payload, Pool, Python};
 mod demo;
 
 #[derive(Parser)]
-#[command(name = "snakepit", version, about = "Supervised pools of Python workers, driven from the command line")]
+#[command(
+    name = "snakepit",
+    version,
+    about = "Supervised pools of Python workers, driven from the command line"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -82,13 +86,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         match cli.cmd {
             Cmd::Demo(args) => demo::run(args).await,
             Cmd::Serve { worker, size } => serve(worker, size).await,
             Cmd::Call { worker, command, args, timeout_ms } => call(worker, command, args, timeout_ms).await,
         }
-    })
+    });
+    // A blocking read of stdin may still be parked on a runtime thread (serve stopped by a
+    // signal while its input stays open): do not wait for it.
+    rt.shutdown_background();
+    code
 }
 
 async fn call(worker: WorkerArgs, command: String, args: String, timeout_ms: Option<u64>) -> ExitCode {
@@ -210,8 +218,8 @@ async fn serve(worker: WorkerArgs, size: Option<usize>) -> ExitCode {
         let pool = pool.clone();
         let tx = tx.clone();
         tasks.spawn(async move {
-            let opts =
-                CallOptions::default().with_deadline(req.timeout_ms.map(|ms| received + Duration::from_millis(ms)));
+            let opts = CallOptions::default()
+                .with_deadline(req.timeout_ms.map(|ms| received + Duration::from_millis(ms)));
             let line = match pool.execute_with(&req.command, Payload::from(req.args), opts).await {
                 Ok(p) => {
                     let id = req.id.to_string();
@@ -229,4 +237,3 @@ async fn serve(worker: WorkerArgs, size: Option<usize>) -> ExitCode {
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
     ExitCode::SUCCESS
 }
-

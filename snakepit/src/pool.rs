@@ -235,7 +235,8 @@ fn default_transport() -> Result<Arc<dyn Transport>, Error> {
 }
 
 fn new_run_id() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     static SEQ: AtomicU64 = AtomicU64::new(0);
     format!("{:x}-{:x}-{}", std::process::id(), nanos & 0xffff_ffff_ffff, SEQ.fetch_add(1, Ordering::Relaxed))
 }
@@ -517,7 +518,12 @@ impl Pool {
     /// `Timeout` (the worker is killed and replaced; its late reply is never delivered),
     /// `Worker` (the tool raised), `WorkerCrashed`, `Protocol`, `ShuttingDown`.
     /// Dropping the future withdraws a queued call, or kills the worker of a running one.
-    pub async fn execute_with(&self, command: &str, args: Payload, opts: CallOptions) -> Result<Payload, Error> {
+    pub async fn execute_with(
+        &self,
+        command: &str,
+        args: Payload,
+        opts: CallOptions,
+    ) -> Result<Payload, Error> {
         let r = self.run(command, args, opts).await;
         let counter = if r.is_ok() { &self.inner.calls_ok } else { &self.inner.calls_failed };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -529,7 +535,8 @@ impl Pool {
         inner.known_tool(command)?;
         inner.adapter.validate(command, &args)?;
         let now = Instant::now();
-        let timeout = opts.timeout.or_else(|| inner.adapter.timeout_for(command)).or(inner.cfg.default_timeout);
+        let timeout =
+            opts.timeout.or_else(|| inner.adapter.timeout_for(command)).or(inner.cfg.default_timeout);
         let deadline = match (timeout.map(|t| now + t), opts.deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -616,11 +623,16 @@ impl Pool {
         let ready = inner
             .slots
             .iter()
-            .filter(|s| s.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|w| alive(w)))
+            .filter(|s| {
+                s.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|w| alive(w))
+            })
             .count();
         let (idle, queued) = {
             let st = inner.state();
-            (st.idle.iter().filter(|w| alive(w)).count(), st.waiters.iter().filter(|w| !w.is_closed()).count())
+            (
+                st.idle.iter().filter(|w| alive(w)).count(),
+                st.waiters.iter().filter(|w| !w.is_closed()).count(),
+            )
         };
         PoolStats {
             size: inner.cfg.size,
@@ -721,7 +733,8 @@ impl Drop for Pool {
 /// Supervises one slot: publishes its worker, waits for it to die, restarts it with backoff.
 async fn run_slot(inner: Arc<Inner>, slot: usize, first: Arc<Worker>) {
     let mut shutdown = inner.shutdown.subscribe();
-    let mut backoff = RestartBackoff::new(inner.cfg.restart_min, inner.cfg.restart_max, Duration::from_secs(30));
+    let mut backoff =
+        RestartBackoff::new(inner.cfg.restart_min, inner.cfg.restart_max, Duration::from_secs(30));
     let mut worker = first;
     loop {
         let exit = tokio::select! {

@@ -30,7 +30,9 @@ impl Reaper {
 
     /// A pool builder whose workers carry this test's marker.
     pub fn builder(&self) -> PoolBuilder {
-        Pool::builder().env(procs::MARKER_VAR, &self.marker).restart_backoff(Duration::from_millis(10), Duration::from_millis(200))
+        Pool::builder()
+            .env(procs::MARKER_VAR, &self.marker)
+            .restart_backoff(Duration::from_millis(10), Duration::from_millis(200))
     }
 
     /// A scratch directory that lives as long as the guard.

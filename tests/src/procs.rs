@@ -9,7 +9,8 @@ pub const MARKER_VAR: &str = "SNAKEPIT_TEST_MARKER";
 
 /// A unique marker for one test.
 pub fn new_marker() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     format!("t{}-{nanos}", std::process::id())
 }
 
@@ -47,7 +48,8 @@ pub fn wait_exit(pid: i32, deadline: Instant) -> bool {
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut p = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&fd), events: libc::POLLIN, revents: 0 };
+        let mut p =
+            libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&fd), events: libc::POLLIN, revents: 0 };
         let ms = left.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd.
         let r = unsafe { libc::poll(&mut p, 1, ms) };

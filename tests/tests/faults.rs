@@ -14,10 +14,13 @@ use snakepit_tests::{Reaper, ADD_SCRIPT};
 #[tokio::test]
 async fn kill_9_mid_request_is_worker_crashed_at_once_and_the_slot_restarts() {
     let r = Reaper::new();
-    let pool = std::sync::Arc::new(r.builder().adapter(Python::showcase()).size(1).build().await.expect("pool"));
+    let pool =
+        std::sync::Arc::new(r.builder().adapter(Python::showcase()).size(1).build().await.expect("pool"));
     let pid = pool.execute("pid", json!(null)).await.expect("pid").as_i64().expect("int") as i32;
     let p = pool.clone();
-    let call = tokio::spawn(async move { p.execute_timeout("sleep", json!({"ms": 60_000}), Duration::from_secs(60)).await });
+    let call = tokio::spawn(async move {
+        p.execute_timeout("sleep", json!({"ms": 60_000}), Duration::from_secs(60)).await
+    });
     pool.wait_stats(|s| s.busy == 1, Duration::from_secs(10)).await.expect("busy");
     let t = Instant::now();
     kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
@@ -80,7 +83,8 @@ def ok():
 
 async fn garbage_case(kind: &str, transport: StdioTransport) {
     let r = Reaper::new();
-    let pool = r.builder().adapter(Python::showcase()).transport(transport).size(1).build().await.expect("pool");
+    let pool =
+        r.builder().adapter(Python::showcase()).transport(transport).size(1).build().await.expect("pool");
     let pid = pool.execute("pid", json!(null)).await.expect("pid");
     match pool.execute("garbage", json!({"kind": kind})).await {
         Err(Error::Protocol { detail, .. }) => eprintln!("{kind}: {detail}"),

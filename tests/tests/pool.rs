@@ -156,7 +156,8 @@ async fn interpreter_env_cwd_and_args_are_configurable() {
 #[tokio::test]
 async fn many_concurrent_calls_are_all_answered_correctly() {
     let r = Reaper::new();
-    let pool = std::sync::Arc::new(r.builder().adapter(Python::showcase()).size(4).build().await.expect("pool"));
+    let pool =
+        std::sync::Arc::new(r.builder().adapter(Python::showcase()).size(4).build().await.expect("pool"));
     let mut tasks = Vec::new();
     for i in 0..400i64 {
         let pool = pool.clone();
@@ -261,7 +262,8 @@ async fn queue_timeout_and_dropped_queued_calls_never_run() {
 #[tokio::test]
 async fn deadline_while_queued_is_a_timeout() {
     let r = Reaper::new();
-    let pool = std::sync::Arc::new(r.builder().adapter(Python::showcase()).size(1).build().await.expect("pool"));
+    let pool =
+        std::sync::Arc::new(r.builder().adapter(Python::showcase()).size(1).build().await.expect("pool"));
     let p = pool.clone();
     let busy = tokio::spawn(async move { p.execute("sleep", json!({"ms": 800})).await });
     wait(&pool, |s| s.busy == 1).await;
@@ -277,7 +279,8 @@ async fn deadline_while_queued_is_a_timeout() {
 #[tokio::test]
 async fn dropping_a_running_call_replaces_its_worker() {
     let r = Reaper::new();
-    let pool = std::sync::Arc::new(r.builder().adapter(Python::showcase()).size(1).build().await.expect("pool"));
+    let pool =
+        std::sync::Arc::new(r.builder().adapter(Python::showcase()).size(1).build().await.expect("pool"));
     let pid = pool.execute("pid", json!(null)).await.expect("pid");
     let p = pool.clone();
     let running = tokio::spawn(async move { p.execute("sleep", json!({"ms": 30_000})).await });
@@ -291,7 +294,8 @@ async fn dropping_a_running_call_replaces_its_worker() {
 #[tokio::test]
 async fn shutdown_lets_running_calls_finish_and_refuses_new_ones() {
     let r = Reaper::new();
-    let pool = std::sync::Arc::new(r.builder().adapter(Python::showcase()).size(2).build().await.expect("pool"));
+    let pool =
+        std::sync::Arc::new(r.builder().adapter(Python::showcase()).size(2).build().await.expect("pool"));
     let p = pool.clone();
     let running = tokio::spawn(async move { p.execute("sleep", json!({"ms": 300})).await });
     wait(&pool, |s| s.busy == 1).await;
