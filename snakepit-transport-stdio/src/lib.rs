@@ -218,18 +218,20 @@ impl FrameReader {
             } else {
                 match tokio::time::timeout(self.frame_timeout, self.output.read_buf(&mut self.buf)).await {
                     Ok(r) => r,
-                    Err(_) => return ReadOutcome::Broken(match self.announced() {
-                        Some(n) => format!(
+                    Err(_) => {
+                        return ReadOutcome::Broken(match self.announced() {
+                            Some(n) => format!(
                             "frame stalled: header announced {n} bytes, {} arrived, then nothing for {:?}",
                             self.buf.len().saturating_sub(4),
                             self.frame_timeout
                         ),
-                        None => format!(
-                            "{} stray bytes, then nothing for {:?}",
-                            self.buf.len(),
-                            self.frame_timeout
-                        ),
-                    }),
+                            None => format!(
+                                "{} stray bytes, then nothing for {:?}",
+                                self.buf.len(),
+                                self.frame_timeout
+                            ),
+                        })
+                    }
                 }
             };
             match read {

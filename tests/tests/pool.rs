@@ -322,3 +322,42 @@ async fn wait(pool: &snakepit::Pool, cond: impl FnMut(&snakepit::PoolStats) -> b
         panic!("condition not reached within 10 s; stats: {s:?}");
     }
 }
+
+#[tokio::test]
+async fn shutdown_escalates_to_sigkill_for_a_worker_that_ignores_eof_and_sigterm() {
+    let r = Reaper::new();
+    let script = r.script(
+        "stubborn.py",
+        r#"
+import signal, threading
+from snakepit_bridge import tool
+
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+@tool
+def block():
+    threading.Event().wait()
+"#,
+    );
+    let pool = std::sync::Arc::new(
+        r.builder()
+            .adapter(Python::script(&script))
+            .size(1)
+            .shutdown_grace(Duration::from_millis(200))
+            .build()
+            .await
+            .expect("pool"),
+    );
+    let p = pool.clone();
+    let stuck = tokio::spawn(async move { p.execute("block", json!(null)).await });
+    wait(&pool, |s| s.busy == 1).await;
+    let t = Instant::now();
+    pool.shutdown().await;
+    // grace for the call, then stdin EOF, SIGTERM (ignored), SIGKILL: about 3 × 200 ms.
+    assert!(t.elapsed() < Duration::from_secs(5), "shutdown took {:?}", t.elapsed());
+    match stuck.await.expect("join") {
+        Err(Error::WorkerCrashed { exit, .. }) => assert_eq!(exit, snakepit::ExitInfo::Signal(9)),
+        other => panic!("unexpected {other:?}"),
+    }
+    r.assert_none_left(Duration::from_secs(5));
+}

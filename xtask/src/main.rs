@@ -39,11 +39,11 @@ fn test() -> Result<(), String> {
         if std::env::var_os("CI").is_some() {
             c.args(["--profile", "ci"]);
         }
-        run("nextest", c)?;
-        // nextest does not run doctests.
-        let mut c = cargo();
-        c.args(["test", "--workspace", "--doc"]);
-        run("doctests", c)
+        // nextest does not run doctests; run them first so that nextest's summary closes the log.
+        let mut d = cargo();
+        d.args(["test", "--workspace", "--doc", "--quiet"]);
+        run("doctests", d)?;
+        run("nextest", c)
     } else {
         let mut c = cargo();
         c.args(["test", "--workspace", "--all-targets", "--no-fail-fast"]);
