@@ -1,0 +1,35 @@
+//! Sequential round-trip latency of a trivial call through a 1-worker pool.
+//!
+//! `cargo run --release -p snakepit --example latency [CALLS]`
+
+use std::time::{Duration, Instant};
+
+use snakepit::{Pool, Python};
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), snakepit::Error> {
+    let calls: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let pool = Pool::builder().adapter(Python::showcase()).size(1).build().await?;
+    let args = serde_json::json!({"a": 1, "b": 2});
+    for _ in 0..1000 {
+        pool.execute("add", args.clone()).await?;
+    }
+    let mut lat: Vec<Duration> = Vec::with_capacity(calls);
+    let start = Instant::now();
+    for _ in 0..calls {
+        let t = Instant::now();
+        pool.execute("add", args.clone()).await?;
+        lat.push(t.elapsed());
+    }
+    let total = start.elapsed();
+    lat.sort();
+    let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    println!(
+        "{calls} sequential `add` calls: p50 {:?}, p99 {:?}, {:.0} calls/s",
+        q(0.5),
+        q(0.99),
+        calls as f64 / total.as_secs_f64()
+    );
+    pool.shutdown().await;
+    Ok(())
+}
