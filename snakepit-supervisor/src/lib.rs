@@ -6,10 +6,14 @@
 //! a payload.
 //!
 //! Every worker:
-//! * runs in its own process group, so stopping it also stops its children;
-//! * has `PR_SET_PDEATHSIG(SIGKILL)` armed before `exec` (with a `getppid()` re-check), so it dies
-//!   with the thread that spawned it;
-//! * is killed and reaped when its [`Worker`] is dropped;
+//! * runs under its own *shepherd* (see the `shepherd` module): a subreaper holding a lifeline
+//!   from the host that kills the worker's whole subtree — grandchildren and `setsid()`
+//!   escapees included — when the host asks or when the host dies, even by SIGKILL;
+//! * runs in its own process group (led by the shepherd), which receives the graceful SIGTERM;
+//! * has `PR_SET_PDEATHSIG(SIGKILL)` armed before `exec` (with a `getppid()` re-check), tied to
+//!   its single-threaded shepherd;
+//! * is killed and reaped when its [`Worker`] is dropped; kills go through the lifeline, never
+//!   through a pid that could have been reused;
 //! * has its stderr forwarded to `tracing` (target `snakepit::worker`) with its id, keeping the
 //!   last lines for error reports.
 //!
@@ -17,6 +21,7 @@
 
 mod backoff;
 mod process;
+mod shepherd;
 
 pub use backoff::RestartBackoff;
 pub use process::{start_worker, StartOptions, Worker};

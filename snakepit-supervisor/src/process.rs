@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -80,10 +81,15 @@ impl Tail {
 #[derive(Debug)]
 struct Shared {
     id: WorkerId,
+    /// The shepherd's pid, which is also the worker's process group id.
     pid: u32,
     tail: Mutex<Tail>,
     exit: watch::Sender<Option<ExitInfo>>,
     stderr_done: watch::Sender<bool>,
+    /// The host's end of the shepherd's lifeline; dropping it kills the worker's subtree.
+    lifeline: Mutex<Option<OwnedFd>>,
+    /// A pidfd for the shepherd: tells whether it has exited without reaping it.
+    pidfd: Option<OwnedFd>,
 }
 
 impl Shared {
@@ -91,10 +97,21 @@ impl Shared {
         self.tail.lock().unwrap_or_else(|p| p.into_inner()).text()
     }
 
-    fn signal_group(&self, sig: Signal) {
-        // The group leader is our unreaped child until the monitor records its exit, so the
-        // group id cannot have been reused while `exit` is still `None`.
+    /// Whether the shepherd has exited (it may not be reaped yet).
+    fn has_exited(&self) -> bool {
         if self.exit.borrow().is_some() {
+            return true;
+        }
+        let Some(fd) = &self.pidfd else { return false };
+        let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, zero timeout.
+        unsafe { libc::poll(&mut p, 1, 0) > 0 }
+    }
+
+    /// Sends `sig` to the worker's process group (the shepherd ignores the catchable ones).
+    fn signal_group(&self, sig: Signal) {
+        // While the shepherd has not exited it leads the group, so its id cannot be reused.
+        if self.has_exited() {
             return;
         }
         let pgid = Pid::from_raw(self.pid as i32);
@@ -103,6 +120,12 @@ impl Shared {
                 tracing::warn!(worker = %self.id, "{}", crate::Error::Signal { pgid: self.pid as i32, source: e });
             }
         }
+    }
+
+    /// Kills the worker and everything it started: closing the lifeline makes the shepherd
+    /// SIGKILL its whole subtree. No pid is signalled, so pid reuse cannot misdirect it.
+    fn kill(&self) {
+        self.lifeline.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     async fn wait_stderr(&self) {
@@ -132,7 +155,7 @@ impl std::fmt::Debug for Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        self.shared.signal_group(Signal::SIGKILL);
+        self.shared.kill();
     }
 }
 
@@ -150,8 +173,13 @@ impl Worker {
         self.shared.id
     }
 
-    /// The worker's process id (also its process group id).
+    /// The worker process's id (as it reported it in `ready`).
     pub fn pid(&self) -> u32 {
+        self.ready.pid
+    }
+
+    /// The worker's shepherd's process id, which is also the worker's process group id.
+    pub fn shepherd_pid(&self) -> u32 {
         self.shared.pid
     }
 
@@ -191,9 +219,9 @@ impl Worker {
         info
     }
 
-    /// Sends SIGKILL to the worker's process group (no-op once it has been reaped).
+    /// Kills the worker and its whole subtree (grandchildren included) at once.
     pub fn kill(&self) {
-        self.shared.signal_group(Signal::SIGKILL);
+        self.shared.kill();
     }
 
     /// Stops the worker gracefully: `shutdown` and stdin closed, then after `grace` SIGTERM to
@@ -211,7 +239,7 @@ impl Worker {
         if let Ok(e) = tokio::time::timeout(grace, self.exited()).await {
             return e;
         }
-        tracing::warn!(worker = %self.id(), "ignored SIGTERM for {grace:?}; SIGKILL");
+        tracing::warn!(worker = %self.id(), "ignored SIGTERM for {grace:?}; killing it");
         self.kill();
         self.exited().await
     }
@@ -246,12 +274,12 @@ fn spawn_monitor(mut child: Child, conn: Arc<dyn Connection>, shared: Arc<Shared
                 // Output closed or the protocol broke: the process is of no further use.
                 tracing::debug!(worker = %shared.id, ?reason, "connection closed; making sure the process is gone");
                 if !matches!(reason, snakepit_core::CloseReason::Eof) {
-                    shared.signal_group(Signal::SIGKILL);
+                    shared.kill();
                 }
                 match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
                     Ok(s) => s,
                     Err(_) => {
-                        shared.signal_group(Signal::SIGKILL);
+                        shared.kill();
                         child.wait().await
                     }
                 }
@@ -264,9 +292,7 @@ fn spawn_monitor(mut child: Child, conn: Arc<dyn Connection>, shared: Arc<Shared
                 ExitInfo::Unknown
             }
         };
-        // Take down whatever the worker left in its group (grandchildren).
-        let pgid = Pid::from_raw(shared.pid as i32);
-        let _ = killpg(pgid, Signal::SIGKILL);
+        // The shepherd has already taken down whatever the worker left behind.
         tracing::debug!(worker = %shared.id, "exited: {info}");
         let _ = shared.exit.send_replace(Some(info));
     });
@@ -290,7 +316,9 @@ pub async fn start_worker(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
+        // The lifeline, not kill_on_drop, stops the worker: a SIGKILL to the shepherd would
+        // leave no one to clean up the worker's descendants.
+        .kill_on_drop(false)
         .process_group(0);
     for k in &spec.env_remove {
         cmd.env_remove(k);
@@ -301,19 +329,18 @@ pub async fn start_worker(
     if let Some(dir) = &spec.cwd {
         cmd.current_dir(dir);
     }
-    let parent = nix::unistd::getpid();
-    // SAFETY: the closure runs in the forked child before exec and only makes two
-    // async-signal-safe syscalls (prctl, getppid); it does not allocate.
+    let (lifeline_rd, lifeline_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Spawn {
+        worker,
+        program: spec.program.display().to_string(),
+        reason: format!("cannot create the lifeline pipe: {e}"),
+    })?;
+    let lifeline_fd = lifeline_rd.as_raw_fd();
+    // SAFETY: getpid has no preconditions.
+    let host = unsafe { libc::getpid() };
+    // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe
+    // system calls (see `shepherd`).
     unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-                .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
-            // The parent may have died between fork and prctl: then nobody would kill us.
-            if nix::unistd::getppid() != parent {
-                return Err(std::io::Error::from_raw_os_error(nix::errno::Errno::ESRCH as i32));
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || crate::shepherd::fork_shepherd(lifeline_fd, host));
     }
     let mut child = cmd.spawn().map_err(|e| Error::Spawn {
         worker,
@@ -323,10 +350,23 @@ pub async fn start_worker(
             _ => e.to_string(),
         },
     })?;
+    drop(lifeline_rd);
     let pid = child.id().unwrap_or(0);
     let (exit, _) = watch::channel(None);
     let (stderr_done, _) = watch::channel(false);
-    let shared = Arc::new(Shared { id: worker, pid, tail: Mutex::new(Tail::default()), exit, stderr_done });
+    // SAFETY: pidfd_open on our own unreaped child: it cannot have been reused.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a fresh descriptor we own.
+    let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+    let shared = Arc::new(Shared {
+        id: worker,
+        pid,
+        tail: Mutex::new(Tail::default()),
+        exit,
+        stderr_done,
+        lifeline: Mutex::new(Some(lifeline_wr)),
+        pidfd,
+    });
     if let Some(stderr) = child.stderr.take() {
         spawn_stderr_pump(stderr, shared.clone());
     } else {
@@ -334,7 +374,7 @@ pub async fn start_worker(
     }
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         // Cannot happen with piped stdio; treat it as a spawn failure anyway.
-        shared.signal_group(Signal::SIGKILL);
+        shared.kill();
         let _ = child.wait().await;
         return Err(Error::Spawn {
             worker,
@@ -342,6 +382,8 @@ pub async fn start_worker(
             reason: "no stdio pipes".into(),
         });
     };
+    // If this future is dropped before the worker is handed out, the worker must die with it.
+    let mut guard = KillOnDrop(Some(shared.clone()));
     let io = WorkerIo { worker, input: Box::new(stdin), output: Box::new(stdout) };
     let hello = Hello::new(worker, opts.max_frame, adapter.worker_config());
     let timeout = adapter.handshake_timeout();
@@ -352,11 +394,12 @@ pub async fn start_worker(
         },
         status = child.wait() => Handshake::Exited(status),
     };
-    let fail = |shared: &Arc<Shared>| shared.signal_group(Signal::SIGKILL);
+    let fail = |shared: &Arc<Shared>| shared.kill();
     match outcome {
         Handshake::Done(Ok((conn, ready))) => {
             tracing::debug!(worker = %worker, pid, bridge = %ready.bridge, "ready");
             spawn_monitor(child, conn.clone(), shared.clone());
+            guard.0 = None;
             Ok(Worker { shared, conn, ready, started: Instant::now() })
         }
         Handshake::Done(Err(e)) => {
@@ -391,11 +434,20 @@ pub async fn start_worker(
         }
         Handshake::Exited(status) => {
             let info = status.map(exit_info).unwrap_or(ExitInfo::Unknown);
-            // Its children may still hold the pipes: take the group down.
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
             let _ = shared.exit.send_replace(Some(info));
             shared.wait_stderr().await;
             Err(Error::StartupFailed { worker, exit: info, stderr_tail: shared.tail() })
+        }
+    }
+}
+
+/// Kills the worker when dropped (a start-up that was abandoned half-way).
+struct KillOnDrop(Option<Arc<Shared>>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.kill();
         }
     }
 }

@@ -65,13 +65,28 @@ pub fn wait_exit(pid: i32, deadline: Instant) -> bool {
     }
 }
 
-/// Waits up to `within` for every marked process to exit; returns the survivors.
+/// Live (non-zombie) children of this process (worker shepherds are forks of the host, so
+/// they carry no marker of their own).
+pub fn own_children() -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
+    for t in tasks.flatten() {
+        let Ok(text) = std::fs::read_to_string(t.path().join("children")) else { continue };
+        out.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()).filter(|p| !is_zombie(*p)));
+    }
+    out
+}
+
+/// Waits up to `within` for every marked process (and every child of this process) to exit;
+/// returns the survivors.
 pub fn wait_none_left(marker: &str, within: Duration) -> Vec<i32> {
     let deadline = Instant::now() + within;
-    for pid in marked_pids(marker) {
+    for pid in marked_pids(marker).into_iter().chain(own_children()) {
         wait_exit(pid, deadline);
     }
-    marked_pids(marker)
+    let mut left = marked_pids(marker);
+    left.extend(own_children());
+    left
 }
 
 /// SIGKILLs every marked process.
