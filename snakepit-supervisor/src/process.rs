@@ -329,11 +329,12 @@ pub async fn start_worker(
     if let Some(dir) = &spec.cwd {
         cmd.current_dir(dir);
     }
-    let (lifeline_rd, lifeline_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Spawn {
-        worker,
-        program: spec.program.display().to_string(),
-        reason: format!("cannot create the lifeline pipe: {e}"),
-    })?;
+    let (lifeline_rd, lifeline_wr) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Spawn {
+            worker,
+            program: spec.program.display().to_string(),
+            reason: format!("cannot create the lifeline pipe: {e}"),
+        })?;
     let lifeline_fd = lifeline_rd.as_raw_fd();
     // SAFETY: getpid has no preconditions.
     let host = unsafe { libc::getpid() };

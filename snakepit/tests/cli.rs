@@ -138,3 +138,38 @@ fn demo_runs_a_mixed_workload() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("worker_crashed") && stdout.contains("latency p99"), "{stdout}");
 }
+
+/// The host is SIGKILLed while 8 busy workers each have a grandchild (half of them `setsid()`
+/// and all ignoring SIGTERM/SIGHUP): within a second nothing it started is alive.
+#[test]
+fn sigkilled_host_leaves_no_process_behind() {
+    let g = Guard(procs::new_marker());
+    let mut child = snakepit(&g.0)
+        .args(["serve", "--module", "snakepit_bridge.showcase", "--size", "8"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    for i in 0..8 {
+        writeln!(stdin, r#"{{"id":{i},"command":"grandchild","args":{{"setsid":{}}}}}"#, i % 2 == 0)
+            .expect("write");
+    }
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    for _ in 0..8 {
+        let mut line = String::new();
+        out.read_line(&mut line).expect("reply");
+        assert!(serde_json::from_str::<Value>(&line).expect("json")["ok"].is_i64(), "{line}");
+    }
+    for i in 0..8 {
+        writeln!(stdin, r#"{{"id":{},"command":"sleep","args":{{"ms":60000}}}}"#, 100 + i).expect("write");
+    }
+    stdin.flush().expect("flush");
+    // host + 8 shepherds + 8 workers + 8 grandchildren carry the marker.
+    let before = procs::marked_pids(&g.0);
+    assert!(before.len() >= 25, "{before:?}");
+    child.kill().expect("SIGKILL the host");
+    child.wait().expect("reap the host");
+    let left = procs::wait_none_left(&g.0, Duration::from_secs(1));
+    assert!(left.is_empty(), "alive 1 s after the host was SIGKILLed: {left:?}");
+}

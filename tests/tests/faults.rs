@@ -276,3 +276,25 @@ fn the_bridge_exits_by_itself_on_stdin_eof() {
     );
     assert!(child.wait().expect("wait").success());
 }
+
+#[tokio::test]
+async fn a_dead_worker_takes_its_grandchildren_with_it_even_setsid_ones() {
+    let r = Reaper::new();
+    let pool = r.builder().adapter(Python::showcase()).size(1).build().await.expect("pool");
+    let in_group =
+        pool.execute("grandchild", json!({"setsid": false})).await.expect("spawn").as_i64().expect("pid");
+    let escaped =
+        pool.execute("grandchild", json!({"setsid": true})).await.expect("spawn").as_i64().expect("pid");
+    assert!(matches!(pool.execute("crash", json!({"code": 1})).await, Err(Error::WorkerCrashed { .. })));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for pid in [in_group, escaped] {
+        assert!(
+            snakepit_tests::procs::wait_exit(pid as i32, deadline),
+            "grandchild {pid} survived its worker"
+        );
+    }
+    // The slot's new worker, and its grandchildren, go away with the pool.
+    pool.execute("grandchild", json!({"setsid": true})).await.expect("spawn");
+    drop(pool);
+    r.assert_none_left(Duration::from_secs(5));
+}

@@ -229,7 +229,24 @@ def serve(adapter=None, namespace=None):
         sys.exit(2)
 
 
+def _watch_parent():
+    """Exits the worker if its parent changes (the host or its shepherd died): a fallback for
+    PDEATHSIG, which the host arms but which a worker cannot count on everywhere."""
+    parent = os.getppid()
+    stop = threading.Event()
+
+    def run():
+        while not stop.wait(1.0):
+            if os.getppid() != parent:
+                _log("parent process %d is gone; exiting" % parent)
+                os._exit(70)
+
+    t = threading.Thread(target=run, name="snakepit-parent-watch", daemon=True)
+    t.start()
+
+
 def _serve(chan, adapter, namespace):
+    _watch_parent()
     body = chan.read()
     if body is None:
         return

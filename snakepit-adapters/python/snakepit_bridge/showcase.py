@@ -7,6 +7,7 @@ Run with ``python -m snakepit_bridge --module snakepit_bridge.showcase`` (what
 import builtins
 import os
 import struct
+import subprocess
 import sys
 import time
 
@@ -124,6 +125,26 @@ def env(name):
 def info():
     """Returns facts about the worker: pid, interpreter, cwd, argv."""
     return {"pid": os.getpid(), "executable": sys.executable, "cwd": os.getcwd(), "argv": sys.argv}
+
+
+@tool
+def grandchild(setsid=False):
+    """Starts a child process that ignores SIGTERM and SIGHUP (and leaves the worker's process
+    group and session if `setsid`), then returns its pid. For orphan tests."""
+    code = (
+        "import os, signal, threading\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        + ("os.setsid()\n" if setsid else "")
+        + "threading.Event().wait()\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return p.pid
 
 
 @tool
