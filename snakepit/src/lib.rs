@@ -24,9 +24,11 @@
 //! Crates behind this facade: [`core`] (vocabulary and traits), [`supervisor`] (processes),
 //! [`adapters`] (Python, generic), and the transports (`stdio`).
 
+mod lifecycle;
 mod pool;
 
-pub use pool::{CallOptions, Pool, PoolBuilder, PoolStats};
+pub use lifecycle::SlotState;
+pub use pool::{CallOptions, Heartbeat, Pool, PoolBuilder, PoolStats};
 
 pub use snakepit_adapters as adapters;
 pub use snakepit_adapters::Generic;

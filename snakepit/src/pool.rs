@@ -10,7 +10,9 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use snakepit_core::{Adapter, Error, Payload, Request, Transport, WorkerId, DEFAULT_MAX_FRAME};
-use snakepit_supervisor::{start_worker, RestartBackoff, StartOptions, Worker};
+use snakepit_supervisor::{start_worker, StartOptions, Worker};
+
+use crate::lifecycle::{run_slot, Member, SlotState};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -68,20 +70,53 @@ pub struct PoolStats {
     pub calls_ok: u64,
     /// Calls that returned an error.
     pub calls_failed: u64,
+    /// Workers replaced by recycling (request count or age).
+    pub recycled: u64,
+    /// Workers killed for missing heartbeats.
+    pub unresponsive: u64,
+    /// Some slot crashed too often and stopped restarting for a while.
+    pub degraded: bool,
+    /// Every slot is failing to start: calls fail fast with `Unavailable`.
+    pub circuit_open: bool,
 }
 
 #[derive(Clone)]
-struct Config {
+pub(crate) struct Config {
     size: usize,
     max_queue: usize,
     queue_timeout: Duration,
     default_timeout: Option<Duration>,
     startup_concurrency: usize,
-    shutdown_grace: Duration,
-    restart_min: Duration,
-    restart_max: Duration,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) restart_min: Duration,
+    pub(crate) restart_max: Duration,
     env: Vec<(OsString, OsString)>,
     max_frame: usize,
+    pub(crate) heartbeat: Option<Heartbeat>,
+    pub(crate) max_restarts: usize,
+    pub(crate) restart_window: Duration,
+    pub(crate) max_requests: Option<u64>,
+    pub(crate) max_age: Option<Duration>,
+    pub(crate) recycle_jitter: f64,
+    pub(crate) drain_timeout: Duration,
+}
+
+/// Heartbeat settings: idle workers are pinged every `interval`; a worker that misses
+/// `max_missed` pongs in a row (each within `timeout`) is killed and replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Time between pings of an idle worker.
+    pub interval: Duration,
+    /// How long one ping may take.
+    pub timeout: Duration,
+    /// Consecutive missed pings before the worker is replaced.
+    pub max_missed: u32,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat { interval: Duration::from_secs(10), timeout: Duration::from_secs(5), max_missed: 3 }
+    }
 }
 
 /// Builds a [`Pool`]; see [`Pool::builder`].
@@ -113,6 +148,13 @@ impl Default for PoolBuilder {
                 restart_max: Duration::from_secs(5),
                 env: Vec::new(),
                 max_frame: DEFAULT_MAX_FRAME,
+                heartbeat: Some(Heartbeat::default()),
+                max_restarts: 10,
+                restart_window: Duration::from_secs(60),
+                max_requests: None,
+                max_age: None,
+                recycle_jitter: 0.1,
+                drain_timeout: Duration::from_secs(60),
             },
         }
     }
@@ -175,6 +217,48 @@ impl PoolBuilder {
         self
     }
 
+    /// Heartbeats for idle workers (default: every 10 s, 5 s timeout, 3 misses); `None` turns
+    /// them off.
+    pub fn heartbeat(mut self, hb: Option<Heartbeat>) -> Self {
+        self.cfg.heartbeat = hb;
+        self
+    }
+
+    /// Restart intensity limit: a slot whose worker dies more than `max_restarts` times within
+    /// `window` stops restarting for `window` and the pool reports itself degraded (default:
+    /// 10 in 60 s).
+    pub fn restart_limit(mut self, max_restarts: usize, window: Duration) -> Self {
+        self.cfg.max_restarts = max_restarts;
+        self.cfg.restart_window = window;
+        self
+    }
+
+    /// Recycles a worker after about `n` calls (minus up to `recycle_jitter` of it, so workers
+    /// do not recycle together). The replacement is ready before the old worker stops.
+    pub fn max_requests(mut self, n: u64) -> Self {
+        self.cfg.max_requests = Some(n.max(1));
+        self
+    }
+
+    /// Recycles a worker after about `age` of uptime (minus up to `recycle_jitter` of it).
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.cfg.max_age = Some(age);
+        self
+    }
+
+    /// The fraction (0..=0.5) by which recycling limits are randomly shortened (default 0.1).
+    pub fn recycle_jitter(mut self, fraction: f64) -> Self {
+        self.cfg.recycle_jitter = fraction.clamp(0.0, 0.5);
+        self
+    }
+
+    /// How long a recycled worker may take to finish its in-flight call before it is stopped
+    /// anyway (default 60 s).
+    pub fn drain_timeout(mut self, t: Duration) -> Self {
+        self.cfg.drain_timeout = t;
+        self
+    }
+
     /// Sets an environment variable for every worker, on top of the adapter's.
     pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Self {
         self.cfg.env.push((k.into(), v.into()));
@@ -203,6 +287,9 @@ impl PoolBuilder {
             tools: RwLock::new(None),
             shutdown,
             restarts: AtomicU64::new(0),
+            recycled: AtomicU64::new(0),
+            unresponsive: AtomicU64::new(0),
+            last_error: Mutex::new(None),
             calls_ok: AtomicU64::new(0),
             calls_failed: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
@@ -213,9 +300,9 @@ impl PoolBuilder {
         let mut tasks = Vec::with_capacity(workers.len());
         for w in workers {
             let slot = w.id().slot;
-            let w = Arc::new(w);
             // Published before `build` returns, so the pool is fully usable at once.
-            *inner.slots[slot].current.lock().unwrap_or_else(|p| p.into_inner()) = Some(w.clone());
+            inner.slots[slot].publish(&w);
+            inner.slots[slot].state.store(SlotState::Ready as u8, Ordering::Release);
             inner.checkin(w.clone());
             tasks.push(tokio::spawn(run_slot(inner.clone(), slot, w)));
         }
@@ -242,13 +329,25 @@ fn new_run_id() -> String {
 }
 
 #[derive(Default)]
-struct Slot {
-    current: Mutex<Option<Arc<Worker>>>,
+pub(crate) struct Slot {
+    pub(crate) current: Mutex<Option<Arc<Member>>>,
+    pub(crate) state: std::sync::atomic::AtomicU8,
+    pub(crate) recycle: tokio::sync::Notify,
+}
+
+impl Slot {
+    pub(crate) fn state(&self) -> SlotState {
+        SlotState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn publish(&self, m: &Arc<Member>) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(m.clone());
+    }
 }
 
 #[derive(Default)]
 struct State {
-    idle: Vec<Arc<Worker>>,
+    idle: Vec<Arc<Member>>,
     waiters: VecDeque<oneshot::Sender<Lease>>,
     closed: bool,
 }
@@ -258,16 +357,19 @@ struct ToolSet {
     sorted: Vec<String>,
 }
 
-struct Inner {
-    cfg: Config,
+pub(crate) struct Inner {
+    pub(crate) cfg: Config,
     adapter: Arc<dyn Adapter>,
     transport: Arc<dyn Transport>,
     run_id: String,
-    slots: Vec<Slot>,
+    pub(crate) slots: Vec<Slot>,
     state: Mutex<State>,
     tools: RwLock<Option<Arc<ToolSet>>>,
-    shutdown: watch::Sender<bool>,
-    restarts: AtomicU64,
+    pub(crate) shutdown: watch::Sender<bool>,
+    pub(crate) restarts: AtomicU64,
+    pub(crate) recycled: AtomicU64,
+    pub(crate) unresponsive: AtomicU64,
+    pub(crate) last_error: Mutex<Option<String>>,
     calls_ok: AtomicU64,
     calls_failed: AtomicU64,
     busy: AtomicUsize,
@@ -276,8 +378,8 @@ struct Inner {
     changes: watch::Sender<u64>,
 }
 
-fn alive(w: &Worker) -> bool {
-    w.exit_info().is_none() && !w.connection().is_closed()
+pub(crate) fn alive(m: &Member) -> bool {
+    !m.is_retiring() && m.exit_info().is_none() && !m.connection().is_closed()
 }
 
 impl Inner {
@@ -285,14 +387,20 @@ impl Inner {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn start_options(&self, worker: WorkerId) -> StartOptions {
+    pub(crate) fn start_options(&self, worker: WorkerId) -> StartOptions {
         StartOptions::new(worker, self.run_id.clone(), self.cfg.max_frame).with_env(self.cfg.env.clone())
     }
 
-    async fn start(&self, worker: WorkerId) -> Result<Worker, Error> {
+    async fn start_raw(&self, worker: WorkerId) -> Result<Worker, Error> {
         let w = start_worker(&*self.adapter, &*self.transport, self.start_options(worker)).await?;
         self.learn_tools(&w);
         Ok(w)
+    }
+
+    /// Starts a worker for a slot, wrapped with its recycling limits.
+    pub(crate) async fn start(&self, worker: WorkerId) -> Result<Arc<Member>, Error> {
+        let w = self.start_raw(worker).await?;
+        Ok(Arc::new(Member::new(w, &self.cfg)))
     }
 
     fn learn_tools(&self, w: &Worker) {
@@ -304,7 +412,7 @@ impl Inner {
         }
     }
 
-    async fn start_all(&self) -> Result<Vec<Worker>, Error> {
+    async fn start_all(&self) -> Result<Vec<Arc<Member>>, Error> {
         let limit = match self.cfg.startup_concurrency {
             0 => self.cfg.size,
             n => n,
@@ -343,7 +451,7 @@ impl Inner {
         Ok(ready)
     }
 
-    fn call_done(&self) {
+    pub(crate) fn call_done(&self) {
         if self.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.all_idle.notify_waiters();
         }
@@ -351,14 +459,14 @@ impl Inner {
     }
 
     /// Wakes stats observers; free when nobody observes.
-    fn bump(&self) {
+    pub(crate) fn bump(&self) {
         if self.changes.receiver_count() > 0 {
             self.changes.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 
     /// Returns a worker to the pool: to the oldest live waiter, else to the idle stack.
-    fn checkin(self: &Arc<Self>, worker: Arc<Worker>) {
+    pub(crate) fn checkin(self: &Arc<Self>, worker: Arc<Member>) {
         if !alive(&worker) {
             return;
         }
@@ -383,8 +491,44 @@ impl Inner {
         self.bump();
     }
 
-    fn remove_idle(&self, id: WorkerId) {
+    pub(crate) fn remove_idle(&self, id: WorkerId) {
         self.state().idle.retain(|w| w.id() != id);
+    }
+
+    /// Takes the worker out of the idle stack if it is there (for a heartbeat).
+    pub(crate) fn take_idle(&self, id: WorkerId) -> Option<Arc<Member>> {
+        let mut st = self.state();
+        let i = st.idle.iter().position(|w| w.id() == id)?;
+        Some(st.idle.remove(i))
+    }
+
+    /// True when every slot is failing to start or has given up: calls fail fast.
+    pub(crate) fn circuit_open(&self) -> bool {
+        self.slots.iter().all(|s| matches!(s.state(), SlotState::Failing | SlotState::Failed))
+    }
+
+    /// Called when a slot enters a failing state: if the circuit is now open, fail the queue.
+    pub(crate) fn check_circuit(&self) {
+        if self.circuit_open() {
+            let waiters = std::mem::take(&mut self.state().waiters);
+            if !waiters.is_empty() {
+                tracing::error!(
+                    queued = waiters.len(),
+                    "every worker is failing to start; failing queued calls"
+                );
+            }
+            drop(waiters);
+        }
+        self.bump();
+    }
+
+    fn unavailable(&self) -> Error {
+        let last = self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Error::Unavailable(format!(
+            "all {} workers are failing to start (circuit open){}",
+            self.cfg.size,
+            last.map(|e| format!("; last error: {e}")).unwrap_or_default()
+        ))
     }
 
     fn known_tool(&self, command: &str) -> Result<(), Error> {
@@ -408,6 +552,10 @@ impl Inner {
                     return Ok(Lease::new(w, self));
                 }
             }
+            if self.circuit_open() {
+                drop(st);
+                return Err(self.unavailable());
+            }
             if st.waiters.len() >= self.cfg.max_queue {
                 st.waiters.retain(|tx| !tx.is_closed());
                 if st.waiters.len() >= self.cfg.max_queue {
@@ -427,7 +575,8 @@ impl Inner {
         };
         match tokio::time::timeout_at(limit.into(), rx).await {
             Ok(Ok(lease)) => Ok(lease),
-            Ok(Err(_)) => Err(Error::ShuttingDown),
+            Ok(Err(_)) if self.state().closed => Err(Error::ShuttingDown),
+            Ok(Err(_)) => Err(self.unavailable()),
             // Dropping `rx` withdraws the call: a worker sent meanwhile comes back via the
             // lease's drop, and the call is never run.
             Err(_) if is_call_deadline => {
@@ -441,20 +590,31 @@ impl Inner {
 /// A worker checked out for one call. Dropping it returns the worker to the pool, or kills it
 /// when a call was interrupted on it (so a stuck or half-answered worker never serves again).
 struct Lease {
-    worker: Option<Arc<Worker>>,
+    worker: Option<Arc<Member>>,
     inner: Option<Arc<Inner>>,
     in_call: bool,
 }
 
 impl Lease {
-    fn new(w: Arc<Worker>, inner: &Arc<Inner>) -> Self {
+    fn new(w: Arc<Member>, inner: &Arc<Inner>) -> Self {
+        w.set_leased(true);
         Lease { worker: Some(w), inner: Some(inner.clone()), in_call: false }
+    }
+
+    /// Marks the call as completed (the worker answered), counting it for recycling.
+    fn completed(&mut self, inner: &Inner) {
+        inner.call_done();
+        self.in_call = false;
+        if let Some(w) = &self.worker {
+            w.count_request(&inner.slots[w.id().slot]);
+        }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         let Some(w) = self.worker.take() else { return };
+        w.set_leased(false);
         let Some(inner) = self.inner.take() else { return };
         if self.in_call {
             inner.call_done();
@@ -568,8 +728,7 @@ impl Pool {
         };
         match result {
             Ok(p) => {
-                inner.call_done();
-                lease.in_call = false;
+                lease.completed(inner);
                 Ok(p)
             }
             Err(Error::Disconnected { worker: id }) => {
@@ -585,6 +744,10 @@ impl Pool {
                     exit,
                     stderr_tail: worker.stderr_tail(),
                 })
+            }
+            Err(e @ Error::Worker { .. }) => {
+                lease.completed(inner);
+                Err(e)
             }
             Err(e) => {
                 inner.call_done();
@@ -641,6 +804,10 @@ impl Pool {
             busy: inner.busy.load(Ordering::Relaxed),
             queued,
             restarts: inner.restarts.load(Ordering::Relaxed),
+            recycled: inner.recycled.load(Ordering::Relaxed),
+            unresponsive: inner.unresponsive.load(Ordering::Relaxed),
+            degraded: inner.slots.iter().any(|s| s.state() == SlotState::Failed),
+            circuit_open: inner.circuit_open(),
             calls_ok: inner.calls_ok.load(Ordering::Relaxed),
             calls_failed: inner.calls_failed.load(Ordering::Relaxed),
         }
@@ -697,7 +864,7 @@ impl Pool {
         for t in tasks {
             let _ = t.await;
         }
-        let workers: Vec<Arc<Worker>> = inner
+        let workers: Vec<Arc<Member>> = inner
             .slots
             .iter()
             .filter_map(|s| s.current.lock().unwrap_or_else(|p| p.into_inner()).take())
@@ -727,47 +894,5 @@ impl Drop for Pool {
             w.kill();
         }
         st.waiters.clear();
-    }
-}
-
-/// Supervises one slot: publishes its worker, waits for it to die, restarts it with backoff.
-async fn run_slot(inner: Arc<Inner>, slot: usize, first: Arc<Worker>) {
-    let mut shutdown = inner.shutdown.subscribe();
-    let mut backoff =
-        RestartBackoff::new(inner.cfg.restart_min, inner.cfg.restart_max, Duration::from_secs(30));
-    let mut worker = first;
-    loop {
-        let exit = tokio::select! {
-            e = worker.exited() => e,
-            _ = shutdown.wait_for(|s| *s) => return,
-        };
-        inner.remove_idle(worker.id());
-        inner.bump();
-        if *shutdown.borrow() {
-            return;
-        }
-        let mut generation = worker.id().generation + 1;
-        let mut started = Some(worker.started());
-        tracing::warn!(worker = %worker.id(), "worker exited ({exit}); restarting");
-        worker = loop {
-            let delay = backoff.next_delay(started.take());
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.wait_for(|s| *s) => return,
-            }
-            let id = WorkerId { slot, generation };
-            generation += 1;
-            let attempt = tokio::select! {
-                r = inner.start(id) => r,
-                _ = shutdown.wait_for(|s| *s) => return,
-            };
-            match attempt {
-                Ok(w) => break Arc::new(w),
-                Err(e) => tracing::error!(%id, "restart failed: {e}"),
-            }
-        };
-        inner.restarts.fetch_add(1, Ordering::Relaxed);
-        *inner.slots[slot].current.lock().unwrap_or_else(|p| p.into_inner()) = Some(worker.clone());
-        inner.checkin(worker.clone());
     }
 }
