@@ -43,6 +43,9 @@ impl fmt::Display for RequestId {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Request {
+    /// The id to send it under (from [`Connection::new_request_id`]); the transport assigns
+    /// one when `None`.
+    pub id: Option<RequestId>,
     /// The tool to run.
     pub command: String,
     /// Its arguments.
@@ -56,7 +59,13 @@ pub struct Request {
 impl Request {
     /// A request for `command` with `args`, no deadline and no session.
     pub fn new(command: impl Into<String>, args: Payload) -> Self {
-        Request { command: command.into(), args, deadline: None, session: None }
+        Request { id: None, command: command.into(), args, deadline: None, session: None }
+    }
+
+    /// Sets the request id (see [`Connection::new_request_id`]).
+    pub fn with_id(mut self, id: RequestId) -> Self {
+        self.id = Some(id);
+        self
     }
 
     /// Sets the deadline.
@@ -161,8 +170,8 @@ pub trait Transport: Send + Sync + 'static {
 
 /// A live, multiplexed link to one worker, usable from many tasks at once.
 ///
-/// A dropped `call` future leaves the connection consistent: its id is forgotten and a late
-/// reply for it is dropped, never handed to another caller.
+/// A dropped `call` future leaves the connection consistent: its id is abandoned, a late reply
+/// for it is dropped, never handed to another caller, and [`Connection::idle`] waits for it.
 #[async_trait]
 pub trait Connection: Send + Sync + 'static {
     /// Sends one request and waits for its reply.
@@ -179,6 +188,17 @@ pub trait Connection: Send + Sync + 'static {
 
     /// Whether the connection is gone (the worker can take no more calls).
     fn is_closed(&self) -> bool;
+
+    /// A fresh request id, so that a caller can later [`cancel`](Connection::cancel) its call.
+    fn new_request_id(&self) -> RequestId;
+
+    /// Asks the worker to stop working on `id` (the call's future may already be gone). The
+    /// worker still answers it (with a result or a `Cancelled` error), which is then dropped.
+    fn cancel(&self, id: RequestId);
+
+    /// Resolves when the worker has answered every call sent to it, abandoned ones included
+    /// (or the connection is gone).
+    fn idle(&self) -> BoxFuture<'static, ()>;
 
     /// How many calls are waiting for a reply.
     fn in_flight(&self) -> usize;

@@ -25,8 +25,8 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use snakepit_core::wire::{self, HelloMsg, Inbound};
 use snakepit_core::{
-    CloseReason, Codec, Connection, Error, Hello, Payload, Ready, Request, Transport, WorkerError, WorkerId,
-    WorkerIo, DEFAULT_MAX_FRAME,
+    CloseReason, Codec, Connection, Error, Hello, Payload, Ready, Request, RequestId, Transport, WorkerError,
+    WorkerId, WorkerIo, DEFAULT_MAX_FRAME,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -91,12 +91,17 @@ enum Reply {
 struct Shared {
     worker: WorkerId,
     max_frame: usize,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    /// Calls waiting for a reply. `None` is an abandoned call (its caller went away before
+    /// the reply): the worker is still busy with it, so it counts as in flight until its reply
+    /// arrives, which is then dropped.
+    pending: Mutex<HashMap<u64, Option<oneshot::Sender<Reply>>>>,
     closed: watch::Sender<Option<CloseReason>>,
+    /// Notified whenever the pending map becomes empty.
+    idle: tokio::sync::Notify,
 }
 
 impl Shared {
-    fn pending(&self) -> MutexGuard<'_, HashMap<u64, oneshot::Sender<Reply>>> {
+    fn pending(&self) -> MutexGuard<'_, HashMap<u64, Option<oneshot::Sender<Reply>>>> {
         // A panic while holding this lock cannot leave the map inconsistent: recover it.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -122,8 +127,11 @@ impl Shared {
         }
         let drained: Vec<_> = self.pending().drain().collect();
         for (_, tx) in drained {
-            let _ = tx.send(Reply::Closed(reason.clone()));
+            if let Some(tx) = tx {
+                let _ = tx.send(Reply::Closed(reason.clone()));
+            }
         }
+        self.idle.notify_waiters();
     }
 
     fn close_reason(&self) -> Option<CloseReason> {
@@ -159,7 +167,8 @@ impl Drop for StdioConnection {
     }
 }
 
-/// Removes a pending id when its caller goes away (completed, cancelled or dropped).
+/// When a caller goes away before its reply, leaves a tombstone for its id: the reply is
+/// dropped when it comes, and the worker counts as busy until then.
 struct PendingGuard<'a> {
     shared: &'a Shared,
     id: u64,
@@ -167,7 +176,10 @@ struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.shared.pending().remove(&self.id);
+        let mut pending = self.shared.pending();
+        if let Some(slot) = pending.get_mut(&self.id) {
+            *slot = None;
+        }
     }
 }
 
@@ -330,14 +342,24 @@ fn dispatch(shared: &Shared, frame: Bytes) -> Result<(), String> {
     let Some(id) = msg.id else {
         return Err(format!("`{}` message without an id", msg.t));
     };
-    let waiter = shared.pending().remove(&id);
+    let (waiter, now_idle) = {
+        let mut pending = shared.pending();
+        let w = pending.remove(&id);
+        (w, pending.is_empty())
+    };
     match waiter {
-        Some(tx) => {
+        Some(Some(tx)) => {
             if tx.send(reply).is_err() {
                 tracing::debug!(worker = %shared.worker, id, "caller went away; reply dropped");
             }
         }
+        Some(None) => {
+            tracing::debug!(worker = %shared.worker, id, "late reply for an abandoned call; dropped")
+        }
         None => tracing::warn!(worker = %shared.worker, id, "reply for a request nobody waits for; dropped"),
+    }
+    if now_idle {
+        shared.idle.notify_waiters();
     }
     Ok(())
 }
@@ -352,7 +374,13 @@ impl StdioConnection {
         let worker = io.worker;
         let max_frame = hello.max_frame;
         let (closed, _) = watch::channel(None);
-        let shared = Arc::new(Shared { worker, max_frame, pending: Mutex::new(HashMap::new()), closed });
+        let shared = Arc::new(Shared {
+            worker,
+            max_frame,
+            pending: Mutex::new(HashMap::new()),
+            closed,
+            idle: tokio::sync::Notify::new(),
+        });
         let (tx, rx) = mpsc::unbounded_channel();
         let hello_frame = frame(256, max_frame, |out| {
             let msg = HelloMsg {
@@ -425,7 +453,7 @@ impl StdioConnection {
             return Err(self.shared.error_for(&reason));
         }
         let (tx, rx) = oneshot::channel();
-        self.shared.pending().insert(id, tx);
+        self.shared.pending().insert(id, Some(tx));
         let _guard = PendingGuard { shared: &self.shared, id };
         // The reader may have closed between the check and the insert: re-check.
         if let Some(reason) = self.shared.close_reason() {
@@ -444,6 +472,19 @@ impl StdioConnection {
     }
 }
 
+/// Resolves when no call is pending (abandoned ones included) or the connection is closed.
+fn wait_idle(shared: Arc<Shared>) -> BoxFuture<'static, ()> {
+    Box::pin(async move {
+        loop {
+            let notified = shared.idle.notified();
+            if shared.pending().is_empty() || shared.close_reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    })
+}
+
 #[async_trait]
 impl Connection for StdioConnection {
     async fn call(&self, req: Request) -> Result<Payload, Error> {
@@ -453,7 +494,7 @@ impl Connection for StdioConnection {
                 Error::BadRequest(format!("arguments of `{}` are not valid JSON: {e}", req.command))
             })?;
         }
-        let id = self.next_id();
+        let id = req.id.map_or_else(|| self.next_id(), |id| id.0);
         let timeout_ms = req
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()).as_millis().min(u64::MAX as u128) as u64);
@@ -505,6 +546,21 @@ impl Connection for StdioConnection {
 
     fn is_closed(&self) -> bool {
         self.shared.close_reason().is_some()
+    }
+
+    fn new_request_id(&self) -> RequestId {
+        RequestId(self.next_id())
+    }
+
+    fn cancel(&self, id: RequestId) {
+        if let Ok(f) = frame(40, self.shared.max_frame, |out| wire::encode_simple(out, "cancel", Some(id.0)))
+        {
+            let _ = self.send(f);
+        }
+    }
+
+    fn idle(&self) -> BoxFuture<'static, ()> {
+        wait_idle(self.shared.clone())
     }
 
     fn in_flight(&self) -> usize {

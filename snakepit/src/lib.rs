@@ -28,7 +28,7 @@ mod lifecycle;
 mod pool;
 
 pub use lifecycle::SlotState;
-pub use pool::{CallOptions, Heartbeat, Pool, PoolBuilder, PoolStats};
+pub use pool::{CallOptions, DropPolicy, Heartbeat, Pool, PoolBuilder, PoolStats};
 
 pub use snakepit_adapters as adapters;
 pub use snakepit_adapters::Generic;

@@ -99,6 +99,21 @@ pub(crate) struct Config {
     pub(crate) max_age: Option<Duration>,
     pub(crate) recycle_jitter: f64,
     pub(crate) drain_timeout: Duration,
+    pub(crate) cancel_grace: Duration,
+    pub(crate) drop_policy: DropPolicy,
+}
+
+/// What happens to a running call whose caller drops its future.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum DropPolicy {
+    /// Send `cancel`; if the worker has not answered within `cancel_grace`, kill and replace it.
+    #[default]
+    Kill,
+    /// Let the tool finish and discard its reply; the worker returns to the pool when it
+    /// answers (bounded by the call's deadline, else by `drain_timeout`). A client disconnect
+    /// then never costs a cold restart of a worker holding a loaded model.
+    Detach,
 }
 
 /// Heartbeat settings: idle workers are pinged every `interval`; a worker that misses
@@ -155,6 +170,8 @@ impl Default for PoolBuilder {
                 max_age: None,
                 recycle_jitter: 0.1,
                 drain_timeout: Duration::from_secs(60),
+                cancel_grace: Duration::from_secs(2),
+                drop_policy: DropPolicy::Kill,
             },
         }
     }
@@ -256,6 +273,20 @@ impl PoolBuilder {
     /// anyway (default 60 s).
     pub fn drain_timeout(mut self, t: Duration) -> Self {
         self.cfg.drain_timeout = t;
+        self
+    }
+
+    /// After a call's deadline passes (or its future is dropped under [`DropPolicy::Kill`]),
+    /// how long the worker has to answer the `cancel` before it is killed and replaced
+    /// (default 2 s). A worker that answers in time stays in the pool.
+    pub fn cancel_grace(mut self, t: Duration) -> Self {
+        self.cfg.cancel_grace = t;
+        self
+    }
+
+    /// What a dropped call future does to its worker (default [`DropPolicy::Kill`]).
+    pub fn drop_policy(mut self, p: DropPolicy) -> Self {
+        self.cfg.drop_policy = p;
         self
     }
 
@@ -593,12 +624,15 @@ struct Lease {
     worker: Option<Arc<Member>>,
     inner: Option<Arc<Inner>>,
     in_call: bool,
+    /// The running call's id and deadline (for cancel / detach).
+    request: Option<(snakepit_core::RequestId, Option<Instant>)>,
+    timed_out: bool,
 }
 
 impl Lease {
     fn new(w: Arc<Member>, inner: &Arc<Inner>) -> Self {
         w.set_leased(true);
-        Lease { worker: Some(w), inner: Some(inner.clone()), in_call: false }
+        Lease { worker: Some(w), inner: Some(inner.clone()), in_call: false, request: None, timed_out: false }
     }
 
     /// Marks the call as completed (the worker answered), counting it for recycling.
@@ -614,15 +648,50 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let Some(w) = self.worker.take() else { return };
-        w.set_leased(false);
-        let Some(inner) = self.inner.take() else { return };
-        if self.in_call {
-            inner.call_done();
-            tracing::debug!(worker = %w.id(), "call interrupted; killing the worker");
-            w.kill();
+        let Some(inner) = self.inner.take() else {
+            w.set_leased(false);
+            return;
+        };
+        if !self.in_call {
+            w.set_leased(false);
+            inner.checkin(w);
             return;
         }
-        inner.checkin(w);
+        // The call was interrupted (deadline or dropped future) while the worker works on it.
+        let detach = !self.timed_out && inner.cfg.drop_policy == DropPolicy::Detach;
+        let conn = w.connection().clone();
+        let id = self.request.map(|(id, _)| id);
+        if !detach {
+            if let Some(id) = id {
+                conn.cancel(id);
+            }
+        }
+        let limit = if detach {
+            self.request
+                .and_then(|(_, d)| d)
+                .map_or(inner.cfg.drain_timeout, |d| d.saturating_duration_since(Instant::now()))
+        } else {
+            inner.cfg.cancel_grace
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            // No runtime to wait on: the safe choice is to kill.
+            inner.call_done();
+            w.set_leased(false);
+            w.kill();
+            return;
+        };
+        rt.spawn(async move {
+            let answered = tokio::time::timeout(limit, conn.idle()).await.is_ok() && alive(&w);
+            inner.call_done();
+            w.set_leased(false);
+            if answered {
+                tracing::debug!(worker = %w.id(), detach, "interrupted call answered; worker kept");
+                inner.checkin(w);
+            } else {
+                tracing::warn!(worker = %w.id(), ?limit, "interrupted call not answered in time; replacing the worker");
+                w.kill();
+            }
+        });
     }
 }
 
@@ -709,14 +778,18 @@ impl Pool {
         lease.in_call = true;
         inner.busy.fetch_add(1, Ordering::Relaxed);
         inner.bump();
-        let req = Request::new(command, args).with_deadline(deadline);
+        let id = worker.connection().new_request_id();
+        lease.request = Some((id, deadline));
+        let req = Request::new(command, args).with_deadline(deadline).with_id(id);
         let call = worker.connection().call(req);
         let result = match deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), call).await {
                 Ok(r) => r,
                 Err(_) => {
-                    // The lease stays `in_call`: dropping it kills the stuck worker.
-                    tracing::warn!(worker = %worker.id(), command, "call timed out; replacing the worker");
+                    // The lease stays `in_call`: dropping it cancels the call and gives the
+                    // worker `cancel_grace` to answer before it is replaced.
+                    lease.timed_out = true;
+                    tracing::warn!(worker = %worker.id(), command, "call timed out; cancelling it");
                     return Err(Error::Timeout {
                         command: command.into(),
                         worker: Some(worker.id()),

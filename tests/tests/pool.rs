@@ -174,7 +174,14 @@ async fn many_concurrent_calls_are_all_answered_correctly() {
 #[tokio::test]
 async fn timeout_fails_at_once_and_the_stuck_worker_is_replaced() {
     let r = Reaper::new();
-    let pool = r.builder().adapter(Python::showcase()).size(1).build().await.expect("pool");
+    let pool = r
+        .builder()
+        .adapter(Python::showcase())
+        .size(1)
+        .cancel_grace(Duration::from_millis(200))
+        .build()
+        .await
+        .expect("pool");
     let pid = pool.execute("pid", json!(null)).await.expect("pid");
     let t = Instant::now();
     match pool.execute_timeout("sleep", json!({"ms": 30_000}), Duration::from_millis(200)).await {
@@ -360,4 +367,50 @@ def block():
         other => panic!("unexpected {other:?}"),
     }
     r.assert_none_left(Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_worker_that_answers_within_the_cancel_grace_is_kept_and_its_late_reply_dropped() {
+    let r = Reaper::new();
+    let pool = r
+        .builder()
+        .adapter(Python::showcase())
+        .size(1)
+        .cancel_grace(Duration::from_secs(5))
+        .build()
+        .await
+        .expect("pool");
+    let pid = pool.execute("pid", json!(null)).await.expect("pid");
+    let t = Instant::now();
+    let r1 = pool.execute_timeout("sleep", json!({"ms": 400}), Duration::from_millis(100)).await;
+    assert!(matches!(r1, Err(Error::Timeout { .. })), "{r1:?}");
+    assert!(t.elapsed() < Duration::from_millis(350), "the caller must get Timeout at once");
+    // The same worker serves the next call once it has answered the abandoned one; the late
+    // `400` is never handed to this caller.
+    assert_eq!(pool.execute("pid", json!(null)).await.expect("pid"), pid);
+    assert_eq!(pool.stats().restarts, 0);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn detach_policy_keeps_the_worker_of_a_dropped_call() {
+    let r = Reaper::new();
+    let pool = std::sync::Arc::new(
+        r.builder()
+            .adapter(Python::showcase())
+            .size(1)
+            .drop_policy(snakepit::DropPolicy::Detach)
+            .build()
+            .await
+            .expect("pool"),
+    );
+    let pid = pool.execute("pid", json!(null)).await.expect("pid");
+    let p = pool.clone();
+    let running = tokio::spawn(async move { p.execute("sleep", json!({"ms": 300})).await });
+    wait(&pool, |s| s.busy == 1).await;
+    running.abort();
+    let _ = running.await;
+    assert_eq!(pool.execute("pid", json!(null)).await.expect("pid"), pid, "detached, not killed");
+    assert_eq!(pool.stats().restarts, 0);
+    pool.shutdown().await;
 }
