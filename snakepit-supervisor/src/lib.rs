@@ -20,10 +20,12 @@
 //! [`RestartBackoff`] gives the delays between restarts of a slot.
 
 mod backoff;
+mod memory;
 mod process;
 mod shepherd;
 
 pub use backoff::RestartBackoff;
+pub use memory::tree_rss;
 pub use process::{start_worker, StartOptions, Worker};
 
 /// Errors of the supervisor's own operations (spawn and handshake failures are

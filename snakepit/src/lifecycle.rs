@@ -164,12 +164,25 @@ async fn serve(
     ticker.tick().await; // the first tick is immediate
     let mut missed = 0u32;
     let mut hb_on = hb.is_some();
+    let mem_limit = inner.cfg.max_memory.map(|b| jittered(b as f64, inner.cfg.recycle_jitter) as u64);
+    let mut mem_ticker = tokio::time::interval(inner.cfg.memory_check);
+    mem_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    mem_ticker.tick().await;
     loop {
         tokio::select! {
             e = member.exited() => return Event::Exited(e),
             _ = stopped(shutdown) => return Event::Shutdown,
             _ = tokio::time::sleep_until(age_due) => return Event::Recycle("age"),
             _ = inner.slots[slot].recycle.notified() => return Event::Recycle("request count"),
+            _ = mem_ticker.tick(), if mem_limit.is_some() => {
+                let limit = mem_limit.unwrap_or(u64::MAX);
+                if let Some(rss) = snakepit_supervisor::tree_rss(member.pid()) {
+                    if rss > limit {
+                        tracing::info!(worker = %member.id(), rss, limit, "over its memory limit");
+                        return Event::Recycle("memory");
+                    }
+                }
+            }
             _ = ticker.tick(), if hb_on => {
                 let Some(hb) = hb else { continue };
                 // Only idle workers are pinged; a worker that already missed one stays out of

@@ -97,6 +97,8 @@ pub(crate) struct Config {
     pub(crate) restart_window: Duration,
     pub(crate) max_requests: Option<u64>,
     pub(crate) max_age: Option<Duration>,
+    pub(crate) max_memory: Option<u64>,
+    pub(crate) memory_check: Duration,
     pub(crate) recycle_jitter: f64,
     pub(crate) drain_timeout: Duration,
     pub(crate) cancel_grace: Duration,
@@ -168,6 +170,8 @@ impl Default for PoolBuilder {
                 restart_window: Duration::from_secs(60),
                 max_requests: None,
                 max_age: None,
+                max_memory: None,
+                memory_check: Duration::from_secs(5),
                 recycle_jitter: 0.1,
                 drain_timeout: Duration::from_secs(60),
                 cancel_grace: Duration::from_secs(2),
@@ -260,6 +264,15 @@ impl PoolBuilder {
     /// Recycles a worker after about `age` of uptime (minus up to `recycle_jitter` of it).
     pub fn max_age(mut self, age: Duration) -> Self {
         self.cfg.max_age = Some(age);
+        self
+    }
+
+    /// Recycles a worker whose process tree (the worker and its descendants, read from `/proc`;
+    /// not the host) holds more than about `bytes` of resident memory (minus up to
+    /// `recycle_jitter` of it). Checked every `check_every`.
+    pub fn max_memory(mut self, bytes: u64, check_every: Duration) -> Self {
+        self.cfg.max_memory = Some(bytes);
+        self.cfg.memory_check = check_every;
         self
     }
 

@@ -170,3 +170,23 @@ def ok():
     assert_eq!(pool.execute("ok", json!(null)).await.expect("ok"), json!("ok"));
     pool.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_worker_over_its_memory_limit_is_recycled() {
+    let r = Reaper::new();
+    let pool = r
+        .builder()
+        .adapter(Python::showcase())
+        .size(1)
+        .max_memory(150 << 20, Duration::from_millis(50))
+        .recycle_jitter(0.0)
+        .build()
+        .await
+        .expect("pool");
+    let pid = pool.execute("pid", json!(null)).await.expect("pid");
+    assert_eq!(pool.execute("leak", json!({"mb": 200})).await.expect("leak"), json!(200));
+    wait(&pool, "recycled for memory", |s| s.recycled == 1).await;
+    assert_ne!(pool.execute("pid", json!(null)).await.expect("pid"), pid);
+    assert_eq!(pool.stats().calls_failed, 0);
+    pool.shutdown().await;
+}

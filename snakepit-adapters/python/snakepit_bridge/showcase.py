@@ -103,6 +103,16 @@ def garbage(kind="text"):
     return kind
 
 
+_HOARD = []
+
+
+@tool
+def leak(mb):
+    """Allocates and keeps `mb` MiB (touched, so it is resident); returns the total held."""
+    _HOARD.append(bytearray(b"x" * (int(mb) << 20)))
+    return sum(len(b) for b in _HOARD) >> 20
+
+
 @tool
 def big(bytes):
     """Returns a string of `bytes` characters."""
