@@ -123,6 +123,10 @@ pub struct Ready {
     /// The bridge's name and version, e.g. `python/0.1.0 (CPython 3.11.7)`.
     #[serde(default)]
     pub bridge: String,
+    /// A signal the worker wants sent to its pid after each `cancel`, to interrupt a running
+    /// call even inside a blocking system call (the Python bridge: SIGUSR1).
+    #[serde(default)]
+    pub cancel_signal: Option<i32>,
 }
 
 fn one() -> usize {

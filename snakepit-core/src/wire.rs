@@ -60,6 +60,9 @@ pub struct Inbound<'a> {
     /// `ready`: its bridge description.
     #[serde(default)]
     pub bridge: Option<String>,
+    /// `ready`: the signal to send after `cancel`.
+    #[serde(default)]
+    pub cancel_signal: Option<i32>,
 }
 
 impl Inbound<'_> {
@@ -71,6 +74,7 @@ impl Inbound<'_> {
             tools: self.tools.unwrap_or_default(),
             max_in_flight: self.max_in_flight.unwrap_or(1).max(1),
             bridge: self.bridge.unwrap_or_default(),
+            cancel_signal: self.cancel_signal,
         })
     }
 }

@@ -142,6 +142,9 @@ pub struct Worker {
     conn: Arc<dyn Connection>,
     ready: Ready,
     started: Instant,
+    /// A pidfd for the worker process itself (verified to be the shepherd's child), used to
+    /// deliver the cancel signal without ever hitting a reused pid.
+    worker_pidfd: Option<OwnedFd>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -217,6 +220,27 @@ impl Worker {
         };
         self.shared.wait_stderr().await;
         info
+    }
+
+    /// Cancels call `id`: sends the protocol `cancel`, then the worker's cancel signal if it
+    /// asked for one in `ready` (it interrupts a tool even inside a blocking system call).
+    pub fn cancel(&self, id: snakepit_core::RequestId) {
+        self.conn.cancel(id);
+        if let (Some(sig), Some(fd)) = (self.ready.cancel_signal, &self.worker_pidfd) {
+            // SAFETY: pidfd_send_signal on a pidfd we own; a dead process yields ESRCH.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    sig,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            if r != 0 {
+                tracing::debug!(worker = %self.id(), "cancel signal not delivered: {}", std::io::Error::last_os_error());
+            }
+        }
     }
 
     /// Kills the worker and its whole subtree (grandchildren included) at once.
@@ -401,7 +425,8 @@ pub async fn start_worker(
             tracing::debug!(worker = %worker, pid, bridge = %ready.bridge, "ready");
             spawn_monitor(child, conn.clone(), shared.clone());
             guard.0 = None;
-            Ok(Worker { shared, conn, ready, started: Instant::now() })
+            let worker_pidfd = ready.cancel_signal.and_then(|_| child_pidfd(ready.pid, pid));
+            Ok(Worker { shared, conn, ready, started: Instant::now(), worker_pidfd })
         }
         Handshake::Done(Err(e)) => {
             // EOF during the handshake means the process is exiting: report how it ended.
@@ -440,6 +465,30 @@ pub async fn start_worker(
             Err(Error::StartupFailed { worker, exit: info, stderr_tail: shared.tail() })
         }
     }
+}
+
+/// The parent pid of `pid`, from `/proc/<pid>/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A pidfd for `pid` if it is a child of `parent` (a worker claims its pid in `ready`; we only
+/// trust it once the process tree confirms it).
+fn child_pidfd(pid: u32, parent: u32) -> Option<OwnedFd> {
+    if parent_of(pid)? != parent {
+        return None;
+    }
+    // SAFETY: pidfd_open returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // Re-check after opening: the pidfd now pins the identity we verified.
+    (parent_of(pid)? == parent).then_some(fd)
 }
 
 /// Kills the worker when dropped (a start-up that was abandoned half-way).

@@ -676,7 +676,7 @@ impl Drop for Lease {
         let id = self.request.map(|(id, _)| id);
         if !detach {
             if let Some(id) = id {
-                conn.cancel(id);
+                w.cancel(id);
             }
         }
         let limit = if detach {

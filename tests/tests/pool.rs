@@ -184,9 +184,9 @@ async fn timeout_fails_at_once_and_the_stuck_worker_is_replaced() {
         .expect("pool");
     let pid = pool.execute("pid", json!(null)).await.expect("pid");
     let t = Instant::now();
-    match pool.execute_timeout("sleep", json!({"ms": 30_000}), Duration::from_millis(200)).await {
+    match pool.execute_timeout("stubborn_sleep", json!({"ms": 30_000}), Duration::from_millis(200)).await {
         Err(Error::Timeout { command, worker, .. }) => {
-            assert_eq!(command, "sleep");
+            assert_eq!(command, "stubborn_sleep");
             assert!(worker.is_some());
         }
         other => panic!("unexpected {other:?}"),
@@ -290,7 +290,7 @@ async fn dropping_a_running_call_replaces_its_worker() {
         std::sync::Arc::new(r.builder().adapter(Python::showcase()).size(1).build().await.expect("pool"));
     let pid = pool.execute("pid", json!(null)).await.expect("pid");
     let p = pool.clone();
-    let running = tokio::spawn(async move { p.execute("sleep", json!({"ms": 30_000})).await });
+    let running = tokio::spawn(async move { p.execute("stubborn_sleep", json!({"ms": 30_000})).await });
     wait(&pool, |s| s.busy == 1).await;
     running.abort();
     let _ = running.await;
@@ -411,6 +411,31 @@ async fn detach_policy_keeps_the_worker_of_a_dropped_call() {
     running.abort();
     let _ = running.await;
     assert_eq!(pool.execute("pid", json!(null)).await.expect("pid"), pid, "detached, not killed");
+    assert_eq!(pool.stats().restarts, 0);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancel_interrupts_the_tool_runs_its_finally_and_keeps_the_worker() {
+    let r = Reaper::new();
+    let pool = r
+        .builder()
+        .adapter(Python::showcase())
+        .size(1)
+        .cancel_grace(Duration::from_secs(20))
+        .build()
+        .await
+        .expect("pool");
+    let pid = pool.execute("pid", json!(null)).await.expect("pid");
+    let marker = r.dir().join("finally-ran");
+    let t = Instant::now();
+    let args = json!({"ms": 30_000, "path": marker.to_string_lossy()});
+    let res = pool.execute_timeout("sleep_then_touch", args, Duration::from_millis(100)).await;
+    assert!(matches!(res, Err(Error::Timeout { .. })), "{res:?}");
+    // The worker answers the cancel (it does not sleep 30 s, nor wait out the 20 s grace).
+    assert_eq!(pool.execute("pid", json!(null)).await.expect("pid"), pid);
+    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+    assert!(marker.exists(), "the tool's finally block must have run");
     assert_eq!(pool.stats().restarts, 0);
     pool.shutdown().await;
 }

@@ -3,6 +3,7 @@
 import inspect
 import json
 import os
+import signal
 import struct
 import sys
 import threading
@@ -30,6 +31,45 @@ class ToolError(Exception):
 
 class ProtocolError(Exception):
     """The host broke the protocol; the bridge exits."""
+
+
+class Cancelled(BaseException):
+    """Raised inside a tool when the host cancels its call (deadline passed, caller gone).
+
+    A ``BaseException`` (like ``asyncio.CancelledError``), so ``except Exception`` in tool code
+    does not swallow it; ``finally`` blocks and context managers run as usual.
+    """
+
+
+class _Running:
+    """Which call the main thread is running (for the cancel signal)."""
+
+    id = None
+    signum = None
+
+
+_run = _Running()
+
+
+def _on_cancel_signal(signum, frame):
+    # The host sends the cancel signal only while a call it cancelled has not been answered,
+    # and sends the next call only after that answer: so the running call is the cancelled one.
+    if _run.id is not None:
+        _run.id = None
+        raise Cancelled("call cancelled by the host")
+
+
+def _install_cancel_signal():
+    """Installs the cancel signal handler (SIGUSR1 unless SNAKEPIT_CANCEL_SIGNAL names another
+    or 'none'), unless the user's code already handles that signal. Returns its number."""
+    name = os.environ.get("SNAKEPIT_CANCEL_SIGNAL", "SIGUSR1")
+    if name.lower() == "none" or threading.current_thread() is not threading.main_thread():
+        return None
+    signum = getattr(signal, name, None)
+    if signum is None or signal.getsignal(signum) not in (signal.SIG_DFL, None):
+        return None
+    signal.signal(signum, _on_cancel_signal)
+    return int(signum)
 
 
 def tool(fn=None, *, name=None):
@@ -274,9 +314,11 @@ def _serve(chan, adapter, namespace):
             instance.config = config
         instance.setup()
     tools = _collect_tools(instance)
+    _run.signum = _install_cancel_signal()
     chan.send(
         {
             "t": "ready",
+            "cancel_signal": _run.signum,
             "version": version,
             "pid": os.getpid(),
             "tools": [{"name": n, "doc": inspect.getdoc(f)} for n, f in sorted(tools.items())],
@@ -311,7 +353,7 @@ def _loop(chan, tools):
         elif t == "shutdown":
             return
         elif t == "cancel":
-            pass  # calls run one at a time: a cancel arriving now is for a call already answered
+            pass  # calls run one at a time: a cancel read here is for a call already answered
         else:
             _log("ignoring unknown message type %r" % t)
 
@@ -328,8 +370,14 @@ def _call(chan, tools, msg):
         }
     else:
         try:
-            result = _invoke(fn, msg.get("args"))
+            _run.id = rid
+            try:
+                result = _invoke(fn, msg.get("args"))
+            finally:
+                _run.id = None
             reply = {"t": "result", "id": rid, "ok": result}
+        except Cancelled as e:
+            reply = {"t": "error", "id": rid, "error": {"type": "Cancelled", "message": str(e) or "cancelled"}}
         except Exception as e:
             reply = {"t": "error", "id": rid, "error": _error(e)}
     try:

@@ -44,6 +44,31 @@ def sleep(ms):
 
 
 @tool
+def sleep_then_touch(ms, path):
+    """Sleeps `ms` milliseconds; creates `path` when it ends, even if cancelled (finally)."""
+    try:
+        time.sleep(ms / 1000.0)
+    finally:
+        with open(path, "a"):
+            pass
+    return ms
+
+
+@tool
+def stubborn_sleep(ms):
+    """Sleeps `ms` milliseconds and ignores cancellation (to test the kill after cancel_grace)."""
+    deadline = time.monotonic() + ms / 1000.0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return ms
+        try:
+            time.sleep(left)
+        except BaseException:
+            continue
+
+
+@tool
 def cpu(n):
     """CPU-bound work: counts the primes below `n`."""
     n = int(n)
