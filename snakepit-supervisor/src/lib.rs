@@ -22,6 +22,7 @@
 mod backoff;
 mod memory;
 mod process;
+pub mod registry;
 mod shepherd;
 
 pub use backoff::RestartBackoff;

@@ -140,6 +140,7 @@ impl Inner {
     /// Publishes a ready worker in its slot and offers it to the queue.
     fn publish(self: &Arc<Self>, slot: usize, m: &Arc<Member>) {
         self.slots[slot].publish(m);
+        self.register(m);
         self.set_state(slot, SlotState::Ready);
         self.checkin(m.clone());
     }
@@ -248,11 +249,12 @@ async fn start_with_retry(
 }
 
 /// Lets `old` finish its in-flight call, then stops it gracefully.
-async fn retire(old: Arc<Member>, drain: Duration, grace: Duration) {
+async fn retire(inner: Arc<Inner>, old: Arc<Member>, drain: Duration, grace: Duration) {
     if !old.drained(drain).await {
         tracing::warn!(worker = %old.id(), "still busy after the drain timeout; stopping it anyway");
     }
     old.shutdown(grace).await;
+    inner.unregister(&old);
 }
 
 /// Supervises one slot for the pool's lifetime.
@@ -283,10 +285,11 @@ pub(crate) async fn run_slot(inner: Arc<Inner>, slot: usize, first: Arc<Member>)
                 inner.publish(slot, &next);
                 inner.recycled.fetch_add(1, Ordering::Relaxed);
                 let old = std::mem::replace(&mut member, next);
-                tokio::spawn(retire(old, inner.cfg.drain_timeout, inner.cfg.shutdown_grace));
+                tokio::spawn(retire(inner.clone(), old, inner.cfg.drain_timeout, inner.cfg.shutdown_grace));
             }
             Event::Exited(exit) => {
                 inner.remove_idle(member.id());
+                inner.unregister(&member);
                 if *shutdown.borrow() {
                     return;
                 }

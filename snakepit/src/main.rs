@@ -33,6 +33,18 @@ enum Cmd {
         /// Number of workers (default: CPU count).
         #[arg(long)]
         size: Option<usize>,
+        /// Pool instance name: a restart reaps what a SIGKILLed previous run of it left behind.
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Kill what SIGKILLed hosts left behind (per the run registry); never touches live hosts.
+    Reap {
+        /// Only list what would be killed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only this pool instance.
+        #[arg(long)]
+        instance: Option<String>,
     },
     /// Run one call and print its JSON result.
     Call {
@@ -89,7 +101,8 @@ fn main() -> ExitCode {
     let code = rt.block_on(async move {
         match cli.cmd {
             Cmd::Demo(args) => demo::run(args).await,
-            Cmd::Serve { worker, size } => serve(worker, size).await,
+            Cmd::Serve { worker, size, instance } => serve(worker, size, instance).await,
+            Cmd::Reap { dry_run, instance } => reap(dry_run, instance),
             Cmd::Call { worker, command, args, timeout_ms } => call(worker, command, args, timeout_ms).await,
         }
     });
@@ -146,11 +159,28 @@ fn error_line(id: &serde_json::Value, e: &serde_json::Value) -> String {
     serde_json::json!({"id": id, "error": e}).to_string()
 }
 
-async fn serve(worker: WorkerArgs, size: Option<usize>) -> ExitCode {
+fn reap(dry_run: bool, instance: Option<String>) -> ExitCode {
+    let dir = snakepit::supervisor::registry::run_dir();
+    let r = snakepit::supervisor::registry::reap(&dir, instance.as_deref(), dry_run);
+    let verb = if dry_run { "would kill" } else { "killed" };
+    for run in &r.runs {
+        println!("dead host {} (instance {:?}, run {})", run.host_pid, run.instance, run.run_id);
+    }
+    for pid in &r.pids {
+        println!("{verb} {pid}");
+    }
+    println!("{} dead run(s) in {}, {} process(es) {verb}", r.runs.len(), dir.display(), r.pids.len());
+    ExitCode::SUCCESS
+}
+
+async fn serve(worker: WorkerArgs, size: Option<usize>, instance: Option<String>) -> ExitCode {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut b = Pool::builder().adapter(worker.adapter());
     if let Some(n) = size {
         b = b.size(n);
+    }
+    if let Some(i) = instance {
+        b = b.instance(i);
     }
     let pool = match b.build().await {
         Ok(p) => Arc::new(p),

@@ -10,7 +10,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use snakepit_core::{Adapter, Error, Payload, Request, Transport, WorkerId, DEFAULT_MAX_FRAME};
-use snakepit_supervisor::{start_worker, StartOptions, Worker};
+use snakepit_supervisor::{registry, start_worker, StartOptions, Worker};
 
 use crate::lifecycle::{run_slot, Member, SlotState};
 use tokio::sync::{oneshot, watch};
@@ -103,6 +103,9 @@ pub(crate) struct Config {
     pub(crate) drain_timeout: Duration,
     pub(crate) cancel_grace: Duration,
     pub(crate) drop_policy: DropPolicy,
+    instance: Option<String>,
+    run_dir: Option<std::path::PathBuf>,
+    registry: bool,
 }
 
 /// What happens to a running call whose caller drops its future.
@@ -176,6 +179,9 @@ impl Default for PoolBuilder {
                 drain_timeout: Duration::from_secs(60),
                 cancel_grace: Duration::from_secs(2),
                 drop_policy: DropPolicy::Kill,
+                instance: None,
+                run_dir: None,
+                registry: true,
             },
         }
     }
@@ -303,6 +309,26 @@ impl PoolBuilder {
         self
     }
 
+    /// Names this pool instance (default: the adapter's name). On start, the pool reaps what a
+    /// previous, SIGKILLed host of the same instance left behind (never another live host's
+    /// workers); see `snakepit_supervisor::registry`.
+    pub fn instance(mut self, name: impl Into<String>) -> Self {
+        self.cfg.instance = Some(name.into());
+        self
+    }
+
+    /// Where run files live (default: `snakepit_supervisor::registry::run_dir()`).
+    pub fn run_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.cfg.run_dir = Some(dir.into());
+        self
+    }
+
+    /// Turns the run registry (and the reaping on start) on or off (default on).
+    pub fn run_registry(mut self, on: bool) -> Self {
+        self.cfg.registry = on;
+        self
+    }
+
     /// Sets an environment variable for every worker, on top of the adapter's.
     pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Self {
         self.cfg.env.push((k.into(), v.into()));
@@ -320,6 +346,28 @@ impl PoolBuilder {
         let mut cfg = self.cfg;
         cfg.max_frame = transport.max_frame();
         let run_id = new_run_id();
+        let instance = cfg.instance.clone().unwrap_or_else(|| adapter.name());
+        let run_file = if cfg.registry {
+            let dir = cfg.run_dir.clone().unwrap_or_else(registry::run_dir);
+            let reaped = registry::reap(&dir, Some(&instance), false);
+            if !reaped.runs.is_empty() {
+                tracing::warn!(
+                    instance,
+                    runs = reaped.runs.len(),
+                    killed = ?reaped.pids,
+                    "reaped what a previous host of this pool instance left behind"
+                );
+            }
+            match registry::RunFile::create(&dir, &instance, &run_id) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!("run registry unavailable in {}: {e}", dir.display());
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let (shutdown, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             slots: (0..cfg.size).map(|_| Slot::default()).collect(),
@@ -337,6 +385,7 @@ impl PoolBuilder {
             calls_ok: AtomicU64::new(0),
             calls_failed: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
+            run_file,
             all_idle: tokio::sync::Notify::new(),
             changes: watch::channel(0).0,
         });
@@ -346,6 +395,7 @@ impl PoolBuilder {
             let slot = w.id().slot;
             // Published before `build` returns, so the pool is fully usable at once.
             inner.slots[slot].publish(&w);
+            inner.register(&w);
             inner.slots[slot].state.store(SlotState::Ready as u8, Ordering::Release);
             inner.checkin(w.clone());
             tasks.push(tokio::spawn(run_slot(inner.clone(), slot, w)));
@@ -417,6 +467,7 @@ pub(crate) struct Inner {
     calls_ok: AtomicU64,
     calls_failed: AtomicU64,
     busy: AtomicUsize,
+    pub(crate) run_file: Option<registry::RunFile>,
     all_idle: tokio::sync::Notify,
     /// Bumped on every change observers may wait for (see [`Pool::wait_stats`]).
     changes: watch::Sender<u64>,
@@ -533,6 +584,20 @@ impl Inner {
         }
         drop(st);
         self.bump();
+    }
+
+    /// Records a started worker in the run registry.
+    pub(crate) fn register(&self, m: &Member) {
+        if let Some(f) = &self.run_file {
+            f.add_worker(m.pid());
+        }
+    }
+
+    /// Forgets an exited worker in the run registry.
+    pub(crate) fn unregister(&self, m: &Member) {
+        if let Some(f) = &self.run_file {
+            f.remove_worker(m.pid());
+        }
     }
 
     pub(crate) fn remove_idle(&self, id: WorkerId) {

@@ -10,7 +10,23 @@ use serde_json::{json, Value};
 #[allow(dead_code)]
 mod procs;
 
-struct Guard(String);
+struct Guard(String, tempfile::TempDir);
+
+impl Guard {
+    fn new() -> Self {
+        Guard(procs::new_marker(), tempfile::tempdir().expect("tempdir"))
+    }
+
+    fn run_dir(&self) -> std::path::PathBuf {
+        self.1.path().join("runs")
+    }
+
+    fn snakepit(&self) -> Command {
+        let mut c = snakepit(&self.0);
+        c.env("SNAKEPIT_RUN_DIR", self.run_dir());
+        c
+    }
+}
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -30,8 +46,9 @@ fn snakepit(marker: &str) -> Command {
 
 #[test]
 fn serve_answers_each_line_and_exits_0_on_eof() {
-    let g = Guard(procs::new_marker());
-    let mut child = snakepit(&g.0)
+    let g = Guard::new();
+    let mut child = g
+        .snakepit()
         .args(["serve", "--module", "snakepit_bridge.showcase", "--size", "2"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -79,8 +96,9 @@ fn serve_answers_each_line_and_exits_0_on_eof() {
 
 #[test]
 fn serve_shuts_down_gracefully_on_sigterm() {
-    let g = Guard(procs::new_marker());
-    let mut child = snakepit(&g.0)
+    let g = Guard::new();
+    let mut child = g
+        .snakepit()
         .args(["serve", "--module", "snakepit_bridge.showcase", "--size", "1"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -101,12 +119,12 @@ fn serve_shuts_down_gracefully_on_sigterm() {
 
 #[test]
 fn serve_exits_non_zero_when_the_pool_cannot_start() {
-    let g = Guard(procs::new_marker());
+    let g = Guard::new();
     let dir = tempfile::tempdir().expect("tmp");
     let script = dir.path().join("broken.py");
     std::fs::write(&script, "raise SystemExit('cannot load')\n").expect("write");
     let out =
-        snakepit(&g.0).args(["serve", "--script"]).arg(&script).stdin(Stdio::null()).output().expect("run");
+        g.snakepit().args(["serve", "--script"]).arg(&script).stdin(Stdio::null()).output().expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("could not start") && err.contains("cannot load"), "{err}");
@@ -114,14 +132,16 @@ fn serve_exits_non_zero_when_the_pool_cannot_start() {
 
 #[test]
 fn call_prints_the_result_or_the_error() {
-    let g = Guard(procs::new_marker());
-    let out = snakepit(&g.0)
+    let g = Guard::new();
+    let out = g
+        .snakepit()
         .args(["call", "--module", "snakepit_bridge.showcase", "add", r#"{"a":20,"b":22}"#])
         .output()
         .expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
-    let out = snakepit(&g.0)
+    let out = g
+        .snakepit()
         .args(["call", "--module", "snakepit_bridge.showcase", "fail", r#"{"type":"TypeError"}"#])
         .output()
         .expect("run");
@@ -132,8 +152,8 @@ fn call_prints_the_result_or_the_error() {
 
 #[test]
 fn demo_runs_a_mixed_workload() {
-    let g = Guard(procs::new_marker());
-    let out = snakepit(&g.0).args(["demo", "--calls", "1200"]).output().expect("run");
+    let g = Guard::new();
+    let out = g.snakepit().args(["demo", "--calls", "1200"]).output().expect("run");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("worker_crashed") && stdout.contains("latency p99"), "{stdout}");
@@ -143,8 +163,9 @@ fn demo_runs_a_mixed_workload() {
 /// and all ignoring SIGTERM/SIGHUP): within a second nothing it started is alive.
 #[test]
 fn sigkilled_host_leaves_no_process_behind() {
-    let g = Guard(procs::new_marker());
-    let mut child = snakepit(&g.0)
+    let g = Guard::new();
+    let mut child = g
+        .snakepit()
         .args(["serve", "--module", "snakepit_bridge.showcase", "--size", "8"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -172,4 +193,119 @@ fn sigkilled_host_leaves_no_process_behind() {
     child.wait().expect("reap the host");
     let left = procs::wait_none_left(&g.0, Duration::from_secs(1));
     assert!(left.is_empty(), "alive 1 s after the host was SIGKILLed: {left:?}");
+}
+
+/// Field 22 of /proc/<pid>/stat (start time in clock ticks), and field 4 (parent pid).
+fn stat_fields(pid: u32) -> Option<(u64, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((f.get(19)?.parse().ok()?, f.get(1)?.parse().ok()?))
+}
+
+fn idle_process(g: &Guard, run_id: &str) -> std::process::Child {
+    Command::new("python3")
+        .args(["-c", "import threading; threading.Event().wait()"])
+        .env(procs::MARKER_VAR, &g.0)
+        .env("SNAKEPIT_RUN_ID", run_id)
+        .spawn()
+        .expect("spawn")
+}
+
+#[test]
+fn reap_kills_only_what_dead_hosts_left_behind() {
+    let g = Guard::new();
+    std::fs::create_dir_all(g.run_dir()).expect("run dir");
+    // A host that is dead: a finished child's pid.
+    let mut gone = Command::new("true").spawn().expect("spawn");
+    let dead_pid = gone.id();
+    gone.wait().expect("wait");
+    let mut leftover = idle_process(&g, "deadrun");
+    let mut bystander = idle_process(&g, "liverun");
+    let me = std::process::id();
+    let (my_start, _) = stat_fields(me).expect("own stat");
+    let write = |name: &str, v: Value| std::fs::write(g.run_dir().join(name), v.to_string()).expect("write");
+    write(
+        "x.deadrun.run.json",
+        json!({"instance":"x","run_id":"deadrun","host_pid":dead_pid,"host_start":1,"workers":[]}),
+    );
+    write(
+        "x.liverun.run.json",
+        json!({"instance":"x","run_id":"liverun","host_pid":me,"host_start":my_start,"workers":[]}),
+    );
+    let out = g.snakepit().args(["reap", "--dry-run"]).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains(&format!("would kill {}", leftover.id())), "{text}");
+    assert!(!text.contains(&format!(" {}\n", bystander.id())), "{text}");
+    assert!(leftover.try_wait().expect("try_wait").is_none(), "a dry run killed it");
+    let out = g.snakepit().args(["reap"]).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    leftover.wait().expect("the leftover is killed");
+    assert!(bystander.try_wait().expect("try_wait").is_none(), "a live host's process was touched");
+    assert!(!g.run_dir().join("x.deadrun.run.json").exists());
+    assert!(g.run_dir().join("x.liverun.run.json").exists());
+    bystander.kill().expect("kill");
+    bystander.wait().expect("wait");
+}
+
+fn worker_pids_of(host: u32) -> Vec<u32> {
+    // host -> shepherds -> workers
+    let children = |p: u32| -> Vec<u32> {
+        std::fs::read_dir(format!("/proc/{p}/task"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                    .flat_map(|s| s.split_whitespace().filter_map(|x| x.parse().ok()).collect::<Vec<u32>>())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    children(host).into_iter().flat_map(children).collect()
+}
+
+fn start_serve(
+    g: &Guard,
+    size: &str,
+) -> (std::process::Child, std::process::ChildStdin, BufReader<std::process::ChildStdout>) {
+    let mut c = g
+        .snakepit()
+        .args(["serve", "--module", "snakepit_bridge.showcase", "--size", size, "--instance", "twin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = c.stdin.take().expect("stdin");
+    let mut out = BufReader::new(c.stdout.take().expect("stdout"));
+    // One round trip: the pool is up.
+    writeln!(stdin, r#"{{"id":0,"command":"ping"}}"#).expect("write");
+    let mut line = String::new();
+    out.read_line(&mut line).expect("reply");
+    assert!(line.contains("pong"), "{line}");
+    (c, stdin, out)
+}
+
+#[test]
+fn two_hosts_side_by_side_restarting_one_kills_none_of_the_others_workers() {
+    let g = Guard::new();
+    let (mut a, a_in, _a_out) = start_serve(&g, "2");
+    let (mut b, mut b_in, mut b_out) = start_serve(&g, "2");
+    let b_workers = worker_pids_of(b.id());
+    assert_eq!(b_workers.len(), 2, "{b_workers:?}");
+    let b_starts: Vec<_> = b_workers.iter().map(|p| stat_fields(*p).expect("alive").0).collect();
+    a.kill().expect("SIGKILL host a");
+    a.wait().expect("reap a");
+    drop(a_in);
+    // Restart host a: it reaps its own dead run, and must not touch b's workers.
+    let (mut a2, a2_in, _a2_out) = start_serve(&g, "2");
+    for (pid, start) in b_workers.iter().zip(&b_starts) {
+        assert_eq!(stat_fields(*pid).map(|s| s.0), Some(*start), "b's worker {pid} was killed");
+    }
+    writeln!(b_in, r#"{{"id":1,"command":"add","args":{{"a":2,"b":3}}}}"#).expect("write");
+    let mut line = String::new();
+    b_out.read_line(&mut line).expect("reply");
+    assert_eq!(serde_json::from_str::<Value>(&line).expect("json")["ok"], 5);
+    drop(a2_in);
+    drop(b_in);
+    assert!(a2.wait().expect("wait").success());
+    assert!(b.wait().expect("wait").success());
 }
