@@ -200,6 +200,15 @@ pub enum Error {
     /// The pool has no live worker to run the call (all slots are down or restarting).
     #[error("no worker is available: {0}")]
     Unavailable(String),
+    /// This exact request (command and arguments, or the caller's key) has already crashed
+    /// `crashes` workers; it is refused instead of killing more.
+    #[error("`{command}` is quarantined: this request crashed {crashes} workers already")]
+    Quarantined {
+        /// The command.
+        command: String,
+        /// How many workers it crashed.
+        crashes: u32,
+    },
 }
 
 fn on_worker(w: &Option<WorkerId>) -> String {
@@ -240,6 +249,7 @@ impl Error {
             Error::ShuttingDown => "shutting_down",
             Error::Codec(_) => "codec",
             Error::Unavailable(_) => "unavailable",
+            Error::Quarantined { .. } => "quarantined",
         }
     }
 

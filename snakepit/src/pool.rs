@@ -24,17 +24,19 @@ pub struct CallOptions {
     pub timeout: Option<Duration>,
     /// An absolute deadline (the earlier of this and `timeout` wins).
     pub deadline: Option<Instant>,
+    /// The request's identity for quarantine (default: a hash of command and arguments).
+    pub key: Option<u64>,
 }
 
 impl CallOptions {
     /// Options with a timeout.
     pub fn timeout(t: Duration) -> Self {
-        CallOptions { timeout: Some(t), deadline: None }
+        CallOptions { timeout: Some(t), deadline: None, key: None }
     }
 
     /// Options with an absolute deadline.
     pub fn deadline(d: Instant) -> Self {
-        CallOptions { timeout: None, deadline: Some(d) }
+        CallOptions { timeout: None, deadline: Some(d), key: None }
     }
 
     /// Sets or clears the timeout.
@@ -46,6 +48,12 @@ impl CallOptions {
     /// Sets or clears the deadline.
     pub fn with_deadline(mut self, d: Option<Instant>) -> Self {
         self.deadline = d;
+        self
+    }
+
+    /// Sets the request's quarantine key (requests with equal keys count as the same request).
+    pub fn with_key(mut self, key: u64) -> Self {
+        self.key = Some(key);
         self
     }
 }
@@ -106,6 +114,7 @@ pub(crate) struct Config {
     instance: Option<String>,
     run_dir: Option<std::path::PathBuf>,
     registry: bool,
+    quarantine: Option<u32>,
 }
 
 /// What happens to a running call whose caller drops its future.
@@ -182,6 +191,7 @@ impl Default for PoolBuilder {
                 instance: None,
                 run_dir: None,
                 registry: true,
+                quarantine: None,
             },
         }
     }
@@ -329,6 +339,14 @@ impl PoolBuilder {
         self
     }
 
+    /// Poison-request quarantine (off by default): a request (same command and arguments, or
+    /// same [`CallOptions::key`]) that has crashed `crashes` workers is refused with
+    /// `Quarantined` instead of killing more.
+    pub fn quarantine(mut self, crashes: u32) -> Self {
+        self.cfg.quarantine = Some(crashes.max(1));
+        self
+    }
+
     /// Sets an environment variable for every worker, on top of the adapter's.
     pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Self {
         self.cfg.env.push((k.into(), v.into()));
@@ -386,6 +404,7 @@ impl PoolBuilder {
             calls_failed: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
             run_file,
+            poison: Mutex::new(std::collections::HashMap::new()),
             all_idle: tokio::sync::Notify::new(),
             changes: watch::channel(0).0,
         });
@@ -413,6 +432,15 @@ fn default_transport() -> Result<Arc<dyn Transport>, Error> {
 #[cfg(not(feature = "stdio"))]
 fn default_transport() -> Result<Arc<dyn Transport>, Error> {
     Err(Error::BadRequest("no transport set and the `stdio` feature is off".into()))
+}
+
+/// The default quarantine key: a hash of the command and the encoded arguments.
+fn request_key(command: &str, args: &Payload) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    command.hash(&mut h);
+    args.bytes().hash(&mut h);
+    h.finish()
 }
 
 fn new_run_id() -> String {
@@ -468,6 +496,8 @@ pub(crate) struct Inner {
     calls_failed: AtomicU64,
     busy: AtomicUsize,
     pub(crate) run_file: Option<registry::RunFile>,
+    /// Crash counts per request key (only with quarantine on).
+    poison: Mutex<std::collections::HashMap<u64, u32>>,
     all_idle: tokio::sync::Notify,
     /// Bumped on every change observers may wait for (see [`Pool::wait_stats`]).
     changes: watch::Sender<u64>,
@@ -841,6 +871,31 @@ impl Pool {
         let inner = &self.inner;
         inner.known_tool(command)?;
         inner.adapter.validate(command, &args)?;
+        let poison_key = inner.cfg.quarantine.map(|limit| {
+            let key = opts.key.unwrap_or_else(|| request_key(command, &args));
+            (key, limit)
+        });
+        if let Some((key, limit)) = poison_key {
+            let crashes =
+                inner.poison.lock().unwrap_or_else(|p| p.into_inner()).get(&key).copied().unwrap_or(0);
+            if crashes >= limit {
+                return Err(Error::Quarantined { command: command.into(), crashes });
+            }
+        }
+        let r = self.run_checked(command, args, opts).await;
+        if let (Some((key, _)), Err(Error::WorkerCrashed { .. } | Error::Protocol { .. })) = (poison_key, &r)
+        {
+            let mut poison = inner.poison.lock().unwrap_or_else(|p| p.into_inner());
+            if poison.len() >= 10_000 {
+                poison.clear(); // bounded memory; a real poison request is caught again quickly
+            }
+            *poison.entry(key).or_default() += 1;
+        }
+        r
+    }
+
+    async fn run_checked(&self, command: &str, args: Payload, opts: CallOptions) -> Result<Payload, Error> {
+        let inner = &self.inner;
         let now = Instant::now();
         let timeout =
             opts.timeout.or_else(|| inner.adapter.timeout_for(command)).or(inner.cfg.default_timeout);

@@ -298,3 +298,43 @@ async fn a_dead_worker_takes_its_grandchildren_with_it_even_setsid_ones() {
     drop(pool);
     r.assert_none_left(Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn a_poison_request_is_quarantined_after_crashing_n_workers() {
+    let r = Reaper::new();
+    let pool = r.builder().adapter(Python::showcase()).size(1).quarantine(2).build().await.expect("pool");
+    for _ in 0..2 {
+        pool.wait_stats(|s| s.ready == 1, Duration::from_secs(10)).await.expect("ready");
+        let res = pool.execute("crash", json!({"code": 9})).await;
+        assert!(matches!(res, Err(Error::WorkerCrashed { .. })), "{res:?}");
+    }
+    match pool.execute("crash", json!({"code": 9})).await {
+        Err(Error::Quarantined { command, crashes }) => assert_eq!((command.as_str(), crashes), ("crash", 2)),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Other requests, even to the same command with other arguments, still run.
+    pool.wait_stats(|s| s.ready == 1, Duration::from_secs(10)).await.expect("ready");
+    assert_eq!(pool.execute("add", json!({"a": 1, "b": 2})).await.expect("add"), json!(3));
+    assert_eq!(pool.stats().restarts, 2);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn killing_the_shepherd_takes_the_worker_down_via_pdeathsig() {
+    let r = Reaper::new();
+    let pool = r.builder().adapter(Python::showcase()).size(1).build().await.expect("pool");
+    let pid = pool.execute("pid", json!(null)).await.expect("pid").as_i64().expect("int") as i32;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let ppid: i32 =
+        stat.rsplit_once(')').expect("stat").1.split_whitespace().nth(1).expect("ppid").parse().expect("int");
+    assert_ne!(ppid as u32, std::process::id(), "the worker's parent is its shepherd, not the host");
+    kill(Pid::from_raw(ppid), Signal::SIGKILL).expect("kill the shepherd");
+    assert!(
+        snakepit_tests::procs::wait_exit(pid, Instant::now() + Duration::from_secs(5)),
+        "PDEATHSIG did not fire"
+    );
+    // The pool notices and serves again.
+    pool.wait_stats(|s| s.restarts == 1 && s.ready == 1, Duration::from_secs(10)).await.expect("restarted");
+    assert_ne!(pool.execute("pid", json!(null)).await.expect("pid"), json!(pid));
+    pool.shutdown().await;
+}

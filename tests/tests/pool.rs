@@ -382,7 +382,8 @@ async fn a_worker_that_answers_within_the_cancel_grace_is_kept_and_its_late_repl
         .expect("pool");
     let pid = pool.execute("pid", json!(null)).await.expect("pid");
     let t = Instant::now();
-    let r1 = pool.execute_timeout("sleep", json!({"ms": 400}), Duration::from_millis(100)).await;
+    // A tool that ignores the cancel: its late *result* arrives within the grace.
+    let r1 = pool.execute_timeout("stubborn_sleep", json!({"ms": 400}), Duration::from_millis(100)).await;
     assert!(matches!(r1, Err(Error::Timeout { .. })), "{r1:?}");
     assert!(t.elapsed() < Duration::from_millis(350), "the caller must get Timeout at once");
     // The same worker serves the next call once it has answered the abandoned one; the late
