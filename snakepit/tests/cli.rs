@@ -227,7 +227,9 @@ fn reap_kills_only_what_dead_hosts_left_behind() {
     let write = |name: &str, v: Value| std::fs::write(g.run_dir().join(name), v.to_string()).expect("write");
     write(
         "x.deadrun.run.json",
-        json!({"instance":"x","run_id":"deadrun","host_pid":dead_pid,"host_start":1,"workers":[]}),
+        // PID reuse: the dead run "recorded" the bystander's pid with another start time.
+        json!({"instance":"x","run_id":"deadrun","host_pid":dead_pid,"host_start":1,
+               "workers":[[bystander.id(), 1]]}),
     );
     write(
         "x.liverun.run.json",
