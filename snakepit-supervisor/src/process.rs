@@ -34,12 +34,20 @@ pub struct StartOptions {
     pub env: Vec<(OsString, OsString)>,
     /// Largest frame body (sent in `hello`).
     pub max_frame: usize,
+    /// Fault injection: wait this long before the handshake (inside the handshake timeout).
+    pub handshake_delay: Option<Duration>,
 }
 
 impl StartOptions {
     /// Options for `worker` in run `run_id`.
     pub fn new(worker: WorkerId, run_id: impl Into<String>, max_frame: usize) -> Self {
-        StartOptions { worker, run_id: run_id.into(), env: Vec::new(), max_frame }
+        StartOptions { worker, run_id: run_id.into(), env: Vec::new(), max_frame, handshake_delay: None }
+    }
+
+    /// Fault injection: delays the handshake by `d` (it still counts against the timeout).
+    pub fn with_handshake_delay(mut self, d: Option<Duration>) -> Self {
+        self.handshake_delay = d;
+        self
     }
 
     /// Adds environment variables.
@@ -412,8 +420,15 @@ pub async fn start_worker(
     let io = WorkerIo { worker, input: Box::new(stdin), output: Box::new(stdout) };
     let hello = Hello::new(worker, opts.max_frame, adapter.worker_config());
     let timeout = adapter.handshake_timeout();
+    let delay = opts.handshake_delay;
+    let connect = async move {
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        transport.connect(io, hello).await
+    };
     let outcome = tokio::select! {
-        r = tokio::time::timeout(timeout, transport.connect(io, hello)) => match r {
+        r = tokio::time::timeout(timeout, connect) => match r {
             Ok(r) => Handshake::Done(r),
             Err(_) => Handshake::TimedOut,
         },

@@ -191,7 +191,18 @@ async fn serve(
                 if missed == 0 && inner.take_idle(member.id()).is_none() {
                     continue;
                 }
-                match tokio::time::timeout(hb.timeout, member.connection().ping()).await {
+                #[cfg(feature = "chaos")]
+                let dropped = inner.cfg.chaos.as_ref().is_some_and(|c| c.take_heartbeat_drop());
+                #[cfg(not(feature = "chaos"))]
+                let dropped = false;
+                let pong = async {
+                    if dropped {
+                        Err(snakepit_core::Error::Unavailable("heartbeat dropped by chaos".into()))
+                    } else {
+                        member.connection().ping().await
+                    }
+                };
+                match tokio::time::timeout(hb.timeout, pong).await {
                     Ok(Ok(_)) => {
                         missed = 0;
                         inner.checkin(member.clone());

@@ -115,6 +115,8 @@ pub(crate) struct Config {
     run_dir: Option<std::path::PathBuf>,
     registry: bool,
     quarantine: Option<u32>,
+    #[cfg(feature = "chaos")]
+    pub(crate) chaos: Option<crate::chaos::Chaos>,
 }
 
 /// What happens to a running call whose caller drops its future.
@@ -192,6 +194,8 @@ impl Default for PoolBuilder {
                 run_dir: None,
                 registry: true,
                 quarantine: None,
+                #[cfg(feature = "chaos")]
+                chaos: None,
             },
         }
     }
@@ -344,6 +348,13 @@ impl PoolBuilder {
     /// `Quarantined` instead of killing more.
     pub fn quarantine(mut self, crashes: u32) -> Self {
         self.cfg.quarantine = Some(crashes.max(1));
+        self
+    }
+
+    /// Injects faults (feature `chaos`; for tests).
+    #[cfg(feature = "chaos")]
+    pub fn chaos(mut self, chaos: crate::chaos::Chaos) -> Self {
+        self.cfg.chaos = Some(chaos);
         self
     }
 
@@ -513,7 +524,11 @@ impl Inner {
     }
 
     pub(crate) fn start_options(&self, worker: WorkerId) -> StartOptions {
-        StartOptions::new(worker, self.run_id.clone(), self.cfg.max_frame).with_env(self.cfg.env.clone())
+        let opts =
+            StartOptions::new(worker, self.run_id.clone(), self.cfg.max_frame).with_env(self.cfg.env.clone());
+        #[cfg(feature = "chaos")]
+        let opts = opts.with_handshake_delay(self.cfg.chaos.as_ref().and_then(|c| c.handshake_delay()));
+        opts
     }
 
     async fn start_raw(&self, worker: WorkerId) -> Result<Worker, Error> {
@@ -914,6 +929,19 @@ impl Pool {
         let id = worker.connection().new_request_id();
         lease.request = Some((id, deadline));
         let req = Request::new(command, args).with_deadline(deadline).with_id(id);
+        #[cfg(feature = "chaos")]
+        let chaos_n = match &inner.cfg.chaos {
+            Some(c) => {
+                let (n, kill) = c.before_call();
+                if kill {
+                    worker.kill();
+                    // Let the kill land before the call is sent.
+                    let _ = worker.connection().closed().await;
+                }
+                Some(n)
+            }
+            None => None,
+        };
         let call = worker.connection().call(req);
         let result = match deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), call).await {
@@ -932,6 +960,12 @@ impl Pool {
             },
             None => call.await,
         };
+        #[cfg(feature = "chaos")]
+        if let (Some(c), Some(n), Ok(_)) = (&inner.cfg.chaos, chaos_n, &result) {
+            if c.after_reply(n) {
+                worker.kill();
+            }
+        }
         match result {
             Ok(p) => {
                 lease.completed(inner);

@@ -126,3 +126,68 @@ async fn cancel_at_every_await() {
     assert_eq!(pool.execute("add", json!({"a": 2, "b": 2})).await.expect("add"), json!(4));
     pool.shutdown().await;
 }
+
+mod chaos_module {
+    use super::*;
+    use snakepit::chaos::Chaos;
+    use snakepit::Heartbeat;
+
+    #[tokio::test]
+    async fn kill_before_and_after_chosen_calls() {
+        let r = Reaper::new();
+        let chaos = Chaos::new().kill_before_call(3).kill_after_reply(5);
+        let pool = r.builder().adapter(Python::showcase()).size(1).chaos(chaos).build().await.expect("pool");
+        let mut outcomes = Vec::new();
+        for i in 1..=7 {
+            pool.wait_stats(|s| s.ready == 1, Duration::from_secs(10)).await.expect("ready");
+            let r = pool.execute("add", json!({"a": i, "b": 0})).await;
+            outcomes.push(match r {
+                Ok(v) => {
+                    assert_eq!(v, json!(i));
+                    "ok"
+                }
+                Err(e) => e.kind(),
+            });
+            if i == 5 {
+                // The worker that answered call 5 dies right after: wait for its replacement.
+                pool.wait_stats(|s| s.restarts == 2 && s.ready == 1, Duration::from_secs(10)).await.expect("replaced");
+            }
+        }
+        assert_eq!(outcomes, ["ok", "ok", "worker_crashed", "ok", "ok", "ok", "ok"]);
+        assert_eq!(pool.stats().restarts, 2);
+        pool.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn delayed_handshake_times_out() {
+        let r = Reaper::new();
+        let err = r
+            .builder()
+            .adapter(Python::showcase().handshake_timeout(Duration::from_millis(300)))
+            .chaos(Chaos::new().delay_handshake(Duration::from_secs(30)))
+            .size(1)
+            .build()
+            .await
+            .expect_err("must time out");
+        assert!(matches!(err, Error::HandshakeTimeout { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn dropped_heartbeats_replace_a_healthy_worker() {
+        let r = Reaper::new();
+        let hb = Heartbeat { interval: Duration::from_millis(50), timeout: Duration::from_secs(1), max_missed: 2 };
+        let pool = r
+            .builder()
+            .adapter(Python::showcase())
+            .size(1)
+            .heartbeat(Some(hb))
+            .chaos(Chaos::new().drop_heartbeats(2))
+            .build()
+            .await
+            .expect("pool");
+        pool.wait_stats(|s| s.unresponsive == 1 && s.restarts == 1 && s.ready == 1, Duration::from_secs(10))
+            .await
+            .expect("replaced after two dropped heartbeats");
+        pool.shutdown().await;
+    }
+}
