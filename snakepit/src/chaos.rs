@@ -78,6 +78,9 @@ impl Chaos {
     }
 
     pub(crate) fn take_heartbeat_drop(&self) -> bool {
-        self.state.drop_heartbeats.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
+        self.state
+            .drop_heartbeats
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
     }
 }

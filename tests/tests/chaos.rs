@@ -43,10 +43,13 @@ async fn crash_storm() {
                 }
                 let payload = json!({"i": i, "tag": format!("call-{i}")});
                 let fut = pool.execute_timeout("echo", payload.clone(), Duration::from_secs(5));
-                let r = tokio::time::timeout(Duration::from_secs(15), fut).await.expect("a call hung past its timeout");
+                let r = tokio::time::timeout(Duration::from_secs(15), fut)
+                    .await
+                    .expect("a call hung past its timeout");
                 match &r {
                     Ok(v) => assert_eq!(v, &payload, "a reply went to the wrong caller"),
-                    Err(Error::WorkerCrashed { .. } | Error::Timeout { .. } | Error::QueueTimeout { .. }) => {}
+                    Err(Error::WorkerCrashed { .. } | Error::Timeout { .. } | Error::QueueTimeout { .. }) => {
+                    }
                     Err(e) => panic!("untyped or unexpected error: {e:?}"),
                 }
                 let kind = match r {
@@ -119,7 +122,8 @@ async fn cancel_at_every_await() {
         }
         drop(fut);
         // Whatever was interrupted settles: both workers idle again, nothing queued or busy.
-        let settled = pool.wait_stats(|s| s.idle == 2 && s.busy == 0 && s.queued == 0, Duration::from_secs(10)).await;
+        let settled =
+            pool.wait_stats(|s| s.idle == 2 && s.busy == 0 && s.queued == 0, Duration::from_secs(10)).await;
         assert!(settled.is_ok(), "after {polls} polls: {settled:?}");
     }
     // And the pool still serves.
@@ -150,7 +154,9 @@ mod chaos_module {
             });
             if i == 5 {
                 // The worker that answered call 5 dies right after: wait for its replacement.
-                pool.wait_stats(|s| s.restarts == 2 && s.ready == 1, Duration::from_secs(10)).await.expect("replaced");
+                pool.wait_stats(|s| s.restarts == 2 && s.ready == 1, Duration::from_secs(10))
+                    .await
+                    .expect("replaced");
             }
         }
         assert_eq!(outcomes, ["ok", "ok", "worker_crashed", "ok", "ok", "ok", "ok"]);
@@ -175,7 +181,8 @@ mod chaos_module {
     #[tokio::test]
     async fn dropped_heartbeats_replace_a_healthy_worker() {
         let r = Reaper::new();
-        let hb = Heartbeat { interval: Duration::from_millis(50), timeout: Duration::from_secs(1), max_missed: 2 };
+        let hb =
+            Heartbeat { interval: Duration::from_millis(50), timeout: Duration::from_secs(1), max_missed: 2 };
         let pool = r
             .builder()
             .adapter(Python::showcase())
