@@ -200,6 +200,43 @@ pub enum Error {
     /// The pool has no live worker to run the call (all slots are down or restarting).
     #[error("no worker is available: {0}")]
     Unavailable(String),
+    /// No session with that id exists (or it expired).
+    #[error("session `{id}` does not exist (or it expired)")]
+    SessionNotFound {
+        /// The session id.
+        id: String,
+    },
+    /// The session store is full.
+    #[error("session quota exceeded: {max} sessions exist; close some or raise max_sessions")]
+    SessionQuotaExceeded {
+        /// The quota.
+        max: usize,
+    },
+    /// The worker a strict session call was pinned to is gone (crashed or recycled) and no
+    /// rehydrate hook is set; its per-session state is lost.
+    #[error("session `{session}` lost its worker {worker}; its worker-side state is gone")]
+    SessionLost {
+        /// The session id.
+        session: String,
+        /// The worker it was pinned to.
+        worker: WorkerId,
+    },
+    /// The session's worker is busy and the call asked not to wait (`StrictFailFast`).
+    #[error("{worker}, pinned by session `{session}`, is busy")]
+    WorkerBusy {
+        /// The session id.
+        session: String,
+        /// The busy worker.
+        worker: WorkerId,
+    },
+    /// A session variable write does not fit the variable's declared type.
+    #[error("session variable `{name}`: {reason}")]
+    InvalidVariable {
+        /// The variable.
+        name: String,
+        /// Why the value does not fit.
+        reason: String,
+    },
     /// This exact request (command and arguments, or the caller's key) has already crashed
     /// `crashes` workers; it is refused instead of killing more.
     #[error("`{command}` is quarantined: this request crashed {crashes} workers already")]
@@ -250,6 +287,11 @@ impl Error {
             Error::Codec(_) => "codec",
             Error::Unavailable(_) => "unavailable",
             Error::Quarantined { .. } => "quarantined",
+            Error::SessionNotFound { .. } => "session_not_found",
+            Error::SessionQuotaExceeded { .. } => "session_quota_exceeded",
+            Error::SessionLost { .. } => "session_lost",
+            Error::WorkerBusy { .. } => "worker_busy",
+            Error::InvalidVariable { .. } => "invalid_variable",
         }
     }
 
@@ -264,7 +306,9 @@ impl Error {
             | Error::Spawn { worker, .. }
             | Error::StartupFailed { worker, .. }
             | Error::HandshakeTimeout { worker, .. }
-            | Error::VersionMismatch { worker, .. } => Some(*worker),
+            | Error::VersionMismatch { worker, .. }
+            | Error::SessionLost { worker, .. }
+            | Error::WorkerBusy { worker, .. } => Some(*worker),
             _ => None,
         }
     }

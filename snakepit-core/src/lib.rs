@@ -15,6 +15,7 @@ mod adapter;
 mod error;
 mod payload;
 mod profile;
+mod session;
 mod transport;
 pub mod wire;
 
@@ -22,6 +23,7 @@ pub use adapter::{Adapter, SpawnContext, SpawnSpec};
 pub use error::{Error, ExitInfo, Result, WorkerError};
 pub use payload::{Codec, Payload};
 pub use profile::{ProcessProfile, StartMode, WorkerProfile};
+pub use session::{SessionRecord, SessionStore, VarType, Variable};
 pub use transport::{
     CloseReason, Connection, Hello, Ready, Request, RequestId, ToolInfo, Transport, WorkerId, WorkerIo,
 };
