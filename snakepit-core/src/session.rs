@@ -136,7 +136,13 @@ pub trait SessionStore: Send + Sync + 'static {
     /// The session, if it exists and has not expired.
     async fn get(&self, id: &str) -> Result<Option<SessionRecord>, Error>;
     /// Sets a variable (declaring its type on first write unless `ty` is given).
-    async fn set_var(&self, id: &str, name: &str, value: serde_json::Value, ty: Option<VarType>) -> Result<(), Error>;
+    async fn set_var(
+        &self,
+        id: &str,
+        name: &str,
+        value: serde_json::Value,
+        ty: Option<VarType>,
+    ) -> Result<(), Error>;
     /// A variable's value.
     async fn get_var(&self, id: &str, name: &str) -> Result<Option<serde_json::Value>, Error>;
     /// Deletes a variable; returns whether it existed.

@@ -47,7 +47,12 @@ impl MemoryStore {
     /// A store whose sessions expire `ttl` after their last use, holding at most `max_sessions`.
     pub fn new(ttl: Duration, max_sessions: usize) -> Self {
         MemoryStore {
-            shared: Arc::new(Shared { map: DashMap::new(), ttl, max: max_sessions, count: AtomicUsize::new(0) }),
+            shared: Arc::new(Shared {
+                map: DashMap::new(),
+                ttl,
+                max: max_sessions,
+                count: AtomicUsize::new(0),
+            }),
         }
     }
 
@@ -162,7 +167,13 @@ impl SessionStore for MemoryStore {
         Ok(self.with_live(id, |r| r.clone()))
     }
 
-    async fn set_var(&self, id: &str, name: &str, value: serde_json::Value, ty: Option<VarType>) -> Result<(), Error> {
+    async fn set_var(
+        &self,
+        id: &str,
+        name: &str,
+        value: serde_json::Value,
+        ty: Option<VarType>,
+    ) -> Result<(), Error> {
         self.with_live(id, |r| {
             let ty = match (ty, r.variables.get(name)) {
                 (Some(t), _) => t,

@@ -46,7 +46,9 @@ async fn quota_and_types() {
     assert!(matches!(s.create("c", json!(null)).await, Err(Error::SessionQuotaExceeded { max: 2 })));
     assert!(s.close("a").await.expect("close"));
     s.create("c", json!(null)).await.expect("room again");
-    s.set_var("c", "temp", json!(0.5), Some(VarType::Float { min: Some(0.0), max: Some(1.0) })).await.expect("set");
+    s.set_var("c", "temp", json!(0.5), Some(VarType::Float { min: Some(0.0), max: Some(1.0) }))
+        .await
+        .expect("set");
     let e = s.set_var("c", "temp", json!(3.0), None).await;
     assert!(matches!(e, Err(Error::InvalidVariable { .. })), "{e:?}");
     let e = s.set_var("c", "temp", json!("hot"), None).await;

@@ -28,9 +28,13 @@
 pub mod chaos;
 mod lifecycle;
 mod pool;
+mod session;
 
 pub use lifecycle::SlotState;
-pub use pool::{CallOptions, DropPolicy, Heartbeat, Pool, PoolBuilder, PoolStats};
+pub use pool::{Affinity, CallOptions, DropPolicy, Heartbeat, Pool, PoolBuilder, PoolStats, RehydrateHook};
+pub use session::Session;
+pub use snakepit_core::{SessionRecord, SessionStore, VarType};
+pub use snakepit_session::MemoryStore;
 
 pub use snakepit_adapters as adapters;
 pub use snakepit_adapters::Generic;

@@ -54,6 +54,18 @@ pub(crate) struct Member {
     retiring: AtomicBool,
     leased: AtomicBool,
     released: Notify,
+    session_calls: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a session call in flight on a member (for deferred recycling).
+pub(crate) struct SessionCall<'a>(&'a Member);
+
+impl Drop for SessionCall<'_> {
+    fn drop(&mut self) {
+        if self.0.session_calls.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.released.notify_waiters();
+        }
+    }
 }
 
 impl Deref for Member {
@@ -80,6 +92,27 @@ impl Member {
             retiring: AtomicBool::new(false),
             leased: AtomicBool::new(false),
             released: Notify::new(),
+            session_calls: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Marks a session call in flight until the guard drops.
+    pub(crate) fn session_call(&self) -> SessionCall<'_> {
+        self.session_calls.fetch_add(1, Ordering::AcqRel);
+        SessionCall(self)
+    }
+
+    /// Waits (at most `limit`) until no session call is in flight on the worker.
+    async fn sessions_quiet(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let released = self.released.notified();
+            if self.session_calls.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -283,6 +316,9 @@ pub(crate) async fn run_slot(inner: Arc<Inner>, slot: usize, first: Arc<Member>)
                 return;
             }
             Event::Recycle(why) => {
+                // A worker serving a session call keeps it to the end before it is recycled
+                // (bounded by the drain timeout): its pinned sessions lose it only afterwards.
+                member.sessions_quiet(inner.cfg.drain_timeout).await;
                 tracing::info!(worker = %member.id(), "recycling ({why}); starting its replacement first");
                 let Some(next) =
                     start_with_retry(&inner, slot, &mut generation, &mut backoff, None, &mut shutdown, false)
@@ -293,6 +329,7 @@ pub(crate) async fn run_slot(inner: Arc<Inner>, slot: usize, first: Arc<Member>)
                 // The replacement is ready: only now does the old worker leave the pool.
                 member.retiring.store(true, Ordering::Release);
                 inner.remove_idle(member.id());
+                inner.fail_pinned(slot);
                 inner.publish(slot, &next);
                 inner.recycled.fetch_add(1, Ordering::Relaxed);
                 let old = std::mem::replace(&mut member, next);
@@ -300,6 +337,7 @@ pub(crate) async fn run_slot(inner: Arc<Inner>, slot: usize, first: Arc<Member>)
             }
             Event::Exited(exit) => {
                 inner.remove_idle(member.id());
+                inner.fail_pinned(slot);
                 inner.unregister(&member);
                 if *shutdown.borrow() {
                     return;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use snakepit_core::{Adapter, Error, Payload, Request, Transport, WorkerId, DEFAULT_MAX_FRAME};
+use snakepit_core::{Adapter, Error, Payload, Request, SessionStore, Transport, WorkerId, DEFAULT_MAX_FRAME};
 use snakepit_supervisor::{registry, start_worker, StartOptions, Worker};
 
 use crate::lifecycle::{run_slot, Member, SlotState};
@@ -26,17 +26,19 @@ pub struct CallOptions {
     pub deadline: Option<Instant>,
     /// The request's identity for quarantine (default: a hash of command and arguments).
     pub key: Option<u64>,
+    /// Session affinity for this call (default: the pool's).
+    pub affinity: Option<Affinity>,
 }
 
 impl CallOptions {
     /// Options with a timeout.
     pub fn timeout(t: Duration) -> Self {
-        CallOptions { timeout: Some(t), deadline: None, key: None }
+        CallOptions { timeout: Some(t), deadline: None, key: None, affinity: None }
     }
 
     /// Options with an absolute deadline.
     pub fn deadline(d: Instant) -> Self {
-        CallOptions { timeout: None, deadline: Some(d), key: None }
+        CallOptions { timeout: None, deadline: Some(d), key: None, affinity: None }
     }
 
     /// Sets or clears the timeout.
@@ -48,6 +50,12 @@ impl CallOptions {
     /// Sets or clears the deadline.
     pub fn with_deadline(mut self, d: Option<Instant>) -> Self {
         self.deadline = d;
+        self
+    }
+
+    /// Sets the session affinity of this call.
+    pub fn with_affinity(mut self, a: Affinity) -> Self {
+        self.affinity = Some(a);
         self
     }
 
@@ -115,9 +123,31 @@ pub(crate) struct Config {
     run_dir: Option<std::path::PathBuf>,
     registry: bool,
     quarantine: Option<u32>,
+    pub(crate) affinity: Affinity,
+    session_ttl: Duration,
+    max_sessions: usize,
     #[cfg(feature = "chaos")]
     pub(crate) chaos: Option<crate::chaos::Chaos>,
 }
+
+/// How a session's calls are routed to the worker its last call ran on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Affinity {
+    /// Prefer the session's worker; if it is busy or gone, any free worker will do.
+    #[default]
+    Hint,
+    /// Wait for the session's worker (the queue timeout applies); if it is gone, fail with
+    /// `SessionLost` (or rehydrate, when a hook is set).
+    Strict,
+    /// Like `Strict`, but fail at once with `WorkerBusy` instead of waiting.
+    StrictFailFast,
+}
+
+/// Builds the command that restores a session's worker-side state on a new worker, when the
+/// session's pinned worker was lost: `Some((command, args))` is run on the new worker first.
+pub type RehydrateHook =
+    Arc<dyn Fn(&snakepit_core::SessionRecord) -> Option<(String, Payload)> + Send + Sync>;
 
 /// What happens to a running call whose caller drops its future.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -154,6 +184,8 @@ impl Default for Heartbeat {
 pub struct PoolBuilder {
     adapter: Option<Arc<dyn Adapter>>,
     transport: Option<Arc<dyn Transport>>,
+    store: Option<Arc<dyn SessionStore>>,
+    rehydrate: Option<RehydrateHook>,
     cfg: Config,
 }
 
@@ -168,6 +200,8 @@ impl Default for PoolBuilder {
         PoolBuilder {
             adapter: None,
             transport: None,
+            store: None,
+            rehydrate: None,
             cfg: Config {
                 size: std::thread::available_parallelism().map_or(2, |n| n.get()),
                 max_queue: 1000,
@@ -194,6 +228,9 @@ impl Default for PoolBuilder {
                 run_dir: None,
                 registry: true,
                 quarantine: None,
+                affinity: Affinity::Hint,
+                session_ttl: Duration::from_secs(3600),
+                max_sessions: 100_000,
                 #[cfg(feature = "chaos")]
                 chaos: None,
             },
@@ -351,6 +388,41 @@ impl PoolBuilder {
         self
     }
 
+    /// Default session affinity (default [`Affinity::Hint`]).
+    pub fn affinity(mut self, a: Affinity) -> Self {
+        self.cfg.affinity = a;
+        self
+    }
+
+    /// Time-to-live of idle sessions in the default store (default 1 h; refreshed on use).
+    pub fn session_ttl(mut self, ttl: Duration) -> Self {
+        self.cfg.session_ttl = ttl;
+        self
+    }
+
+    /// Most sessions the default store holds (default 100 000; more fail with
+    /// `SessionQuotaExceeded`).
+    pub fn max_sessions(mut self, n: usize) -> Self {
+        self.cfg.max_sessions = n;
+        self
+    }
+
+    /// Uses another session store (e.g. a distributed one) instead of the in-memory default.
+    pub fn session_store(mut self, store: impl SessionStore) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Sets the rehydrate hook: when a strict session call finds its worker gone, the hook's
+    /// command (if any) runs on the new worker first, instead of failing with `SessionLost`.
+    pub fn rehydrate(
+        mut self,
+        hook: impl Fn(&snakepit_core::SessionRecord) -> Option<(String, Payload)> + Send + Sync + 'static,
+    ) -> Self {
+        self.rehydrate = Some(Arc::new(hook));
+        self
+    }
+
     /// Injects faults (feature `chaos`; for tests).
     #[cfg(feature = "chaos")]
     pub fn chaos(mut self, chaos: crate::chaos::Chaos) -> Self {
@@ -398,13 +470,28 @@ impl PoolBuilder {
             None
         };
         let (shutdown, _) = watch::channel(false);
+        let size = cfg.size;
+        let (store, sweeper) = match self.store {
+            Some(s) => (s, None),
+            None => {
+                let m = snakepit_session::MemoryStore::new(cfg.session_ttl, cfg.max_sessions);
+                let every = (cfg.session_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+                let sweeper = m.spawn_sweeper(every);
+                (Arc::new(m) as Arc<dyn SessionStore>, Some(sweeper))
+            }
+        };
         let inner = Arc::new(Inner {
+            store,
+            rehydrate: self.rehydrate,
             slots: (0..cfg.size).map(|_| Slot::default()).collect(),
             cfg,
             adapter,
             transport,
             run_id,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                pinned: (0..size).map(|_| VecDeque::new()).collect(),
+                ..State::default()
+            }),
             tools: RwLock::new(None),
             shutdown,
             restarts: AtomicU64::new(0),
@@ -419,7 +506,15 @@ impl PoolBuilder {
             all_idle: tokio::sync::Notify::new(),
             changes: watch::channel(0).0,
         });
-        let workers = inner.start_all().await?;
+        let workers = match inner.start_all().await {
+            Ok(w) => w,
+            Err(e) => {
+                if let Some(s) = &sweeper {
+                    s.abort();
+                }
+                return Err(e);
+            }
+        };
         let mut tasks = Vec::with_capacity(workers.len());
         for w in workers {
             let slot = w.id().slot;
@@ -431,7 +526,7 @@ impl PoolBuilder {
             tasks.push(tokio::spawn(run_slot(inner.clone(), slot, w)));
         }
         tracing::info!(size = inner.cfg.size, adapter = %inner.adapter.name(), run_id = %inner.run_id, "pool ready");
-        Ok(Pool { inner, tasks: Mutex::new(tasks) })
+        Ok(Pool { inner, tasks: Mutex::new(tasks), sweeper })
     }
 }
 
@@ -482,6 +577,8 @@ impl Slot {
 struct State {
     idle: Vec<Arc<Member>>,
     waiters: VecDeque<oneshot::Sender<Lease>>,
+    /// Per slot: strict session calls waiting for that slot's worker (the one named).
+    pinned: Vec<VecDeque<(WorkerId, oneshot::Sender<Lease>)>>,
     closed: bool,
 }
 
@@ -491,6 +588,8 @@ struct ToolSet {
 }
 
 pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn SessionStore>,
+    rehydrate: Option<RehydrateHook>,
     pub(crate) cfg: Config,
     adapter: Arc<dyn Adapter>,
     transport: Arc<dyn Transport>,
@@ -616,6 +715,24 @@ impl Inner {
             return;
         }
         let mut worker = Some(worker);
+        let slot = worker.as_ref().map_or(0, |w| w.id().slot);
+        while let Some((want, tx)) = st.pinned.get_mut(slot).and_then(|q| q.pop_front()) {
+            let Some(w) = worker.take() else { return };
+            if want != w.id() {
+                // Waiting for an earlier worker of this slot: it is gone (dropping `tx`
+                // tells the caller its session lost its worker).
+                worker = Some(w);
+                continue;
+            }
+            match tx.send(Lease::new(w, self)) {
+                Ok(()) => {
+                    drop(st);
+                    self.bump();
+                    return;
+                }
+                Err(mut lease) => worker = lease.worker.take(),
+            }
+        }
         while let Some(tx) = st.waiters.pop_front() {
             let Some(w) = worker.take() else { return };
             match tx.send(Lease::new(w, self)) {
@@ -629,6 +746,23 @@ impl Inner {
         }
         drop(st);
         self.bump();
+    }
+
+    /// Fails the strict session calls waiting for `slot`'s worker (it is gone).
+    pub(crate) fn fail_pinned(&self, slot: usize) {
+        let waiters = self.state().pinned.get_mut(slot).map(std::mem::take);
+        drop(waiters);
+    }
+
+    /// Whether `id` is the live current worker of its slot.
+    fn is_current(&self, id: WorkerId) -> bool {
+        self.slots.get(id.slot).is_some_and(|s| {
+            s.current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|m| m.id() == id && alive(m))
+        })
     }
 
     /// Records a started worker in the run registry.
@@ -695,29 +829,66 @@ impl Inner {
         }
     }
 
-    async fn checkout(self: &Arc<Self>, command: &str, deadline: Option<Instant>) -> Result<Lease, Error> {
+    async fn checkout(
+        self: &Arc<Self>,
+        command: &str,
+        deadline: Option<Instant>,
+        pin: Option<Pin<'_>>,
+    ) -> Result<Lease, Error> {
+        let strict = pin.as_ref().is_some_and(|p| p.mode != Affinity::Hint);
         let rx = {
             let mut st = self.state();
             if st.closed {
                 return Err(Error::ShuttingDown);
             }
-            while let Some(w) = st.idle.pop() {
-                if alive(&w) {
+            if let Some(p) = &pin {
+                if let Some(i) = st.idle.iter().position(|w| w.id() == p.worker && alive(w)) {
+                    let w = st.idle.remove(i);
                     return Ok(Lease::new(w, self));
+                }
+                if strict {
+                    drop(st);
+                    if !self.is_current(p.worker) {
+                        return Err(Error::SessionLost { session: p.session.to_owned(), worker: p.worker });
+                    }
+                    if p.mode == Affinity::StrictFailFast {
+                        return Err(Error::WorkerBusy { session: p.session.to_owned(), worker: p.worker });
+                    }
+                    st = self.state();
+                }
+            }
+            if !strict {
+                while let Some(w) = st.idle.pop() {
+                    if alive(&w) {
+                        return Ok(Lease::new(w, self));
+                    }
                 }
             }
             if self.circuit_open() {
                 drop(st);
                 return Err(self.unavailable());
             }
-            if st.waiters.len() >= self.cfg.max_queue {
+            let queued = st.waiters.len() + st.pinned.iter().map(VecDeque::len).sum::<usize>();
+            if queued >= self.cfg.max_queue {
                 st.waiters.retain(|tx| !tx.is_closed());
-                if st.waiters.len() >= self.cfg.max_queue {
+                for q in st.pinned.iter_mut() {
+                    q.retain(|(_, tx)| !tx.is_closed());
+                }
+                let queued = st.waiters.len() + st.pinned.iter().map(VecDeque::len).sum::<usize>();
+                if queued >= self.cfg.max_queue {
                     return Err(Error::PoolSaturated { max_queue: self.cfg.max_queue });
                 }
             }
             let (tx, rx) = oneshot::channel();
-            st.waiters.push_back(tx);
+            match &pin {
+                Some(p) if strict => match st.pinned.get_mut(p.worker.slot) {
+                    Some(q) => q.push_back((p.worker, tx)),
+                    None => {
+                        return Err(Error::SessionLost { session: p.session.to_owned(), worker: p.worker })
+                    }
+                },
+                _ => st.waiters.push_back(tx),
+            }
             rx
         };
         self.bump();
@@ -730,7 +901,12 @@ impl Inner {
         match tokio::time::timeout_at(limit.into(), rx).await {
             Ok(Ok(lease)) => Ok(lease),
             Ok(Err(_)) if self.state().closed => Err(Error::ShuttingDown),
-            Ok(Err(_)) => Err(self.unavailable()),
+            Ok(Err(_)) => match pin {
+                Some(p) if strict => {
+                    Err(Error::SessionLost { session: p.session.to_owned(), worker: p.worker })
+                }
+                _ => Err(self.unavailable()),
+            },
             // Dropping `rx` withdraws the call: a worker sent meanwhile comes back via the
             // lease's drop, and the call is never run.
             Err(_) if is_call_deadline => {
@@ -739,6 +915,14 @@ impl Inner {
             Err(_) => Err(Error::QueueTimeout { command: command.into(), waited: start.elapsed() }),
         }
     }
+}
+
+/// A session call's wish to run on a given worker.
+#[derive(Clone, Copy)]
+struct Pin<'a> {
+    session: &'a str,
+    worker: WorkerId,
+    mode: Affinity,
 }
 
 /// A worker checked out for one call. Dropping it returns the worker to the pool, or kills it
@@ -825,6 +1009,8 @@ impl Drop for Lease {
 pub struct Pool {
     inner: Arc<Inner>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The default session store's sweeper (stopped with the pool).
+    sweeper: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -876,13 +1062,53 @@ impl Pool {
         args: Payload,
         opts: CallOptions,
     ) -> Result<Payload, Error> {
-        let r = self.run(command, args, opts).await;
+        self.call(None, command, args, opts).await
+    }
+
+    /// Runs `command` in `session`: routed to the worker the session's last call ran on,
+    /// according to the pool's [`Affinity`] (see [`Pool::execute_in_session_with`]).
+    pub async fn execute_in_session(
+        &self,
+        session: &str,
+        command: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, Error> {
+        self.call(Some(session), command, Payload::from(args), CallOptions::default()).await?.to_value()
+    }
+
+    /// Runs `command` in `session` with options (affinity, timeout...). Errors, besides those
+    /// of [`Pool::execute_with`]: `SessionNotFound`; `SessionLost` when a strict call's worker
+    /// is gone (unless a rehydrate hook is set); `WorkerBusy` for `StrictFailFast`.
+    pub async fn execute_in_session_with(
+        &self,
+        session: &str,
+        command: &str,
+        args: Payload,
+        opts: CallOptions,
+    ) -> Result<Payload, Error> {
+        self.call(Some(session), command, args, opts).await
+    }
+
+    async fn call(
+        &self,
+        session: Option<&str>,
+        command: &str,
+        args: Payload,
+        opts: CallOptions,
+    ) -> Result<Payload, Error> {
+        let r = self.run(session, command, args, opts).await;
         let counter = if r.is_ok() { &self.inner.calls_ok } else { &self.inner.calls_failed };
         counter.fetch_add(1, Ordering::Relaxed);
         r
     }
 
-    async fn run(&self, command: &str, args: Payload, opts: CallOptions) -> Result<Payload, Error> {
+    async fn run(
+        &self,
+        session: Option<&str>,
+        command: &str,
+        args: Payload,
+        opts: CallOptions,
+    ) -> Result<Payload, Error> {
         let inner = &self.inner;
         inner.known_tool(command)?;
         inner.adapter.validate(command, &args)?;
@@ -897,7 +1123,7 @@ impl Pool {
                 return Err(Error::Quarantined { command: command.into(), crashes });
             }
         }
-        let r = self.run_checked(command, args, opts).await;
+        let r = self.run_checked(session, command, args, opts).await;
         if let (Some((key, _)), Err(Error::WorkerCrashed { .. } | Error::Protocol { .. })) = (poison_key, &r)
         {
             let mut poison = inner.poison.lock().unwrap_or_else(|p| p.into_inner());
@@ -909,7 +1135,13 @@ impl Pool {
         r
     }
 
-    async fn run_checked(&self, command: &str, args: Payload, opts: CallOptions) -> Result<Payload, Error> {
+    async fn run_checked(
+        &self,
+        session: Option<&str>,
+        command: &str,
+        args: Payload,
+        opts: CallOptions,
+    ) -> Result<Payload, Error> {
         let inner = &self.inner;
         let now = Instant::now();
         let timeout =
@@ -918,7 +1150,32 @@ impl Pool {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let mut lease = inner.checkout(command, deadline).await?;
+        let record = match session {
+            Some(sid) => {
+                Some(inner.store.get(sid).await?.ok_or_else(|| Error::SessionNotFound { id: sid.into() })?)
+            }
+            None => None,
+        };
+        let pin = match (session, &record) {
+            (Some(sid), Some(rec)) => rec.worker.map(|worker| Pin {
+                session: sid,
+                worker,
+                mode: opts.affinity.unwrap_or(inner.cfg.affinity),
+            }),
+            _ => None,
+        };
+        let mut rehydrate = None;
+        let mut lease = match inner.checkout(command, deadline, pin).await {
+            Err(Error::SessionLost { session: sid, worker: lost }) => match (&inner.rehydrate, &record) {
+                (Some(hook), Some(rec)) => {
+                    tracing::info!(session = sid, %lost, "session lost its worker; rehydrating on another");
+                    rehydrate = hook(rec);
+                    inner.checkout(command, deadline, None).await?
+                }
+                _ => return Err(Error::SessionLost { session: sid, worker: lost }),
+            },
+            r => r?,
+        };
         let worker = match &lease.worker {
             Some(w) => w.clone(),
             None => return Err(Error::Unavailable("internal: empty lease".into())),
@@ -926,6 +1183,33 @@ impl Pool {
         lease.in_call = true;
         inner.busy.fetch_add(1, Ordering::Relaxed);
         inner.bump();
+        let _session_call = session.map(|_| worker.session_call());
+        if let Some((cmd, rargs)) = rehydrate {
+            let id = worker.connection().new_request_id();
+            lease.request = Some((id, deadline));
+            let req = Request::new(cmd.clone(), rargs).with_deadline(deadline).with_id(id);
+            let r = match deadline {
+                Some(d) => tokio::time::timeout_at(d.into(), worker.connection().call(req))
+                    .await
+                    .unwrap_or_else(|_| {
+                        lease.timed_out = true;
+                        Err(Error::Timeout {
+                            command: cmd.clone(),
+                            worker: Some(worker.id()),
+                            after: d.saturating_duration_since(now),
+                        })
+                    }),
+                None => worker.connection().call(req).await,
+            };
+            match r {
+                Ok(_) => {}
+                Err(e @ Error::Worker { .. }) => {
+                    lease.completed(inner);
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let id = worker.connection().new_request_id();
         lease.request = Some((id, deadline));
         let req = Request::new(command, args).with_deadline(deadline).with_id(id);
@@ -966,6 +1250,12 @@ impl Pool {
                 worker.kill();
             }
         }
+        if let (Some(sid), Ok(_) | Err(Error::Worker { .. })) = (session, &result) {
+            // The session's worker-side state now lives on this worker.
+            if let Err(e) = inner.store.set_worker(sid, Some(worker.id())).await {
+                tracing::debug!(session = sid, "cannot record the session's worker: {e}");
+            }
+        }
         match result {
             Ok(p) => {
                 lease.completed(inner);
@@ -995,6 +1285,11 @@ impl Pool {
                 Err(e)
             }
         }
+    }
+
+    /// The pool's session store.
+    pub fn session_store(&self) -> &Arc<dyn SessionStore> {
+        &self.inner.store
     }
 
     /// The commands the workers announced (sorted).
@@ -1034,7 +1329,8 @@ impl Pool {
             let st = inner.state();
             (
                 st.idle.iter().filter(|w| alive(w)).count(),
-                st.waiters.iter().filter(|w| !w.is_closed()).count(),
+                st.waiters.iter().filter(|w| !w.is_closed()).count()
+                    + st.pinned.iter().flatten().filter(|(_, w)| !w.is_closed()).count(),
             )
         };
         PoolStats {
@@ -1100,6 +1396,9 @@ impl Pool {
             }
         }
         inner.shutdown.send_replace(true);
+        if let Some(s) = &self.sweeper {
+            s.abort();
+        }
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for t in tasks {
             let _ = t.await;
@@ -1121,6 +1420,9 @@ impl Drop for Pool {
         let inner = &self.inner;
         inner.state().closed = true;
         inner.shutdown.send_replace(true);
+        if let Some(s) = &self.sweeper {
+            s.abort();
+        }
         for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             t.abort();
         }

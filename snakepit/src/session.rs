@@ -1,0 +1,96 @@
+//! Session handles: per-client state kept by the host, and calls routed by affinity.
+
+use serde_json::Value;
+use snakepit_core::{Error, Payload, SessionRecord, VarType};
+
+use crate::{CallOptions, Pool};
+
+/// A handle on one session of a [`Pool`]. Sessions are kept by the pool's session store; the
+/// handle only names one. Every use refreshes the session's time-to-live.
+#[derive(Debug, Clone)]
+pub struct Session<'p> {
+    pool: &'p Pool,
+    id: String,
+}
+
+impl<'p> Session<'p> {
+    pub(crate) fn new(pool: &'p Pool, id: String) -> Self {
+        Session { pool, id }
+    }
+
+    /// The session id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn missing(&self) -> Error {
+        Error::SessionNotFound { id: self.id.clone() }
+    }
+
+    /// A snapshot of the session (metadata, variables, pinned worker).
+    pub async fn record(&self) -> Result<SessionRecord, Error> {
+        self.pool.session_store().get(&self.id).await?.ok_or_else(|| self.missing())
+    }
+
+    /// A variable's value.
+    pub async fn get(&self, name: &str) -> Result<Option<Value>, Error> {
+        self.pool.session_store().get_var(&self.id, name).await
+    }
+
+    /// Sets a variable (its type, if declared before, is checked).
+    pub async fn set(&self, name: &str, value: Value) -> Result<(), Error> {
+        self.pool.session_store().set_var(&self.id, name, value, None).await
+    }
+
+    /// Sets a variable and declares its type; this and later writes must fit it.
+    pub async fn set_typed(&self, name: &str, value: Value, ty: VarType) -> Result<(), Error> {
+        self.pool.session_store().set_var(&self.id, name, value, Some(ty)).await
+    }
+
+    /// Deletes a variable; returns whether it existed.
+    pub async fn delete(&self, name: &str) -> Result<bool, Error> {
+        self.pool.session_store().delete_var(&self.id, name).await
+    }
+
+    /// Runs `command` in this session (see [`Pool::execute_in_session`]).
+    pub async fn execute(&self, command: &str, args: Value) -> Result<Value, Error> {
+        self.pool.execute_in_session(&self.id, command, args).await
+    }
+
+    /// Runs `command` in this session with options (see [`Pool::execute_in_session_with`]).
+    pub async fn execute_with(
+        &self,
+        command: &str,
+        args: Payload,
+        opts: CallOptions,
+    ) -> Result<Payload, Error> {
+        self.pool.execute_in_session_with(&self.id, command, args, opts).await
+    }
+
+    /// Closes the session; returns whether it existed.
+    pub async fn close(self) -> Result<bool, Error> {
+        self.pool.session_store().close(&self.id).await
+    }
+}
+
+impl Pool {
+    /// Creates a session (or returns the existing one with that id: creation is idempotent and
+    /// safe when many callers race). Fails with `SessionQuotaExceeded` when the store is full.
+    pub async fn create_session(&self, id: &str, metadata: Value) -> Result<Session<'_>, Error> {
+        self.session_store().create(id, metadata).await?;
+        Ok(Session::new(self, id.to_owned()))
+    }
+
+    /// A handle on an existing session (`SessionNotFound` if it does not exist or expired).
+    pub async fn session(&self, id: &str) -> Result<Session<'_>, Error> {
+        match self.session_store().get(id).await? {
+            Some(_) => Ok(Session::new(self, id.to_owned())),
+            None => Err(Error::SessionNotFound { id: id.to_owned() }),
+        }
+    }
+
+    /// The ids of the live sessions.
+    pub async fn list_sessions(&self) -> Result<Vec<String>, Error> {
+        self.session_store().list().await
+    }
+}

@@ -1,0 +1,185 @@
+//! Sessions with real python3 workers: affinity modes, a pinned worker dying, rehydration,
+//! variables, quotas, concurrent creation.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::json;
+use snakepit::{Affinity, CallOptions, Error, Payload, Python, VarType};
+use snakepit_tests::Reaper;
+
+async fn pid_in(pool: &snakepit::Pool, session: &str, mode: Affinity) -> Result<i64, Error> {
+    let opts = CallOptions::default().with_affinity(mode);
+    let p = pool.execute_in_session_with(session, "pid", Payload::null(), opts).await?;
+    p.decode()
+}
+
+#[tokio::test]
+async fn hint_prefers_the_sessions_worker_and_falls_back_when_busy() {
+    let r = Reaper::new();
+    let pool = Arc::new(r.builder().adapter(Python::showcase()).size(3).build().await.expect("pool"));
+    pool.create_session("s", json!({"user": "ada"})).await.expect("create");
+    let first = pid_in(&pool, "s", Affinity::Hint).await.expect("pid");
+    // Other traffic in between does not move the session.
+    for _ in 0..10 {
+        pool.execute("add", json!({"a": 1, "b": 1})).await.expect("add");
+        assert_eq!(pid_in(&pool, "s", Affinity::Hint).await.expect("pid"), first);
+    }
+    // Its worker busy: a hint call runs elsewhere at once.
+    let p = pool.clone();
+    let busy = tokio::spawn(async move {
+        p.execute_in_session_with("s", "sleep", Payload::from(json!({"ms": 800})), CallOptions::default())
+            .await
+    });
+    pool.wait_stats(|s| s.busy == 1, Duration::from_secs(10)).await.expect("busy");
+    let t = Instant::now();
+    let elsewhere = pid_in(&pool, "s", Affinity::Hint).await.expect("pid");
+    assert_ne!(elsewhere, first);
+    assert!(t.elapsed() < Duration::from_millis(600), "a hint call must not wait");
+    busy.await.expect("join").expect("sleep");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn strict_waits_for_its_worker_and_fail_fast_does_not() {
+    let r = Reaper::new();
+    let pool = Arc::new(r.builder().adapter(Python::showcase()).size(2).build().await.expect("pool"));
+    pool.create_session("s", json!(null)).await.expect("create");
+    let pinned = pid_in(&pool, "s", Affinity::Strict).await.expect("pid");
+    let p = pool.clone();
+    let busy = tokio::spawn(async move {
+        let opts = CallOptions::default().with_affinity(Affinity::Strict);
+        p.execute_in_session_with("s", "sleep", Payload::from(json!({"ms": 400})), opts).await
+    });
+    pool.wait_stats(|s| s.busy == 1, Duration::from_secs(10)).await.expect("busy");
+    match pid_in(&pool, "s", Affinity::StrictFailFast).await {
+        Err(Error::WorkerBusy { session, .. }) => assert_eq!(session, "s"),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Strict waits (while the other worker is idle) and runs on the pinned one.
+    assert_eq!(pid_in(&pool, "s", Affinity::Strict).await.expect("pid"), pinned);
+    busy.await.expect("join").expect("sleep");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_lost_pinned_worker_is_session_lost_for_strict_and_moves_on_for_hint() {
+    let r = Reaper::new();
+    let pool = r.builder().adapter(Python::showcase()).size(2).build().await.expect("pool");
+    pool.create_session("s", json!(null)).await.expect("create");
+    let pinned = pid_in(&pool, "s", Affinity::Strict).await.expect("pid");
+    kill(Pid::from_raw(pinned as i32), Signal::SIGKILL).expect("kill");
+    pool.wait_stats(|s| s.restarts == 1 && s.ready == 2, Duration::from_secs(10)).await.expect("restarted");
+    match pid_in(&pool, "s", Affinity::Strict).await {
+        Err(Error::SessionLost { session, .. }) => assert_eq!(session, "s"),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Never a hang: fail-fast too.
+    assert!(matches!(pid_in(&pool, "s", Affinity::StrictFailFast).await, Err(Error::SessionLost { .. })));
+    let moved = pid_in(&pool, "s", Affinity::Hint).await.expect("hint moves on");
+    assert_ne!(moved, pinned);
+    // ... and re-pins the session: strict works again.
+    assert_eq!(pid_in(&pool, "s", Affinity::Strict).await.expect("pid"), moved);
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_strict_call_waiting_for_a_worker_that_dies_gets_session_lost() {
+    let r = Reaper::new();
+    let pool = Arc::new(r.builder().adapter(Python::showcase()).size(2).build().await.expect("pool"));
+    pool.create_session("s", json!(null)).await.expect("create");
+    pid_in(&pool, "s", Affinity::Strict).await.expect("pin");
+    let p = pool.clone();
+    let crashing = tokio::spawn(async move {
+        let opts = CallOptions::default().with_affinity(Affinity::Strict);
+        p.execute_in_session_with("s", "sleep", Payload::from(json!({"ms": 300})), opts).await
+    });
+    pool.wait_stats(|s| s.busy == 1, Duration::from_secs(10)).await.expect("busy");
+    let p = pool.clone();
+    let waiter = tokio::spawn(async move { pid_in(&p, "s", Affinity::Strict).await });
+    pool.wait_stats(|s| s.queued == 1, Duration::from_secs(10)).await.expect("queued");
+    // Kill the workers while one strict call runs on the pinned one and another waits for it
+    // (with the other worker idle): the waiting call must get SessionLost, never hang.
+    for pid in pool.worker_pids().into_iter().flatten() {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    assert!(matches!(crashing.await.expect("join"), Err(Error::WorkerCrashed { .. })));
+    match waiter.await.expect("join") {
+        Err(Error::SessionLost { .. }) => {}
+        other => panic!("unexpected {other:?}"),
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn rehydrate_restores_state_on_a_new_worker_instead_of_session_lost() {
+    let r = Reaper::new();
+    let marker = r.dir().join("rehydrated");
+    let m = marker.to_string_lossy().into_owned();
+    let pool = r
+        .builder()
+        .adapter(Python::showcase())
+        .size(1)
+        .affinity(Affinity::Strict)
+        .rehydrate(move |rec| {
+            assert_eq!(rec.id, "s");
+            Some(("touch".to_string(), Payload::from(json!({"path": m.clone()}))))
+        })
+        .build()
+        .await
+        .expect("pool");
+    pool.create_session("s", json!(null)).await.expect("create");
+    let first = pool.execute_in_session("s", "pid", json!(null)).await.expect("pid");
+    assert!(matches!(
+        pool.execute_in_session("s", "crash", json!({"code": 1})).await,
+        Err(Error::WorkerCrashed { .. })
+    ));
+    pool.wait_stats(|s| s.restarts == 1 && s.ready == 1, Duration::from_secs(10)).await.expect("restarted");
+    let second = pool.execute_in_session("s", "pid", json!(null)).await.expect("rehydrated, not lost");
+    assert_ne!(first, second);
+    assert!(marker.exists(), "the rehydrate command ran on the new worker");
+    pool.shutdown().await;
+}
+
+#[tokio::test]
+async fn variables_quota_and_concurrent_creation_through_the_pool() {
+    let r = Reaper::new();
+    let pool = Arc::new(
+        r.builder().adapter(Python::showcase()).size(1).max_sessions(3).build().await.expect("pool"),
+    );
+    let s = pool.create_session("a", json!({"plan": "pro"})).await.expect("a");
+    s.set("greeting", json!("hi")).await.expect("set");
+    s.set_typed("temperature", json!(0.7), VarType::Float { min: Some(0.0), max: Some(2.0) })
+        .await
+        .expect("typed");
+    assert!(matches!(s.set("temperature", json!(9.0)).await, Err(Error::InvalidVariable { .. })));
+    assert_eq!(s.get("greeting").await.expect("get"), Some(json!("hi")));
+    assert!(s.delete("greeting").await.expect("delete"));
+    assert_eq!(s.get("greeting").await.expect("get"), None);
+    assert_eq!(s.record().await.expect("record").metadata, json!({"plan": "pro"}));
+    // 100 concurrent creators of one id: one session.
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let p = pool.clone();
+        tasks.push(tokio::spawn(async move { p.create_session("b", json!({"i": i})).await.map(|_| ()) }));
+    }
+    for t in tasks {
+        t.await.expect("join").expect("create b");
+    }
+    pool.create_session("c", json!(null)).await.expect("c");
+    assert!(matches!(
+        pool.create_session("d", json!(null)).await,
+        Err(Error::SessionQuotaExceeded { max: 3 })
+    ));
+    assert_eq!(pool.list_sessions().await.expect("list"), ["a", "b", "c"]);
+    assert!(pool.session("a").await.expect("a").close().await.expect("close"));
+    assert!(matches!(pool.session("a").await, Err(Error::SessionNotFound { .. })));
+    assert!(matches!(
+        pool.execute_in_session("a", "ping", json!(null)).await,
+        Err(Error::SessionNotFound { .. })
+    ));
+    pool.create_session("d", json!(null)).await.expect("room again");
+    pool.shutdown().await;
+}
