@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -104,6 +105,9 @@ pub struct ToolInfo {
     /// Its documentation, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub doc: Option<String>,
+    /// Whether it produces a stream (a generator).
+    #[serde(default)]
+    pub stream: bool,
 }
 
 /// What a worker answers to [`Hello`].
@@ -180,6 +184,15 @@ pub trait Transport: Send + Sync + 'static {
 pub trait Connection: Send + Sync + 'static {
     /// Sends one request and waits for its reply.
     async fn call(&self, req: Request) -> Result<Payload, Error>;
+
+    /// Sends one request as a stream: the worker sends its items as chunks, at most `window`
+    /// ahead of the consumer (credit-based flow control), then ends. Dropping the stream
+    /// abandons the call (send a [`cancel`](Connection::cancel) to stop the worker's side).
+    async fn stream(
+        &self,
+        req: Request,
+        window: u32,
+    ) -> Result<BoxStream<'static, Result<Payload, Error>>, Error>;
 
     /// Round-trips a `ping`; returns the time it took.
     async fn ping(&self) -> Result<Duration, Error>;

@@ -39,6 +39,9 @@ pub struct Inbound<'a> {
     /// `result`: the value.
     #[serde(default, borrow)]
     pub ok: Option<&'a RawValue>,
+    /// `chunk`: one item of a stream.
+    #[serde(default, borrow)]
+    pub data: Option<&'a RawValue>,
     /// `error`: the exception.
     #[serde(default)]
     pub error: Option<WorkerError>,
@@ -79,8 +82,16 @@ impl Inbound<'_> {
     }
 }
 
-/// Appends a `call` message body to `out`. `args` must be well-formed JSON.
-pub fn encode_call(out: &mut Vec<u8>, id: u64, command: &str, args: &[u8], timeout_ms: Option<u64>) {
+/// Appends a `call` message body to `out`. `args` must be well-formed JSON. `stream` asks for
+/// a streamed answer with that initial credit.
+pub fn encode_call(
+    out: &mut Vec<u8>,
+    id: u64,
+    command: &str,
+    args: &[u8],
+    timeout_ms: Option<u64>,
+    stream: Option<u32>,
+) {
     out.extend_from_slice(br#"{"t":"call","id":"#);
     push_u64(out, id);
     out.extend_from_slice(br#","cmd":"#);
@@ -90,8 +101,21 @@ pub fn encode_call(out: &mut Vec<u8>, id: u64, command: &str, args: &[u8], timeo
         out.extend_from_slice(br#","timeout_ms":"#);
         push_u64(out, ms);
     }
+    if let Some(w) = stream {
+        out.extend_from_slice(br#","stream":"#);
+        push_u64(out, u64::from(w));
+    }
     out.extend_from_slice(br#","args":"#);
     out.extend_from_slice(args);
+    out.push(b'}');
+}
+
+/// Appends a `credit` message (the consumer took `n` more chunks of stream `id`).
+pub fn encode_credit(out: &mut Vec<u8>, id: u64, n: u32) {
+    out.extend_from_slice(br#"{"t":"credit","id":"#);
+    push_u64(out, id);
+    out.extend_from_slice(br#","n":"#);
+    push_u64(out, u64::from(n));
     out.push(b'}');
 }
 
@@ -128,13 +152,17 @@ mod tests {
     #[test]
     fn call_encodes_as_json() {
         let mut out = Vec::new();
-        encode_call(&mut out, 42, "a\"b", br#"{"x":[1,2]}"#, Some(7));
+        encode_call(&mut out, 42, "a\"b", br#"{"x":[1,2]}"#, Some(7), Some(16));
         let v: serde_json::Value = serde_json::from_slice(&out).expect("valid json");
         assert_eq!(v["t"], "call");
         assert_eq!(v["id"], 42);
         assert_eq!(v["cmd"], "a\"b");
         assert_eq!(v["timeout_ms"], 7);
         assert_eq!(v["args"]["x"][1], 2);
+        assert_eq!(v["stream"], 16);
+        let mut out = Vec::new();
+        encode_credit(&mut out, 3, 8);
+        assert_eq!(out, br#"{"t":"credit","id":3,"n":8}"#);
         let mut out = Vec::new();
         encode_simple(&mut out, "ping", Some(0));
         assert_eq!(out, br#"{"t":"ping","id":0}"#);

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 use snakepit_core::wire::{self, HelloMsg, Inbound};
 use snakepit_core::{
     CloseReason, Codec, Connection, Error, Hello, Payload, Ready, Request, RequestId, Transport, WorkerError,
@@ -79,6 +80,21 @@ impl Transport for StdioTransport {
     }
 }
 
+/// Who waits for an id: a call (one reply) or a stream (chunks, then the end).
+enum Waiter {
+    Call(oneshot::Sender<Reply>),
+    Stream(mpsc::Sender<StreamItem>),
+}
+
+/// What the reader hands a stream's consumer.
+#[derive(Debug)]
+enum StreamItem {
+    Chunk(Payload),
+    End,
+    Err(WorkerError),
+    Closed(CloseReason),
+}
+
 /// What the reader hands a waiting caller.
 #[derive(Debug)]
 enum Reply {
@@ -94,14 +110,14 @@ struct Shared {
     /// Calls waiting for a reply. `None` is an abandoned call (its caller went away before
     /// the reply): the worker is still busy with it, so it counts as in flight until its reply
     /// arrives, which is then dropped.
-    pending: Mutex<HashMap<u64, Option<oneshot::Sender<Reply>>>>,
+    pending: Mutex<HashMap<u64, Option<Waiter>>>,
     closed: watch::Sender<Option<CloseReason>>,
     /// Notified whenever the pending map becomes empty.
     idle: tokio::sync::Notify,
 }
 
 impl Shared {
-    fn pending(&self) -> MutexGuard<'_, HashMap<u64, Option<oneshot::Sender<Reply>>>> {
+    fn pending(&self) -> MutexGuard<'_, HashMap<u64, Option<Waiter>>> {
         // A panic while holding this lock cannot leave the map inconsistent: recover it.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -126,9 +142,15 @@ impl Shared {
             }
         }
         let drained: Vec<_> = self.pending().drain().collect();
-        for (_, tx) in drained {
-            if let Some(tx) = tx {
-                let _ = tx.send(Reply::Closed(reason.clone()));
+        for (_, w) in drained {
+            match w {
+                Some(Waiter::Call(tx)) => {
+                    let _ = tx.send(Reply::Closed(reason.clone()));
+                }
+                Some(Waiter::Stream(tx)) => {
+                    let _ = tx.try_send(StreamItem::Closed(reason.clone()));
+                }
+                None => {}
             }
         }
         self.idle.notify_waiters();
@@ -323,45 +345,166 @@ async fn read_loop(mut reader: FrameReader, shared: Arc<Shared>) {
 
 fn dispatch(shared: &Shared, frame: Bytes) -> Result<(), String> {
     let msg: Inbound<'_> = serde_json::from_slice(&frame).map_err(|e| format!("malformed message: {e}"))?;
-    let reply = match &*msg.t {
-        "result" => match msg.ok {
-            Some(raw) => Reply::Ok(Payload::from_trusted(Codec::Json, frame.slice_ref(raw.get().as_bytes()))),
-            None => Reply::Ok(Payload::null()),
-        },
-        "error" => Reply::Err(msg.error.unwrap_or_else(|| WorkerError {
+    let payload = |raw: Option<&serde_json::value::RawValue>| match raw {
+        Some(raw) => Payload::from_trusted(Codec::Json, frame.slice_ref(raw.get().as_bytes())),
+        None => Payload::null(),
+    };
+    let tag = &*msg.t;
+    if !matches!(tag, "result" | "error" | "pong" | "chunk" | "end") {
+        tracing::debug!(worker = %shared.worker, tag, "ignoring message of unknown type");
+        return Ok(());
+    }
+    let Some(id) = msg.id else {
+        return Err(format!("`{tag}` message without an id"));
+    };
+    let error = || {
+        msg.error.clone().unwrap_or_else(|| WorkerError {
             kind: "UnknownError".into(),
             message: "the worker sent an error without details".into(),
             traceback: None,
-        })),
-        "pong" => Reply::Pong,
-        other => {
-            tracing::debug!(worker = %shared.worker, tag = other, "ignoring message of unknown type");
-            return Ok(());
+        })
+    };
+    let mut pending = shared.pending();
+    match pending.get(&id) {
+        Some(Some(Waiter::Stream(tx))) => {
+            let item = match tag {
+                "chunk" => StreamItem::Chunk(payload(msg.data)),
+                // A plain result for a stream: one chunk, then the end.
+                "result" => StreamItem::Chunk(payload(msg.ok)),
+                "end" => StreamItem::End,
+                "error" => StreamItem::Err(error()),
+                _ => return Err(format!("`{tag}` sent for stream {id}")),
+            };
+            let last = !matches!(item, StreamItem::Chunk(_)) || tag == "result";
+            match tx.try_send(item) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    return Err(format!("stream {id}: the worker sent more chunks than its credit"));
+                }
+                // The consumer is gone: keep a tombstone until the stream ends.
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    pending.insert(id, None);
+                }
+            }
+            if tag == "result" {
+                let _ = match pending.get(&id) {
+                    Some(Some(Waiter::Stream(tx))) => tx.try_send(StreamItem::End),
+                    _ => Ok(()),
+                };
+            }
+            if last {
+                pending.remove(&id);
+            }
         }
-    };
-    let Some(id) = msg.id else {
-        return Err(format!("`{}` message without an id", msg.t));
-    };
-    let (waiter, now_idle) = {
-        let mut pending = shared.pending();
-        let w = pending.remove(&id);
-        (w, pending.is_empty())
-    };
-    match waiter {
-        Some(Some(tx)) => {
-            if tx.send(reply).is_err() {
-                tracing::debug!(worker = %shared.worker, id, "caller went away; reply dropped");
+        Some(Some(Waiter::Call(_))) => {
+            let reply = match tag {
+                "result" => Reply::Ok(payload(msg.ok)),
+                "error" => Reply::Err(error()),
+                "pong" => Reply::Pong,
+                _ => return Err(format!("`{tag}` sent for call {id}")),
+            };
+            if let Some(Some(Waiter::Call(tx))) = pending.remove(&id) {
+                if tx.send(reply).is_err() {
+                    tracing::debug!(worker = %shared.worker, id, "caller went away; reply dropped");
+                }
             }
         }
         Some(None) => {
-            tracing::debug!(worker = %shared.worker, id, "late reply for an abandoned call; dropped")
+            // An abandoned call or stream: drop what it sends; forget it at its last message.
+            if tag != "chunk" {
+                pending.remove(&id);
+                tracing::debug!(worker = %shared.worker, id, "late reply for an abandoned call; dropped");
+            }
         }
-        None => tracing::warn!(worker = %shared.worker, id, "reply for a request nobody waits for; dropped"),
+        None => {
+            tracing::warn!(worker = %shared.worker, id, tag, "message for a request nobody waits for; dropped")
+        }
     }
+    let now_idle = pending.is_empty();
+    drop(pending);
     if now_idle {
         shared.idle.notify_waiters();
     }
     Ok(())
+}
+
+/// The consumer side of a streamed call: yields chunks, grants credit as it goes, and leaves a
+/// tombstone for the id when dropped early.
+struct ReplyStream {
+    rx: mpsc::Receiver<StreamItem>,
+    shared: Arc<Shared>,
+    writer: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    id: u64,
+    command: String,
+    refill: u32,
+    taken: u32,
+    done: bool,
+}
+
+impl futures::Stream for ReplyStream {
+    type Item = Result<Payload, Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let item = match self.rx.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(i) => i,
+        };
+        let this = &mut *self;
+        match item {
+            Some(StreamItem::Chunk(p)) => {
+                this.taken += 1;
+                if this.taken >= this.refill {
+                    let n = std::mem::take(&mut this.taken);
+                    if let (Some(w), Ok(f)) = (
+                        &this.writer,
+                        frame(48, this.shared.max_frame, |out| wire::encode_credit(out, this.id, n)),
+                    ) {
+                        let _ = w.send(f);
+                    }
+                }
+                Poll::Ready(Some(Ok(p)))
+            }
+            Some(StreamItem::End) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Some(StreamItem::Err(error)) => {
+                this.done = true;
+                Poll::Ready(Some(Err(Error::Worker {
+                    worker: this.shared.worker,
+                    command: std::mem::take(&mut this.command),
+                    error,
+                })))
+            }
+            Some(StreamItem::Closed(reason)) => {
+                this.done = true;
+                Poll::Ready(Some(Err(this.shared.error_for(&reason))))
+            }
+            None => {
+                this.done = true;
+                let reason = this.shared.close_reason().unwrap_or(CloseReason::Closed);
+                Poll::Ready(Some(Err(this.shared.error_for(&reason))))
+            }
+        }
+    }
+}
+
+impl Drop for ReplyStream {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut pending = self.shared.pending();
+            if let Some(w) = pending.get_mut(&self.id) {
+                *w = None;
+            }
+        }
+    }
 }
 
 impl StdioConnection {
@@ -453,7 +596,7 @@ impl StdioConnection {
             return Err(self.shared.error_for(&reason));
         }
         let (tx, rx) = oneshot::channel();
-        self.shared.pending().insert(id, Some(tx));
+        self.shared.pending().insert(id, Some(Waiter::Call(tx)));
         let _guard = PendingGuard { shared: &self.shared, id };
         // The reader may have closed between the check and the insert: re-check.
         if let Some(reason) = self.shared.close_reason() {
@@ -499,7 +642,7 @@ impl Connection for StdioConnection {
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()).as_millis().min(u64::MAX as u128) as u64);
         let frame = frame(args.len() + req.command.len() + 64, self.shared.max_frame, |out| {
-            wire::encode_call(out, id, &req.command, args, timeout_ms)
+            wire::encode_call(out, id, &req.command, args, timeout_ms, None)
         })?;
         match self.round_trip(id, frame).await? {
             Reply::Ok(p) => Ok(p),
@@ -511,6 +654,47 @@ impl Connection for StdioConnection {
                 detail: format!("`pong` sent for call id {id}"),
             }),
         }
+    }
+
+    async fn stream(
+        &self,
+        req: Request,
+        window: u32,
+    ) -> Result<BoxStream<'static, Result<Payload, Error>>, Error> {
+        let args = req.args.bytes();
+        if !req.args.is_trusted() {
+            serde_json::from_slice::<serde::de::IgnoredAny>(args).map_err(|e| {
+                Error::BadRequest(format!("arguments of `{}` are not valid JSON: {e}", req.command))
+            })?;
+        }
+        let window = window.max(1);
+        let id = req.id.map_or_else(|| self.next_id(), |id| id.0);
+        let timeout_ms = req
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()).as_millis().min(u64::MAX as u128) as u64);
+        let f = frame(args.len() + req.command.len() + 80, self.shared.max_frame, |out| {
+            wire::encode_call(out, id, &req.command, args, timeout_ms, Some(window))
+        })?;
+        if let Some(reason) = self.shared.close_reason() {
+            return Err(self.shared.error_for(&reason));
+        }
+        // Room for a full window of chunks plus the end (or an error, or a close).
+        let (tx, rx) = mpsc::channel(window as usize + 2);
+        self.shared.pending().insert(id, Some(Waiter::Stream(tx)));
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let stream = ReplyStream {
+            rx,
+            shared: self.shared.clone(),
+            writer,
+            id,
+            command: req.command,
+            refill: (window / 2).max(1),
+            taken: 0,
+            done: false,
+        };
+        // If the send fails, the stream's drop leaves a tombstone; the close drains it.
+        self.send(f)?;
+        Ok(Box::pin(stream))
     }
 
     async fn ping(&self) -> Result<Duration, Error> {

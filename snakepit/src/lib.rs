@@ -31,7 +31,9 @@ mod pool;
 mod session;
 
 pub use lifecycle::SlotState;
-pub use pool::{Affinity, CallOptions, DropPolicy, Heartbeat, Pool, PoolBuilder, PoolStats, RehydrateHook};
+pub use pool::{
+    Affinity, CallOptions, CallStream, DropPolicy, Heartbeat, Pool, PoolBuilder, PoolStats, RehydrateHook,
+};
 pub use session::Session;
 pub use snakepit_core::{SessionRecord, SessionStore, VarType};
 pub use snakepit_session::MemoryStore;

@@ -58,9 +58,9 @@ pub(crate) struct Member {
 }
 
 /// Counts a session call in flight on a member (for deferred recycling).
-pub(crate) struct SessionCall<'a>(&'a Member);
+pub(crate) struct SessionCall(Arc<Member>);
 
-impl Drop for SessionCall<'_> {
+impl Drop for SessionCall {
     fn drop(&mut self) {
         if self.0.session_calls.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.released.notify_waiters();
@@ -97,9 +97,9 @@ impl Member {
     }
 
     /// Marks a session call in flight until the guard drops.
-    pub(crate) fn session_call(&self) -> SessionCall<'_> {
+    pub(crate) fn session_call(self: &Arc<Self>) -> SessionCall {
         self.session_calls.fetch_add(1, Ordering::AcqRel);
-        SessionCall(self)
+        SessionCall(self.clone())
     }
 
     /// Waits (at most `limit`) until no session call is in flight on the worker.

@@ -153,10 +153,43 @@ struct LineRequest {
     args: serde_json::Value,
     #[serde(default)]
     timeout_ms: Option<u64>,
+    #[serde(default)]
+    stream: bool,
 }
 
 fn error_line(id: &serde_json::Value, e: &serde_json::Value) -> String {
     serde_json::json!({"id": id, "error": e}).to_string()
+}
+
+/// One line per chunk `{"id":..,"chunk":..}`, then `{"id":..,"end":true}`, or an error line.
+async fn serve_stream(
+    pool: &Pool,
+    req: LineRequest,
+    opts: CallOptions,
+    tx: &tokio::sync::mpsc::UnboundedSender<String>,
+) {
+    use futures::StreamExt;
+    let id = req.id.to_string();
+    let mut stream = match pool.execute_stream_with(None, &req.command, Payload::from(req.args), opts).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = tx.send(error_line(&req.id, &e.to_json()));
+            return;
+        }
+    };
+    while let Some(item) = stream.next().await {
+        let line = match item {
+            Ok(p) => format!("{{\"id\":{id},\"chunk\":{}}}", String::from_utf8_lossy(p.bytes())),
+            Err(e) => {
+                let _ = tx.send(error_line(&req.id, &e.to_json()));
+                return;
+            }
+        };
+        if tx.send(line).is_err() {
+            return;
+        }
+    }
+    let _ = tx.send(format!("{{\"id\":{id},\"end\":true}}"));
 }
 
 fn reap(dry_run: bool, instance: Option<String>) -> ExitCode {
@@ -250,6 +283,10 @@ async fn serve(worker: WorkerArgs, size: Option<usize>, instance: Option<String>
         tasks.spawn(async move {
             let opts = CallOptions::default()
                 .with_deadline(req.timeout_ms.map(|ms| received + Duration::from_millis(ms)));
+            if req.stream || pool.is_stream_tool(&req.command) {
+                serve_stream(&pool, req, opts, &tx).await;
+                return;
+            }
             let line = match pool.execute_with(&req.command, Payload::from(req.args), opts).await {
                 Ok(p) => {
                     let id = req.id.to_string();

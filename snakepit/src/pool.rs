@@ -119,6 +119,7 @@ pub(crate) struct Config {
     pub(crate) drain_timeout: Duration,
     pub(crate) cancel_grace: Duration,
     pub(crate) drop_policy: DropPolicy,
+    pub(crate) stream_window: u32,
     instance: Option<String>,
     run_dir: Option<std::path::PathBuf>,
     registry: bool,
@@ -224,6 +225,7 @@ impl Default for PoolBuilder {
                 drain_timeout: Duration::from_secs(60),
                 cancel_grace: Duration::from_secs(2),
                 drop_policy: DropPolicy::Kill,
+                stream_window: 32,
                 instance: None,
                 run_dir: None,
                 registry: true,
@@ -351,6 +353,12 @@ impl PoolBuilder {
     /// (default 2 s). A worker that answers in time stays in the pool.
     pub fn cancel_grace(mut self, t: Duration) -> Self {
         self.cfg.cancel_grace = t;
+        self
+    }
+
+    /// How many stream items a worker may send ahead of the consumer (default 32).
+    pub fn stream_window(mut self, n: u32) -> Self {
+        self.cfg.stream_window = n.max(1);
         self
     }
 
@@ -585,6 +593,7 @@ struct State {
 struct ToolSet {
     names: HashSet<String>,
     sorted: Vec<String>,
+    streams: HashSet<String>,
 }
 
 pub(crate) struct Inner {
@@ -602,8 +611,8 @@ pub(crate) struct Inner {
     pub(crate) recycled: AtomicU64,
     pub(crate) unresponsive: AtomicU64,
     pub(crate) last_error: Mutex<Option<String>>,
-    calls_ok: AtomicU64,
-    calls_failed: AtomicU64,
+    pub(crate) calls_ok: AtomicU64,
+    pub(crate) calls_failed: AtomicU64,
     busy: AtomicUsize,
     pub(crate) run_file: Option<registry::RunFile>,
     /// Crash counts per request key (only with quarantine on).
@@ -647,7 +656,8 @@ impl Inner {
         if tools.is_none() {
             let mut sorted: Vec<String> = w.ready().tools.iter().map(|t| t.name.clone()).collect();
             sorted.sort();
-            *tools = Some(Arc::new(ToolSet { names: sorted.iter().cloned().collect(), sorted }));
+            let streams = w.ready().tools.iter().filter(|t| t.stream).map(|t| t.name.clone()).collect();
+            *tools = Some(Arc::new(ToolSet { names: sorted.iter().cloned().collect(), sorted, streams }));
         }
     }
 
@@ -917,6 +927,111 @@ impl Inner {
     }
 }
 
+/// The items of a streamed call, in order, then `None`. An error item (the tool raised
+/// midway, the worker crashed, the deadline passed) ends the stream.
+///
+/// Dropping it before the end cancels the call: the worker is sent `cancel` (the Python bridge
+/// closes the generator, so its `finally` runs) and returns to the pool once it has answered.
+pub struct CallStream {
+    stream: futures::stream::BoxStream<'static, Result<Payload, Error>>,
+    lease: Lease,
+    worker: Arc<Member>,
+    inner: Arc<Inner>,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    command: String,
+    done: bool,
+    _session_call: Option<crate::lifecycle::SessionCall>,
+}
+
+impl std::fmt::Debug for CallStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallStream")
+            .field("command", &self.command)
+            .field("worker", &self.worker.id())
+            .finish()
+    }
+}
+
+impl CallStream {
+    /// The next item decoded as JSON, or `None` at the end.
+    pub async fn next_json(&mut self) -> Option<Result<serde_json::Value, Error>> {
+        use futures::StreamExt;
+        self.next().await.map(|r| r.and_then(|p| p.to_value()))
+    }
+
+    fn finish(&mut self, ok: bool) {
+        self.done = true;
+        let counter = if ok { &self.inner.calls_ok } else { &self.inner.calls_failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl futures::Stream for CallStream {
+    type Item = Result<Payload, Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if let Some(d) = this.deadline.as_mut() {
+            if std::future::Future::poll(d.as_mut(), cx).is_ready() {
+                this.lease.timed_out = true;
+                this.finish(false);
+                return Poll::Ready(Some(Err(Error::Timeout {
+                    command: this.command.clone(),
+                    worker: Some(this.worker.id()),
+                    after: Duration::ZERO,
+                })));
+            }
+        }
+        match this.stream.as_mut().poll_next(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(p))) => Poll::Ready(Some(Ok(p))),
+            Poll::Ready(None) => {
+                this.lease.completed(&this.inner);
+                this.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e @ Error::Worker { .. }))) => {
+                this.lease.completed(&this.inner);
+                this.finish(false);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(Some(Err(Error::Disconnected { worker }))) => {
+                this.inner.call_done();
+                this.lease.in_call = false;
+                this.finish(false);
+                Poll::Ready(Some(Err(Error::WorkerCrashed {
+                    worker,
+                    command: Some(this.command.clone()),
+                    exit: this.worker.exit_info().unwrap_or(snakepit_core::ExitInfo::Unknown),
+                    stderr_tail: this.worker.stderr_tail(),
+                })))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.inner.call_done();
+                this.lease.in_call = false;
+                this.finish(false);
+                Poll::Ready(Some(Err(e)))
+            }
+        }
+    }
+}
+
+/// A checked-out call: its lease (the worker, marked busy), deadline and start time.
+struct Acquired {
+    lease: Lease,
+    worker: Arc<Member>,
+    deadline: Option<Instant>,
+    now: Instant,
+    _session_call: Option<crate::lifecycle::SessionCall>,
+}
+
 /// A session call's wish to run on a given worker.
 #[derive(Clone, Copy)]
 struct Pin<'a> {
@@ -1135,13 +1250,13 @@ impl Pool {
         r
     }
 
-    async fn run_checked(
+    /// Checks a call out: deadline, session pin (and rehydration), a leased worker marked busy.
+    async fn acquire(
         &self,
         session: Option<&str>,
         command: &str,
-        args: Payload,
-        opts: CallOptions,
-    ) -> Result<Payload, Error> {
+        opts: &CallOptions,
+    ) -> Result<Acquired, Error> {
         let inner = &self.inner;
         let now = Instant::now();
         let timeout =
@@ -1183,7 +1298,7 @@ impl Pool {
         lease.in_call = true;
         inner.busy.fetch_add(1, Ordering::Relaxed);
         inner.bump();
-        let _session_call = session.map(|_| worker.session_call());
+        let session_call = session.map(|_| worker.session_call());
         if let Some((cmd, rargs)) = rehydrate {
             let id = worker.connection().new_request_id();
             lease.request = Some((id, deadline));
@@ -1210,6 +1325,19 @@ impl Pool {
                 Err(e) => return Err(e),
             }
         }
+        Ok(Acquired { lease, worker, deadline, now, _session_call: session_call })
+    }
+
+    async fn run_checked(
+        &self,
+        session: Option<&str>,
+        command: &str,
+        args: Payload,
+        opts: CallOptions,
+    ) -> Result<Payload, Error> {
+        let inner = &self.inner;
+        let Acquired { mut lease, worker, deadline, now, _session_call } =
+            self.acquire(session, command, &opts).await?;
         let id = worker.connection().new_request_id();
         lease.request = Some((id, deadline));
         let req = Request::new(command, args).with_deadline(deadline).with_id(id);
@@ -1287,9 +1415,61 @@ impl Pool {
         }
     }
 
+    /// Runs a generator tool and returns its items as a stream (see [`CallStream`]).
+    pub async fn execute_stream(&self, command: &str, args: serde_json::Value) -> Result<CallStream, Error> {
+        self.execute_stream_with(None, command, Payload::from(args), CallOptions::default()).await
+    }
+
+    /// Streams `command`, optionally in a session, with options. The timeout covers the whole
+    /// stream. At most `stream_window` items are buffered ahead of the consumer: a fast
+    /// producer is held back, so memory stays bounded. Dropping the stream cancels the
+    /// generator in the worker (its `finally` blocks run) and frees the worker.
+    pub async fn execute_stream_with(
+        &self,
+        session: Option<&str>,
+        command: &str,
+        args: Payload,
+        opts: CallOptions,
+    ) -> Result<CallStream, Error> {
+        let inner = &self.inner;
+        inner.known_tool(command)?;
+        inner.adapter.validate(command, &args)?;
+        let Acquired { mut lease, worker, deadline, now: _, _session_call } =
+            self.acquire(session, command, &opts).await?;
+        let id = worker.connection().new_request_id();
+        lease.request = Some((id, deadline));
+        let req = Request::new(command, args).with_deadline(deadline).with_id(id);
+        let stream = match worker.connection().stream(req, inner.cfg.stream_window).await {
+            Ok(s) => s,
+            Err(e) => {
+                inner.calls_failed.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        if let Some(sid) = session {
+            let _ = inner.store.set_worker(sid, Some(worker.id())).await;
+        }
+        Ok(CallStream {
+            stream,
+            lease,
+            worker,
+            inner: inner.clone(),
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
+            command: command.to_owned(),
+            done: false,
+            _session_call,
+        })
+    }
+
     /// The pool's session store.
     pub fn session_store(&self) -> &Arc<dyn SessionStore> {
         &self.inner.store
+    }
+
+    /// Whether the workers announced `command` as a streaming tool (a generator).
+    pub fn is_stream_tool(&self, command: &str) -> bool {
+        let tools = self.inner.tools.read().unwrap_or_else(|p| p.into_inner());
+        tools.as_ref().is_some_and(|t| t.streams.contains(command))
     }
 
     /// The commands the workers announced (sorted).

@@ -311,3 +311,39 @@ fn two_hosts_side_by_side_restarting_one_kills_none_of_the_others_workers() {
     assert!(a2.wait().expect("wait").success());
     assert!(b.wait().expect("wait").success());
 }
+
+#[test]
+fn serve_streams_generator_tools_line_by_line() {
+    let g = Guard::new();
+    let mut child = g
+        .snakepit()
+        .args(["serve", "--module", "snakepit_bridge.showcase", "--size", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, r#"{{"id":"g","command":"count","args":{{"n":3}}}}"#).expect("write");
+    writeln!(stdin, r#"{{"id":"p","command":"add","args":{{"a":1,"b":2}},"stream":true}}"#).expect("write");
+    writeln!(stdin, r#"{{"id":"f","command":"fail_after","args":{{"n":2}}}}"#).expect("write");
+    drop(stdin);
+    let lines: Vec<Value> = BufReader::new(child.stdout.take().expect("stdout"))
+        .lines()
+        .map(|l| serde_json::from_str(&l.expect("line")).expect("json"))
+        .collect();
+    assert!(child.wait().expect("wait").success());
+    let of = |id: &str| -> Vec<Value> { lines.iter().filter(|l| l["id"] == id).cloned().collect() };
+    assert_eq!(
+        of("g"),
+        [
+            json!({"id": "g", "chunk": {"i": 0}}),
+            json!({"id": "g", "chunk": {"i": 1}}),
+            json!({"id": "g", "chunk": {"i": 2}}),
+            json!({"id": "g", "end": true})
+        ]
+    );
+    assert_eq!(of("p"), [json!({"id": "p", "chunk": 3}), json!({"id": "p", "end": true})]);
+    let f = of("f");
+    assert_eq!(f.len(), 3, "{f:?}");
+    assert_eq!(f[2]["error"]["type"], "ValueError");
+}

@@ -6,6 +6,7 @@ import signal
 import struct
 import sys
 import threading
+import types
 
 PROTOCOL_VERSIONS = (1,)
 BRIDGE = "python/0.1.0 (%s %s)" % (
@@ -221,6 +222,13 @@ def _collect_tools(instance):
     return tools
 
 
+def _tool_info(name, fn):
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    flags = getattr(code, "co_flags", 0)
+    # CO_GENERATOR = 0x20, CO_ASYNC_GENERATOR = 0x200
+    return {"name": name, "doc": _doc(fn), "stream": bool(flags & 0x220)}
+
+
 def _doc(fn):
     """The cleaned docstring of `fn` (like inspect.getdoc, without importing inspect: it costs
     several milliseconds of every worker's start-up)."""
@@ -334,7 +342,7 @@ def _serve(chan, adapter, namespace):
             "cancel_signal": _run.signum,
             "version": version,
             "pid": os.getpid(),
-            "tools": [{"name": n, "doc": _doc(f)} for n, f in sorted(tools.items())],
+            "tools": [_tool_info(n, f) for n, f in sorted(tools.items())],
             "max_in_flight": 1,
             "bridge": BRIDGE,
         }
@@ -367,15 +375,91 @@ def _loop(chan, tools):
             chan.send({"t": "pong", "id": msg.get("id")})
         elif t == "shutdown":
             return
-        elif t == "cancel":
-            pass  # calls run one at a time: a cancel read here is for a call already answered
+        elif t in ("cancel", "credit"):
+            pass  # calls run one at a time: these are for a call already answered
         else:
             _log("ignoring unknown message type %r" % t)
+
+
+_GEN_TYPES = (types.GeneratorType,)
+_AGEN_TYPES = (types.AsyncGeneratorType,)
+_event_loop = []
+
+
+def _loop_run(awaitable):
+    """Runs an awaitable on the bridge's event loop (created on first use: asyncio is only
+    imported by workers that have async tools)."""
+    if not _event_loop:
+        import asyncio
+
+        _event_loop.append(asyncio.new_event_loop())
+    return _event_loop[0].run_until_complete(awaitable)
+
+
+def _is_stream(value):
+    return isinstance(value, _GEN_TYPES) or isinstance(value, _AGEN_TYPES)
+
+
+def _next_item(gen):
+    """The next item of a sync or async generator; raises StopIteration at the end."""
+    if isinstance(gen, _AGEN_TYPES):
+        try:
+            return _loop_run(gen.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration
+    return next(gen)
+
+
+def _close(gen):
+    try:
+        if isinstance(gen, _AGEN_TYPES):
+            _loop_run(gen.aclose())
+        else:
+            gen.close()
+    except BaseException as e:  # a finally block that raises must not take the worker down
+        _log("closing a generator raised %r" % (e,))
+
+
+def _collect(gen):
+    out = []
+    while True:
+        try:
+            out.append(_next_item(gen))
+        except StopIteration:
+            return out
+
+
+def _encode_reply(chan, reply, rid):
+    """Encodes a message for `rid`; returns (body, ok). When the message cannot be sent (not
+    JSON-serialisable, over max_frame), body is an `error` for `rid` instead and ok is False."""
+    try:
+        body = _dumps(reply)
+    except (TypeError, ValueError) as e:
+        return _dumps(
+            {
+                "t": "error",
+                "id": rid,
+                "error": {"type": "TypeError", "message": "result is not JSON-serialisable: %s" % e},
+            }
+        ), False
+    if len(body) > chan.max_frame:
+        return _dumps(
+            {
+                "t": "error",
+                "id": rid,
+                "error": {
+                    "type": "FrameTooLarge",
+                    "message": "message of %d bytes exceeds max_frame %d" % (len(body), chan.max_frame),
+                },
+            }
+        ), False
+    return body, True
 
 
 def _call(chan, tools, msg):
     rid = msg.get("id")
     cmd = msg.get("cmd")
+    window = msg.get("stream")
     fn = tools.get(cmd)
     if fn is None:
         reply = {
@@ -388,6 +472,20 @@ def _call(chan, tools, msg):
             _run.id = rid
             try:
                 result = _invoke(fn, msg.get("args"))
+                if isinstance(result, types.CoroutineType):
+                    result = _loop_run(result)
+                if _is_stream(result):
+                    if window:
+                        _stream(chan, rid, result, int(window))
+                        return
+                    result = _collect(result)
+                elif window:
+                    # A plain tool called as a stream: one chunk, then the end.
+                    body, ok = _encode_reply(chan, {"t": "chunk", "id": rid, "data": result}, rid)
+                    chan.write(body)
+                    if ok:
+                        chan.send({"t": "end", "id": rid})
+                    return
             finally:
                 _run.id = None
             reply = {"t": "result", "id": rid, "ok": result}
@@ -395,28 +493,46 @@ def _call(chan, tools, msg):
             reply = {"t": "error", "id": rid, "error": {"type": "Cancelled", "message": str(e) or "cancelled"}}
         except Exception as e:
             reply = {"t": "error", "id": rid, "error": _error(e)}
+    chan.write(_encode_reply(chan, reply, rid)[0])
+
+
+def _stream(chan, rid, gen, credit):
+    """Sends a generator's items as `chunk`s, never more than the host's credit ahead, then
+    `end`. The host grants more credit as its consumer takes chunks; `cancel` (or the cancel
+    signal) closes the generator, so its `finally` blocks run."""
     try:
-        body = _dumps(reply)
-    except (TypeError, ValueError) as e:
-        body = _dumps(
-            {
-                "t": "error",
-                "id": rid,
-                "error": {"type": "TypeError", "message": "result is not JSON-serialisable: %s" % e},
-            }
-        )
-    if len(body) > chan.max_frame:
-        body = _dumps(
-            {
-                "t": "error",
-                "id": rid,
-                "error": {
-                    "type": "FrameTooLarge",
-                    "message": "result of %d bytes exceeds max_frame %d" % (len(body), chan.max_frame),
-                },
-            }
-        )
-    chan.write(body)
+        while True:
+            try:
+                item = _next_item(gen)
+            except StopIteration:
+                break
+            while credit <= 0:
+                body = chan.read()
+                if body is None:
+                    raise Cancelled("host went away")
+                m = json.loads(body)
+                t = m.get("t")
+                if t == "credit" and m.get("id") == rid:
+                    credit += int(m.get("n") or 0)
+                elif t == "cancel" and m.get("id") == rid:
+                    raise Cancelled("stream cancelled by the host")
+                elif t == "ping":
+                    chan.send({"t": "pong", "id": m.get("id")})
+                elif t not in ("credit", "cancel"):
+                    _log("ignoring %r while streaming" % t)
+            body, ok = _encode_reply(chan, {"t": "chunk", "id": rid, "data": item}, rid)
+            chan.write(body)
+            if not ok:
+                _close(gen)
+                return
+            credit -= 1
+        chan.send({"t": "end", "id": rid})
+    except Cancelled as e:
+        _close(gen)
+        chan.send({"t": "error", "id": rid, "error": {"type": "Cancelled", "message": str(e) or "cancelled"}})
+    except Exception as e:
+        _close(gen)
+        chan.write(_encode_reply(chan, {"t": "error", "id": rid, "error": _error(e)}, rid)[0])
 
 
 def protocol_fd():

@@ -183,6 +183,44 @@ def grandchild(setsid=False):
 
 
 @tool
+def count(n, size=0, path=None):
+    """Yields {"i": i} for i in 0..n (with a `size`-character "pad" when given); when the
+    stream ends or is cancelled, creates `path` (a finally block) if given."""
+    pad = "x" * int(size)
+    try:
+        for i in range(int(n)):
+            yield {"i": i, "pad": pad} if size else {"i": i}
+    finally:
+        if path:
+            with open(path, "a"):
+                pass
+
+
+@tool
+async def acount(n):
+    """An async generator: yields 0..n, awaiting between items."""
+    import asyncio
+
+    for i in range(int(n)):
+        await asyncio.sleep(0)
+        yield i
+
+
+@tool
+async def adouble(x):
+    """An async tool: returns 2 * x."""
+    return 2 * x
+
+
+@tool
+def fail_after(n):
+    """Yields 0..n, then raises ValueError."""
+    for i in range(int(n)):
+        yield i
+    raise ValueError("failed after %d items" % n)
+
+
+@tool
 def touch(path):
     """Creates the file `path` (lets tests observe that a call ran)."""
     with open(path, "a"):
