@@ -25,7 +25,8 @@ pub use payload::{Codec, Payload};
 pub use profile::{ProcessProfile, StartMode, WorkerProfile};
 pub use session::{SessionRecord, SessionStore, VarType, Variable};
 pub use transport::{
-    CloseReason, Connection, Hello, Ready, Request, RequestId, ToolInfo, Transport, WorkerId, WorkerIo,
+    CloseReason, Connection, Hello, HostCall, HostHandler, Ready, Request, RequestId, ToolInfo, Transport,
+    WorkerId, WorkerIo,
 };
 
 /// The wire protocol versions this build of the host speaks, newest first.

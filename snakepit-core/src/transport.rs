@@ -10,7 +10,7 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::{Error, Payload};
+use crate::{Error, Payload, WorkerError};
 
 /// Identifies one worker incarnation: its pool slot and how many times that slot has been
 /// (re)started. Displayed as `worker SLOT.GENERATION`.
@@ -63,6 +63,12 @@ impl Request {
         Request { id: None, command: command.into(), args, deadline: None, session: None }
     }
 
+    /// Sets the session the request belongs to.
+    pub fn with_session(mut self, session: Option<String>) -> Self {
+        self.session = session;
+        self
+    }
+
     /// Sets the request id (see [`Connection::new_request_id`]).
     pub fn with_id(mut self, id: RequestId) -> Self {
         self.id = Some(id);
@@ -76,8 +82,36 @@ impl Request {
     }
 }
 
-/// What the host tells a worker first.
+/// A call from a worker to the host, made while one of its requests is in flight.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HostCall {
+    /// The worker calling.
+    pub worker: WorkerId,
+    /// The request it is working on, if it said.
+    pub request: Option<RequestId>,
+    /// The host tool (or session operation: `session.get`, `session.set`, `session.delete`).
+    pub name: String,
+    /// Its arguments.
+    pub args: Payload,
+}
+
+impl HostCall {
+    /// A host call from `worker`, for `request`, to `name` with `args`.
+    pub fn new(worker: WorkerId, request: Option<RequestId>, name: impl Into<String>, args: Payload) -> Self {
+        HostCall { worker, request, name: name.into(), args }
+    }
+}
+
+/// Answers workers' calls to the host (host tools, session variables).
+#[async_trait]
+pub trait HostHandler: Send + Sync + 'static {
+    /// Runs one host call; an error is raised in the worker's code as an exception.
+    async fn host_call(&self, call: HostCall) -> Result<Payload, WorkerError>;
+}
+
+/// What the host tells a worker first.
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct Hello {
     /// The worker being greeted.
@@ -88,12 +122,31 @@ pub struct Hello {
     pub max_frame: usize,
     /// Adapter configuration for the worker.
     pub config: serde_json::Value,
+    /// Who answers the worker's calls to the host (none: they fail).
+    pub host: Option<Arc<dyn HostHandler>>,
+}
+
+impl fmt::Debug for Hello {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hello")
+            .field("worker", &self.worker)
+            .field("versions", &self.versions)
+            .field("max_frame", &self.max_frame)
+            .field("host", &self.host.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Hello {
     /// A hello for `worker` offering [`crate::PROTOCOL_VERSIONS`].
     pub fn new(worker: WorkerId, max_frame: usize, config: serde_json::Value) -> Self {
-        Hello { worker, versions: crate::PROTOCOL_VERSIONS.to_vec(), max_frame, config }
+        Hello { worker, versions: crate::PROTOCOL_VERSIONS.to_vec(), max_frame, config, host: None }
+    }
+
+    /// Sets the handler of the worker's calls to the host.
+    pub fn with_host(mut self, host: Option<Arc<dyn HostHandler>>) -> Self {
+        self.host = host;
+        self
     }
 }
 

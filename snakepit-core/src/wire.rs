@@ -42,6 +42,15 @@ pub struct Inbound<'a> {
     /// `chunk`: one item of a stream.
     #[serde(default, borrow)]
     pub data: Option<&'a RawValue>,
+    /// `host_call`: the host tool's name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `host_call`: the request it is made for.
+    #[serde(default)]
+    pub call: Option<u64>,
+    /// `host_call`: the arguments.
+    #[serde(default, borrow)]
+    pub args: Option<&'a RawValue>,
     /// `error`: the exception.
     #[serde(default)]
     pub error: Option<WorkerError>,
@@ -91,6 +100,7 @@ pub fn encode_call(
     args: &[u8],
     timeout_ms: Option<u64>,
     stream: Option<u32>,
+    session: Option<&str>,
 ) {
     out.extend_from_slice(br#"{"t":"call","id":"#);
     push_u64(out, id);
@@ -105,8 +115,30 @@ pub fn encode_call(
         out.extend_from_slice(br#","stream":"#);
         push_u64(out, u64::from(w));
     }
+    if let Some(sid) = session {
+        out.extend_from_slice(br#","session":"#);
+        let _ = serde_json::to_writer(&mut *out, sid);
+    }
     out.extend_from_slice(br#","args":"#);
     out.extend_from_slice(args);
+    out.push(b'}');
+}
+
+/// Appends a `host_result` message: `Ok(json)` or the error.
+pub fn encode_host_result(out: &mut Vec<u8>, id: u64, result: Result<&[u8], &crate::WorkerError>) {
+    out.extend_from_slice(br#"{"t":"host_result","id":"#);
+    push_u64(out, id);
+    match result {
+        Ok(json) => {
+            out.extend_from_slice(br#","ok":"#);
+            out.extend_from_slice(json);
+        }
+        Err(e) => {
+            out.extend_from_slice(br#","error":"#);
+            // A struct of strings serialises into a Vec without failing.
+            let _ = serde_json::to_writer(&mut *out, e);
+        }
+    }
     out.push(b'}');
 }
 
@@ -152,7 +184,7 @@ mod tests {
     #[test]
     fn call_encodes_as_json() {
         let mut out = Vec::new();
-        encode_call(&mut out, 42, "a\"b", br#"{"x":[1,2]}"#, Some(7), Some(16));
+        encode_call(&mut out, 42, "a\"b", br#"{"x":[1,2]}"#, Some(7), Some(16), Some("s1"));
         let v: serde_json::Value = serde_json::from_slice(&out).expect("valid json");
         assert_eq!(v["t"], "call");
         assert_eq!(v["id"], 42);
@@ -160,6 +192,7 @@ mod tests {
         assert_eq!(v["timeout_ms"], 7);
         assert_eq!(v["args"]["x"][1], 2);
         assert_eq!(v["stream"], 16);
+        assert_eq!(v["session"], "s1");
         let mut out = Vec::new();
         encode_credit(&mut out, 3, 8);
         assert_eq!(out, br#"{"t":"credit","id":3,"n":8}"#);

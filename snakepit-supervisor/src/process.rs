@@ -23,7 +23,7 @@ const TAIL_BYTES: usize = 8 * 1024;
 const STDERR_DRAIN: Duration = Duration::from_millis(300);
 
 /// Everything [`start_worker`] needs besides the adapter and the transport.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct StartOptions {
     /// The worker to start.
@@ -36,17 +36,43 @@ pub struct StartOptions {
     pub max_frame: usize,
     /// Fault injection: wait this long before the handshake (inside the handshake timeout).
     pub handshake_delay: Option<Duration>,
+    /// Answers the worker's calls to the host.
+    pub host: Option<Arc<dyn snakepit_core::HostHandler>>,
+}
+
+impl std::fmt::Debug for StartOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartOptions")
+            .field("worker", &self.worker)
+            .field("run_id", &self.run_id)
+            .field("max_frame", &self.max_frame)
+            .field("host", &self.host.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl StartOptions {
     /// Options for `worker` in run `run_id`.
     pub fn new(worker: WorkerId, run_id: impl Into<String>, max_frame: usize) -> Self {
-        StartOptions { worker, run_id: run_id.into(), env: Vec::new(), max_frame, handshake_delay: None }
+        StartOptions {
+            worker,
+            run_id: run_id.into(),
+            env: Vec::new(),
+            max_frame,
+            handshake_delay: None,
+            host: None,
+        }
     }
 
     /// Fault injection: delays the handshake by `d` (it still counts against the timeout).
     pub fn with_handshake_delay(mut self, d: Option<Duration>) -> Self {
         self.handshake_delay = d;
+        self
+    }
+
+    /// Sets the handler of the worker's calls to the host.
+    pub fn with_host(mut self, host: Option<Arc<dyn snakepit_core::HostHandler>>) -> Self {
+        self.host = host;
         self
     }
 
@@ -418,7 +444,7 @@ pub async fn start_worker(
     // If this future is dropped before the worker is handed out, the worker must die with it.
     let mut guard = KillOnDrop(Some(shared.clone()));
     let io = WorkerIo { worker, input: Box::new(stdin), output: Box::new(stdout) };
-    let hello = Hello::new(worker, opts.max_frame, adapter.worker_config());
+    let hello = Hello::new(worker, opts.max_frame, adapter.worker_config()).with_host(opts.host.clone());
     let timeout = adapter.handshake_timeout();
     let delay = opts.handshake_delay;
     let connect = async move {

@@ -26,8 +26,8 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use snakepit_core::wire::{self, HelloMsg, Inbound};
 use snakepit_core::{
-    CloseReason, Codec, Connection, Error, Hello, Payload, Ready, Request, RequestId, Transport, WorkerError,
-    WorkerId, WorkerIo, DEFAULT_MAX_FRAME,
+    CloseReason, Codec, Connection, Error, Hello, HostCall, HostHandler, Payload, Ready, Request, RequestId,
+    Transport, WorkerError, WorkerId, WorkerIo, DEFAULT_MAX_FRAME,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -114,6 +114,10 @@ struct Shared {
     closed: watch::Sender<Option<CloseReason>>,
     /// Notified whenever the pending map becomes empty.
     idle: tokio::sync::Notify,
+    /// Answers the worker's `host_call`s.
+    host: Option<Arc<dyn HostHandler>>,
+    /// The writer, weakly (so that dropping the connection still closes the worker's stdin).
+    writer: Mutex<Option<mpsc::WeakUnboundedSender<Vec<u8>>>>,
 }
 
 impl Shared {
@@ -343,13 +347,16 @@ async fn read_loop(mut reader: FrameReader, shared: Arc<Shared>) {
     }
 }
 
-fn dispatch(shared: &Shared, frame: Bytes) -> Result<(), String> {
+fn dispatch(shared: &Arc<Shared>, frame: Bytes) -> Result<(), String> {
     let msg: Inbound<'_> = serde_json::from_slice(&frame).map_err(|e| format!("malformed message: {e}"))?;
     let payload = |raw: Option<&serde_json::value::RawValue>| match raw {
         Some(raw) => Payload::from_trusted(Codec::Json, frame.slice_ref(raw.get().as_bytes())),
         None => Payload::null(),
     };
     let tag = &*msg.t;
+    if tag == "host_call" {
+        return host_call(shared, &frame, msg);
+    }
     if !matches!(tag, "result" | "error" | "pong" | "chunk" | "end") {
         tracing::debug!(worker = %shared.worker, tag, "ignoring message of unknown type");
         return Ok(());
@@ -426,6 +433,48 @@ fn dispatch(shared: &Shared, frame: Bytes) -> Result<(), String> {
         shared.idle.notify_waiters();
     }
     Ok(())
+}
+
+/// Runs a worker's call to the host on its own task (the worker waits for the answer while
+/// its request is in flight, so the reader must not), then sends `host_result`.
+fn host_call(shared: &Arc<Shared>, frame: &Bytes, msg: Inbound<'_>) -> Result<(), String> {
+    let Some(id) = msg.id else { return Err("`host_call` without an id".into()) };
+    let args = match msg.args {
+        Some(raw) => Payload::from_trusted(Codec::Json, frame.slice_ref(raw.get().as_bytes())),
+        None => Payload::null(),
+    };
+    let call = HostCall::new(shared.worker, msg.call.map(RequestId), msg.name.unwrap_or_default(), args);
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let result = match &shared.host {
+            Some(h) => h.host_call(call).await,
+            None => Err(WorkerError {
+                kind: "UnknownHostTool".into(),
+                message: "this pool has no host tools".into(),
+                traceback: None,
+            }),
+        };
+        let mut f = frame_result(shared.max_frame, id, result.as_ref().map(|p| p.bytes().as_ref()));
+        if let Err(Error::FrameTooLarge { size, max }) = &f {
+            let e = WorkerError {
+                kind: "FrameTooLarge".into(),
+                message: format!("host result of {size} bytes exceeds max_frame {max}"),
+                traceback: None,
+            };
+            f = frame_result(shared.max_frame, id, Err(&e));
+        }
+        let writer =
+            shared.writer.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|w| w.upgrade());
+        if let (Ok(f), Some(w)) = (f, writer) {
+            let _ = w.send(f);
+        }
+    });
+    Ok(())
+}
+
+fn frame_result(max_frame: usize, id: u64, r: Result<&[u8], &WorkerError>) -> Result<Vec<u8>, Error> {
+    let len = r.as_ref().map_or(256, |b| b.len() + 48);
+    frame(len, max_frame, |out| wire::encode_host_result(out, id, r))
 }
 
 /// The consumer side of a streamed call: yields chunks, grants credit as it goes, and leaves a
@@ -523,8 +572,11 @@ impl StdioConnection {
             pending: Mutex::new(HashMap::new()),
             closed,
             idle: tokio::sync::Notify::new(),
+            host: hello.host.clone(),
+            writer: Mutex::new(None),
         });
         let (tx, rx) = mpsc::unbounded_channel();
+        *shared.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.downgrade());
         let hello_frame = frame(256, max_frame, |out| {
             let msg = HelloMsg {
                 t: "hello",
@@ -642,7 +694,7 @@ impl Connection for StdioConnection {
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()).as_millis().min(u64::MAX as u128) as u64);
         let frame = frame(args.len() + req.command.len() + 64, self.shared.max_frame, |out| {
-            wire::encode_call(out, id, &req.command, args, timeout_ms, None)
+            wire::encode_call(out, id, &req.command, args, timeout_ms, None, req.session.as_deref())
         })?;
         match self.round_trip(id, frame).await? {
             Reply::Ok(p) => Ok(p),
@@ -673,7 +725,7 @@ impl Connection for StdioConnection {
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()).as_millis().min(u64::MAX as u128) as u64);
         let f = frame(args.len() + req.command.len() + 80, self.shared.max_frame, |out| {
-            wire::encode_call(out, id, &req.command, args, timeout_ms, Some(window))
+            wire::encode_call(out, id, &req.command, args, timeout_ms, Some(window), req.session.as_deref())
         })?;
         if let Some(reason) = self.shared.close_reason() {
             return Err(self.shared.error_for(&reason));

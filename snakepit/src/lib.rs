@@ -26,6 +26,7 @@
 
 #[cfg(feature = "chaos")]
 pub mod chaos;
+mod host;
 mod lifecycle;
 mod pool;
 mod session;

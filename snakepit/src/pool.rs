@@ -489,6 +489,7 @@ impl PoolBuilder {
             }
         };
         let inner = Arc::new(Inner {
+            host: Arc::new(crate::host::PoolHost::new(store.clone())),
             store,
             rehydrate: self.rehydrate,
             slots: (0..cfg.size).map(|_| Slot::default()).collect(),
@@ -598,6 +599,7 @@ struct ToolSet {
 
 pub(crate) struct Inner {
     pub(crate) store: Arc<dyn SessionStore>,
+    pub(crate) host: Arc<crate::host::PoolHost>,
     rehydrate: Option<RehydrateHook>,
     pub(crate) cfg: Config,
     adapter: Arc<dyn Adapter>,
@@ -632,8 +634,10 @@ impl Inner {
     }
 
     pub(crate) fn start_options(&self, worker: WorkerId) -> StartOptions {
-        let opts =
-            StartOptions::new(worker, self.run_id.clone(), self.cfg.max_frame).with_env(self.cfg.env.clone());
+        let host: Arc<dyn snakepit_core::HostHandler> = self.host.clone();
+        let opts = StartOptions::new(worker, self.run_id.clone(), self.cfg.max_frame)
+            .with_env(self.cfg.env.clone())
+            .with_host(Some(host));
         #[cfg(feature = "chaos")]
         let opts = opts.with_handshake_delay(self.cfg.chaos.as_ref().and_then(|c| c.handshake_delay()));
         opts
@@ -941,6 +945,7 @@ pub struct CallStream {
     command: String,
     done: bool,
     _session_call: Option<crate::lifecycle::SessionCall>,
+    _scope: Option<crate::host::SessionScope>,
 }
 
 impl std::fmt::Debug for CallStream {
@@ -1340,7 +1345,11 @@ impl Pool {
             self.acquire(session, command, &opts).await?;
         let id = worker.connection().new_request_id();
         lease.request = Some((id, deadline));
-        let req = Request::new(command, args).with_deadline(deadline).with_id(id);
+        let req = Request::new(command, args)
+            .with_deadline(deadline)
+            .with_id(id)
+            .with_session(session.map(str::to_owned));
+        let _scope = session.map(|sid| inner.host.enter(worker.id(), id, sid));
         #[cfg(feature = "chaos")]
         let chaos_n = match &inner.cfg.chaos {
             Some(c) => {
@@ -1438,7 +1447,11 @@ impl Pool {
             self.acquire(session, command, &opts).await?;
         let id = worker.connection().new_request_id();
         lease.request = Some((id, deadline));
-        let req = Request::new(command, args).with_deadline(deadline).with_id(id);
+        let req = Request::new(command, args)
+            .with_deadline(deadline)
+            .with_id(id)
+            .with_session(session.map(str::to_owned));
+        let scope = session.map(|sid| inner.host.enter(worker.id(), id, sid));
         let stream = match worker.connection().stream(req, inner.cfg.stream_window).await {
             Ok(s) => s,
             Err(e) => {
@@ -1458,12 +1471,31 @@ impl Pool {
             command: command.to_owned(),
             done: false,
             _session_call,
+            _scope: scope,
         })
     }
 
     /// The pool's session store.
     pub fn session_store(&self) -> &Arc<dyn SessionStore> {
         &self.inner.store
+    }
+
+    /// Registers a host tool that workers can call while they run a request (Python:
+    /// `ctx.call_host(name, args)`). Its error is raised in the worker as `HostCallError`.
+    ///
+    /// ```no_run
+    /// # async fn t(pool: &snakepit::Pool) {
+    /// pool.register_host_tool("lookup", |args| async move {
+    ///     Ok(serde_json::json!({"user": args["id"], "plan": "pro"}))
+    /// });
+    /// # }
+    /// ```
+    pub fn register_host_tool<F, Fut>(&self, name: &str, f: F)
+    where
+        F: Fn(serde_json::Value) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<serde_json::Value, Error>> + Send + 'static,
+    {
+        self.inner.host.register(name, f);
     }
 
     /// Whether the workers announced `command` as a streaming tool (a generator).

@@ -19,7 +19,7 @@ The host starts workers through the bootstrap ``python -m snakepit_bridge --scri
 goes to stderr and can never corrupt a frame. Only the standard library is used.
 """
 
-from ._core import BaseAdapter, Cancelled, ToolError, serve, tool
+from ._core import BaseAdapter, Cancelled, Context, HostCallError, ToolError, serve, tool
 
-__all__ = ["BaseAdapter", "Cancelled", "ToolError", "serve", "tool"]
+__all__ = ["BaseAdapter", "Cancelled", "Context", "HostCallError", "ToolError", "serve", "tool"]
 __version__ = "0.1.0"

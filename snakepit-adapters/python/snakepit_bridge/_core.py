@@ -40,6 +40,112 @@ class Cancelled(BaseException):
     """
 
 
+class HostCallError(Exception):
+    """A call to the host failed; ``type_name`` is the host's error kind or exception type."""
+
+    def __init__(self, type_name, message):
+        super().__init__(message)
+        self.type_name = type_name
+
+
+_host_seq = [0]
+_stash = []  # frames read while waiting for a host result that belong to someone else
+_session_cache = {}
+SESSION_CACHE_TTL = 1.0
+
+
+class Context:
+    """What a tool that takes a ``ctx`` parameter receives: the request id, the session (if the
+    call runs in one) and calls to the host."""
+
+    def __init__(self, chan, request_id, session_id):
+        self._chan = chan
+        self.request_id = request_id
+        self.session = _SessionProxy(self, session_id) if session_id is not None else None
+
+    def call_host(self, name, args=None):
+        """Calls the host tool ``name`` and returns its result; raises ``HostCallError``."""
+        return _host_call(self._chan, self.request_id, name, args)
+
+
+class _SessionProxy:
+    """Session variables, read through a small TTL cache (writes go through at once)."""
+
+    def __init__(self, ctx, session_id):
+        self.id = session_id
+        self._ctx = ctx
+        if len(_session_cache) > 1000:
+            _session_cache.clear()
+        self._cache = _session_cache.setdefault(session_id, {})
+
+    def get(self, name, default=None):
+        import time
+
+        now = time.monotonic()
+        hit = self._cache.get(name)
+        if hit is not None and hit[1] > now:
+            value = hit[0]
+        else:
+            value = self._ctx.call_host("session.get", {"name": name})
+            self._cache[name] = (value, now + SESSION_CACHE_TTL)
+        return default if value is None else value
+
+    def set(self, name, value):
+        import time
+
+        self._ctx.call_host("session.set", {"name": name, "value": value})
+        self._cache[name] = (value, time.monotonic() + SESSION_CACHE_TTL)
+
+    def delete(self, name):
+        self._cache.pop(name, None)
+        return self._ctx.call_host("session.delete", {"name": name})
+
+
+def _host_call(chan, rid, name, args):
+    _host_seq[0] += 1
+    hid = _host_seq[0]
+    chan.send({"t": "host_call", "id": hid, "call": rid, "name": name, "args": args})
+    while True:
+        body = chan.read()
+        if body is None:
+            raise Cancelled("the host went away")
+        m = json.loads(body)
+        t = m.get("t")
+        if t == "host_result" and m.get("id") == hid:
+            err = m.get("error")
+            if err is not None:
+                raise HostCallError(err.get("type"), err.get("message", ""))
+            return m.get("ok")
+        if t == "cancel" and m.get("id") == rid:
+            raise Cancelled("call cancelled by the host")
+        if t == "ping":
+            chan.send({"t": "pong", "id": m.get("id")})
+        elif t == "credit":
+            _stash.append(m)
+        else:
+            _log("ignoring %r while waiting for the host" % t)
+
+
+def _stashed_credit(rid):
+    n = 0
+    keep = []
+    for m in _stash:
+        if m.get("t") == "credit" and m.get("id") == rid:
+            n += int(m.get("n") or 0)
+        else:
+            keep.append(m)
+    _stash[:] = keep
+    return n
+
+
+def _wants_ctx(fn):
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    if code is None:
+        return False
+    n = code.co_argcount + code.co_kwonlyargcount
+    return "ctx" in code.co_varnames[:n]
+
+
 class _Running:
     """Which call the main thread is running (for the cancel signal)."""
 
@@ -242,14 +348,17 @@ def _doc(fn):
     return "\n".join(out).strip() or None
 
 
-def _invoke(fn, args):
+def _invoke(fn, args, ctx=None):
+    kw = {"ctx": ctx} if ctx is not None else {}
     if args is None:
-        return fn()
+        return fn(**kw)
     if isinstance(args, dict):
+        if kw:
+            args = dict(args, **kw)
         return fn(**args)
     if isinstance(args, list):
-        return fn(*args)
-    return fn(args)
+        return fn(*args, **kw)
+    return fn(args, **kw)
 
 
 def _error(exc):
@@ -471,7 +580,8 @@ def _call(chan, tools, msg):
         try:
             _run.id = rid
             try:
-                result = _invoke(fn, msg.get("args"))
+                ctx = Context(chan, rid, msg.get("session")) if _wants_ctx(fn) else None
+                result = _invoke(fn, msg.get("args"), ctx)
                 if isinstance(result, types.CoroutineType):
                     result = _loop_run(result)
                 if _is_stream(result):
@@ -506,6 +616,7 @@ def _stream(chan, rid, gen, credit):
                 item = _next_item(gen)
             except StopIteration:
                 break
+            credit += _stashed_credit(rid)
             while credit <= 0:
                 body = chan.read()
                 if body is None:

@@ -221,6 +221,31 @@ def fail_after(n):
 
 
 @tool
+def ask_host(name, args=None, ctx=None):
+    """Calls the host tool `name` with `args` and returns its answer (or the error it raised,
+    as {"error": type, "message": ...})."""
+    from snakepit_bridge import HostCallError
+
+    try:
+        return {"ok": ctx.call_host(name, args)}
+    except HostCallError as e:
+        return {"error": e.type_name, "message": str(e)}
+
+
+@tool
+def remember(name, value, ctx=None):
+    """Stores a session variable through the host; returns what a read gives back."""
+    ctx.session.set(name, value)
+    return ctx.session.get(name)
+
+
+@tool
+def recall(name, ctx=None):
+    """Reads a session variable through the host (None without a session)."""
+    return ctx.session.get(name) if ctx.session is not None else None
+
+
+@tool
 def touch(path):
     """Creates the file `path` (lets tests observe that a call ran)."""
     with open(path, "a"):

@@ -1,0 +1,109 @@
+//! Worker → host calls: host tools registered on the pool, and session variables.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use snakepit_core::{Error, HostCall, HostHandler, Payload, RequestId, SessionStore, WorkerError, WorkerId};
+
+/// A host tool: JSON in, JSON out.
+pub(crate) type HostTool =
+    Arc<dyn Fn(serde_json::Value) -> BoxFuture<'static, Result<serde_json::Value, Error>> + Send + Sync>;
+
+/// The pool's answer to its workers' `host_call`s.
+pub(crate) struct PoolHost {
+    tools: RwLock<HashMap<String, HostTool>>,
+    store: Arc<dyn SessionStore>,
+    /// The session of each session call in flight, by (worker, request id).
+    sessions: Mutex<HashMap<(WorkerId, RequestId), String>>,
+}
+
+fn werr(kind: &str, message: impl Into<String>) -> WorkerError {
+    WorkerError { kind: kind.into(), message: message.into(), traceback: None }
+}
+
+fn from_error(e: Error) -> WorkerError {
+    match e {
+        Error::Worker { error, .. } => error,
+        e => werr(e.kind(), e.to_string()),
+    }
+}
+
+impl PoolHost {
+    pub(crate) fn new(store: Arc<dyn SessionStore>) -> Self {
+        PoolHost { tools: RwLock::new(HashMap::new()), store, sessions: Mutex::new(HashMap::new()) }
+    }
+
+    pub(crate) fn register<F, Fut>(&self, name: &str, f: F)
+    where
+        F: Fn(serde_json::Value) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<serde_json::Value, Error>> + Send + 'static,
+    {
+        let tool: HostTool = Arc::new(move |v| Box::pin(f(v)));
+        self.tools.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), tool);
+    }
+
+    /// Records that `request` on `worker` runs in `session` until the guard drops.
+    pub(crate) fn enter(
+        self: &Arc<Self>,
+        worker: WorkerId,
+        request: RequestId,
+        session: &str,
+    ) -> SessionScope {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert((worker, request), session.to_owned());
+        SessionScope { host: self.clone(), key: (worker, request) }
+    }
+
+    fn session_of(&self, call: &HostCall) -> Result<String, WorkerError> {
+        let key = call.request.map(|r| (call.worker, r));
+        key.and_then(|k| self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(&k).cloned())
+            .ok_or_else(|| werr("NoSession", "this call does not run in a session"))
+    }
+
+    async fn session_op(&self, call: HostCall) -> Result<serde_json::Value, WorkerError> {
+        let sid = self.session_of(&call)?;
+        let args: serde_json::Value = call.args.decode().map_err(|e| werr("BadRequest", e.to_string()))?;
+        let name =
+            args.get("name").and_then(|n| n.as_str()).ok_or_else(|| werr("BadRequest", "missing `name`"))?;
+        let store = &self.store;
+        let r = match call.name.as_str() {
+            "session.get" => store.get_var(&sid, name).await.map(|v| v.unwrap_or(serde_json::Value::Null)),
+            "session.set" => {
+                let value = args.get("value").cloned().unwrap_or(serde_json::Value::Null);
+                store.set_var(&sid, name, value, None).await.map(|()| serde_json::Value::Null)
+            }
+            "session.delete" => store.delete_var(&sid, name).await.map(serde_json::Value::Bool),
+            other => return Err(werr("UnknownHostTool", format!("no session operation `{other}`"))),
+        };
+        r.map_err(from_error)
+    }
+}
+
+/// Forgets a session call's session when dropped.
+pub(crate) struct SessionScope {
+    host: Arc<PoolHost>,
+    key: (WorkerId, RequestId),
+}
+
+impl Drop for SessionScope {
+    fn drop(&mut self) {
+        self.host.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
+}
+
+#[async_trait]
+impl HostHandler for PoolHost {
+    async fn host_call(&self, call: HostCall) -> Result<Payload, WorkerError> {
+        if call.name.starts_with("session.") {
+            return self.session_op(call).await.map(Payload::from);
+        }
+        let tool = self.tools.read().unwrap_or_else(|p| p.into_inner()).get(&call.name).cloned();
+        let Some(tool) = tool else {
+            return Err(werr("UnknownHostTool", format!("the host has no tool `{}`", call.name)));
+        };
+        let args: serde_json::Value = call.args.decode().map_err(|e| werr("BadRequest", e.to_string()))?;
+        tool(args).await.map(Payload::from).map_err(from_error)
+    }
+}
