@@ -151,6 +151,10 @@ class _Running:
 
     id = None
     signum = None
+    # > 0 while a frame is being read or written: a cancel then waits for the frame boundary,
+    # so the protocol stream is never cut mid-frame.
+    atomic = 0
+    pending = False
 
 
 _run = _Running()
@@ -159,7 +163,19 @@ _run = _Running()
 def _on_cancel_signal(signum, frame):
     # The host sends the cancel signal only while a call it cancelled has not been answered,
     # and sends the next call only after that answer: so the running call is the cancelled one.
-    if _run.id is not None:
+    if _run.id is None:
+        return
+    if _run.atomic:
+        _run.pending = True
+        return
+    _run.id = None
+    raise Cancelled("call cancelled by the host")
+
+
+def _frame_boundary():
+    """Raises a cancel that arrived while a frame was in transit, now that it is whole."""
+    if _run.pending and _run.id is not None and not _run.atomic:
+        _run.pending = False
         _run.id = None
         raise Cancelled("call cancelled by the host")
 
@@ -258,7 +274,16 @@ class _Channel:
         self.max_frame = 64 * 1024 * 1024
 
     def read(self):
-        """Returns the next frame body, or None at EOF."""
+        """Returns the next frame body, or None at EOF. Never cut short by the cancel signal."""
+        _run.atomic += 1
+        try:
+            body = self._read()
+        finally:
+            _run.atomic -= 1
+        _frame_boundary()
+        return body
+
+    def _read(self):
         hdr = self.reader.read(4)
         if not hdr or len(hdr) < 4:
             return None
@@ -271,13 +296,19 @@ class _Channel:
         return body
 
     def write(self, body):
+        """Writes one frame; never cut short by the cancel signal."""
         data = _HDR.pack(len(body)) + body if len(body) < 65536 else None
-        with _write_lock:
-            if data is not None:
-                self._write_all(data)
-            else:
-                self._write_all(_HDR.pack(len(body)))
-                self._write_all(body)
+        _run.atomic += 1
+        try:
+            with _write_lock:
+                if data is not None:
+                    self._write_all(data)
+                else:
+                    self._write_all(_HDR.pack(len(body)))
+                    self._write_all(body)
+        finally:
+            _run.atomic -= 1
+        _frame_boundary()
 
     def _write_all(self, data):
         view = memoryview(data)
@@ -578,6 +609,7 @@ def _call(chan, tools, msg):
         }
     else:
         try:
+            _run.pending = False
             _run.id = rid
             try:
                 ctx = Context(chan, rid, msg.get("session")) if _wants_ctx(fn) else None
