@@ -28,3 +28,23 @@ impl WorkerProfile for ProcessProfile {
         1
     }
 }
+
+/// The thread profile: a worker runs up to `n` calls at once (the Python bridge uses a thread
+/// pool for sync tools and its event loop for `async def` tools).
+#[derive(Debug, Clone, Copy)]
+pub struct ThreadProfile {
+    max_in_flight: usize,
+}
+
+impl ThreadProfile {
+    /// Up to `n` concurrent calls per worker.
+    pub fn new(n: usize) -> Self {
+        ThreadProfile { max_in_flight: n.max(1) }
+    }
+}
+
+impl WorkerProfile for ThreadProfile {
+    fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+}

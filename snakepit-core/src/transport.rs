@@ -124,6 +124,8 @@ pub struct Hello {
     pub config: serde_json::Value,
     /// Who answers the worker's calls to the host (none: they fail).
     pub host: Option<Arc<dyn HostHandler>>,
+    /// How many calls the host may send the worker at once.
+    pub max_in_flight: usize,
 }
 
 impl fmt::Debug for Hello {
@@ -140,7 +142,13 @@ impl fmt::Debug for Hello {
 impl Hello {
     /// A hello for `worker` offering [`crate::PROTOCOL_VERSIONS`].
     pub fn new(worker: WorkerId, max_frame: usize, config: serde_json::Value) -> Self {
-        Hello { worker, versions: crate::PROTOCOL_VERSIONS.to_vec(), max_frame, config, host: None }
+        Hello { worker, versions: crate::PROTOCOL_VERSIONS.to_vec(), max_frame, config, host: None, max_in_flight: 1 }
+    }
+
+    /// Sets how many calls the host may send at once.
+    pub fn with_max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
     }
 
     /// Sets the handler of the worker's calls to the host.
@@ -269,6 +277,9 @@ pub trait Connection: Send + Sync + 'static {
     /// Resolves when the worker has answered every call sent to it, abandoned ones included
     /// (or the connection is gone).
     fn idle(&self) -> BoxFuture<'static, ()>;
+
+    /// Resolves when the worker has answered call `id` (or the connection is gone).
+    fn answered(&self, id: RequestId) -> BoxFuture<'static, ()>;
 
     /// How many calls are waiting for a reply.
     fn in_flight(&self) -> usize;

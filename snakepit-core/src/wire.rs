@@ -25,6 +25,8 @@ pub struct HelloMsg<'a> {
     pub max_frame: usize,
     /// Adapter configuration.
     pub config: &'a serde_json::Value,
+    /// How many calls the host may send at once.
+    pub max_in_flight: usize,
 }
 
 /// Any message a worker sends. Fields a tag does not use are absent.

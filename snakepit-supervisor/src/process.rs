@@ -38,6 +38,8 @@ pub struct StartOptions {
     pub handshake_delay: Option<Duration>,
     /// Answers the worker's calls to the host.
     pub host: Option<Arc<dyn snakepit_core::HostHandler>>,
+    /// How many calls the host may send at once (told to the worker in `hello`).
+    pub max_in_flight: usize,
 }
 
 impl std::fmt::Debug for StartOptions {
@@ -61,12 +63,19 @@ impl StartOptions {
             max_frame,
             handshake_delay: None,
             host: None,
+            max_in_flight: 1,
         }
     }
 
     /// Fault injection: delays the handshake by `d` (it still counts against the timeout).
     pub fn with_handshake_delay(mut self, d: Option<Duration>) -> Self {
         self.handshake_delay = d;
+        self
+    }
+
+    /// Sets how many calls the host may send at once.
+    pub fn with_max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
         self
     }
 
@@ -444,7 +453,9 @@ pub async fn start_worker(
     // If this future is dropped before the worker is handed out, the worker must die with it.
     let mut guard = KillOnDrop(Some(shared.clone()));
     let io = WorkerIo { worker, input: Box::new(stdin), output: Box::new(stdout) };
-    let hello = Hello::new(worker, opts.max_frame, adapter.worker_config()).with_host(opts.host.clone());
+    let hello = Hello::new(worker, opts.max_frame, adapter.worker_config())
+        .with_host(opts.host.clone())
+        .with_max_in_flight(opts.max_in_flight);
     let timeout = adapter.handshake_timeout();
     let delay = opts.handshake_delay;
     let connect = async move {

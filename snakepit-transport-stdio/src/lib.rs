@@ -427,9 +427,9 @@ fn dispatch(shared: &Arc<Shared>, frame: Bytes) -> Result<(), String> {
             tracing::warn!(worker = %shared.worker, id, tag, "message for a request nobody waits for; dropped")
         }
     }
-    let now_idle = pending.is_empty();
     drop(pending);
-    if now_idle {
+    // Wakes `idle()` and `answered()` waiters, who re-check the map.
+    if tag != "chunk" {
         shared.idle.notify_waiters();
     }
     Ok(())
@@ -585,6 +585,7 @@ impl StdioConnection {
                 worker: worker.to_string(),
                 max_frame,
                 config: &hello.config,
+                max_in_flight: hello.max_in_flight,
             };
             // Serialising a struct of strings, numbers and a Value into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *out, &msg);
@@ -797,6 +798,19 @@ impl Connection for StdioConnection {
 
     fn idle(&self) -> BoxFuture<'static, ()> {
         wait_idle(self.shared.clone())
+    }
+
+    fn answered(&self, id: RequestId) -> BoxFuture<'static, ()> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            loop {
+                let notified = shared.idle.notified();
+                if !shared.pending().contains_key(&id.0) || shared.close_reason().is_some() {
+                    return;
+                }
+                notified.await;
+            }
+        })
     }
 
     fn in_flight(&self) -> usize {

@@ -52,7 +52,10 @@ pub(crate) struct Member {
     served: AtomicU64,
     request_limit: u64,
     retiring: AtomicBool,
-    leased: AtomicBool,
+    /// Calls running on the worker (its leases).
+    leases: std::sync::atomic::AtomicUsize,
+    /// How many calls it may run at once (1 = process profile).
+    capacity: usize,
     released: Notify,
     session_calls: std::sync::atomic::AtomicUsize,
 }
@@ -82,6 +85,7 @@ fn jittered(base: f64, jitter: f64) -> f64 {
 
 impl Member {
     pub(crate) fn new(worker: Worker, cfg: &Config) -> Self {
+        let capacity = worker.ready().max_in_flight.min(cfg.max_in_flight).max(1);
         let request_limit = cfg
             .max_requests
             .map_or(u64::MAX, |n| (jittered(n as f64, cfg.recycle_jitter).round() as u64).max(1));
@@ -90,7 +94,8 @@ impl Member {
             served: AtomicU64::new(0),
             request_limit,
             retiring: AtomicBool::new(false),
-            leased: AtomicBool::new(false),
+            leases: std::sync::atomic::AtomicUsize::new(0),
+            capacity,
             released: Notify::new(),
             session_calls: std::sync::atomic::AtomicUsize::new(0),
         }
@@ -120,11 +125,25 @@ impl Member {
         self.retiring.load(Ordering::Acquire)
     }
 
-    pub(crate) fn set_leased(&self, leased: bool) {
-        self.leased.store(leased, Ordering::Release);
-        if !leased {
-            self.released.notify_waiters();
-        }
+    /// Takes one of the worker's call slots; returns the number now in use.
+    pub(crate) fn acquire(&self) -> usize {
+        self.leases.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Gives back a call slot.
+    pub(crate) fn release(&self) {
+        self.leases.fetch_sub(1, Ordering::AcqRel);
+        self.released.notify_waiters();
+    }
+
+    /// Calls running on the worker.
+    pub(crate) fn leases(&self) -> usize {
+        self.leases.load(Ordering::Acquire)
+    }
+
+    /// Whether the worker can take another call.
+    pub(crate) fn has_room(&self) -> bool {
+        self.leases() < self.capacity
     }
 
     /// Counts one answered call; asks the slot to recycle the worker at its limit.
@@ -139,7 +158,7 @@ impl Member {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let released = self.released.notified();
-            if !self.leased.load(Ordering::Acquire) {
+            if self.leases() == 0 {
                 return true;
             }
             if tokio::time::timeout_at(deadline, released).await.is_err() {

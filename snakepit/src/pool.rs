@@ -76,7 +76,7 @@ pub struct PoolStats {
     pub ready: usize,
     /// Workers idle right now.
     pub idle: usize,
-    /// Workers running a call right now.
+    /// Calls running right now (with a thread profile, several per worker).
     pub busy: usize,
     /// Calls waiting for a worker.
     pub queued: usize,
@@ -120,6 +120,7 @@ pub(crate) struct Config {
     pub(crate) cancel_grace: Duration,
     pub(crate) drop_policy: DropPolicy,
     pub(crate) stream_window: u32,
+    pub(crate) max_in_flight: usize,
     instance: Option<String>,
     run_dir: Option<std::path::PathBuf>,
     registry: bool,
@@ -226,6 +227,7 @@ impl Default for PoolBuilder {
                 cancel_grace: Duration::from_secs(2),
                 drop_policy: DropPolicy::Kill,
                 stream_window: 32,
+                max_in_flight: 1,
                 instance: None,
                 run_dir: None,
                 registry: true,
@@ -353,6 +355,15 @@ impl PoolBuilder {
     /// (default 2 s). A worker that answers in time stays in the pool.
     pub fn cancel_grace(mut self, t: Duration) -> Self {
         self.cfg.cancel_grace = t;
+        self
+    }
+
+    /// The worker profile: how many calls one worker runs at once. `ProcessProfile` (the
+    /// default) runs one; `ThreadProfile::new(n)` lets the bridge run up to `n` calls
+    /// concurrently (threads for sync tools, its event loop for `async def` tools), and the pool
+    /// sends up to `n` calls to one worker.
+    pub fn profile(mut self, profile: impl snakepit_core::WorkerProfile) -> Self {
+        self.cfg.max_in_flight = profile.max_in_flight().max(1);
         self
     }
 
@@ -637,7 +648,8 @@ impl Inner {
         let host: Arc<dyn snakepit_core::HostHandler> = self.host.clone();
         let opts = StartOptions::new(worker, self.run_id.clone(), self.cfg.max_frame)
             .with_env(self.cfg.env.clone())
-            .with_host(Some(host));
+            .with_host(Some(host))
+            .with_max_in_flight(self.cfg.max_in_flight);
         #[cfg(feature = "chaos")]
         let opts = opts.with_handshake_delay(self.cfg.chaos.as_ref().and_then(|c| c.handshake_delay()));
         opts
@@ -720,43 +732,47 @@ impl Inner {
 
     /// Returns a worker to the pool: to the oldest live waiter, else to the idle stack.
     pub(crate) fn checkin(self: &Arc<Self>, worker: Arc<Member>) {
-        if !alive(&worker) {
-            return;
-        }
         let mut st = self.state();
-        if st.closed {
-            st.idle.push(worker);
+        let pos = st.idle.iter().position(|w| Arc::ptr_eq(w, &worker));
+        if !alive(&worker) {
+            if let Some(i) = pos {
+                st.idle.remove(i);
+            }
             return;
         }
-        let mut worker = Some(worker);
-        let slot = worker.as_ref().map_or(0, |w| w.id().slot);
-        while let Some((want, tx)) = st.pinned.get_mut(slot).and_then(|q| q.pop_front()) {
-            let Some(w) = worker.take() else { return };
-            if want != w.id() {
-                // Waiting for an earlier worker of this slot: it is gone (dropping `tx`
-                // tells the caller its session lost its worker).
-                worker = Some(w);
-                continue;
+        if st.closed {
+            if pos.is_none() {
+                st.idle.push(worker);
             }
-            match tx.send(Lease::new(w, self)) {
-                Ok(()) => {
-                    drop(st);
-                    self.bump();
-                    return;
+            return;
+        }
+        let slot = worker.id().slot;
+        // Hand free call slots to waiters: this worker's strict session calls first, then the
+        // generic queue (oldest first).
+        while worker.has_room() {
+            let next = match st.pinned.get_mut(slot).and_then(|q| q.pop_front()) {
+                Some((want, tx)) if want == worker.id() => tx,
+                // Waiting for an earlier worker of this slot: it is gone (dropping `tx` tells
+                // the caller its session lost its worker).
+                Some(_) => continue,
+                None => match st.waiters.pop_front() {
+                    Some(tx) => tx,
+                    None => break,
+                },
+            };
+            if let Err(mut lease) = next.send(Lease::new(worker.clone(), self)) {
+                // That caller gave up: undo the lease without running its drop.
+                if let Some(w) = lease.worker.take() {
+                    w.release();
                 }
-                Err(mut lease) => worker = lease.worker.take(),
             }
         }
-        while let Some(tx) = st.waiters.pop_front() {
-            let Some(w) = worker.take() else { return };
-            match tx.send(Lease::new(w, self)) {
-                Ok(()) => return,
-                // That caller gave up: take the worker back without running the lease's drop.
-                Err(mut lease) => worker = lease.worker.take(),
+        match (worker.has_room(), pos) {
+            (true, None) => st.idle.push(worker),
+            (false, Some(i)) => {
+                st.idle.remove(i);
             }
-        }
-        if let Some(w) = worker {
-            st.idle.push(w);
+            _ => {}
         }
         drop(st);
         self.bump();
@@ -800,7 +816,7 @@ impl Inner {
     /// Takes the worker out of the idle stack if it is there (for a heartbeat).
     pub(crate) fn take_idle(&self, id: WorkerId) -> Option<Arc<Member>> {
         let mut st = self.state();
-        let i = st.idle.iter().position(|w| w.id() == id)?;
+        let i = st.idle.iter().position(|w| w.id() == id && w.leases() == 0)?;
         Some(st.idle.remove(i))
     }
 
@@ -857,8 +873,12 @@ impl Inner {
             }
             if let Some(p) = &pin {
                 if let Some(i) = st.idle.iter().position(|w| w.id() == p.worker && alive(w)) {
-                    let w = st.idle.remove(i);
-                    return Ok(Lease::new(w, self));
+                    let w = st.idle[i].clone();
+                    let lease = Lease::new(w.clone(), self);
+                    if !w.has_room() {
+                        st.idle.remove(i);
+                    }
+                    return Ok(lease);
                 }
                 if strict {
                     drop(st);
@@ -872,10 +892,16 @@ impl Inner {
                 }
             }
             if !strict {
-                while let Some(w) = st.idle.pop() {
-                    if alive(&w) {
-                        return Ok(Lease::new(w, self));
+                while let Some(w) = st.idle.last().cloned() {
+                    if !alive(&w) {
+                        st.idle.pop();
+                        continue;
                     }
+                    let lease = Lease::new(w.clone(), self);
+                    if !w.has_room() {
+                        st.idle.pop();
+                    }
+                    return Ok(lease);
                 }
             }
             if self.circuit_open() {
@@ -1058,7 +1084,7 @@ struct Lease {
 
 impl Lease {
     fn new(w: Arc<Member>, inner: &Arc<Inner>) -> Self {
-        w.set_leased(true);
+        w.acquire();
         Lease { worker: Some(w), inner: Some(inner.clone()), in_call: false, request: None, timed_out: false }
     }
 
@@ -1076,11 +1102,11 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let Some(w) = self.worker.take() else { return };
         let Some(inner) = self.inner.take() else {
-            w.set_leased(false);
+            w.release();
             return;
         };
         if !self.in_call {
-            w.set_leased(false);
+            w.release();
             inner.checkin(w);
             return;
         }
@@ -1103,14 +1129,18 @@ impl Drop for Lease {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             // No runtime to wait on: the safe choice is to kill.
             inner.call_done();
-            w.set_leased(false);
+            w.release();
             w.kill();
             return;
         };
         rt.spawn(async move {
-            let answered = tokio::time::timeout(limit, conn.idle()).await.is_ok() && alive(&w);
+            let wait = match id {
+                Some(id) => conn.answered(id),
+                None => conn.idle(),
+            };
+            let answered = tokio::time::timeout(limit, wait).await.is_ok() && alive(&w);
             inner.call_done();
-            w.set_leased(false);
+            w.release();
             if answered {
                 tracing::debug!(worker = %w.id(), detach, "interrupted call answered; worker kept");
                 inner.checkin(w);
