@@ -142,7 +142,14 @@ impl fmt::Debug for Hello {
 impl Hello {
     /// A hello for `worker` offering [`crate::PROTOCOL_VERSIONS`].
     pub fn new(worker: WorkerId, max_frame: usize, config: serde_json::Value) -> Self {
-        Hello { worker, versions: crate::PROTOCOL_VERSIONS.to_vec(), max_frame, config, host: None, max_in_flight: 1 }
+        Hello {
+            worker,
+            versions: crate::PROTOCOL_VERSIONS.to_vec(),
+            max_frame,
+            config,
+            host: None,
+            max_in_flight: 1,
+        }
     }
 
     /// Sets how many calls the host may send at once.

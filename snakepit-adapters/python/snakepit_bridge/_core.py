@@ -102,6 +102,9 @@ class _SessionProxy:
 
 
 def _host_call(chan, rid, name, args):
+    T = _threaded[0]
+    if T is not None:
+        return T.host_call(rid, name, args)
     _host_seq[0] += 1
     hid = _host_seq[0]
     chan.send({"t": "host_call", "id": hid, "call": rid, "name": name, "args": args})
@@ -144,6 +147,185 @@ def _wants_ctx(fn):
         return False
     n = code.co_argcount + code.co_kwonlyargcount
     return "ctx" in code.co_varnames[:n]
+
+
+_threaded = [None]
+
+
+class _Threaded:
+    """Thread profile: the main thread reads frames and dispatches; calls run on a thread pool
+    (sync tools) or on one event loop thread (async tools)."""
+
+    def __init__(self, chan, n):
+        self.chan = chan
+        self.n = n
+        self.lock = threading.Lock()
+        self.seq = 0
+        self.host_waiters = {}  # host call id -> [Event, reply, request id]
+        self.credit = {}  # stream request id -> [Condition, credit]
+        self.running = {}  # request id -> thread ident
+        self.async_futs = {}  # request id -> concurrent future of its coroutine
+        self.cancelled = set()
+        self.loop = None
+
+    def event_loop(self):
+        with self.lock:
+            if self.loop is None:
+                import asyncio
+
+                self.loop = asyncio.new_event_loop()
+                threading.Thread(target=self.loop.run_forever, name="snakepit-asyncio", daemon=True).start()
+            return self.loop
+
+    def run_async(self, awaitable):
+        import asyncio
+        import concurrent.futures
+
+        rid = getattr(_tls, "rid", None)
+        fut = asyncio.run_coroutine_threadsafe(_as_coro(awaitable), self.event_loop())
+        with self.lock:
+            if rid in self.cancelled:
+                fut.cancel()
+            self.async_futs[rid] = fut
+        try:
+            return fut.result()
+        except concurrent.futures.CancelledError:
+            raise Cancelled("call cancelled by the host")
+        finally:
+            with self.lock:
+                self.async_futs.pop(rid, None)
+
+    def host_call(self, rid, name, args):
+        ev = threading.Event()
+        with self.lock:
+            if rid in self.cancelled:
+                raise Cancelled("call cancelled by the host")
+            self.seq += 1
+            hid = self.seq
+            slot = [ev, None, rid]
+            self.host_waiters[hid] = slot
+        try:
+            self.chan.send({"t": "host_call", "id": hid, "call": rid, "name": name, "args": args})
+            ev.wait()
+        finally:
+            with self.lock:
+                self.host_waiters.pop(hid, None)
+        m = slot[1]
+        if m is None:
+            raise Cancelled("call cancelled by the host")
+        err = m.get("error")
+        if err is not None:
+            raise HostCallError(err.get("type"), err.get("message", ""))
+        return m.get("ok")
+
+    def deliver_host(self, m):
+        with self.lock:
+            slot = self.host_waiters.get(m.get("id"))
+        if slot is not None:
+            slot[1] = m
+            slot[0].set()
+
+    def wait_credit(self, rid):
+        """Blocks until stream `rid` has credit; returns it (and takes it)."""
+        with self.lock:
+            entry = self.credit.setdefault(rid, [threading.Condition(self.lock), 0])
+            while entry[1] <= 0 and rid not in self.cancelled:
+                entry[0].wait()
+            if rid in self.cancelled:
+                raise Cancelled("stream cancelled by the host")
+            n, entry[1] = entry[1], 0
+            return n
+
+    def add_credit(self, rid, n):
+        with self.lock:
+            entry = self.credit.setdefault(rid, [threading.Condition(self.lock), 0])
+            entry[1] += n
+            entry[0].notify_all()
+
+    def cancel(self, rid):
+        with self.lock:
+            if rid not in self.running:
+                return  # already answered
+            self.cancelled.add(rid)
+            for slot in self.host_waiters.values():
+                if slot[2] == rid:
+                    slot[0].set()
+            entry = self.credit.get(rid)
+            if entry is not None:
+                entry[0].notify_all()
+            fut = self.async_futs.get(rid)
+            if fut is not None:
+                fut.cancel()
+            tid = self.running[rid]
+            # Raised in the tool at its next bytecode (not inside a blocking C call).
+            import ctypes
+
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(Cancelled))
+
+    def run_call(self, tools, msg):
+        rid = msg.get("id")
+        with self.lock:
+            self.running[rid] = threading.get_ident()
+        _tls.rid = rid
+        try:
+            try:
+                _call(self.chan, tools, msg)
+            finally:
+                with self.lock:
+                    self.running.pop(rid, None)
+                    self.cancelled.discard(rid)
+                    self.credit.pop(rid, None)
+        except Cancelled:
+            pass  # arrived after the call was answered: nothing left to cancel
+        except BaseException:
+            _log("call %r failed outside its tool:\n%s" % (rid, _format_exc()))
+
+
+_tls = threading.local()
+
+
+async def _as_coro(awaitable):
+    return await awaitable
+
+
+def _format_exc():
+    import traceback
+
+    return traceback.format_exc()
+
+
+def _loop_threaded(chan, tools, n):
+    from concurrent.futures import ThreadPoolExecutor
+
+    T = _Threaded(chan, n)
+    _threaded[0] = T
+    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="snakepit-call")
+    try:
+        while True:
+            body = chan.read()
+            if body is None:
+                return
+            try:
+                msg = json.loads(body)
+                t = msg["t"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ProtocolError("malformed message from host: %s" % e)
+            if t == "call":
+                pool.submit(T.run_call, tools, msg)
+            elif t == "ping":
+                chan.send({"t": "pong", "id": msg.get("id")})
+            elif t == "host_result":
+                T.deliver_host(msg)
+            elif t == "credit":
+                T.add_credit(msg.get("id"), int(msg.get("n") or 0))
+            elif t == "cancel":
+                T.cancel(msg.get("id"))
+            elif t == "shutdown":
+                return
+            else:
+                _log("ignoring unknown message type %r" % t)
+    finally:
+        pool.shutdown(wait=True)
 
 
 class _Running:
@@ -475,7 +657,8 @@ def _serve(chan, adapter, namespace):
             instance.config = config
         instance.setup()
     tools = _collect_tools(instance)
-    _run.signum = _install_cancel_signal()
+    n = max(1, int(hello.get("max_in_flight") or 1))
+    _run.signum = _install_cancel_signal() if n == 1 else None
     chan.send(
         {
             "t": "ready",
@@ -483,12 +666,15 @@ def _serve(chan, adapter, namespace):
             "version": version,
             "pid": os.getpid(),
             "tools": [_tool_info(n, f) for n, f in sorted(tools.items())],
-            "max_in_flight": 1,
+            "max_in_flight": n,
             "bridge": BRIDGE,
         }
     )
     try:
-        _loop(chan, tools)
+        if n > 1:
+            _loop_threaded(chan, tools, n)
+        else:
+            _loop(chan, tools)
     finally:
         if instance is not None:
             try:
@@ -529,6 +715,8 @@ _event_loop = []
 def _loop_run(awaitable):
     """Runs an awaitable on the bridge's event loop (created on first use: asyncio is only
     imported by workers that have async tools)."""
+    if _threaded[0] is not None:
+        return _threaded[0].run_async(awaitable)
     if not _event_loop:
         import asyncio
 
@@ -649,6 +837,8 @@ def _stream(chan, rid, gen, credit):
             except StopIteration:
                 break
             credit += _stashed_credit(rid)
+            if credit <= 0 and _threaded[0] is not None:
+                credit += _threaded[0].wait_credit(rid)
             while credit <= 0:
                 body = chan.read()
                 if body is None:

@@ -207,6 +207,25 @@ async def acount(n):
 
 
 @tool
+async def asleep(ms):
+    """An async tool: awaits `ms` milliseconds, returns `ms`."""
+    import asyncio
+
+    await asyncio.sleep(ms / 1000.0)
+    return ms
+
+
+@tool
+def spin(seconds):
+    """Busy Python loop for `seconds` (cancellable at any bytecode); returns iterations."""
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+    return n
+
+
+@tool
 async def adouble(x):
     """An async tool: returns 2 * x."""
     return 2 * x
