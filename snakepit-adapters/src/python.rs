@@ -14,6 +14,15 @@ const BRIDGE_FILES: &[(&str, &str)] = &[
     ("__main__.py", include_str!("../python/snakepit_bridge/__main__.py")),
     ("_core.py", include_str!("../python/snakepit_bridge/_core.py")),
     ("showcase.py", include_str!("../python/snakepit_bridge/showcase.py")),
+    ("_grpc.py", include_str!("../python/snakepit_bridge/_grpc.py")),
+    (
+        "_proto/snakepit/v1/snakepit_pb2.py",
+        include_str!("../python/snakepit_bridge/_proto/snakepit/v1/snakepit_pb2.py"),
+    ),
+    (
+        "_proto/snakepit/v1/snakepit_pb2_grpc.py",
+        include_str!("../python/snakepit_bridge/_proto/snakepit/v1/snakepit_pb2_grpc.py"),
+    ),
 ];
 
 /// A stable hash (FNV-1a) of the embedded sources, naming their cache directory.
@@ -55,7 +64,11 @@ fn install_bridge(root: &Path) -> std::io::Result<PathBuf> {
     let pkg = tmp.join("snakepit_bridge");
     std::fs::create_dir_all(&pkg)?;
     for (name, text) in BRIDGE_FILES {
-        std::fs::write(pkg.join(name), text)?;
+        let path = pkg.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, text)?;
     }
     match std::fs::rename(&tmp, &dir) {
         Ok(()) => Ok(dir),

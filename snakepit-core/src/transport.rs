@@ -126,6 +126,8 @@ pub struct Hello {
     pub host: Option<Arc<dyn HostHandler>>,
     /// How many calls the host may send the worker at once.
     pub max_in_flight: usize,
+    /// Transport-specific settings for the worker (gRPC: socket path and token); `null` for stdio.
+    pub transport: serde_json::Value,
 }
 
 impl fmt::Debug for Hello {
@@ -149,7 +151,14 @@ impl Hello {
             config,
             host: None,
             max_in_flight: 1,
+            transport: serde_json::Value::Null,
         }
+    }
+
+    /// Sets the transport-specific settings sent to the worker.
+    pub fn with_transport(mut self, t: serde_json::Value) -> Self {
+        self.transport = t;
+        self
     }
 
     /// Sets how many calls the host may send at once.
@@ -199,6 +208,9 @@ pub struct Ready {
     /// call even inside a blocking system call (the Python bridge: SIGUSR1).
     #[serde(default)]
     pub cancel_signal: Option<i32>,
+    /// Where the worker serves its transport (gRPC: `unix:/path`), if not on the pipe.
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 fn one() -> usize {

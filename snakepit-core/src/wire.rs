@@ -27,6 +27,9 @@ pub struct HelloMsg<'a> {
     pub config: &'a serde_json::Value,
     /// How many calls the host may send at once.
     pub max_in_flight: usize,
+    /// Transport-specific settings (absent for stdio).
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    pub transport: &'a serde_json::Value,
 }
 
 /// Any message a worker sends. Fields a tag does not use are absent.
@@ -77,6 +80,9 @@ pub struct Inbound<'a> {
     /// `ready`: the signal to send after `cancel`.
     #[serde(default)]
     pub cancel_signal: Option<i32>,
+    /// `ready`: where the worker serves its transport.
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 impl Inbound<'_> {
@@ -89,6 +95,7 @@ impl Inbound<'_> {
             max_in_flight: self.max_in_flight.unwrap_or(1).max(1),
             bridge: self.bridge.unwrap_or_default(),
             cancel_signal: self.cancel_signal,
+            address: self.address,
         })
     }
 }

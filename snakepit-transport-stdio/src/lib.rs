@@ -586,6 +586,7 @@ impl StdioConnection {
                 max_frame,
                 config: &hello.config,
                 max_in_flight: hello.max_in_flight,
+                transport: &hello.transport,
             };
             // Serialising a struct of strings, numbers and a Value into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *out, &msg);

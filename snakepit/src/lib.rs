@@ -46,6 +46,10 @@ pub use snakepit_adapters::Python;
 pub use snakepit_core as core;
 pub use snakepit_core::{Adapter, Error, ExitInfo, Payload, Result, WorkerError, WorkerId};
 pub use snakepit_supervisor as supervisor;
+#[cfg(feature = "grpc")]
+pub use snakepit_transport_grpc as grpc;
+#[cfg(feature = "grpc")]
+pub use snakepit_transport_grpc::Grpc;
 #[cfg(feature = "stdio")]
 pub use snakepit_transport_stdio as stdio;
 #[cfg(feature = "stdio")]

@@ -3,6 +3,10 @@
 //! * `ci`: format check, clippy with `-D warnings`, then every test (cargo-nextest when it is
 //!   installed, else `cargo test`). What `.ci/run` runs.
 //! * `test`: only the tests.
+//! * `setup`: creates `.venv` (the repository's Python virtualenv) with the gRPC transport's
+//!   Python dependencies (grpcio, protobuf; grpcio-tools for `proto`), from PyPI. Idempotent.
+//! * `proto [--check]`: regenerates the Python stubs of `proto/` into the bridge (the Rust side
+//!   is generated at build time by protox); `--check` fails if the committed ones are stale.
 
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -51,8 +55,75 @@ fn test() -> Result<(), String> {
     }
 }
 
+const PY_DEPS: &[&str] = &["grpcio==1.85.1", "protobuf==7.36.2", "grpcio-tools==1.85.1"];
+
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn venv_python() -> std::path::PathBuf {
+    root().join(".venv").join("bin").join("python")
+}
+
+fn setup() -> Result<(), String> {
+    let venv = root().join(".venv");
+    let stamp = venv.join(".snakepit-deps");
+    let want = PY_DEPS.join(" ");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) && venv_python().exists() {
+        eprintln!("setup: .venv is up to date");
+        return Ok(());
+    }
+    let python = std::env::var("SNAKEPIT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut c = Command::new(&python);
+    c.args(["-m", "venv"]).arg(&venv);
+    run("venv", c)?;
+    let mut c = Command::new(venv_python());
+    c.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(PY_DEPS);
+    run("pip install", c)?;
+    std::fs::write(&stamp, want).map_err(|e| format!("cannot write {}: {e}", stamp.display()))
+}
+
+fn proto(check: bool) -> Result<(), String> {
+    setup()?;
+    let out_dir = root().join("snakepit-adapters/python/snakepit_bridge/_proto");
+    let tmp = std::env::temp_dir().join(format!("snakepit-proto-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+    let mut c = Command::new(venv_python());
+    c.current_dir(root()).args(["-m", "grpc_tools.protoc", "-I", "proto"]);
+    c.arg(format!("--python_out={}", tmp.display())).arg(format!("--grpc_python_out={}", tmp.display()));
+    c.arg("proto/snakepit/v1/snakepit.proto");
+    run("protoc (python)", c)?;
+    let mut stale = Vec::new();
+    for f in ["snakepit/v1/snakepit_pb2.py", "snakepit/v1/snakepit_pb2_grpc.py"] {
+        let new = std::fs::read(tmp.join(f)).map_err(|e| e.to_string())?;
+        let old = std::fs::read(out_dir.join(f)).unwrap_or_default();
+        if new != old {
+            stale.push(f);
+            if !check {
+                std::fs::create_dir_all(out_dir.join("snakepit/v1")).map_err(|e| e.to_string())?;
+                std::fs::write(out_dir.join(f), new).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    match (check, stale.is_empty()) {
+        (true, false) => Err(format!("Python stubs are stale ({stale:?}): run `cargo xtask proto`")),
+        (false, false) => {
+            eprintln!("proto: regenerated {stale:?}");
+            Ok(())
+        }
+        _ => {
+            eprintln!("proto: Python stubs are current");
+            Ok(())
+        }
+    }
+}
+
 fn ci() -> Result<(), String> {
     let start = Instant::now();
+    setup()?;
+    proto(true)?;
     let mut c = cargo();
     c.args(["fmt", "--all", "--", "--check"]);
     run("fmt", c)?;
@@ -72,8 +143,10 @@ fn main() -> ExitCode {
     let r = match task.as_str() {
         "ci" => ci(),
         "test" => test(),
+        "setup" => setup(),
+        "proto" => proto(std::env::args().any(|a| a == "--check")),
         _ => {
-            eprintln!("usage: cargo xtask <ci|test>");
+            eprintln!("usage: cargo xtask <ci|test|setup|proto [--check]>");
             return ExitCode::from(2);
         }
     };

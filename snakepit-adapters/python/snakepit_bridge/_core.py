@@ -294,10 +294,11 @@ def _format_exc():
     return traceback.format_exc()
 
 
-def _loop_threaded(chan, tools, n):
+def _loop_threaded(chan, tools, n, T=None):
     from concurrent.futures import ThreadPoolExecutor
 
-    T = _Threaded(chan, n)
+    if T is None:
+        T = _Threaded(chan, n)
     _threaded[0] = T
     pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="snakepit-call")
     try:
@@ -658,24 +659,44 @@ def _serve(chan, adapter, namespace):
         instance.setup()
     tools = _collect_tools(instance)
     n = max(1, int(hello.get("max_in_flight") or 1))
-    _run.signum = _install_cancel_signal() if n == 1 else None
-    chan.send(
-        {
-            "t": "ready",
-            "cancel_signal": _run.signum,
-            "version": version,
-            "pid": os.getpid(),
-            "tools": [_tool_info(n, f) for n, f in sorted(tools.items())],
-            "max_in_flight": n,
-            "bridge": BRIDGE,
-        }
-    )
+    transport = hello.get("transport") or {}
+    server = None
+    ready = {
+        "t": "ready",
+        "version": version,
+        "pid": os.getpid(),
+        "tools": [_tool_info(n_, f) for n_, f in sorted(tools.items())],
+        "max_in_flight": n,
+        "bridge": BRIDGE,
+    }
+    T = None
+    if transport.get("kind") == "grpc":
+        try:
+            from . import _grpc
+        except ImportError as e:
+            _log(
+                "the gRPC transport needs grpcio and protobuf (%s); run `cargo xtask setup` and use "
+                "the repository's .venv/bin/python, or pip install grpcio protobuf" % e
+            )
+            sys.exit(3)
+        T = _Threaded(chan, n)
+        _threaded[0] = T
+        server = _grpc.start(tools, transport["socket"], transport["token"], n + 4, chan.max_frame, T)
+        ready["address"] = "unix:" + transport["socket"]
+    else:
+        _run.signum = _install_cancel_signal() if n == 1 else None
+        ready["cancel_signal"] = _run.signum
+    chan.send(ready)
     try:
-        if n > 1:
+        if T is not None:
+            _loop_threaded(chan, tools, n, T)
+        elif n > 1:
             _loop_threaded(chan, tools, n)
         else:
             _loop(chan, tools)
     finally:
+        if server is not None:
+            server.stop(1)
         if instance is not None:
             try:
                 instance.teardown()

@@ -1,0 +1,386 @@
+//! # snakepit-transport-grpc
+//!
+//! The gRPC transport: calls travel as gRPC (tonic client, HTTP/2) to a `snakepit.v1.Worker`
+//! server the worker runs on a Unix socket in a private 0700 directory the host creates; the
+//! worker's stdio pipe stays the *control channel* — the same `hello`/`ready` handshake as the
+//! stdio transport (the host sends the socket path and a per-worker token in `hello`, the worker
+//! announces its address in `ready`), heartbeats, `shutdown`, and crash detection: when the
+//! worker dies its pipe closes at once, so a dead worker is seen at once, not at the next call.
+//!
+//! The protocol is generated at build time from `proto/snakepit/v1/snakepit.proto` with
+//! protox (no `protoc` needed).
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, StreamExt};
+use snakepit_core::{
+    CloseReason, Codec, Connection, Error, Hello, Payload, Ready, Request, RequestId, Transport, WorkerError,
+    WorkerId, WorkerIo, DEFAULT_MAX_FRAME,
+};
+use snakepit_transport_stdio::{StdioConnection, DEFAULT_FRAME_TIMEOUT};
+use tonic::transport::{Channel, Endpoint};
+
+/// The `snakepit.v1` protocol, generated from `proto/snakepit/v1/snakepit.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic, clippy::unwrap_used)]
+pub mod proto {
+    tonic::include_proto!("snakepit.v1");
+}
+
+use proto::worker_client::WorkerClient;
+
+/// The metadata key that carries the per-worker token.
+pub const TOKEN_HEADER: &str = "x-snakepit-token";
+
+/// The gRPC transport. `Grpc::default()` uses a private directory under the user's runtime
+/// dir (or `/tmp`) for the sockets.
+#[derive(Debug, Clone)]
+pub struct Grpc {
+    socket_root: Option<PathBuf>,
+    max_frame: usize,
+    connect_timeout: Duration,
+}
+
+impl Default for Grpc {
+    fn default() -> Self {
+        Grpc { socket_root: None, max_frame: DEFAULT_MAX_FRAME, connect_timeout: Duration::from_secs(10) }
+    }
+}
+
+impl Grpc {
+    /// Puts the workers' socket directories under `dir` (keep it short: a socket path holds
+    /// at most 107 bytes).
+    pub fn socket_root(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.socket_root = Some(dir.into());
+        self
+    }
+
+    /// The largest message either side sends.
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.max_frame = bytes;
+        self
+    }
+}
+
+/// A private directory for one worker's socket, removed when dropped.
+#[derive(Debug)]
+struct SocketDir(PathBuf);
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn make_private_dir(root: Option<&Path>) -> std::io::Result<SocketDir> {
+    let base = match root {
+        Some(r) => r.to_path_buf(),
+        None => {
+            // SAFETY: getuid has no preconditions.
+            let uid = unsafe { libc::getuid() };
+            std::env::temp_dir().join(format!("snakepit-{uid}"))
+        }
+    };
+    std::fs::create_dir_all(&base)?;
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700))?;
+    let dir = base.join(format!("g{:x}", fastrand::u64(..)));
+    std::fs::create_dir(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(SocketDir(dir))
+}
+
+fn token() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+#[async_trait]
+impl Transport for Grpc {
+    async fn connect(&self, io: WorkerIo, hello: Hello) -> Result<(Arc<dyn Connection>, Ready), Error> {
+        let worker = io.worker;
+        let protocol = |detail: String| Error::Protocol { worker, detail };
+        let dir = make_private_dir(self.socket_root.as_deref()).map_err(|e| Error::Spawn {
+            worker,
+            program: "grpc".into(),
+            reason: format!("socket dir: {e}"),
+        })?;
+        let socket = dir.0.join("w.sock");
+        if socket.as_os_str().len() > 100 {
+            return Err(Error::BadRequest(format!(
+                "socket path too long for sun_path: {}",
+                socket.display()
+            )));
+        }
+        let token = token();
+        let hello = hello.with_transport(serde_json::json!({
+            "kind": "grpc",
+            "socket": socket.to_string_lossy(),
+            "token": token,
+        }));
+        let (control, ready) = StdioConnection::connect(io, hello, DEFAULT_FRAME_TIMEOUT).await?;
+        let Some(address) = ready.address.clone() else {
+            return Err(protocol("the worker did not announce a gRPC address in `ready`".into()));
+        };
+        if address != format!("unix:{}", socket.display()) {
+            return Err(protocol(format!("the worker announced {address}, not the socket it was given")));
+        }
+        let path = socket.clone();
+        let channel = Endpoint::from_static("http://worker.local")
+            .connect_timeout(self.connect_timeout)
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let p = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(p).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .map_err(|e| protocol(format!("cannot connect to the worker's gRPC socket: {e}")))?;
+        let client = WorkerClient::new(channel)
+            .max_decoding_message_size(self.max_frame)
+            .max_encoding_message_size(self.max_frame);
+        let conn = GrpcConnection {
+            worker,
+            control,
+            client,
+            token,
+            max_frame: self.max_frame,
+            next_id: AtomicU64::new(1),
+            inflight: Arc::new(Inflight::default()),
+            _dir: dir,
+        };
+        Ok((Arc::new(conn) as Arc<dyn Connection>, ready))
+    }
+
+    fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+}
+
+/// Calls in flight over gRPC (for `idle` / `answered`).
+#[derive(Default)]
+struct Inflight {
+    ids: Mutex<HashMap<u64, ()>>,
+    changed: tokio::sync::Notify,
+}
+
+struct InflightGuard {
+    inflight: Arc<Inflight>,
+    id: u64,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.inflight.ids.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+        self.inflight.changed.notify_waiters();
+    }
+}
+
+impl Inflight {
+    fn enter(self: &Arc<Self>, id: u64) -> InflightGuard {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).insert(id, ());
+        InflightGuard { inflight: self.clone(), id }
+    }
+
+    fn wait(self: &Arc<Self>, id: Option<u64>) -> BoxFuture<'static, ()> {
+        let me = self.clone();
+        Box::pin(async move {
+            loop {
+                let n = me.changed.notified();
+                let done = {
+                    let ids = me.ids.lock().unwrap_or_else(|p| p.into_inner());
+                    id.map_or(ids.is_empty(), |i| !ids.contains_key(&i))
+                };
+                if done {
+                    return;
+                }
+                n.await;
+            }
+        })
+    }
+}
+
+/// A live gRPC connection to one worker (plus its stdio control channel).
+pub struct GrpcConnection {
+    worker: WorkerId,
+    control: StdioConnection,
+    client: WorkerClient<Channel>,
+    token: String,
+    max_frame: usize,
+    next_id: AtomicU64,
+    inflight: Arc<Inflight>,
+    _dir: SocketDir,
+}
+
+impl std::fmt::Debug for GrpcConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcConnection").field("worker", &self.worker).finish_non_exhaustive()
+    }
+}
+
+fn worker_error(e: proto::WorkerError) -> WorkerError {
+    WorkerError {
+        kind: e.r#type,
+        message: e.message,
+        traceback: (!e.traceback.is_empty()).then_some(e.traceback),
+    }
+}
+
+impl GrpcConnection {
+    fn request<T>(&self, msg: T, deadline: Option<Instant>) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Ok(v) = self.token.parse() {
+            r.metadata_mut().insert(TOKEN_HEADER, v);
+        }
+        if let Some(d) = deadline {
+            // Propagated as the gRPC deadline, with a margin: the caller's own timer is the one
+            // that reports `Timeout` (and starts the cancel ladder); this one only makes sure
+            // the worker side gives up too.
+            r.set_timeout(d.saturating_duration_since(Instant::now()) + Duration::from_secs(1));
+        }
+        r
+    }
+
+    fn call_request(&self, req: &Request, id: u64) -> Result<proto::CallRequest, Error> {
+        let args = req.args.bytes();
+        if !req.args.is_trusted() {
+            serde_json::from_slice::<serde::de::IgnoredAny>(args).map_err(|e| {
+                Error::BadRequest(format!("arguments of `{}` are not valid JSON: {e}", req.command))
+            })?;
+        }
+        if args.len() > self.max_frame {
+            return Err(Error::FrameTooLarge { size: args.len(), max: self.max_frame });
+        }
+        Ok(proto::CallRequest {
+            id,
+            command: req.command.clone(),
+            args: args.to_vec(),
+            session: req.session.clone().unwrap_or_default(),
+            timeout_ms: req
+                .deadline
+                .map_or(0, |d| d.saturating_duration_since(Instant::now()).as_millis() as u64),
+        })
+    }
+
+    /// Maps a gRPC status: a dead worker (its pipe closed) is `Disconnected`, so the pool
+    /// reports `WorkerCrashed`; anything else is a protocol error.
+    async fn status_error(&self, command: &str, s: tonic::Status) -> Error {
+        if s.code() == tonic::Code::DeadlineExceeded
+            || (s.code() == tonic::Code::Cancelled && s.message().contains("Timeout"))
+        {
+            return Error::Timeout {
+                command: command.into(),
+                worker: Some(self.worker),
+                after: Duration::ZERO,
+            };
+        }
+        if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown {
+            // Give the control channel a moment to notice the exit.
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.control.closed()).await;
+        }
+        if self.control.is_closed() {
+            return Error::Disconnected { worker: self.worker };
+        }
+        Error::Protocol { worker: self.worker, detail: format!("gRPC {}: {}", s.code(), s.message()) }
+    }
+}
+
+#[async_trait]
+impl Connection for GrpcConnection {
+    async fn call(&self, req: Request) -> Result<Payload, Error> {
+        let id = req.id.map_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed), |i| i.0);
+        let msg = self.call_request(&req, id)?;
+        let _guard = self.inflight.enter(id);
+        let reply = match self.client.clone().execute(self.request(msg, req.deadline)).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return Err(self.status_error(&req.command, s).await),
+        };
+        match reply.outcome {
+            Some(proto::call_reply::Outcome::Ok(b)) => Ok(Payload::from_trusted(Codec::Json, b)),
+            Some(proto::call_reply::Outcome::Error(e)) => {
+                Err(Error::Worker { worker: self.worker, command: req.command, error: worker_error(e) })
+            }
+            None => Err(Error::Protocol { worker: self.worker, detail: "empty CallReply".into() }),
+        }
+    }
+
+    async fn stream(
+        &self,
+        req: Request,
+        _window: u32,
+    ) -> Result<BoxStream<'static, Result<Payload, Error>>, Error> {
+        let id = req.id.map_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed), |i| i.0);
+        let msg = self.call_request(&req, id)?;
+        let guard = self.inflight.enter(id);
+        let stream = match self.client.clone().stream(self.request(msg, req.deadline)).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return Err(self.status_error(&req.command, s).await),
+        };
+        let worker = self.worker;
+        let command = req.command;
+        // HTTP/2 flow control holds a fast producer back; the guard lives as long as the stream.
+        let items = stream.map(move |item| {
+            let _keep = &guard;
+            match item {
+                Ok(proto::StreamItem { item: Some(proto::stream_item::Item::Chunk(b)) }) => {
+                    Ok(Payload::from_trusted(Codec::Json, b))
+                }
+                Ok(proto::StreamItem { item: Some(proto::stream_item::Item::Error(e)) }) => {
+                    Err(Error::Worker { worker, command: command.clone(), error: worker_error(e) })
+                }
+                Ok(proto::StreamItem { item: None }) => {
+                    Err(Error::Protocol { worker, detail: "empty StreamItem".into() })
+                }
+                Err(s) => {
+                    Err(Error::Protocol { worker, detail: format!("gRPC {}: {}", s.code(), s.message()) })
+                }
+            }
+        });
+        Ok(Box::pin(items))
+    }
+
+    async fn ping(&self) -> Result<Duration, Error> {
+        self.control.ping().await
+    }
+
+    async fn shutdown(&self) {
+        self.control.shutdown().await;
+    }
+
+    fn closed(&self) -> BoxFuture<'static, CloseReason> {
+        self.control.closed()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.control.is_closed()
+    }
+
+    fn new_request_id(&self) -> RequestId {
+        RequestId(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn cancel(&self, id: RequestId) {
+        let mut client = self.client.clone();
+        let req = self.request(proto::CancelRequest { id: id.0 }, None);
+        tokio::spawn(async move {
+            let _ = client.cancel(req).await;
+        });
+    }
+
+    fn idle(&self) -> BoxFuture<'static, ()> {
+        self.inflight.wait(None)
+    }
+
+    fn answered(&self, id: RequestId) -> BoxFuture<'static, ()> {
+        self.inflight.wait(Some(id.0))
+    }
+
+    fn in_flight(&self) -> usize {
+        self.inflight.ids.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}

@@ -1,0 +1,175 @@
+//! The conformance kit: one suite of protocol behaviours, run against every transport with the
+//! Python bridge (real python3 workers). gRPC workers run on the repository's `.venv` python
+//! (grpcio), which `cargo xtask setup` (run by `cargo xtask ci`) creates.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::json;
+use snakepit::{Error, ExitInfo, Grpc, Pool, PoolBuilder, Python, StdioTransport};
+use snakepit_tests::Reaper;
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Stdio,
+    Grpc,
+}
+
+fn venv_python() -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(p.exists(), "{} is missing: run `cargo xtask setup` (cargo xtask ci does)", p.display());
+    p
+}
+
+fn builder(r: &Reaper, kind: Kind) -> PoolBuilder {
+    let b = r.builder();
+    match kind {
+        Kind::Stdio => b.adapter(Python::showcase()).transport(StdioTransport::new()),
+        Kind::Grpc => b
+            .adapter(Python::showcase().interpreter(venv_python()))
+            .transport(Grpc::default().socket_root(r.dir().join("s"))),
+    }
+}
+
+async fn pool(r: &Reaper, kind: Kind, size: usize) -> Arc<Pool> {
+    Arc::new(builder(r, kind).size(size).build().await.expect("pool"))
+}
+
+async fn call_result_and_error_mapping(kind: Kind) {
+    let r = Reaper::new();
+    let pool = pool(&r, kind, 2).await;
+    assert_eq!(pool.execute("add", json!({"a": 2, "b": 3})).await.expect("add"), json!(5));
+    assert_eq!(pool.execute("echo", json!({"x": [1, "two"]})).await.expect("echo"), json!({"x": [1, "two"]}));
+    match pool.execute("fail", json!({"type": "KeyError", "message": "k"})).await {
+        Err(Error::Worker { error, .. }) => {
+            assert_eq!(error.kind, "KeyError");
+            assert!(error.traceback.unwrap_or_default().contains("Traceback"));
+        }
+        other => panic!("{kind:?}: unexpected {other:?}"),
+    }
+    assert!(matches!(pool.execute("nope", json!(null)).await, Err(Error::UnknownCommand { .. })));
+    let big = "x".repeat(300_000);
+    assert_eq!(pool.execute("echo", json!(big)).await.expect("300 kB"), json!(big));
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}
+
+async fn crash_is_seen_at_once(kind: Kind) {
+    let r = Reaper::new();
+    let pool = pool(&r, kind, 1).await;
+    let pid = pool.execute("pid", json!(null)).await.expect("pid").as_i64().expect("int") as i32;
+    let p = pool.clone();
+    let call = tokio::spawn(async move {
+        p.execute_timeout("sleep", json!({"ms": 60_000}), Duration::from_secs(60)).await
+    });
+    pool.wait_stats(|s| s.busy == 1, Duration::from_secs(10)).await.expect("busy");
+    let t = Instant::now();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+    match call.await.expect("join") {
+        Err(Error::WorkerCrashed { exit, .. }) => assert_eq!(exit, ExitInfo::Signal(9)),
+        other => panic!("{kind:?}: unexpected {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "{kind:?}: crash seen after {:?}", t.elapsed());
+    assert_ne!(pool.execute("pid", json!(null)).await.expect("served again"), json!(pid));
+    pool.shutdown().await;
+}
+
+async fn streaming_in_order_and_drop_cancels(kind: Kind) {
+    let r = Reaper::new();
+    let pool = pool(&r, kind, 1).await;
+    let mut s = pool.execute_stream("count", json!({"n": 500})).await.expect("stream");
+    let mut i = 0;
+    while let Some(item) = s.next_json().await {
+        assert_eq!(item.expect("chunk"), json!({"i": i}));
+        i += 1;
+    }
+    assert_eq!(i, 500);
+    drop(s);
+    let marker = r.dir().join("finally");
+    let mut s = pool
+        .execute_stream("count", json!({"n": 1_000_000_000u64, "path": marker.to_string_lossy()}))
+        .await
+        .expect("stream");
+    for _ in 0..3 {
+        s.next().await.expect("item").expect("chunk");
+    }
+    drop(s);
+    pool.wait_stats(|s| s.busy == 0 && s.idle == 1, Duration::from_secs(10)).await.expect("freed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "{kind:?}: the generator's finally did not run");
+        tokio::task::yield_now().await;
+    }
+    let items: Vec<_> =
+        pool.execute_stream("fail_after", json!({"n": 2})).await.expect("stream").collect().await;
+    assert_eq!(items.len(), 3);
+    assert!(matches!(&items[2], Err(Error::Worker { error, .. }) if error.kind == "ValueError"));
+    pool.shutdown().await;
+}
+
+async fn host_calls_and_sessions(kind: Kind) {
+    let r = Reaper::new();
+    let pool = pool(&r, kind, 1).await;
+    pool.register_host_tool("twice", |v| async move { Ok(json!(v["n"].as_i64().unwrap_or(0) * 2)) });
+    assert_eq!(
+        pool.execute("ask_host", json!({"name": "twice", "args": {"n": 21}})).await.expect("host"),
+        json!({"ok": 42})
+    );
+    let s = pool.create_session("conf", json!(null)).await.expect("session");
+    assert_eq!(
+        s.execute("remember", json!({"name": "k", "value": "v"})).await.expect("remember"),
+        json!("v")
+    );
+    assert_eq!(s.get("k").await.expect("get"), Some(json!("v")));
+    pool.shutdown().await;
+}
+
+async fn timeout_then_the_worker_is_kept_or_replaced(kind: Kind) {
+    let r = Reaper::new();
+    let pool = pool(&r, kind, 1).await;
+    let t = Instant::now();
+    let res = pool.execute_timeout("stubborn_sleep", json!({"ms": 500}), Duration::from_millis(100)).await;
+    assert!(matches!(res, Err(Error::Timeout { .. })), "{kind:?}: {res:?}");
+    assert!(t.elapsed() < Duration::from_millis(450));
+    // The late reply never reaches the next caller.
+    assert_eq!(pool.execute("echo", json!("mine")).await.expect("echo"), json!("mine"));
+    pool.shutdown().await;
+}
+
+async fn unknown_version_is_refused(kind: Kind) {
+    let r = Reaper::new();
+    let b = builder(&r, kind);
+    let adapter = match kind {
+        Kind::Stdio => Python::showcase(),
+        Kind::Grpc => Python::showcase().interpreter(venv_python()),
+    };
+    let err =
+        b.adapter(adapter.env("SNAKEPIT_BRIDGE_VERSIONS", "99")).size(1).build().await.expect_err("refused");
+    assert!(matches!(err, Error::VersionMismatch { .. }), "{kind:?}: {err:?}");
+    r.assert_none_left(Duration::from_secs(5));
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod stdio {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Kind::Stdio).await })*
+        }
+        mod grpc {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Kind::Grpc).await })*
+        }
+    };
+}
+
+conformance!(
+    call_result_and_error_mapping,
+    crash_is_seen_at_once,
+    streaming_in_order_and_drop_cancels,
+    host_calls_and_sessions,
+    timeout_then_the_worker_is_kept_or_replaced,
+    unknown_version_is_refused,
+);
