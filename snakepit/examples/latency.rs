@@ -1,6 +1,7 @@
 //! Sequential round-trip latency of a trivial call through a 1-worker pool.
 //!
-//! `cargo run --release -p snakepit --example latency [CALLS]`
+//! `cargo run --release -p snakepit --example latency [CALLS] [stdio|grpc]` (gRPC uses the
+//! repository's `.venv/bin/python`: run `cargo xtask setup` first).
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,16 @@ use snakepit::{Pool, Python};
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), snakepit::Error> {
     let calls: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
-    let pool = Pool::builder().adapter(Python::showcase()).size(1).build().await?;
+    let grpc = std::env::args().nth(2).is_some_and(|t| t == "grpc");
+    let b = Pool::builder().size(1);
+    let pool = if grpc {
+        b.adapter(Python::showcase().interpreter(".venv/bin/python"))
+            .transport(snakepit::Grpc::default())
+            .build()
+            .await?
+    } else {
+        b.adapter(Python::showcase()).build().await?
+    };
     let args = serde_json::json!({"a": 1, "b": 2});
     for _ in 0..1000 {
         pool.execute("add", args.clone()).await?;
@@ -25,7 +35,8 @@ async fn main() -> Result<(), snakepit::Error> {
     lat.sort();
     let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
     println!(
-        "{calls} sequential `add` calls: p50 {:?}, p99 {:?}, {:.0} calls/s",
+        "{} — {calls} sequential `add` calls: p50 {:?}, p99 {:?}, {:.0} calls/s",
+        if grpc { "grpc" } else { "stdio" },
         q(0.5),
         q(0.99),
         calls as f64 / total.as_secs_f64()

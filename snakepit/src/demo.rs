@@ -23,6 +23,8 @@ pub struct DemoArgs {
     /// Concurrent callers.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    #[command(flatten)]
+    transport: crate::TransportArgs,
 }
 
 #[derive(Clone, Copy)]
@@ -65,9 +67,13 @@ fn plan(i: usize) -> (Kind, serde_json::Value) {
 
 pub async fn run(args: DemoArgs) -> std::process::ExitCode {
     let t0 = Instant::now();
-    eprintln!("starting {} Python workers (snakepit_bridge.showcase)...", args.size);
-    let pool = match Pool::builder()
-        .adapter(Python::showcase())
+    eprintln!(
+        "starting {} Python workers (snakepit_bridge.showcase, {:?})...",
+        args.size, args.transport.transport
+    );
+    let pool = match args
+        .transport
+        .apply(Pool::builder(), Python::showcase())
         .size(args.size)
         .restart_backoff(Duration::from_millis(20), Duration::from_secs(1))
         .build()
@@ -155,7 +161,10 @@ pub async fn run(args: DemoArgs) -> std::process::ExitCode {
         .as_ref()
         .map(|h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max()))
         .unwrap_or_default();
-    println!("snakepit demo: {} Python workers, {} callers", args.size, args.concurrency);
+    println!(
+        "snakepit demo: {} Python workers over {:?}, {} callers",
+        args.size, args.transport.transport, args.concurrency
+    );
     println!("  {:<22} {:>10}", "start-up (all ready)", format!("{:.0} ms", startup.as_secs_f64() * 1e3));
     println!("  {:<22} {:>10}", "calls", args.calls);
     for (k, v) in &outcomes {

@@ -30,6 +30,8 @@ enum Cmd {
     Serve {
         #[command(flatten)]
         worker: WorkerArgs,
+        #[command(flatten)]
+        transport: TransportArgs,
         /// Number of workers (default: CPU count).
         #[arg(long)]
         size: Option<usize>,
@@ -50,6 +52,8 @@ enum Cmd {
     Call {
         #[command(flatten)]
         worker: WorkerArgs,
+        #[command(flatten)]
+        transport: TransportArgs,
         /// The command (tool) to run.
         command: String,
         /// Its arguments as JSON (default: null).
@@ -70,6 +74,46 @@ struct WorkerArgs {
     /// An importable Python worker module (e.g. snakepit_bridge.showcase).
     #[arg(long)]
     module: Option<String>,
+}
+
+/// Which transport the workers speak.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum TransportKind {
+    /// Framed stdio (no dependencies).
+    Stdio,
+    /// gRPC over a Unix socket (the worker's python needs grpcio: `cargo xtask setup`).
+    Grpc,
+}
+
+/// Transport and interpreter options shared by the subcommands.
+#[derive(Args, Clone, Debug)]
+pub struct TransportArgs {
+    /// The transport.
+    #[arg(long, value_enum, default_value = "stdio")]
+    pub transport: TransportKind,
+    /// The Python interpreter (default: $SNAKEPIT_PYTHON, or for gRPC the repository's
+    /// .venv/bin/python when it exists, else python3).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+}
+
+impl TransportArgs {
+    /// Applies the options to a builder and its adapter.
+    pub fn apply(&self, b: snakepit::PoolBuilder, adapter: Python) -> snakepit::PoolBuilder {
+        let venv = PathBuf::from(".venv/bin/python");
+        let adapter = match (&self.python, self.transport) {
+            (Some(p), _) => adapter.interpreter(p),
+            (None, TransportKind::Grpc) if std::env::var_os("SNAKEPIT_PYTHON").is_none() && venv.exists() => {
+                adapter.interpreter(venv)
+            }
+            _ => adapter,
+        };
+        let b = b.adapter(adapter);
+        match self.transport {
+            TransportKind::Stdio => b,
+            TransportKind::Grpc => b.transport(snakepit::Grpc::default()),
+        }
+    }
 }
 
 impl WorkerArgs {
@@ -101,9 +145,13 @@ fn main() -> ExitCode {
     let code = rt.block_on(async move {
         match cli.cmd {
             Cmd::Demo(args) => demo::run(args).await,
-            Cmd::Serve { worker, size, instance } => serve(worker, size, instance).await,
+            Cmd::Serve { worker, transport, size, instance } => {
+                serve(worker, transport, size, instance).await
+            }
             Cmd::Reap { dry_run, instance } => reap(dry_run, instance),
-            Cmd::Call { worker, command, args, timeout_ms } => call(worker, command, args, timeout_ms).await,
+            Cmd::Call { worker, transport, command, args, timeout_ms } => {
+                call(worker, transport, command, args, timeout_ms).await
+            }
         }
     });
     // A blocking read of stdin may still be parked on a runtime thread (serve stopped by a
@@ -112,7 +160,13 @@ fn main() -> ExitCode {
     code
 }
 
-async fn call(worker: WorkerArgs, command: String, args: String, timeout_ms: Option<u64>) -> ExitCode {
+async fn call(
+    worker: WorkerArgs,
+    transport: TransportArgs,
+    command: String,
+    args: String,
+    timeout_ms: Option<u64>,
+) -> ExitCode {
     let args: serde_json::Value = match serde_json::from_str(&args) {
         Ok(v) => v,
         Err(e) => {
@@ -121,7 +175,7 @@ async fn call(worker: WorkerArgs, command: String, args: String, timeout_ms: Opt
             return ExitCode::FAILURE;
         }
     };
-    let pool = match Pool::builder().adapter(worker.adapter()).size(1).build().await {
+    let pool = match transport.apply(Pool::builder(), worker.adapter()).size(1).build().await {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{}", e.to_json());
@@ -206,9 +260,14 @@ fn reap(dry_run: bool, instance: Option<String>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn serve(worker: WorkerArgs, size: Option<usize>, instance: Option<String>) -> ExitCode {
+async fn serve(
+    worker: WorkerArgs,
+    transport: TransportArgs,
+    size: Option<usize>,
+    instance: Option<String>,
+) -> ExitCode {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let mut b = Pool::builder().adapter(worker.adapter());
+    let mut b = transport.apply(Pool::builder(), worker.adapter());
     if let Some(n) = size {
         b = b.size(n);
     }

@@ -347,3 +347,28 @@ fn serve_streams_generator_tools_line_by_line() {
     assert_eq!(f.len(), 3, "{f:?}");
     assert_eq!(f[2]["error"]["type"], "ValueError");
 }
+
+#[test]
+fn call_and_demo_run_over_grpc() {
+    let g = Guard::new();
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(venv.exists(), "run `cargo xtask setup` (cargo xtask ci does)");
+    let out = g
+        .snakepit()
+        .args(["call", "--module", "snakepit_bridge.showcase", "--transport", "grpc", "--python"])
+        .arg(&venv)
+        .args(["add", r#"{"a":40,"b":2}"#])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    let out = g
+        .snakepit()
+        .args(["demo", "--calls", "600", "--transport", "grpc", "--python"])
+        .arg(&venv)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("over Grpc") && stdout.contains("worker_crashed"), "{stdout}");
+}
