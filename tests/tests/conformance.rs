@@ -152,6 +152,50 @@ async fn unknown_version_is_refused(kind: Kind) {
     r.assert_none_left(Duration::from_secs(5));
 }
 
+async fn heartbeat_replaces_a_stopped_worker(kind: Kind) {
+    let r = Reaper::new();
+    let hb = snakepit::Heartbeat {
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(200),
+        max_missed: 2,
+    };
+    let pool = builder(&r, kind).size(1).heartbeat(Some(hb)).build().await.expect("pool");
+    let pid = pool.execute("pid", json!(null)).await.expect("pid");
+    kill(Pid::from_raw(pid.as_i64().expect("int") as i32), Signal::SIGSTOP).expect("SIGSTOP");
+    pool.wait_stats(|s| s.unresponsive == 1 && s.ready == 1, Duration::from_secs(10))
+        .await
+        .expect("replaced");
+    assert_ne!(pool.execute("pid", json!(null)).await.expect("pid"), pid);
+    pool.shutdown().await;
+}
+
+async fn shutdown_is_graceful_and_leaves_nothing(kind: Kind) {
+    let r = Reaper::new();
+    let pool = pool(&r, kind, 2).await;
+    let p = pool.clone();
+    let running = tokio::spawn(async move { p.execute("sleep", json!({"ms": 200})).await });
+    pool.wait_stats(|s| s.busy == 1, Duration::from_secs(10)).await.expect("busy");
+    pool.shutdown().await;
+    assert_eq!(running.await.expect("join").expect("finished"), json!(200));
+    r.assert_none_left(Duration::from_secs(5));
+}
+
+async fn frame_limit_on_requests(kind: Kind) {
+    let r = Reaper::new();
+    let b = builder(&r, kind).size(1);
+    let b = match kind {
+        Kind::Stdio => b.transport(StdioTransport::new().max_frame(4096)),
+        Kind::Grpc => b.transport(Grpc::default().socket_root(r.dir().join("s")).max_frame(4096)),
+    };
+    let pool = b.build().await.expect("pool");
+    match pool.execute("echo", json!("x".repeat(10_000))).await {
+        Err(Error::FrameTooLarge { max: 4096, .. }) => {}
+        other => panic!("{kind:?}: unexpected {other:?}"),
+    }
+    assert_eq!(pool.execute("add", json!({"a": 1, "b": 1})).await.expect("still fine"), json!(2));
+    pool.shutdown().await;
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod stdio {
@@ -172,4 +216,7 @@ conformance!(
     host_calls_and_sessions,
     timeout_then_the_worker_is_kept_or_replaced,
     unknown_version_is_refused,
+    heartbeat_replaces_a_stopped_worker,
+    shutdown_is_graceful_and_leaves_nothing,
+    frame_limit_on_requests,
 );
