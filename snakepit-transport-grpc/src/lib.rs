@@ -33,7 +33,49 @@ pub mod proto {
     tonic::include_proto!("snakepit.v1");
 }
 
+use proto::host_server::{Host, HostServer};
 use proto::worker_client::WorkerClient;
+
+/// Serves `snakepit.v1.Host` for one worker: its calls to the host, checked against its token
+/// and answered by the pool's `HostHandler`.
+struct HostService {
+    worker: WorkerId,
+    token: String,
+    handler: Option<Arc<dyn snakepit_core::HostHandler>>,
+}
+
+#[tonic::async_trait]
+impl Host for HostService {
+    async fn call(
+        &self,
+        request: tonic::Request<proto::HostCallRequest>,
+    ) -> Result<tonic::Response<proto::HostCallReply>, tonic::Status> {
+        let r = request.into_inner();
+        if r.token != self.token {
+            return Err(tonic::Status::unauthenticated("missing or wrong snakepit token"));
+        }
+        let args =
+            if r.args.is_empty() { Payload::null() } else { Payload::from_encoded(Codec::Json, r.args) };
+        let call = snakepit_core::HostCall::new(self.worker, Some(RequestId(r.call)), r.name, args);
+        let outcome = match &self.handler {
+            Some(h) => h.host_call(call).await,
+            None => Err(WorkerError {
+                kind: "UnknownHostTool".into(),
+                message: "this pool has no host tools".into(),
+                traceback: None,
+            }),
+        };
+        let outcome = match outcome {
+            Ok(p) => proto::host_call_reply::Outcome::Ok(p.bytes().to_vec()),
+            Err(e) => proto::host_call_reply::Outcome::Error(proto::WorkerError {
+                r#type: e.kind,
+                message: e.message,
+                traceback: e.traceback.unwrap_or_default(),
+            }),
+        };
+        Ok(tonic::Response::new(proto::HostCallReply { outcome: Some(outcome) }))
+    }
+}
 
 /// The metadata key that carries the per-worker token.
 pub const TOKEN_HEADER: &str = "x-snakepit-token";
@@ -117,9 +159,31 @@ impl Transport for Grpc {
             )));
         }
         let token = token();
+        // The host's own `Host` service for this worker, on a socket next to the worker's.
+        let host_socket = dir.0.join("h.sock");
+        let listener = tokio::net::UnixListener::bind(&host_socket).map_err(|e| Error::Spawn {
+            worker,
+            program: "grpc".into(),
+            reason: format!("host socket: {e}"),
+        })?;
+        let service = HostService { worker, token: token.clone(), handler: hello.host.clone() };
+        let (stop_host, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let served = tonic::transport::Server::builder()
+                .add_service(HostServer::new(service))
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(%worker, "host service stopped: {e}");
+            }
+        });
         let hello = hello.with_transport(serde_json::json!({
             "kind": "grpc",
             "socket": socket.to_string_lossy(),
+            "host_socket": host_socket.to_string_lossy(),
             "token": token,
         }));
         let (control, ready) = StdioConnection::connect(io, hello, DEFAULT_FRAME_TIMEOUT).await?;
@@ -152,6 +216,7 @@ impl Transport for Grpc {
             max_frame: self.max_frame,
             next_id: AtomicU64::new(1),
             inflight: Arc::new(Inflight::default()),
+            _stop_host: stop_host,
             _dir: dir,
         };
         Ok((Arc::new(conn) as Arc<dyn Connection>, ready))
@@ -214,6 +279,8 @@ pub struct GrpcConnection {
     max_frame: usize,
     next_id: AtomicU64,
     inflight: Arc<Inflight>,
+    /// Dropping it stops this worker's `Host` service.
+    _stop_host: tokio::sync::oneshot::Sender<()>,
     _dir: SocketDir,
 }
 

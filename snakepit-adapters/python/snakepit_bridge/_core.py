@@ -167,6 +167,7 @@ class _Threaded:
         self.async_futs = {}  # request id -> concurrent future of its coroutine
         self.cancelled = set()
         self.loop = None
+        self.grpc_host = None  # gRPC mode: calls to the host go to its Host service
 
     def event_loop(self):
         with self.lock:
@@ -196,6 +197,8 @@ class _Threaded:
                 self.async_futs.pop(rid, None)
 
     def host_call(self, rid, name, args):
+        if self.grpc_host is not None:
+            return self.grpc_host(rid, name, args)
         ev = threading.Event()
         with self.lock:
             if rid in self.cancelled:
@@ -681,7 +684,7 @@ def _serve(chan, adapter, namespace):
             sys.exit(3)
         T = _Threaded(chan, n)
         _threaded[0] = T
-        server = _grpc.start(tools, transport["socket"], transport["token"], n + 4, chan.max_frame, T)
+        server = _grpc.start(tools, transport, n + 4, chan.max_frame, T)
         ready["address"] = "unix:" + transport["socket"]
     else:
         _run.signum = _install_cancel_signal() if n == 1 else None

@@ -133,11 +133,43 @@ class _Servicer(pbg.WorkerServicer):
         return pb.Empty()
 
 
-def start(tools, socket, token, threads, max_frame, threaded):
+def _host_caller(host_socket, token, threaded, opts):
+    """Calls to the host through its ``snakepit.v1.Host`` service; cancellable."""
+    # A plain :authority (grpcio would send the socket path, which HTTP/2 servers reject).
+    copts = opts + [("grpc.default_authority", "localhost")]
+    stub = pbg.HostStub(grpc.insecure_channel("unix:" + host_socket, options=copts))
+
+    def call(rid, name, args):
+        req = pb.HostCallRequest(call=rid or 0, name=name, args=_core._dumps(args), token=token)
+        fut = stub.Call.future(req)
+        with threaded.lock:
+            if rid in threaded.cancelled:
+                fut.cancel()
+            threaded.async_futs[rid] = fut
+        try:
+            reply = fut.result()
+        except grpc.FutureCancelledError:
+            raise _core.Cancelled("call cancelled by the host")
+        except grpc.RpcError as e:
+            raise _core.HostCallError("HostUnavailable", "%s: %s" % (e.code(), e.details()))
+        finally:
+            with threaded.lock:
+                threaded.async_futs.pop(rid, None)
+        if reply.WhichOneof("outcome") == "error":
+            raise _core.HostCallError(reply.error.type, reply.error.message)
+        return json.loads(reply.ok) if reply.ok else None
+
+    return call
+
+
+def start(tools, transport, threads, max_frame, threaded):
     """Starts the gRPC server; returns it (the caller stops it)."""
     opts = [("grpc.max_receive_message_length", max_frame), ("grpc.max_send_message_length", max_frame)]
     from concurrent.futures import ThreadPoolExecutor
 
+    socket, token = transport["socket"], transport["token"]
+    if transport.get("host_socket"):
+        threaded.grpc_host = _host_caller(transport["host_socket"], token, threaded, opts)
     server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="snakepit-grpc"), options=opts)
     pbg.add_WorkerServicer_to_server(_Servicer(tools, token, threaded), server)
     if server.add_insecure_port("unix:" + socket) == 0:
