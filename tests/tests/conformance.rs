@@ -196,6 +196,20 @@ async fn frame_limit_on_requests(kind: Kind) {
     pool.shutdown().await;
 }
 
+async fn cancel_interrupts_a_running_tool(kind: Kind) {
+    let r = Reaper::new();
+    let pool = builder(&r, kind).size(1).cancel_grace(Duration::from_secs(20)).build().await.expect("pool");
+    let pid = pool.execute("pid", json!(null)).await.expect("pid");
+    let t = Instant::now();
+    let res = pool.execute_timeout("spin", json!({"seconds": 30}), Duration::from_millis(100)).await;
+    assert!(matches!(res, Err(Error::Timeout { .. })), "{kind:?}: {res:?}");
+    // The tool was interrupted (not run for 30 s, nor killed after the 20 s grace).
+    assert_eq!(pool.execute("pid", json!(null)).await.expect("pid"), pid);
+    assert!(t.elapsed() < Duration::from_secs(10), "{kind:?}: took {:?}", t.elapsed());
+    assert_eq!(pool.stats().restarts, 0);
+    pool.shutdown().await;
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod stdio {
@@ -219,4 +233,5 @@ conformance!(
     heartbeat_replaces_a_stopped_worker,
     shutdown_is_graceful_and_leaves_nothing,
     frame_limit_on_requests,
+    cancel_interrupts_a_running_tool,
 );
