@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use snakepit::{CallOptions, Payload, Pool, Python};
 
+mod bench;
 mod demo;
 
 #[derive(Parser)]
@@ -39,6 +40,8 @@ enum Cmd {
         #[arg(long)]
         instance: Option<String>,
     },
+    /// Measure snakepit against the raw-pipe floor (also `cargo xtask bench`).
+    Bench(bench::BenchArgs),
     /// Kill what SIGKILLed hosts left behind (per the run registry); never touches live hosts.
     Reap {
         /// Only list what would be killed.
@@ -145,6 +148,7 @@ fn main() -> ExitCode {
     let code = rt.block_on(async move {
         match cli.cmd {
             Cmd::Demo(args) => demo::run(args).await,
+            Cmd::Bench(args) => bench::run(args).await,
             Cmd::Serve { worker, transport, size, instance } => {
                 serve(worker, transport, size, instance).await
             }

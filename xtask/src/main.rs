@@ -3,6 +3,7 @@
 //! * `ci`: format check, clippy with `-D warnings`, then every test (cargo-nextest when it is
 //!   installed, else `cargo test`). What `.ci/run` runs.
 //! * `test`: only the tests.
+//! * `bench [--quick]`: `snakepit bench` in release mode (table, `target/bench/bench.json`).
 //! * `setup`: creates `.venv` (the repository's Python virtualenv) with the gRPC transport's
 //!   Python dependencies (grpcio, protobuf; grpcio-tools for `proto`), from PyPI. Idempotent.
 //! * `proto [--check]`: regenerates the Python stubs of `proto/` into the bridge (the Rust side
@@ -120,6 +121,12 @@ fn proto(check: bool) -> Result<(), String> {
     }
 }
 
+fn bench(extra: Vec<String>) -> Result<(), String> {
+    let mut c = cargo();
+    c.current_dir(root()).args(["run", "--release", "--quiet", "-p", "snakepit", "--", "bench"]).args(extra);
+    run("bench", c)
+}
+
 fn ci() -> Result<(), String> {
     let start = Instant::now();
     setup()?;
@@ -133,6 +140,9 @@ fn ci() -> Result<(), String> {
     let mut c = cargo();
     c.args(["clippy", "-p", "snakepit", "--no-default-features", "--", "-D", "warnings"]);
     run("clippy (facade, no default features)", c)?;
+    // A smoke run of the benchmarks (quick mode only), before the tests so that the test
+    // runner's summary closes the log.
+    bench(vec!["--quick".into()])?;
     test()?;
     eprintln!("ci: all green in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
@@ -144,9 +154,10 @@ fn main() -> ExitCode {
         "ci" => ci(),
         "test" => test(),
         "setup" => setup(),
+        "bench" => bench(std::env::args().skip(2).collect()),
         "proto" => proto(std::env::args().any(|a| a == "--check")),
         _ => {
-            eprintln!("usage: cargo xtask <ci|test|setup|proto [--check]>");
+            eprintln!("usage: cargo xtask <ci|test|setup|proto [--check]|bench [--quick]>");
             return ExitCode::from(2);
         }
     };

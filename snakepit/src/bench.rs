@@ -1,0 +1,338 @@
+//! `snakepit bench`: snakepit against the physical floor, measured in the same run.
+//!
+//! The floor is a hand-written loop writing 4-byte-framed JSON to one Python process that echoes
+//! it back (no pool, no supervisor). Configurations run interleaved (A B C A B C ...) for several
+//! repetitions so that machine noise hits all alike; each figure is the median over repetitions,
+//! with the spread of p50. Results are printed as a table with ratios to the matching floor and
+//! written as JSON to `target/bench/bench.json`.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use snakepit::{Payload, Pool, Python};
+
+/// Options of `snakepit bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// A short run for CI smoke tests (fewer calls, sizes and repetitions).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write bench.json.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// The Python for gRPC workers (default: .venv/bin/python when it exists; gRPC is skipped
+    /// otherwise).
+    #[arg(long)]
+    grpc_python: Option<PathBuf>,
+}
+
+const ECHO: &str = r#"
+import os, struct
+r = os.fdopen(0, "rb", buffering=1 << 16)
+while True:
+    h = r.read(4)
+    if len(h) < 4:
+        break
+    b = r.read(struct.unpack(">I", h)[0])
+    v = memoryview(h + b)
+    while v:
+        v = v[os.write(1, v):]
+"#;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    p50_us: f64,
+    p99_us: f64,
+    per_s: f64,
+}
+
+fn sample(h: &Histogram<u64>, calls: u64, elapsed: Duration) -> Sample {
+    Sample {
+        p50_us: h.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
+        per_s: calls as f64 / elapsed.as_secs_f64(),
+    }
+}
+
+fn hist() -> Histogram<u64> {
+    // Constant, valid bounds: 1 ns to 60 s, 3 significant figures.
+    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds")
+}
+
+fn frame(payload_len: usize, id: u64) -> Vec<u8> {
+    let body =
+        json!({"t": "call", "id": id, "cmd": "echo", "args": {"data": "x".repeat(payload_len)}}).to_string();
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(body.as_bytes());
+    f
+}
+
+/// The floor: one Python echo process, driven by a plain blocking loop; `k` calls in flight.
+fn floor(python: &str, payload: usize, calls: u64, k: usize) -> std::io::Result<Sample> {
+    let mut child =
+        Command::new(python).args(["-c", ECHO]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+    let (Some(mut input), Some(mut output)) = (child.stdin.take(), child.stdout.take()) else {
+        return Err(std::io::Error::other("no pipes"));
+    };
+    let msg = frame(payload, 1);
+    let mut buf = vec![0u8; msg.len()];
+    // Warm up (the interpreter's start-up is not part of a call).
+    for _ in 0..50 {
+        input.write_all(&msg)?;
+        output.read_exact(&mut buf)?;
+    }
+    let mut h = hist();
+    let mut sent_at = std::collections::VecDeque::with_capacity(k);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut done = 0u64;
+    // A writer thread would hide nothing here: with k in flight the pipe buffers hold them.
+    while done < calls {
+        while sent < calls && sent_at.len() < k {
+            input.write_all(&msg)?;
+            sent_at.push_back(Instant::now());
+            sent += 1;
+        }
+        output.read_exact(&mut buf)?;
+        if let Some(t) = sent_at.pop_front() {
+            let _ = h.record(t.elapsed().as_nanos() as u64);
+        }
+        done += 1;
+    }
+    let elapsed = start.elapsed();
+    drop(input);
+    let _ = child.wait();
+    Ok(sample(&h, calls, elapsed))
+}
+
+async fn pool_run(pool: &Arc<Pool>, payload: usize, calls: u64, callers: usize) -> Sample {
+    let args = Payload::from(json!({"data": "x".repeat(payload)}));
+    for _ in 0..20 {
+        let _ = pool.execute_with("echo", args.clone(), Default::default()).await;
+    }
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..callers {
+        let pool = pool.clone();
+        let args = args.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = hist();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < calls {
+                let t = Instant::now();
+                if pool.execute_with("echo", args.clone(), Default::default()).await.is_ok() {
+                    let _ = h.record(t.elapsed().as_nanos() as u64);
+                }
+            }
+            h
+        }));
+    }
+    let mut h = hist();
+    for t in tasks {
+        if let Ok(x) = t.await {
+            let _ = h.add(x);
+        }
+    }
+    sample(&h, calls, start.elapsed())
+}
+
+/// Time until `n` workers are ready, and `n` bare concurrent spawns of the same interpreter and
+/// bootstrap (which import everything, then exit at stdin EOF) for comparison.
+async fn startup(python: &str, n: usize) -> (Duration, Duration) {
+    let t = Instant::now();
+    let pool = Pool::builder()
+        .adapter(Python::showcase().interpreter(python))
+        .size(n)
+        .run_registry(false)
+        .build()
+        .await;
+    let ready = t.elapsed();
+    if let Ok(p) = pool {
+        p.shutdown().await;
+    }
+    let bridge = snakepit::adapters::bridge_dir().unwrap_or_default();
+    let t = Instant::now();
+    let children: Vec<_> = (0..n)
+        .filter_map(|_| {
+            Command::new(python)
+                .args(["-m", "snakepit_bridge", "--module", "snakepit_bridge.showcase"])
+                .env("PYTHONPATH", &bridge)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()
+        })
+        .collect();
+    for mut c in children {
+        let _ = c.wait();
+    }
+    (ready, t.elapsed())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+pub async fn run(args: BenchArgs) -> std::process::ExitCode {
+    let python = std::env::var("SNAKEPIT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let grpc_python = args.grpc_python.clone().or_else(|| {
+        let p = PathBuf::from(".venv/bin/python");
+        p.exists().then_some(p)
+    });
+    let (calls, reps, sizes): (u64, usize, &[usize]) = if args.quick {
+        (1500, 3, &[64, 100 * 1024])
+    } else {
+        (20_000, 5, &[64, 1024, 100 * 1024, 1024 * 1024])
+    };
+    let size_calls = |s: usize| {
+        if s >= 1024 * 1024 {
+            calls / 20
+        } else if s >= 100 * 1024 {
+            calls / 5
+        } else {
+            calls
+        }
+    };
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mk = |b: snakepit::PoolBuilder| b.run_registry(false).heartbeat(None);
+    let p1 = match mk(Pool::builder()).adapter(Python::showcase().interpreter(&python)).size(1).build().await
+    {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            eprintln!("bench: cannot start the pool: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let pn = match mk(Pool::builder())
+        .adapter(Python::showcase().interpreter(&python))
+        .size(cpus.max(2) * 2)
+        .build()
+        .await
+    {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            eprintln!("bench: cannot start the pool: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let pg = match &grpc_python {
+        Some(gp) => mk(Pool::builder())
+            .adapter(Python::showcase().interpreter(gp))
+            .transport(snakepit::Grpc::default())
+            .size(1)
+            .build()
+            .await
+            .ok()
+            .map(Arc::new),
+        None => None,
+    };
+    let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
+    let mut floors: BTreeMap<String, String> = BTreeMap::new();
+    let nw = cpus.max(2) * 2;
+    for rep in 0..reps {
+        eprintln!("repetition {}/{reps}", rep + 1);
+        for &s in sizes {
+            let c = size_calls(s);
+            let floor_name = format!("floor seq {s} B");
+            if let Ok(x) = floor(&python, s, c, 1) {
+                results.entry(floor_name.clone()).or_default().push(x);
+            }
+            let name = format!("stdio 1 worker seq {s} B");
+            floors.insert(name.clone(), floor_name.clone());
+            results.entry(name).or_default().push(pool_run(&p1, s, c, 1).await);
+            if let Some(pg) = &pg {
+                let name = format!("grpc 1 worker seq {s} B");
+                floors.insert(name.clone(), floor_name.clone());
+                results.entry(name).or_default().push(pool_run(pg, s, c, 1).await);
+            }
+        }
+        let kname = "floor K=16 64 B".to_string();
+        if let Ok(x) = floor(&python, 64, calls, 16) {
+            results.entry(kname.clone()).or_default().push(x);
+        }
+        let name = format!("stdio {nw} workers 32 callers 64 B");
+        floors.insert(name.clone(), kname.clone());
+        results.entry(name).or_default().push(pool_run(&pn, 64, calls, 32).await);
+        let name = "stdio 1 worker 16 callers 64 B".to_string();
+        floors.insert(name.clone(), kname.clone());
+        results.entry(name).or_default().push(pool_run(&p1, 64, calls, 16).await);
+    }
+    let mut startups = Vec::new();
+    for n in if args.quick { vec![1, 4] } else { vec![1, 4, 8, 16] } {
+        let (ready, bare) = startup(&python, n).await;
+        startups.push((n, ready, bare));
+    }
+    for p in [Some(p1), Some(pn), pg].into_iter().flatten() {
+        if let Ok(p) = Arc::try_unwrap(p) {
+            p.shutdown().await;
+        }
+    }
+    // Report.
+    println!(
+        "snakepit bench ({} mode, {reps} interleaved repetitions, medians; {cpus} CPUs, unpinned)",
+        if args.quick { "quick" } else { "full" }
+    );
+    println!(
+        "{:<38} {:>10} {:>10} {:>11} {:>9} {:>9} {:>13}",
+        "configuration", "p50 µs", "p99 µs", "calls/s", "p50/floor", "tput/floor", "p50 spread µs"
+    );
+    let mut json_rows = Vec::new();
+    let med = |v: &Vec<Sample>| {
+        let p50s: Vec<f64> = v.iter().map(|s| s.p50_us).collect();
+        let lo = p50s.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = p50s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        (
+            median(p50s),
+            median(v.iter().map(|s| s.p99_us).collect()),
+            median(v.iter().map(|s| s.per_s).collect()),
+            lo,
+            hi,
+        )
+    };
+    for (name, v) in &results {
+        let (p50, p99, tput, lo, hi) = med(v);
+        let (r50, rt) = match floors.get(name).and_then(|f| results.get(f)) {
+            Some(f) => {
+                let (f50, _, ft, _, _) = med(f);
+                (format!("{:.2}x", p50 / f50), format!("{:.2}x", tput / ft))
+            }
+            None => ("floor".into(), "floor".into()),
+        };
+        println!(
+            "{name:<38} {p50:>10.1} {p99:>10.1} {tput:>11.0} {r50:>9} {rt:>9} {:>13}",
+            format!("{lo:.0}-{hi:.0}")
+        );
+        json_rows.push(json!({"name": name, "p50_us": p50, "p99_us": p99, "per_s": tput, "floor": floors.get(name), "p50_min_us": lo, "p50_max_us": hi}));
+    }
+    println!();
+    println!("{:<38} {:>12} {:>16} {:>9}", "start-up (trivial worker)", "pool ready", "bare spawns", "ratio");
+    for (n, ready, bare) in &startups {
+        println!(
+            "{:<38} {:>9.0} ms {:>13.0} ms {:>8.2}x",
+            format!("{n} workers"),
+            ready.as_secs_f64() * 1e3,
+            bare.as_secs_f64() * 1e3,
+            ready.as_secs_f64() / bare.as_secs_f64()
+        );
+        json_rows.push(json!({"name": format!("startup {n} workers"), "ready_ms": ready.as_secs_f64() * 1e3, "bare_ms": bare.as_secs_f64() * 1e3}));
+    }
+    if std::fs::create_dir_all(&args.out).is_ok() {
+        let path = args.out.join("bench.json");
+        let doc = json!({"quick": args.quick, "repetitions": reps, "cpus": cpus, "results": json_rows});
+        match std::fs::write(&path, serde_json::to_vec_pretty(&doc).unwrap_or_default()) {
+            Ok(()) => println!("\nwritten: {}", path.display()),
+            Err(e) => eprintln!("bench: cannot write {}: {e}", path.display()),
+        }
+    }
+    std::process::ExitCode::SUCCESS
+}
