@@ -178,6 +178,51 @@ async fn startup(python: &str, n: usize) -> (Duration, Duration) {
     (ready, t.elapsed())
 }
 
+/// Sequential calls of `command` in a session, or plain, recording each round trip.
+async fn seq_calls(
+    pool: &Pool,
+    session: Option<&str>,
+    command: &str,
+    args: serde_json::Value,
+    calls: u64,
+) -> Sample {
+    let args = Payload::from(args);
+    let mut h = hist();
+    let start = Instant::now();
+    for _ in 0..calls {
+        let t = Instant::now();
+        let r = match session {
+            Some(s) => pool.execute_in_session_with(s, command, args.clone(), Default::default()).await,
+            None => pool.execute_with(command, args.clone(), Default::default()).await,
+        };
+        if r.is_ok() {
+            let _ = h.record(t.elapsed().as_nanos() as u64);
+        }
+    }
+    sample(&h, calls, start.elapsed())
+}
+
+/// Chunks per second of one streamed generator (`n` small items).
+async fn stream_rate(pool: &Pool, n: u64) -> Sample {
+    use futures::StreamExt;
+    let start = Instant::now();
+    let mut got = 0u64;
+    if let Ok(mut s) = pool.execute_stream("count", json!({"n": n})).await {
+        while let Some(Ok(_)) = s.next().await {
+            got += 1;
+        }
+    }
+    let e = start.elapsed();
+    Sample { p50_us: f64::NAN, p99_us: f64::NAN, per_s: got as f64 / e.as_secs_f64() }
+}
+
+fn host_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .map_or(0, |pages| pages * 4096)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -236,6 +281,14 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
             .map(Arc::new),
         None => None,
     };
+    p1.register_host_tool("bench_echo", |v| async move { Ok(v) });
+    // Host memory per idle worker: RSS before and after starting 16 more.
+    let rss0 = host_rss();
+    let idle16 = mk(Pool::builder()).adapter(Python::showcase().interpreter(&python)).size(16).build().await;
+    let rss_per_worker = host_rss().saturating_sub(rss0) / 16;
+    if let Ok(p) = idle16 {
+        p.shutdown().await;
+    }
     let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
     let mut floors: BTreeMap<String, String> = BTreeMap::new();
     let nw = cpus.max(2) * 2;
@@ -266,6 +319,22 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
         let name = "stdio 1 worker 16 callers 64 B".to_string();
         floors.insert(name.clone(), kname.clone());
         results.entry(name).or_default().push(pool_run(&p1, 64, calls, 16).await);
+        let sid = format!("bench-{rep}");
+        let _ = p1.create_session(&sid, json!(null)).await;
+        let name = "stdio session-routed call (ping)".to_string();
+        floors.insert(name.clone(), "floor seq 64 B".into());
+        results
+            .entry(name)
+            .or_default()
+            .push(seq_calls(&p1, Some(&sid), "ping", json!(null), calls / 2).await);
+        let name = "stdio host callback round trip".to_string();
+        floors.insert(name.clone(), "floor seq 64 B".into());
+        let args = json!({"name": "bench_echo", "args": 1});
+        results.entry(name).or_default().push(seq_calls(&p1, None, "ask_host", args, calls / 2).await);
+        results
+            .entry("stdio stream chunks (count)".into())
+            .or_default()
+            .push(stream_rate(&p1, calls * 10).await);
     }
     let mut startups = Vec::new();
     for n in if args.quick { vec![1, 4] } else { vec![1, 4, 8, 16] } {
@@ -312,6 +381,8 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
             "{name:<38} {p50:>10.1} {p99:>10.1} {tput:>11.0} {r50:>9} {rt:>9} {:>13}",
             format!("{lo:.0}-{hi:.0}")
         );
+        let p50 = if p50.is_finite() { p50 } else { 0.0 };
+        let p99 = if p99.is_finite() { p99 } else { 0.0 };
         json_rows.push(json!({"name": name, "p50_us": p50, "p99_us": p99, "per_s": tput, "floor": floors.get(name), "p50_min_us": lo, "p50_max_us": hi}));
     }
     println!();
@@ -326,6 +397,8 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
         );
         json_rows.push(json!({"name": format!("startup {n} workers"), "ready_ms": ready.as_secs_f64() * 1e3, "bare_ms": bare.as_secs_f64() * 1e3}));
     }
+    println!("host RSS per idle worker (16 workers started): {:.0} KiB", rss_per_worker as f64 / 1024.0);
+    json_rows.push(json!({"name": "host rss per idle worker", "bytes": rss_per_worker}));
     if std::fs::create_dir_all(&args.out).is_ok() {
         let path = args.out.join("bench.json");
         let doc = json!({"quick": args.quick, "repetitions": reps, "cpus": cpus, "results": json_rows});
