@@ -377,13 +377,14 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
             }
             None => ("floor".into(), "floor".into()),
         };
-        println!(
-            "{name:<38} {p50:>10.1} {p99:>10.1} {tput:>11.0} {r50:>9} {rt:>9} {:>13}",
-            format!("{lo:.0}-{hi:.0}")
-        );
-        let p50 = if p50.is_finite() { p50 } else { 0.0 };
-        let p99 = if p99.is_finite() { p99 } else { 0.0 };
-        json_rows.push(json!({"name": name, "p50_us": p50, "p99_us": p99, "per_s": tput, "floor": floors.get(name), "p50_min_us": lo, "p50_max_us": hi}));
+        let num = |x: f64| if x.is_finite() { format!("{x:.1}") } else { "-".into() };
+        let (r50, spread) =
+            if p50.is_finite() { (r50, format!("{lo:.0}-{hi:.0}")) } else { ("-".into(), "-".into()) };
+        let rt = if p50.is_finite() { rt } else { "-".to_string() };
+        println!("{name:<38} {:>10} {:>10} {tput:>11.0} {r50:>9} {rt:>9} {spread:>13}", num(p50), num(p99));
+        let finite = |x: f64| if x.is_finite() { Some(x) } else { None };
+        json_rows.push(json!({"name": name, "p50_us": finite(p50), "p99_us": finite(p99), "per_s": tput,
+            "floor": floors.get(name), "p50_min_us": finite(lo), "p50_max_us": finite(hi)}));
     }
     println!();
     println!("{:<38} {:>12} {:>16} {:>9}", "start-up (trivial worker)", "pool ready", "bare spawns", "ratio");
