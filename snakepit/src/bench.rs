@@ -27,6 +27,10 @@ pub struct BenchArgs {
     /// Where to write bench.json.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Pin the host (all its threads) and every process it starts to CPU 0, so floor and pool
+    /// run on the same CPU (both ends of each pipe share it).
+    #[arg(long)]
+    pub pin: bool,
     /// The Python for gRPC workers (default: .venv/bin/python when it exists; gRPC is skipped
     /// otherwise).
     #[arg(long)]
@@ -248,7 +252,7 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
             calls
         }
     };
-    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let cpus = if args.pin { 1 } else { std::thread::available_parallelism().map_or(2, |n| n.get()) };
     let mk = |b: snakepit::PoolBuilder| b.run_registry(false).heartbeat(None);
     let p1 = match mk(Pool::builder()).adapter(Python::showcase().interpreter(&python)).size(1).build().await
     {
@@ -348,8 +352,9 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
     }
     // Report.
     println!(
-        "snakepit bench ({} mode, {reps} interleaved repetitions, medians; {cpus} CPUs, unpinned)",
-        if args.quick { "quick" } else { "full" }
+        "snakepit bench ({} mode, {reps} interleaved repetitions, medians; {cpus} CPUs, {})",
+        if args.quick { "quick" } else { "full" },
+        if args.pin { "pinned: host and workers on CPU 0" } else { "unpinned" }
     );
     println!(
         "{:<38} {:>10} {:>10} {:>11} {:>9} {:>9} {:>13}",
@@ -401,12 +406,19 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
     println!("host RSS per idle worker (16 workers started): {:.0} KiB", rss_per_worker as f64 / 1024.0);
     json_rows.push(json!({"name": "host rss per idle worker", "bytes": rss_per_worker}));
     if std::fs::create_dir_all(&args.out).is_ok() {
-        let path = args.out.join("bench.json");
-        let doc = json!({"quick": args.quick, "repetitions": reps, "cpus": cpus, "results": json_rows});
+        let path = args.out.join(if args.pin { "bench-pinned.json" } else { "bench.json" });
+        let doc = json!({"quick": args.quick, "pinned": args.pin, "repetitions": reps, "cpus": cpus, "results": json_rows});
         match std::fs::write(&path, serde_json::to_vec_pretty(&doc).unwrap_or_default()) {
             Ok(()) => println!("\nwritten: {}", path.display()),
             Err(e) => eprintln!("bench: cannot write {}: {e}", path.display()),
         }
     }
     std::process::ExitCode::SUCCESS
+}
+
+/// Pins the calling thread (and so every thread and process it creates later) to CPU 0.
+pub fn pin_to_cpu0() -> Result<(), String> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0).map_err(|e| e.to_string())?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(|e| e.to_string())
 }

@@ -138,6 +138,15 @@ fn init_tracing() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    if let Cmd::Bench(b) = &cli.cmd {
+        // Before the runtime exists: its threads and the workers inherit the affinity.
+        if b.pin {
+            if let Err(e) = bench::pin_to_cpu0() {
+                eprintln!("snakepit bench: cannot pin to CPU 0: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

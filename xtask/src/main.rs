@@ -121,10 +121,24 @@ fn proto(check: bool) -> Result<(), String> {
     }
 }
 
+/// Runs `snakepit bench` unpinned, then pinned to one CPU (unless `--pin` or `--no-pin` is given).
 fn bench(extra: Vec<String>) -> Result<(), String> {
-    let mut c = cargo();
-    c.current_dir(root()).args(["run", "--release", "--quiet", "-p", "snakepit", "--", "bench"]).args(extra);
-    run("bench", c)
+    let explicit = extra.iter().any(|a| a == "--pin" || a == "--no-pin");
+    let extra: Vec<String> = extra.into_iter().filter(|a| a != "--no-pin").collect();
+    let mut runs = vec![extra.clone()];
+    if !explicit {
+        let mut pinned = extra;
+        pinned.push("--pin".into());
+        runs.push(pinned);
+    }
+    for args in runs {
+        let mut c = cargo();
+        c.current_dir(root())
+            .args(["run", "--release", "--quiet", "-p", "snakepit", "--", "bench"])
+            .args(&args);
+        run("bench", c)?;
+    }
+    Ok(())
 }
 
 fn ci() -> Result<(), String> {
