@@ -116,6 +116,82 @@ fn floor(python: &str, payload: usize, calls: u64, k: usize) -> std::io::Result<
     Ok(sample(&h, calls, elapsed))
 }
 
+/// The gRPC floor: a bare tonic client calling the bridge's `Worker.Execute` on its socket
+/// (no pool, no supervisor); the bridge is started and greeted by hand.
+async fn grpc_floor(python: &std::path::Path, payload: usize, calls: u64) -> Result<Sample, String> {
+    use snakepit::grpc::proto::{worker_client::WorkerClient, CallRequest};
+    let dir = std::env::temp_dir().join(format!("spb{:x}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let sock = dir.join("f.sock");
+    let _ = std::fs::remove_file(&sock);
+    let bridge = snakepit::adapters::bridge_dir().map_err(|e| e.to_string())?;
+    let mut child = Command::new(python)
+        .args(["-m", "snakepit_bridge", "--module", "snakepit_bridge.showcase"])
+        .env("PYTHONPATH", bridge)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let result = async {
+        let (Some(mut input), Some(mut output)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err("no pipes".to_string());
+        };
+        let hello = json!({"t": "hello", "versions": [1], "max_frame": 64 << 20, "config": null,
+            "transport": {"kind": "grpc", "socket": sock.to_string_lossy(), "token": "t"}})
+        .to_string();
+        input.write_all(&(hello.len() as u32).to_be_bytes()).map_err(|e| e.to_string())?;
+        input.write_all(hello.as_bytes()).map_err(|e| e.to_string())?;
+        let mut h = [0u8; 4];
+        output.read_exact(&mut h).map_err(|e| e.to_string())?;
+        let mut ready = vec![0u8; u32::from_be_bytes(h) as usize];
+        output.read_exact(&mut ready).map_err(|e| e.to_string())?;
+        let path = sock.clone();
+        let channel = tonic::transport::Endpoint::from_static("http://floor.local")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let p = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(p).await?,
+                    ))
+                }
+            }))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut client = WorkerClient::new(channel);
+        let args = json!({"data": "x".repeat(payload)}).to_string().into_bytes();
+        let req = |id: u64| {
+            let mut r = tonic::Request::new(CallRequest {
+                id,
+                command: "echo".into(),
+                args: args.clone(),
+                ..Default::default()
+            });
+            if let Ok(v) = "t".parse() {
+                r.metadata_mut().insert("x-snakepit-token", v);
+            }
+            r
+        };
+        for i in 0..20 {
+            client.execute(req(i)).await.map_err(|e| e.to_string())?;
+        }
+        let mut hs = hist();
+        let start = Instant::now();
+        for i in 0..calls {
+            let t = Instant::now();
+            client.execute(req(i)).await.map_err(|e| e.to_string())?;
+            let _ = hs.record(t.elapsed().as_nanos() as u64);
+        }
+        let s = sample(&hs, calls, start.elapsed());
+        drop(input);
+        Ok(s)
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 async fn pool_run(pool: &Arc<Pool>, payload: usize, calls: u64, callers: usize) -> Sample {
     let args = Payload::from(json!({"data": "x".repeat(payload)}));
     for _ in 0..20 {
@@ -307,9 +383,14 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
             let name = format!("stdio 1 worker seq {s} B");
             floors.insert(name.clone(), floor_name.clone());
             results.entry(name).or_default().push(pool_run(&p1, s, c, 1).await);
-            if let Some(pg) = &pg {
+            if let (Some(pg), Some(gp)) = (&pg, &grpc_python) {
+                let gfloor = format!("floor grpc bare tonic->grpcio {s} B");
+                match grpc_floor(gp, s, c).await {
+                    Ok(x) => results.entry(gfloor.clone()).or_default().push(x),
+                    Err(e) => eprintln!("bench: gRPC floor failed: {e}"),
+                }
                 let name = format!("grpc 1 worker seq {s} B");
-                floors.insert(name.clone(), floor_name.clone());
+                floors.insert(name.clone(), gfloor);
                 results.entry(name).or_default().push(pool_run(pg, s, c, 1).await);
             }
         }
