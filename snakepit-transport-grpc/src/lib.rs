@@ -80,6 +80,24 @@ impl Host for HostService {
 /// The metadata key that carries the per-worker token.
 pub const TOKEN_HEADER: &str = "x-snakepit-token";
 
+/// A gRPC channel to a server on the Unix socket at `path` (HTTP/2 over a `UnixStream`).
+pub async fn unix_channel(
+    path: impl Into<PathBuf>,
+    connect_timeout: Duration,
+) -> Result<Channel, tonic::transport::Error> {
+    let path = path.into();
+    Endpoint::from_static("http://worker.local")
+        .connect_timeout(connect_timeout)
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let p = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(p).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+}
+
 /// The gRPC transport. `Grpc::default()` uses a private directory under the user's runtime
 /// dir (or `/tmp`) for the sockets.
 #[derive(Debug, Clone)]
@@ -193,16 +211,7 @@ impl Transport for Grpc {
         if address != format!("unix:{}", socket.display()) {
             return Err(protocol(format!("the worker announced {address}, not the socket it was given")));
         }
-        let path = socket.clone();
-        let channel = Endpoint::from_static("http://worker.local")
-            .connect_timeout(self.connect_timeout)
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let p = path.clone();
-                async move {
-                    let s = tokio::net::UnixStream::connect(p).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                }
-            }))
+        let channel = unix_channel(&socket, self.connect_timeout)
             .await
             .map_err(|e| protocol(format!("cannot connect to the worker's gRPC socket: {e}")))?;
         let client = WorkerClient::new(channel)

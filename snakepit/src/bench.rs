@@ -145,18 +145,8 @@ async fn grpc_floor(python: &std::path::Path, payload: usize, calls: u64) -> Res
         output.read_exact(&mut h).map_err(|e| e.to_string())?;
         let mut ready = vec![0u8; u32::from_be_bytes(h) as usize];
         output.read_exact(&mut ready).map_err(|e| e.to_string())?;
-        let path = sock.clone();
-        let channel = tonic::transport::Endpoint::from_static("http://floor.local")
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let p = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(p).await?,
-                    ))
-                }
-            }))
-            .await
-            .map_err(|e| e.to_string())?;
+        let channel =
+            snakepit::grpc::unix_channel(&sock, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
         let mut client = WorkerClient::new(channel);
         let args = json!({"data": "x".repeat(payload)}).to_string().into_bytes();
         let req = |id: u64| {

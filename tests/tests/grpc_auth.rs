@@ -38,18 +38,7 @@ async fn a_call_without_the_token_is_rejected() {
     stdout.read_exact(&mut body).expect("ready");
     let ready: serde_json::Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(ready["address"], format!("unix:{}", sock.display()));
-    let path = sock.clone();
-    let channel = tonic::transport::Endpoint::from_static("http://worker.local")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connect");
+    let channel = snakepit::grpc::unix_channel(&sock, Duration::from_secs(10)).await.expect("connect");
     let mut client = WorkerClient::new(channel);
     let call = || CallRequest {
         id: 1,

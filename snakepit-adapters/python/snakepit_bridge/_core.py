@@ -297,6 +297,19 @@ def _format_exc():
     return traceback.format_exc()
 
 
+def _next_message(chan):
+    """The next message from the host as a dict (with its type in "t"), or None at EOF."""
+    body = chan.read()
+    if body is None:
+        return None
+    try:
+        msg = json.loads(body)
+        msg["t"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ProtocolError("malformed message from host: %s" % e)
+    return msg
+
+
 def _loop_threaded(chan, tools, n, T=None):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -306,14 +319,10 @@ def _loop_threaded(chan, tools, n, T=None):
     pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="snakepit-call")
     try:
         while True:
-            body = chan.read()
-            if body is None:
+            msg = _next_message(chan)
+            if msg is None:
                 return
-            try:
-                msg = json.loads(body)
-                t = msg["t"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ProtocolError("malformed message from host: %s" % e)
+            t = msg["t"]
             if t == "call":
                 pool.submit(T.run_call, tools, msg)
             elif t == "ping":
@@ -704,21 +713,15 @@ def _serve(chan, adapter, namespace):
             try:
                 instance.teardown()
             except Exception:
-                import traceback
-
-                _log("teardown failed:\n" + traceback.format_exc())
+                _log("teardown failed:\n" + _format_exc())
 
 
 def _loop(chan, tools):
     while True:
-        body = chan.read()
-        if body is None:
+        msg = _next_message(chan)
+        if msg is None:
             return
-        try:
-            msg = json.loads(body)
-            t = msg["t"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ProtocolError("malformed message from host: %s" % e)
+        t = msg["t"]
         if t == "call":
             _call(chan, tools, msg)
         elif t == "ping":
