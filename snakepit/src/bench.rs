@@ -293,6 +293,46 @@ fn host_rss() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
+/// A horizontal bar chart of p50 latencies (log-free, µs) with the floors marked, as SVG.
+fn plot(path: &std::path::Path, title: &str, rows: &[(String, f64, bool)]) -> Result<(), String> {
+    use plotters::prelude::*;
+    let rows: Vec<_> = rows.iter().filter(|r| r.1.is_finite()).collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let max = rows.iter().map(|r| r.1).fold(1.0f64, f64::max) * 1.15;
+    let height = 60 + 28 * rows.len() as u32;
+    let root = SVGBackend::new(path, (1000, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let names: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    let n = rows.len() as i32;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(300)
+        .build_cartesian_2d(0f64..max, (0..n).into_segmented())
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .y_labels(rows.len())
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => names.get(*i as usize).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .x_desc("p50 latency, µs")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(rows.iter().enumerate().map(|(i, r)| {
+            let color = if r.2 { RGBColor(150, 150, 150) } else { RGBColor(40, 110, 180) };
+            let i = i as i32;
+            Rectangle::new([(0.0, SegmentValue::Exact(i)), (r.1, SegmentValue::Exact(i + 1))], color.filled())
+        }))
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -462,6 +502,8 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
         json_rows.push(json!({"name": name, "p50_us": finite(p50), "p99_us": finite(p99), "per_s": tput,
             "floor": floors.get(name), "p50_min_us": finite(lo), "p50_max_us": finite(hi)}));
     }
+    let chart_rows: Vec<(String, f64, bool)> =
+        results.iter().map(|(n, v)| (n.clone(), med(v).0, n.starts_with("floor"))).collect();
     println!();
     println!("{:<38} {:>12} {:>16} {:>9}", "start-up (trivial worker)", "pool ready", "bare spawns", "ratio");
     for (n, ready, bare) in &startups {
@@ -477,6 +519,13 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
     println!("host RSS per idle worker (16 workers started): {:.0} KiB", rss_per_worker as f64 / 1024.0);
     json_rows.push(json!({"name": "host rss per idle worker", "bytes": rss_per_worker}));
     if std::fs::create_dir_all(&args.out).is_ok() {
+        let svg = args.out.join(if args.pin { "bench-pinned.svg" } else { "bench.svg" });
+        let title =
+            format!("snakepit vs the floor (grey), p50, {}", if args.pin { "pinned" } else { "unpinned" });
+        match plot(&svg, &title, &chart_rows) {
+            Ok(()) => println!("plot: {}", svg.display()),
+            Err(e) => eprintln!("bench: cannot draw {}: {e}", svg.display()),
+        }
         let path = args.out.join(if args.pin { "bench-pinned.json" } else { "bench.json" });
         let doc = json!({"quick": args.quick, "pinned": args.pin, "repetitions": reps, "cpus": cpus, "results": json_rows});
         match std::fs::write(&path, serde_json::to_vec_pretty(&doc).unwrap_or_default()) {
