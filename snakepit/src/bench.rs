@@ -214,16 +214,19 @@ async fn pool_run(pool: &Arc<Pool>, payload: usize, calls: u64, callers: usize) 
     sample(&h, calls, start.elapsed())
 }
 
+/// An import-heavy worker script (for the start-up rows).
+const HEAVY: &str = "import json, decimal, asyncio, email, email.mime.text, http.client, xml.dom.minidom, \
+                     sqlite3, unittest\nfrom snakepit_bridge import tool\n\n@tool\ndef ping():\n    return 'pong'\n";
+
 /// Time until `n` workers are ready, and `n` bare concurrent spawns of the same interpreter and
 /// bootstrap (which import everything, then exit at stdin EOF) for comparison.
-async fn startup(python: &str, n: usize) -> (Duration, Duration) {
+async fn startup(python: &str, n: usize, script: Option<&std::path::Path>) -> (Duration, Duration) {
+    let adapter = match script {
+        Some(s) => Python::script(s),
+        None => Python::showcase(),
+    };
     let t = Instant::now();
-    let pool = Pool::builder()
-        .adapter(Python::showcase().interpreter(python))
-        .size(n)
-        .run_registry(false)
-        .build()
-        .await;
+    let pool = Pool::builder().adapter(adapter.interpreter(python)).size(n).run_registry(false).build().await;
     let ready = t.elapsed();
     if let Ok(p) = pool {
         p.shutdown().await;
@@ -232,9 +235,12 @@ async fn startup(python: &str, n: usize) -> (Duration, Duration) {
     let t = Instant::now();
     let children: Vec<_> = (0..n)
         .filter_map(|_| {
-            Command::new(python)
-                .args(["-m", "snakepit_bridge", "--module", "snakepit_bridge.showcase"])
-                .env("PYTHONPATH", &bridge)
+            let mut c = Command::new(python);
+            match script {
+                Some(s) => c.args(["-m", "snakepit_bridge", "--script"]).arg(s),
+                None => c.args(["-m", "snakepit_bridge", "--module", "snakepit_bridge.showcase"]),
+            };
+            c.env("PYTHONPATH", &bridge)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -451,10 +457,19 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
             .or_default()
             .push(stream_rate(&p1, calls * 10).await);
     }
+    let heavy = std::env::temp_dir().join(format!("snakepit-heavy-{}.py", std::process::id()));
+    let heavy = std::fs::write(&heavy, HEAVY).ok().map(|_| heavy);
     let mut startups = Vec::new();
     for n in if args.quick { vec![1, 4] } else { vec![1, 4, 8, 16] } {
-        let (ready, bare) = startup(&python, n).await;
-        startups.push((n, ready, bare));
+        let (ready, bare) = startup(&python, n, None).await;
+        startups.push((format!("{n} workers, trivial"), ready, bare));
+        if let Some(h) = &heavy {
+            let (ready, bare) = startup(&python, n, Some(h)).await;
+            startups.push((format!("{n} workers, import-heavy"), ready, bare));
+        }
+    }
+    if let Some(h) = &heavy {
+        let _ = std::fs::remove_file(h);
     }
     for p in [Some(p1), Some(pn), pg].into_iter().flatten() {
         if let Ok(p) = Arc::try_unwrap(p) {
@@ -505,16 +520,16 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
     let chart_rows: Vec<(String, f64, bool)> =
         results.iter().map(|(n, v)| (n.clone(), med(v).0, n.starts_with("floor"))).collect();
     println!();
-    println!("{:<38} {:>12} {:>16} {:>9}", "start-up (trivial worker)", "pool ready", "bare spawns", "ratio");
+    println!("{:<38} {:>12} {:>16} {:>9}", "start-up", "pool ready", "bare spawns", "ratio");
     for (n, ready, bare) in &startups {
         println!(
             "{:<38} {:>9.0} ms {:>13.0} ms {:>8.2}x",
-            format!("{n} workers"),
+            n,
             ready.as_secs_f64() * 1e3,
             bare.as_secs_f64() * 1e3,
             ready.as_secs_f64() / bare.as_secs_f64()
         );
-        json_rows.push(json!({"name": format!("startup {n} workers"), "ready_ms": ready.as_secs_f64() * 1e3, "bare_ms": bare.as_secs_f64() * 1e3}));
+        json_rows.push(json!({"name": format!("startup {n}"), "ready_ms": ready.as_secs_f64() * 1e3, "bare_ms": bare.as_secs_f64() * 1e3}));
     }
     println!("host RSS per idle worker (16 workers started): {:.0} KiB", rss_per_worker as f64 / 1024.0);
     json_rows.push(json!({"name": "host rss per idle worker", "bytes": rss_per_worker}));
