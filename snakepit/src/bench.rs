@@ -398,6 +398,7 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
         None => None,
     };
     p1.register_host_tool("bench_echo", |v| async move { Ok(v) });
+    let allocs = allocations_per_call(&p1, 2000).await;
     // Host memory per idle worker: RSS before and after starting 16 more.
     let rss0 = host_rss();
     let idle16 = mk(Pool::builder()).adapter(Python::showcase().interpreter(&python)).size(16).build().await;
@@ -532,6 +533,8 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
         json_rows.push(json!({"name": format!("startup {n}"), "ready_ms": ready.as_secs_f64() * 1e3, "bare_ms": bare.as_secs_f64() * 1e3}));
     }
     println!("host RSS per idle worker (16 workers started): {:.0} KiB", rss_per_worker as f64 / 1024.0);
+    println!("host allocations per sequential 64 B call (stdio, 1 worker): {allocs:.1}");
+    json_rows.push(json!({"name": "host allocations per call", "allocations": allocs}));
     json_rows.push(json!({"name": "host rss per idle worker", "bytes": rss_per_worker}));
     if std::fs::create_dir_all(&args.out).is_ok() {
         let svg = args.out.join(if args.pin { "bench-pinned.svg" } else { "bench.svg" });
@@ -556,4 +559,48 @@ pub fn pin_to_cpu0() -> Result<(), String> {
     let mut set = nix::sched::CpuSet::new();
     set.set(0).map_err(|e| e.to_string())?;
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(|e| e.to_string())
+}
+
+static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The system allocator, counting allocations.
+pub struct CountingAlloc;
+
+// SAFETY: every method forwards to the system allocator unchanged; the counter is a side effect.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: forwarded with the caller's layout.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: forwarded with the caller's pointer and layout.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: forwarded with the caller's layout.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: forwarded with the caller's pointer, layout and size.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+/// Host allocations per sequential trivial call through `pool` (payload encoding included).
+async fn allocations_per_call(pool: &Pool, calls: u64) -> f64 {
+    let args = Payload::from(json!({"data": "x".repeat(64)}));
+    for _ in 0..50 {
+        let _ = pool.execute_with("echo", args.clone(), Default::default()).await;
+    }
+    let before = ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..calls {
+        let _ = pool.execute_with("echo", args.clone(), Default::default()).await;
+    }
+    (ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed) - before) as f64 / calls as f64
 }

@@ -12,6 +12,11 @@ use snakepit::{CallOptions, Payload, Pool, Python};
 mod bench;
 mod demo;
 
+/// Counts allocations (for `snakepit bench`'s allocations-per-call figure); one relaxed atomic
+/// add per allocation otherwise.
+#[global_allocator]
+static ALLOC: bench::CountingAlloc = bench::CountingAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "snakepit",
