@@ -1203,9 +1203,11 @@ impl Pool {
     /// Runs `command` with an encoded payload and options; the most general form.
     ///
     /// Errors: `UnknownCommand` (no round trip), `PoolSaturated` (at once), `QueueTimeout`,
-    /// `Timeout` (the worker is killed and replaced; its late reply is never delivered),
-    /// `Worker` (the tool raised), `WorkerCrashed`, `Protocol`, `ShuttingDown`.
-    /// Dropping the future withdraws a queued call, or kills the worker of a running one.
+    /// `Timeout` (at once; the worker is sent `cancel` and is kept if it answers within
+    /// `cancel_grace`, else replaced; its late reply is never delivered), `Worker` (the tool
+    /// raised), `WorkerCrashed`, `Protocol`, `Unavailable`, `Quarantined`, `ShuttingDown`.
+    /// Dropping the future withdraws a queued call; a running one is handled by the pool's
+    /// [`DropPolicy`].
     pub async fn execute_with(
         &self,
         command: &str,

@@ -26,6 +26,18 @@ impl Guard {
         c.env("SNAKEPIT_RUN_DIR", self.run_dir());
         c
     }
+
+    /// `snakepit serve` on the showcase with `size` workers (and `extra` arguments), its stdin
+    /// and stdout piped.
+    fn serve(&self, size: &str, extra: &[&str]) -> std::process::Child {
+        self.snakepit()
+            .args(["serve", "--module", "snakepit_bridge.showcase", "--size", size])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn serve")
+    }
 }
 
 impl Drop for Guard {
@@ -47,14 +59,7 @@ fn snakepit(marker: &str) -> Command {
 #[test]
 fn serve_answers_each_line_and_exits_0_on_eof() {
     let g = Guard::new();
-    let mut child = g
-        .snakepit()
-        .args(["serve", "--module", "snakepit_bridge.showcase", "--size", "2"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn");
+    let mut child = g.serve("2", &[]);
     let mut stdin = child.stdin.take().expect("stdin");
     let requests = [
         r#"{"id":1,"command":"add","args":{"a":1,"b":2},"timeout_ms":5000}"#,
@@ -97,13 +102,7 @@ fn serve_answers_each_line_and_exits_0_on_eof() {
 #[test]
 fn serve_shuts_down_gracefully_on_sigterm() {
     let g = Guard::new();
-    let mut child = g
-        .snakepit()
-        .args(["serve", "--module", "snakepit_bridge.showcase", "--size", "1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = g.serve("1", &[]);
     let mut stdin = child.stdin.take().expect("stdin");
     writeln!(stdin, r#"{{"id":1,"command":"ping"}}"#).expect("write");
     let mut out = BufReader::new(child.stdout.take().expect("stdout"));
@@ -164,13 +163,7 @@ fn demo_runs_a_mixed_workload() {
 #[test]
 fn sigkilled_host_leaves_no_process_behind() {
     let g = Guard::new();
-    let mut child = g
-        .snakepit()
-        .args(["serve", "--module", "snakepit_bridge.showcase", "--size", "8"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = g.serve("8", &[]);
     let mut stdin = child.stdin.take().expect("stdin");
     for i in 0..8 {
         writeln!(stdin, r#"{{"id":{i},"command":"grandchild","args":{{"setsid":{}}}}}"#, i % 2 == 0)
@@ -271,13 +264,7 @@ fn start_serve(
     g: &Guard,
     size: &str,
 ) -> (std::process::Child, std::process::ChildStdin, BufReader<std::process::ChildStdout>) {
-    let mut c = g
-        .snakepit()
-        .args(["serve", "--module", "snakepit_bridge.showcase", "--size", size, "--instance", "twin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut c = g.serve(size, &["--instance", "twin"]);
     let mut stdin = c.stdin.take().expect("stdin");
     let mut out = BufReader::new(c.stdout.take().expect("stdout"));
     // One round trip: the pool is up.
@@ -317,13 +304,7 @@ fn two_hosts_side_by_side_restarting_one_kills_none_of_the_others_workers() {
 #[test]
 fn serve_streams_generator_tools_line_by_line() {
     let g = Guard::new();
-    let mut child = g
-        .snakepit()
-        .args(["serve", "--module", "snakepit_bridge.showcase", "--size", "1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = g.serve("1", &[]);
     let mut stdin = child.stdin.take().expect("stdin");
     writeln!(stdin, r#"{{"id":"g","command":"count","args":{{"n":3}}}}"#).expect("write");
     writeln!(stdin, r#"{{"id":"p","command":"add","args":{{"a":1,"b":2}},"stream":true}}"#).expect("write");

@@ -108,25 +108,33 @@ def _host_call(chan, rid, name, args):
     _host_seq[0] += 1
     hid = _host_seq[0]
     chan.send({"t": "host_call", "id": hid, "call": rid, "name": name, "args": args})
+    m = _await_frame(chan, rid, lambda m: m.get("t") == "host_result" and m.get("id") == hid)
+    err = m.get("error")
+    if err is not None:
+        raise HostCallError(err.get("type"), err.get("message", ""))
+    return m.get("ok")
+
+
+def _await_frame(chan, rid, wanted):
+    """Reads frames while call `rid` runs (serial mode: nothing else reads the pipe) until one
+    satisfies `wanted`, and returns it. Meanwhile answers pings, raises Cancelled on a cancel
+    for `rid` (or EOF), and keeps `credit` frames for `_stashed_credit`."""
     while True:
         body = chan.read()
         if body is None:
             raise Cancelled("the host went away")
         m = json.loads(body)
+        if wanted(m):
+            return m
         t = m.get("t")
-        if t == "host_result" and m.get("id") == hid:
-            err = m.get("error")
-            if err is not None:
-                raise HostCallError(err.get("type"), err.get("message", ""))
-            return m.get("ok")
         if t == "cancel" and m.get("id") == rid:
             raise Cancelled("call cancelled by the host")
         if t == "ping":
             chan.send({"t": "pong", "id": m.get("id")})
-        elif t == "credit":
-            _stash.append(m)
-        else:
-            _log("ignoring %r while waiting for the host" % t)
+        elif t == "credit" and m.get("id") == rid:
+            _stash.append(m)  # credit for this call's own stream, taken when it next yields
+        elif t not in ("credit", "cancel"):
+            _log("ignoring %r while call %r runs" % (t, rid))
 
 
 def _stashed_credit(rid):
@@ -867,19 +875,8 @@ def _stream(chan, rid, gen, credit):
             if credit <= 0 and _threaded[0] is not None:
                 credit += _threaded[0].wait_credit(rid)
             while credit <= 0:
-                body = chan.read()
-                if body is None:
-                    raise Cancelled("host went away")
-                m = json.loads(body)
-                t = m.get("t")
-                if t == "credit" and m.get("id") == rid:
-                    credit += int(m.get("n") or 0)
-                elif t == "cancel" and m.get("id") == rid:
-                    raise Cancelled("stream cancelled by the host")
-                elif t == "ping":
-                    chan.send({"t": "pong", "id": m.get("id")})
-                elif t not in ("credit", "cancel"):
-                    _log("ignoring %r while streaming" % t)
+                m = _await_frame(chan, rid, lambda m: m.get("t") == "credit" and m.get("id") == rid)
+                credit += int(m.get("n") or 0)
             body, ok = _encode_reply(chan, {"t": "chunk", "id": rid, "data": item}, rid)
             chan.write(body)
             if not ok:
