@@ -14,6 +14,7 @@ const BRIDGE_FILES: &[(&str, &str)] = &[
     ("__main__.py", include_str!("../python/snakepit_bridge/__main__.py")),
     ("_core.py", include_str!("../python/snakepit_bridge/_core.py")),
     ("showcase.py", include_str!("../python/snakepit_bridge/showcase.py")),
+    ("_zygote.py", include_str!("../python/snakepit_bridge/_zygote.py")),
     ("_grpc.py", include_str!("../python/snakepit_bridge/_grpc.py")),
     (
         "_proto/snakepit/v1/snakepit_pb2.py",
@@ -226,6 +227,29 @@ impl Adapter for Python {
     }
 
     fn spawn_spec(&self, ctx: &SpawnContext) -> Result<SpawnSpec, Error> {
+        self.spec(ctx, false)
+    }
+
+    fn zygote_spec(&self, ctx: &SpawnContext) -> Result<Option<SpawnSpec>, Error> {
+        self.spec(ctx, true).map(Some)
+    }
+
+    fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
+
+    fn worker_config(&self) -> serde_json::Value {
+        self.config.clone()
+    }
+
+    fn timeout_for(&self, command: &str) -> Option<Duration> {
+        self.timeouts.get(command).copied()
+    }
+}
+
+impl Python {
+    /// The bootstrap command line; `zygote` adds `--zygote`.
+    fn spec(&self, ctx: &SpawnContext, zygote: bool) -> Result<SpawnSpec, Error> {
         let bridge = match &self.bridge_dir {
             Some(d) => d.clone(),
             None => bridge_dir().map_err(|e| Error::Spawn {
@@ -235,6 +259,9 @@ impl Adapter for Python {
             })?,
         };
         let mut spec = SpawnSpec::new(&self.interpreter).arg("-m").arg("snakepit_bridge");
+        if zygote {
+            spec = spec.arg("--zygote");
+        }
         spec = match &self.entry {
             Entry::Script(p) => spec.arg("--script").arg(p.as_os_str()),
             Entry::Module(m) => spec.arg("--module").arg(m.as_str()),
@@ -264,18 +291,6 @@ impl Adapter for Python {
         spec.env.push(("PYTHONUNBUFFERED".into(), "1".into()));
         spec.cwd = self.cwd.clone();
         Ok(spec)
-    }
-
-    fn handshake_timeout(&self) -> Duration {
-        self.handshake_timeout
-    }
-
-    fn worker_config(&self) -> serde_json::Value {
-        self.config.clone()
-    }
-
-    fn timeout_for(&self, command: &str) -> Option<Duration> {
-        self.timeouts.get(command).copied()
     }
 }
 

@@ -73,6 +73,13 @@ pub trait Adapter: Send + Sync + 'static {
     /// How to start a worker.
     fn spawn_spec(&self, ctx: &SpawnContext) -> Result<SpawnSpec, Error>;
 
+    /// How to start this adapter's zygote (for [`crate::StartMode::Zygote`]), or `None` when it
+    /// has none (the default). The zygote speaks the zygote protocol of `docs/protocol.md` on a
+    /// `SOCK_SEQPACKET` socket at fd 0.
+    fn zygote_spec(&self, _ctx: &SpawnContext) -> Result<Option<SpawnSpec>, Error> {
+        Ok(None)
+    }
+
     /// How long a worker may take from spawn to `ready` (model loading may take minutes).
     fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(30)

@@ -22,7 +22,7 @@ pub mod wire;
 pub use adapter::{Adapter, SpawnContext, SpawnSpec};
 pub use error::{Error, ExitInfo, Result, WorkerError};
 pub use payload::{Codec, Payload};
-pub use profile::{ProcessProfile, StartMode, ThreadProfile, WorkerProfile};
+pub use profile::{ProcessProfile, StartMode, ThreadProfile, WorkerProfile, Zygote};
 pub use session::{SessionRecord, SessionStore, VarType, Variable};
 pub use transport::{
     CloseReason, Connection, Hello, HostCall, HostHandler, Ready, Request, RequestId, ToolInfo, Transport,

@@ -7,6 +7,9 @@ pub enum StartMode {
     /// Every worker is a fresh process (the default).
     #[default]
     Cold,
+    /// Workers are forked from a warm *zygote*: one process that imported the worker's code
+    /// once (see [`Zygote`]). The adapter must support it ([`crate::Adapter::zygote_spec`]).
+    Zygote,
 }
 
 /// How a worker is loaded: its concurrency and its start mode.
@@ -46,5 +49,35 @@ impl ThreadProfile {
 impl WorkerProfile for ThreadProfile {
     fn max_in_flight(&self) -> usize {
         self.max_in_flight
+    }
+}
+
+/// Wraps a profile so that its workers are forked from a warm zygote instead of started cold.
+///
+/// One zygote process per pool imports the worker's code once; each worker is then a `fork()`
+/// of it, ready in about a millisecond plus its handshake, whatever its imports cost. Crash,
+/// recycling and shutdown behave as with cold workers; a dead zygote is started again on the next
+/// worker start.
+///
+/// Fork safety is the worker code's part: nothing imported at module level may start threads
+/// (BLAS thread pools, gRPC channels, event loops) or hold sockets, since a fork copies only the
+/// forking thread. Per-worker resources belong in `setup()`, which still runs in every worker.
+///
+/// ```
+/// use snakepit_core::{ProcessProfile, StartMode, WorkerProfile, Zygote};
+/// let p = Zygote(ProcessProfile);
+/// assert_eq!(p.start_mode(), StartMode::Zygote);
+/// assert_eq!(p.max_in_flight(), 1);
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Zygote<P = ProcessProfile>(pub P);
+
+impl<P: WorkerProfile> WorkerProfile for Zygote<P> {
+    fn max_in_flight(&self) -> usize {
+        self.0.max_in_flight()
+    }
+
+    fn start_mode(&self) -> StartMode {
+        StartMode::Zygote
     }
 }

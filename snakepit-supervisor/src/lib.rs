@@ -24,10 +24,12 @@ mod memory;
 mod process;
 pub mod registry;
 mod shepherd;
+mod zygote;
 
 pub use backoff::RestartBackoff;
 pub use memory::tree_rss;
 pub use process::{start_worker, StartOptions, Worker};
+pub use zygote::Zygote;
 
 /// Errors of the supervisor's own operations (spawn and handshake failures are
 /// [`snakepit_core::Error`]s, as callers see them).

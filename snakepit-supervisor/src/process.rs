@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use snakepit_core::{
-    Adapter, Connection, Error, ExitInfo, Hello, Ready, SpawnContext, Transport, WorkerId, WorkerIo,
+    Adapter, Connection, Error, ExitInfo, Hello, Ready, SpawnContext, SpawnSpec, Transport, WorkerId,
+    WorkerIo,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStderr, Command};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
 const TAIL_LINES: usize = 40;
@@ -122,21 +124,65 @@ impl Tail {
 
 /// Shared between the worker handle, its stderr pump and its monitor.
 #[derive(Debug)]
-struct Shared {
-    id: WorkerId,
-    /// The shepherd's pid, which is also the worker's process group id.
-    pid: u32,
+pub(crate) struct Shared {
+    pub(crate) id: WorkerId,
+    /// `tracing` target of the process's stderr lines.
+    pub(crate) log_target: LogTarget,
+    /// The process group id: the shepherd's pid for a cold worker (it leads the group), the
+    /// worker's own pid for a forked one.
+    pub(crate) pid: u32,
     tail: Mutex<Tail>,
     exit: watch::Sender<Option<ExitInfo>>,
     stderr_done: watch::Sender<bool>,
-    /// The host's end of the shepherd's lifeline; dropping it kills the worker's subtree.
-    lifeline: Mutex<Option<OwnedFd>>,
-    /// A pidfd for the shepherd: tells whether it has exited without reaping it.
-    pidfd: Option<OwnedFd>,
+    /// How a kill is delivered.
+    killer: Killer,
+    /// A pidfd for the group leader (shepherd or forked worker): tells whether it has exited
+    /// without reaping it.
+    pub(crate) pidfd: Option<OwnedFd>,
+}
+
+/// Where a process's stderr lines go.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum LogTarget {
+    Worker,
+    Zygote,
+}
+
+/// How a worker is killed without ever signalling a pid that could have been reused.
+#[derive(Debug)]
+enum Killer {
+    /// The host's end of the shepherd's lifeline; dropping it makes the shepherd kill the
+    /// worker's whole subtree.
+    Lifeline(Mutex<Option<OwnedFd>>),
+    /// SIGKILL through the worker's pidfd (a forked worker, child of the zygote; its zygote
+    /// kills what it leaves behind).
+    Pidfd,
 }
 
 impl Shared {
-    fn tail(&self) -> String {
+    pub(crate) fn new(
+        id: WorkerId,
+        log_target: LogTarget,
+        pid: u32,
+        lifeline: Option<OwnedFd>,
+        pidfd: Option<OwnedFd>,
+    ) -> Arc<Self> {
+        Arc::new(Shared {
+            id,
+            log_target,
+            pid,
+            tail: Mutex::new(Tail::default()),
+            exit: watch::channel(None).0,
+            stderr_done: watch::channel(false).0,
+            killer: match lifeline {
+                Some(fd) => Killer::Lifeline(Mutex::new(Some(fd))),
+                None => Killer::Pidfd,
+            },
+            pidfd,
+        })
+    }
+
+    pub(crate) fn tail(&self) -> String {
         self.tail.lock().unwrap_or_else(|p| p.into_inner()).text()
     }
 
@@ -167,11 +213,27 @@ impl Shared {
 
     /// Kills the worker and everything it started: closing the lifeline makes the shepherd
     /// SIGKILL its whole subtree. No pid is signalled, so pid reuse cannot misdirect it.
-    fn kill(&self) {
-        self.lifeline.lock().unwrap_or_else(|p| p.into_inner()).take();
+    pub(crate) fn kill(&self) {
+        match &self.killer {
+            Killer::Lifeline(l) => drop(l.lock().unwrap_or_else(|p| p.into_inner()).take()),
+            Killer::Pidfd => {
+                if let Some(fd) = &self.pidfd {
+                    // A pidfd names one process for good: an exited one yields ESRCH.
+                    let _ = pidfd_send_signal(fd, libc::SIGKILL);
+                }
+            }
+        }
     }
 
-    async fn wait_stderr(&self) {
+    pub(crate) fn exit_watch(&self) -> watch::Receiver<Option<ExitInfo>> {
+        self.exit.subscribe()
+    }
+
+    pub(crate) fn set_exit(&self, info: ExitInfo) {
+        let _ = self.exit.send_replace(Some(info));
+    }
+
+    pub(crate) async fn wait_stderr(&self) {
         let mut rx = self.stderr_done.subscribe();
         let _ = tokio::time::timeout(STDERR_DRAIN, rx.wait_for(|d| *d)).await;
     }
@@ -205,7 +267,41 @@ impl Drop for Worker {
     }
 }
 
-fn exit_info(status: ExitStatus) -> ExitInfo {
+/// Sends `sig` through a pidfd (a dead process yields ESRCH, never another process).
+pub(crate) fn pidfd_send_signal(fd: &OwnedFd, sig: i32) -> std::io::Result<()> {
+    // SAFETY: pidfd_send_signal on a descriptor we own, with no siginfo.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Registers a descriptor we own with the runtime's reactor.
+pub(crate) fn async_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` stays open and keeps naming the same file description until the
+    // `AsyncFd` that owns it is dropped.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
+}
+
+/// A pidfd for `pid`, or `None`.
+pub(crate) fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a fresh descriptor we own.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+pub(crate) fn exit_info(status: ExitStatus) -> ExitInfo {
     match (status.code(), status.signal()) {
         (Some(c), _) => ExitInfo::Code(c),
         (None, Some(s)) => ExitInfo::Signal(s),
@@ -224,7 +320,8 @@ impl Worker {
         self.ready.pid
     }
 
-    /// The worker's shepherd's process id, which is also the worker's process group id.
+    /// The worker's process group id: its shepherd's pid for a cold worker, its own pid for one
+    /// forked from a zygote.
     pub fn shepherd_pid(&self) -> u32 {
         self.shared.pid
     }
@@ -270,18 +367,8 @@ impl Worker {
     pub fn cancel(&self, id: snakepit_core::RequestId) {
         self.conn.cancel(id);
         if let (Some(sig), Some(fd)) = (self.ready.cancel_signal, &self.worker_pidfd) {
-            // SAFETY: pidfd_send_signal on a pidfd we own; a dead process yields ESRCH.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.as_raw_fd(),
-                    sig,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
-            if r != 0 {
-                tracing::debug!(worker = %self.id(), "cancel signal not delivered: {}", std::io::Error::last_os_error());
+            if let Err(e) = pidfd_send_signal(fd, sig) {
+                tracing::debug!(worker = %self.id(), "cancel signal not delivered: {e}");
             }
         }
     }
@@ -312,7 +399,7 @@ impl Worker {
     }
 }
 
-fn spawn_stderr_pump(stderr: ChildStderr, shared: Arc<Shared>) {
+pub(crate) fn spawn_stderr_pump(stderr: impl AsyncRead + Send + Unpin + 'static, shared: Arc<Shared>) {
     tokio::spawn(async move {
         let mut reader = BufReader::new(stderr);
         let mut buf = Vec::with_capacity(256);
@@ -323,7 +410,12 @@ fn spawn_stderr_pump(stderr: ChildStderr, shared: Arc<Shared>) {
                 Ok(_) => {
                     let line = String::from_utf8_lossy(&buf);
                     let line = line.trim_end_matches(['\n', '\r']);
-                    tracing::info!(target: "snakepit::worker", worker = %shared.id, "{line}");
+                    match shared.log_target {
+                        LogTarget::Worker => {
+                            tracing::info!(target: "snakepit::worker", worker = %shared.id, "{line}")
+                        }
+                        LogTarget::Zygote => tracing::info!(target: "snakepit::zygote", "{line}"),
+                    }
                     shared.tail.lock().unwrap_or_else(|p| p.into_inner()).push(line.to_owned());
                 }
             }
@@ -332,56 +424,104 @@ fn spawn_stderr_pump(stderr: ChildStderr, shared: Arc<Shared>) {
     });
 }
 
+/// How the host learns that a worker process ended.
+pub(crate) enum Proc {
+    /// The shepherd, a direct child of the host.
+    Child(Child),
+    /// A worker forked by a zygote: only the zygote can reap it, and it reports the status.
+    Forked {
+        /// The zygote's report (dropped without one if the zygote dies first).
+        exit: tokio::sync::oneshot::Receiver<ExitInfo>,
+        /// Readable once the process has exited.
+        pidfd: Option<AsyncFd<OwnedFd>>,
+        /// The status, once known (so `wait` may be called again).
+        done: Option<ExitInfo>,
+    },
+}
+
+impl Proc {
+    /// Waits until the process has ended; cancel-safe.
+    pub(crate) async fn wait(&mut self) -> ExitInfo {
+        match self {
+            Proc::Child(c) => match c.wait().await {
+                Ok(s) => exit_info(s),
+                Err(e) => {
+                    tracing::warn!("cannot wait for the worker: {e}");
+                    ExitInfo::Unknown
+                }
+            },
+            Proc::Forked { exit, pidfd, done } => {
+                if let Some(d) = done {
+                    return *d;
+                }
+                let info = match exit.await {
+                    Ok(info) => info,
+                    Err(_) => {
+                        // The zygote died before reporting: its workers die with it (PDEATHSIG).
+                        if let Some(fd) = pidfd {
+                            let _ = fd.readable().await;
+                        }
+                        ExitInfo::Unknown
+                    }
+                };
+                *done = Some(info);
+                info
+            }
+        }
+    }
+
+    /// A pidfd for the worker process that reported `worker_pid` in `ready`, if it really is
+    /// ours: for a cold worker, a child of the shepherd `pgid`; for a forked one, itself.
+    fn worker_pidfd(&self, worker_pid: u32, pgid: u32) -> Option<OwnedFd> {
+        match self {
+            Proc::Child(_) => child_pidfd(worker_pid, pgid),
+            Proc::Forked { pidfd, .. } => {
+                (worker_pid == pgid).then(|| pidfd.as_ref().and_then(|fd| fd.get_ref().try_clone().ok()))?
+            }
+        }
+    }
+}
+
 /// Watches the process until it exits, killing it if its connection breaks first.
-fn spawn_monitor(mut child: Child, conn: Arc<dyn Connection>, shared: Arc<Shared>) {
+fn spawn_monitor(mut proc: Proc, conn: Arc<dyn Connection>, shared: Arc<Shared>) {
     tokio::spawn(async move {
-        let status = tokio::select! {
-            s = child.wait() => s,
+        let info = tokio::select! {
+            s = proc.wait() => s,
             reason = conn.closed() => {
                 // Output closed or the protocol broke: the process is of no further use.
                 tracing::debug!(worker = %shared.id, ?reason, "connection closed; making sure the process is gone");
                 if !matches!(reason, snakepit_core::CloseReason::Eof) {
                     shared.kill();
                 }
-                match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+                match tokio::time::timeout(Duration::from_secs(2), proc.wait()).await {
                     Ok(s) => s,
                     Err(_) => {
                         shared.kill();
-                        child.wait().await
+                        proc.wait().await
                     }
                 }
             }
         };
-        let info = match status {
-            Ok(s) => exit_info(s),
-            Err(e) => {
-                tracing::warn!(worker = %shared.id, "cannot wait for the worker: {e}");
-                ExitInfo::Unknown
-            }
-        };
-        // The shepherd has already taken down whatever the worker left behind.
+        // The shepherd (or the zygote) has already taken down whatever the worker left behind.
         tracing::debug!(worker = %shared.id, "exited: {info}");
-        let _ = shared.exit.send_replace(Some(info));
+        shared.set_exit(info);
     });
 }
 
-/// Spawns a worker for `adapter`, performs the handshake through `transport` within the
-/// adapter's handshake timeout, and returns it ready for calls.
-///
-/// Fails fast, leaving no process behind: [`Error::Spawn`] when the program cannot be started,
-/// [`Error::StartupFailed`] when it exits before `ready` (import errors), and
-/// [`Error::HandshakeTimeout`] when it stays silent.
-pub async fn start_worker(
-    adapter: &dyn Adapter,
-    transport: &dyn Transport,
-    opts: StartOptions,
-) -> Result<Worker, Error> {
+/// Spawns a process for `spec` under its own shepherd (see the `shepherd` module), with the
+/// given stdin and stdout and a piped stderr. The returned [`Shared`] owns the lifeline.
+pub(crate) fn spawn_shepherded(
+    spec: &SpawnSpec,
+    opts: &StartOptions,
+    stdin: Stdio,
+    stdout: Stdio,
+    log_target: LogTarget,
+) -> Result<(Arc<Shared>, Child), Error> {
     let worker = opts.worker;
-    let spec = adapter.spawn_spec(&SpawnContext::new(worker, opts.run_id.clone()))?;
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
+        .stdin(stdin)
+        .stdout(stdout)
         .stderr(Stdio::piped())
         // The lifeline, not kill_on_drop, stops the worker: a SIGKILL to the shepherd would
         // leave no one to clean up the worker's descendants.
@@ -420,26 +560,30 @@ pub async fn start_worker(
     })?;
     drop(lifeline_rd);
     let pid = child.id().unwrap_or(0);
-    let (exit, _) = watch::channel(None);
-    let (stderr_done, _) = watch::channel(false);
-    // SAFETY: pidfd_open on our own unreaped child: it cannot have been reused.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    // SAFETY: a fresh descriptor we own.
-    let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
-    let shared = Arc::new(Shared {
-        id: worker,
-        pid,
-        tail: Mutex::new(Tail::default()),
-        exit,
-        stderr_done,
-        lifeline: Mutex::new(Some(lifeline_wr)),
-        pidfd,
-    });
-    if let Some(stderr) = child.stderr.take() {
-        spawn_stderr_pump(stderr, shared.clone());
-    } else {
-        let _ = shared.stderr_done.send_replace(true);
+    // pidfd_open on our own unreaped child: it cannot have been reused.
+    let shared = Shared::new(worker, log_target, pid, Some(lifeline_wr), pidfd_open(pid));
+    match child.stderr.take() {
+        Some(stderr) => spawn_stderr_pump(stderr, shared.clone()),
+        None => drop(shared.stderr_done.send_replace(true)),
     }
+    Ok((shared, child))
+}
+
+/// Spawns a worker for `adapter`, performs the handshake through `transport` within the
+/// adapter's handshake timeout, and returns it ready for calls.
+///
+/// Fails fast, leaving no process behind: [`Error::Spawn`] when the program cannot be started,
+/// [`Error::StartupFailed`] when it exits before `ready` (import errors), and
+/// [`Error::HandshakeTimeout`] when it stays silent.
+pub async fn start_worker(
+    adapter: &dyn Adapter,
+    transport: &dyn Transport,
+    opts: StartOptions,
+) -> Result<Worker, Error> {
+    let worker = opts.worker;
+    let spec = adapter.spawn_spec(&SpawnContext::new(worker, opts.run_id.clone()))?;
+    let (shared, mut child) =
+        spawn_shepherded(&spec, &opts, Stdio::piped(), Stdio::piped(), LogTarget::Worker)?;
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         // Cannot happen with piped stdio; treat it as a spawn failure anyway.
         shared.kill();
@@ -450,9 +594,24 @@ pub async fn start_worker(
             reason: "no stdio pipes".into(),
         });
     };
+    let io = WorkerIo { worker, input: Box::new(stdin), output: Box::new(stdout) };
+    handshake(shared, Proc::Child(child), io, adapter, transport, &opts).await
+}
+
+/// Performs the handshake on a started process and hands out the [`Worker`]; on failure the
+/// process is killed and reaped and the error says how it ended.
+pub(crate) async fn handshake(
+    shared: Arc<Shared>,
+    mut proc: Proc,
+    io: WorkerIo,
+    adapter: &dyn Adapter,
+    transport: &dyn Transport,
+    opts: &StartOptions,
+) -> Result<Worker, Error> {
+    let worker = opts.worker;
+    let pid = shared.pid;
     // If this future is dropped before the worker is handed out, the worker must die with it.
     let mut guard = KillOnDrop(Some(shared.clone()));
-    let io = WorkerIo { worker, input: Box::new(stdin), output: Box::new(stdout) };
     let hello = Hello::new(worker, opts.max_frame, adapter.worker_config())
         .with_host(opts.host.clone())
         .with_max_in_flight(opts.max_in_flight);
@@ -469,30 +628,26 @@ pub async fn start_worker(
             Ok(r) => Handshake::Done(r),
             Err(_) => Handshake::TimedOut,
         },
-        status = child.wait() => Handshake::Exited(status),
+        info = proc.wait() => Handshake::Exited(info),
     };
-    let fail = |shared: &Arc<Shared>| shared.kill();
     match outcome {
         Handshake::Done(Ok((conn, ready))) => {
             tracing::debug!(worker = %worker, pid, bridge = %ready.bridge, "ready");
-            spawn_monitor(child, conn.clone(), shared.clone());
+            let worker_pidfd = ready.cancel_signal.and_then(|_| proc.worker_pidfd(ready.pid, pid));
+            spawn_monitor(proc, conn.clone(), shared.clone());
             guard.0 = None;
-            let worker_pidfd = ready.cancel_signal.and_then(|_| child_pidfd(ready.pid, pid));
             Ok(Worker { shared, conn, ready, started: Instant::now(), worker_pidfd })
         }
         Handshake::Done(Err(e)) => {
             // EOF during the handshake means the process is exiting: report how it ended.
             let info = if matches!(e, Error::Disconnected { .. }) {
-                match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
-                    Ok(Ok(s)) => Some(exit_info(s)),
-                    _ => None,
-                }
+                tokio::time::timeout(Duration::from_secs(2), proc.wait()).await.ok()
             } else {
                 None
             };
-            fail(&shared);
-            let _ = child.wait().await;
-            let _ = shared.exit.send_replace(Some(info.unwrap_or(ExitInfo::Unknown)));
+            shared.kill();
+            proc.wait().await;
+            shared.set_exit(info.unwrap_or(ExitInfo::Unknown));
             shared.wait_stderr().await;
             match (e, info) {
                 (Error::Disconnected { .. }, exit) => Err(Error::StartupFailed {
@@ -504,15 +659,14 @@ pub async fn start_worker(
             }
         }
         Handshake::TimedOut => {
-            fail(&shared);
-            let _ = child.wait().await;
-            let _ = shared.exit.send_replace(Some(ExitInfo::Signal(Signal::SIGKILL as i32)));
+            shared.kill();
+            proc.wait().await;
+            shared.set_exit(ExitInfo::Signal(Signal::SIGKILL as i32));
             shared.wait_stderr().await;
             Err(Error::HandshakeTimeout { worker, after: timeout, stderr_tail: shared.tail() })
         }
-        Handshake::Exited(status) => {
-            let info = status.map(exit_info).unwrap_or(ExitInfo::Unknown);
-            let _ = shared.exit.send_replace(Some(info));
+        Handshake::Exited(info) => {
+            shared.set_exit(info);
             shared.wait_stderr().await;
             Err(Error::StartupFailed { worker, exit: info, stderr_tail: shared.tail() })
         }
@@ -520,7 +674,7 @@ pub async fn start_worker(
 }
 
 /// The parent pid of `pid`, from `/proc/<pid>/stat`.
-fn parent_of(pid: u32) -> Option<u32> {
+pub(crate) fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
     rest.split_whitespace().nth(1)?.parse().ok()
@@ -528,17 +682,11 @@ fn parent_of(pid: u32) -> Option<u32> {
 
 /// A pidfd for `pid` if it is a child of `parent` (a worker claims its pid in `ready`; we only
 /// trust it once the process tree confirms it).
-fn child_pidfd(pid: u32, parent: u32) -> Option<OwnedFd> {
+pub(crate) fn child_pidfd(pid: u32, parent: u32) -> Option<OwnedFd> {
     if parent_of(pid)? != parent {
         return None;
     }
-    // SAFETY: pidfd_open returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let fd = pidfd_open(pid)?;
     // Re-check after opening: the pidfd now pins the identity we verified.
     (parent_of(pid)? == parent).then_some(fd)
 }
@@ -557,5 +705,5 @@ impl Drop for KillOnDrop {
 enum Handshake {
     Done(Result<(Arc<dyn Connection>, Ready), Error>),
     TimedOut,
-    Exited(std::io::Result<ExitStatus>),
+    Exited(ExitInfo),
 }

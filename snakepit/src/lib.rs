@@ -36,7 +36,9 @@ pub use pool::{
     Affinity, CallOptions, CallStream, DropPolicy, Heartbeat, Pool, PoolBuilder, PoolStats, RehydrateHook,
 };
 pub use session::Session;
-pub use snakepit_core::{ProcessProfile, SessionRecord, SessionStore, ThreadProfile, VarType, WorkerProfile};
+pub use snakepit_core::{
+    ProcessProfile, SessionRecord, SessionStore, StartMode, ThreadProfile, VarType, WorkerProfile, Zygote,
+};
 pub use snakepit_session::MemoryStore;
 
 pub use snakepit_adapters as adapters;

@@ -103,6 +103,9 @@ pub struct TransportArgs {
     /// .venv/bin/python when it exists, else python3).
     #[arg(long)]
     pub python: Option<PathBuf>,
+    /// Fork the workers from a warm zygote that imported the worker code once.
+    #[arg(long)]
+    pub zygote: bool,
 }
 
 impl TransportArgs {
@@ -117,6 +120,7 @@ impl TransportArgs {
             _ => adapter,
         };
         let b = b.adapter(adapter);
+        let b = if self.zygote { b.profile(snakepit::Zygote(snakepit::ProcessProfile)) } else { b };
         match self.transport {
             TransportKind::Stdio => b,
             TransportKind::Grpc => b.transport(snakepit::Grpc::default()),

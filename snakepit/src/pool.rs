@@ -10,7 +10,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use snakepit_core::{Adapter, Error, Payload, Request, SessionStore, Transport, WorkerId, DEFAULT_MAX_FRAME};
-use snakepit_supervisor::{registry, start_worker, StartOptions, Worker};
+use snakepit_supervisor::{registry, start_worker, StartOptions, Worker, Zygote};
 
 use crate::lifecycle::{run_slot, Member, SlotState};
 use tokio::sync::{oneshot, watch};
@@ -121,6 +121,7 @@ pub(crate) struct Config {
     pub(crate) drop_policy: DropPolicy,
     pub(crate) stream_window: u32,
     pub(crate) max_in_flight: usize,
+    start_mode: snakepit_core::StartMode,
     instance: Option<String>,
     run_dir: Option<std::path::PathBuf>,
     registry: bool,
@@ -228,6 +229,7 @@ impl Default for PoolBuilder {
                 drop_policy: DropPolicy::Kill,
                 stream_window: 32,
                 max_in_flight: 1,
+                start_mode: snakepit_core::StartMode::Cold,
                 instance: None,
                 run_dir: None,
                 registry: true,
@@ -361,9 +363,12 @@ impl PoolBuilder {
     /// The worker profile: how many calls one worker runs at once. `ProcessProfile` (the
     /// default) runs one; `ThreadProfile::new(n)` lets the bridge run up to `n` calls
     /// concurrently (threads for sync tools, its event loop for `async def` tools), and the pool
-    /// sends up to `n` calls to one worker.
+    /// sends up to `n` calls to one worker. Wrapping either in [`snakepit_core::Zygote`] forks
+    /// the workers from one warm process that imported the worker code once (see
+    /// [`snakepit_core::StartMode::Zygote`]).
     pub fn profile(mut self, profile: impl snakepit_core::WorkerProfile) -> Self {
         self.cfg.max_in_flight = profile.max_in_flight().max(1);
+        self.cfg.start_mode = profile.start_mode();
         self
     }
 
@@ -525,6 +530,7 @@ impl PoolBuilder {
             poison: Mutex::new(std::collections::HashMap::new()),
             all_idle: tokio::sync::Notify::new(),
             changes: watch::channel(0).0,
+            zygote: tokio::sync::Mutex::new(None),
         });
         let workers = match inner.start_all().await {
             Ok(w) => w,
@@ -633,6 +639,8 @@ pub(crate) struct Inner {
     all_idle: tokio::sync::Notify,
     /// Bumped on every change observers may wait for (see [`Pool::wait_stats`]).
     changes: watch::Sender<u64>,
+    /// The warm process workers are forked from (zygote start mode only).
+    zygote: tokio::sync::Mutex<Option<Arc<Zygote>>>,
 }
 
 pub(crate) fn alive(m: &Member) -> bool {
@@ -656,9 +664,30 @@ impl Inner {
     }
 
     async fn start_raw(&self, worker: WorkerId) -> Result<Worker, Error> {
-        let w = start_worker(&*self.adapter, &*self.transport, self.start_options(worker)).await?;
+        let opts = self.start_options(worker);
+        let w = match self.cfg.start_mode {
+            snakepit_core::StartMode::Zygote => {
+                let zygote = self.zygote(&opts).await?;
+                zygote.start_worker(&*self.adapter, &*self.transport, opts).await?
+            }
+            _ => start_worker(&*self.adapter, &*self.transport, opts).await?,
+        };
         self.learn_tools(&w);
         Ok(w)
+    }
+
+    /// The live zygote, started (again) if there is none: concurrent starts share one.
+    async fn zygote(&self, opts: &StartOptions) -> Result<Arc<Zygote>, Error> {
+        let mut z = self.zygote.lock().await;
+        if let Some(live) = z.as_ref().filter(|z| !z.is_closed()) {
+            return Ok(live.clone());
+        }
+        if z.take().is_some() {
+            tracing::warn!("the zygote is gone; starting a new one");
+        }
+        let fresh = Arc::new(Zygote::start(&*self.adapter, opts).await?);
+        *z = Some(fresh.clone());
+        Ok(fresh)
     }
 
     /// Starts a worker for a slot, wrapped with its recycling limits.
@@ -1655,6 +1684,9 @@ impl Pool {
         inner.state().idle.clear();
         let grace = inner.cfg.shutdown_grace;
         futures::future::join_all(workers.iter().map(|w| w.shutdown(grace))).await;
+        if let Some(z) = inner.zygote.lock().await.take() {
+            z.shutdown(grace).await;
+        }
         tracing::info!(run_id = %inner.run_id, "pool stopped");
     }
 }
@@ -1680,5 +1712,11 @@ impl Drop for Pool {
             w.kill();
         }
         st.waiters.clear();
+        drop(st);
+        // Dropping the zygote kills it and anything it forked. If a start holds the lock right
+        // now, that start's future dies with the aborted slot task and the zygote with `Inner`.
+        if let Ok(mut z) = inner.zygote.try_lock() {
+            z.take();
+        }
     }
 }

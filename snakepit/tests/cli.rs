@@ -162,8 +162,19 @@ fn demo_runs_a_mixed_workload() {
 /// and all ignoring SIGTERM/SIGHUP): within a second nothing it started is alive.
 #[test]
 fn sigkilled_host_leaves_no_process_behind() {
+    sigkill_host_with_busy_workers(&[], 25);
+}
+
+/// The same with workers forked from a zygote: host + shepherd + zygote + 8 workers + 8
+/// grandchildren.
+#[test]
+fn sigkilled_host_with_a_zygote_leaves_no_process_behind() {
+    sigkill_host_with_busy_workers(&["--zygote"], 19);
+}
+
+fn sigkill_host_with_busy_workers(extra: &[&str], expected: usize) {
     let g = Guard::new();
-    let mut child = g.serve("8", &[]);
+    let mut child = g.serve("8", extra);
     let mut stdin = child.stdin.take().expect("stdin");
     for i in 0..8 {
         writeln!(stdin, r#"{{"id":{i},"command":"grandchild","args":{{"setsid":{}}}}}"#, i % 2 == 0)
@@ -179,9 +190,9 @@ fn sigkilled_host_leaves_no_process_behind() {
         writeln!(stdin, r#"{{"id":{},"command":"sleep","args":{{"ms":60000}}}}"#, 100 + i).expect("write");
     }
     stdin.flush().expect("flush");
-    // host + 8 shepherds + 8 workers + 8 grandchildren carry the marker.
+    // Without a zygote: host + 8 shepherds + 8 workers + 8 grandchildren carry the marker.
     let before = procs::marked_pids(&g.0);
-    assert!(before.len() >= 25, "{before:?}");
+    assert!(before.len() >= expected, "{before:?}");
     child.kill().expect("SIGKILL the host");
     child.wait().expect("reap the host");
     let left = procs::wait_none_left(&g.0, Duration::from_secs(1));

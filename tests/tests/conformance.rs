@@ -1,5 +1,5 @@
 //! The conformance kit: one suite of protocol behaviours, run against every transport with the
-//! Python bridge (real python3 workers). gRPC workers run on the repository's `.venv` python
+//! Python bridge (real python3 workers), with cold workers and with workers forked from a zygote. gRPC workers run on the repository's `.venv` python
 //! (grpcio), which `cargo xtask setup` (run by `cargo xtask ci`) creates.
 
 use std::sync::Arc;
@@ -9,13 +9,21 @@ use futures::StreamExt;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::json;
-use snakepit::{Error, ExitInfo, Grpc, Pool, PoolBuilder, Python, StdioTransport};
+use snakepit::{Error, ExitInfo, Grpc, Pool, PoolBuilder, ProcessProfile, Python, StdioTransport, Zygote};
 use snakepit_tests::Reaper;
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Stdio,
     Grpc,
+    StdioZygote,
+    GrpcZygote,
+}
+
+impl Kind {
+    fn grpc(self) -> bool {
+        matches!(self, Kind::Grpc | Kind::GrpcZygote)
+    }
 }
 
 fn venv_python() -> std::path::PathBuf {
@@ -26,9 +34,13 @@ fn venv_python() -> std::path::PathBuf {
 
 fn builder(r: &Reaper, kind: Kind) -> PoolBuilder {
     let b = r.builder();
+    let b = match kind {
+        Kind::StdioZygote | Kind::GrpcZygote => b.profile(Zygote(ProcessProfile)),
+        Kind::Stdio | Kind::Grpc => b,
+    };
     match kind {
-        Kind::Stdio => b.adapter(Python::showcase()).transport(StdioTransport::new()),
-        Kind::Grpc => b
+        Kind::Stdio | Kind::StdioZygote => b.adapter(Python::showcase()).transport(StdioTransport::new()),
+        Kind::Grpc | Kind::GrpcZygote => b
             .adapter(Python::showcase().interpreter(venv_python()))
             .transport(Grpc::default().socket_root(r.dir().join("s"))),
     }
@@ -142,10 +154,8 @@ async fn timeout_then_the_worker_is_kept_or_replaced(kind: Kind) {
 async fn unknown_version_is_refused(kind: Kind) {
     let r = Reaper::new();
     let b = builder(&r, kind);
-    let adapter = match kind {
-        Kind::Stdio => Python::showcase(),
-        Kind::Grpc => Python::showcase().interpreter(venv_python()),
-    };
+    let adapter =
+        if kind.grpc() { Python::showcase().interpreter(venv_python()) } else { Python::showcase() };
     let err =
         b.adapter(adapter.env("SNAKEPIT_BRIDGE_VERSIONS", "99")).size(1).build().await.expect_err("refused");
     assert!(matches!(err, Error::VersionMismatch { .. }), "{kind:?}: {err:?}");
@@ -183,9 +193,10 @@ async fn shutdown_is_graceful_and_leaves_nothing(kind: Kind) {
 async fn frame_limit_on_requests(kind: Kind) {
     let r = Reaper::new();
     let b = builder(&r, kind).size(1);
-    let b = match kind {
-        Kind::Stdio => b.transport(StdioTransport::new().max_frame(4096)),
-        Kind::Grpc => b.transport(Grpc::default().socket_root(r.dir().join("s")).max_frame(4096)),
+    let b = if kind.grpc() {
+        b.transport(Grpc::default().socket_root(r.dir().join("s")).max_frame(4096))
+    } else {
+        b.transport(StdioTransport::new().max_frame(4096))
     };
     let pool = b.build().await.expect("pool");
     match pool.execute("echo", json!("x".repeat(10_000))).await {
@@ -219,6 +230,14 @@ macro_rules! conformance {
         mod grpc {
             use super::*;
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Kind::Grpc).await })*
+        }
+        mod stdio_zygote {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Kind::StdioZygote).await })*
+        }
+        mod grpc_zygote {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(Kind::GrpcZygote).await })*
         }
     };
 }

@@ -1,7 +1,9 @@
-"""Bootstrap: ``python -m snakepit_bridge (--script PATH | --module NAME) [--adapter CLASS]``.
+"""Bootstrap: ``python -m snakepit_bridge [--zygote] (--script PATH | --module NAME) [--adapter CLASS]``.
 
 Claims the protocol file descriptors *first* (private duplicates of fds 0 and 1; fd 1 then points
-at stderr and fd 0 at /dev/null), then runs the user's code, then serves.
+at stderr and fd 0 at /dev/null), then runs the user's code, then serves. With ``--zygote``, fd 0
+is the zygote's control socket and ``serve()`` forks one worker per host request (see
+``_zygote``).
 """
 
 from snakepit_bridge import _core
@@ -21,8 +23,10 @@ def main():
     g.add_argument("--script", help="path of a worker script")
     g.add_argument("--module", help="importable module name of a worker")
     p.add_argument("--adapter", help="name of the BaseAdapter subclass to serve")
+    p.add_argument("--zygote", action="store_true", help="import once, then fork workers on request")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments left in sys.argv for the script")
     ns = p.parse_args()
+    _core._state["zygote"] = ns.zygote
     if ns.rest and ns.rest[0] == "--":
         ns.rest = ns.rest[1:]
     if ns.script:

@@ -622,6 +622,11 @@ def serve(adapter=None, namespace=None):
     """
     _state["served"] = True
     claim_stdio()
+    if _state.get("zygote"):
+        from . import _zygote
+
+        _state["zygote"] = False
+        _zygote.run(_state)  # returns only in a forked worker, holding its own protocol fds
     if namespace is None and adapter is None:
         main = sys.modules.get("__main__")
         namespace = vars(main) if main is not None else None

@@ -1,0 +1,427 @@
+//! The zygote start mode: one warm process that imported the worker's code once and forks a
+//! fresh worker per request.
+//!
+//! ```text
+//! host ──lifeline──▶ shepherd ─▶ zygote (subreaper; SOCK_SEQPACKET control socket at fd 0)
+//!   │                              ├─ worker 0.0 (own group, PDEATHSIG, subreaper)
+//!   └── pipes (sent with SCM_RIGHTS) ─┘ ...
+//! ```
+//!
+//! The host creates each worker's three pipes, sends the worker's ends to the zygote with the
+//! `fork` request, and then treats the pipes exactly like a cold worker's stdio: the same
+//! transport, the same handshake, the same [`Worker`]. What differs is who can reap it: only
+//! the zygote (its parent), so the zygote reports every worker's exit status on the control
+//! socket, and the host kills a forked worker through a pidfd it opened and verified (the
+//! worker's parent is the zygote, whose parent is its shepherd, our child) rather than a
+//! lifeline. The zygote itself runs under a shepherd like any worker, so the host dying (even
+//! by SIGKILL) still takes the zygote and every worker down. The zygote protocol is in
+//! `docs/protocol.md`.
+
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use nix::sys::socket::{self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr};
+use serde::Deserialize;
+use snakepit_core::{Adapter, Error, ExitInfo, SpawnContext, Transport, WorkerId, WorkerIo};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::unix::pipe;
+use tokio::sync::{oneshot, watch};
+
+use crate::process::{self, LogTarget, Proc, Shared, StartOptions, Worker};
+
+/// The largest control packet the zygote sends (its messages are tiny).
+const MAX_PACKET: usize = 64 * 1024;
+
+/// What a `fork` request is answered with: the new worker's pid and its exit report.
+type ForkReply = Result<(u32, oneshot::Receiver<ExitInfo>), String>;
+
+#[derive(Default)]
+struct Table {
+    /// Fork requests waiting for their answer, by worker key.
+    forks: HashMap<String, oneshot::Sender<ForkReply>>,
+    /// Live forked workers waiting for their exit status, by pid.
+    exits: HashMap<u32, oneshot::Sender<ExitInfo>>,
+    /// False once the control socket is gone: no fork can be answered any more.
+    open: bool,
+}
+
+/// A message from the zygote.
+#[derive(Deserialize)]
+struct Msg {
+    op: String,
+    #[serde(default)]
+    worker: Option<String>,
+    #[serde(default)]
+    pid: Option<u32>,
+    #[serde(default)]
+    code: Option<i32>,
+    #[serde(default)]
+    signal: Option<i32>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// A running zygote. Dropping it kills the zygote and, with it, every worker it forked.
+pub struct Zygote {
+    shared: Arc<Shared>,
+    /// The zygote process's own pid (its parent is the shepherd, `shared.pid`).
+    pid: u32,
+    sock: Arc<AsyncFd<OwnedFd>>,
+    table: Arc<Mutex<Table>>,
+    closed: watch::Receiver<bool>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Zygote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Zygote").field("pid", &self.pid).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Zygote {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.shared.kill();
+    }
+}
+
+fn spawn_error(worker: WorkerId, program: &str, reason: impl Into<String>) -> Error {
+    Error::Spawn { worker, program: program.to_owned(), reason: reason.into() }
+}
+
+fn lock(t: &Mutex<Table>) -> MutexGuard<'_, Table> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The key a fork request and its answer share.
+fn key(w: WorkerId) -> String {
+    format!("{}.{}", w.slot, w.generation)
+}
+
+/// Receives one packet (cancel-safe).
+async fn recv(sock: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usize> {
+    sock.async_io(Interest::READABLE, |fd| {
+        socket::recv(fd.as_raw_fd(), buf, MsgFlags::empty()).map_err(std::io::Error::from)
+    })
+    .await
+}
+
+impl Zygote {
+    /// Starts the adapter's zygote and waits until it has imported the worker code (within the
+    /// adapter's handshake timeout). `opts.worker` is the worker whose start needs the zygote;
+    /// start-up errors are reported for it.
+    pub async fn start(adapter: &dyn Adapter, opts: &StartOptions) -> Result<Zygote, Error> {
+        let worker = opts.worker;
+        let ctx = SpawnContext::new(worker, opts.run_id.clone());
+        let spec = adapter.zygote_spec(&ctx)?.ok_or_else(|| {
+            spawn_error(worker, &adapter.name(), "this adapter has no zygote start mode (StartMode::Zygote)")
+        })?;
+        let program = spec.program.display().to_string();
+        let (host_end, zygote_end) = socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        )
+        .map_err(|e| spawn_error(worker, &program, format!("cannot create the control socket: {e}")))?;
+        // O_NONBLOCK lives on the open file description; the zygote gets a blocking one.
+        nix::fcntl::fcntl(&zygote_end, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()))
+            .map_err(|e| spawn_error(worker, &program, format!("cannot set up the control socket: {e}")))?;
+        let (shared, mut child) = process::spawn_shepherded(
+            &spec,
+            opts,
+            Stdio::from(zygote_end),
+            Stdio::null(),
+            LogTarget::Zygote,
+        )?;
+        let kill_on_fail = KillOnDrop(Some(shared.clone()));
+        let sock =
+            Arc::new(process::async_fd(host_end).map_err(|e| {
+                spawn_error(worker, &program, format!("cannot watch the control socket: {e}"))
+            })?);
+        let timeout = adapter.handshake_timeout();
+        let mut buf = vec![0u8; MAX_PACKET];
+        let ready = tokio::select! {
+            r = tokio::time::timeout(timeout, recv(&sock, &mut buf)) => r,
+            status = child.wait() => {
+                let info = status.map(process::exit_info).unwrap_or(ExitInfo::Unknown);
+                shared.set_exit(info);
+                shared.wait_stderr().await;
+                return Err(Error::StartupFailed { worker, exit: info, stderr_tail: shared.tail() });
+            }
+        };
+        let fail = |shared: &Arc<Shared>, e: Error| {
+            shared.kill();
+            e
+        };
+        let n = match ready {
+            Err(_) => {
+                shared.kill();
+                let _ = child.wait().await;
+                shared.wait_stderr().await;
+                return Err(Error::HandshakeTimeout { worker, after: timeout, stderr_tail: shared.tail() });
+            }
+            Ok(Err(e)) => {
+                return Err(fail(&shared, spawn_error(worker, &program, format!("control socket: {e}"))))
+            }
+            Ok(Ok(0)) => {
+                let info = child.wait().await.map(process::exit_info).unwrap_or(ExitInfo::Unknown);
+                shared.set_exit(info);
+                shared.wait_stderr().await;
+                return Err(Error::StartupFailed { worker, exit: info, stderr_tail: shared.tail() });
+            }
+            Ok(Ok(n)) => n,
+        };
+        let msg: Msg = serde_json::from_slice(&buf[..n]).map_err(|e| {
+            fail(&shared, Error::Protocol { worker, detail: format!("zygote: bad ready message: {e}") })
+        })?;
+        let pid = match (msg.op.as_str(), msg.pid) {
+            ("ready", Some(pid)) if process::parent_of(pid) == Some(shared.pid) => pid,
+            _ => {
+                return Err(fail(
+                    &shared,
+                    Error::Protocol {
+                        worker,
+                        detail: format!("zygote: expected ready with its pid, got {:?}", msg.op),
+                    },
+                ))
+            }
+        };
+        tracing::debug!(pid, "zygote ready");
+        let table = Arc::new(Mutex::new(Table { open: true, ..Table::default() }));
+        let (closed_tx, closed) = watch::channel(false);
+        let reader =
+            tokio::spawn(read_loop(sock.clone(), table.clone(), shared.clone(), child, closed_tx, buf));
+        drop(kill_on_fail.disarm());
+        Ok(Zygote { shared, pid, sock, table, closed, reader })
+    }
+
+    /// Whether the zygote is gone (or its control socket broke): start a new one.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// The zygote process's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The last lines the zygote wrote to stderr.
+    pub fn stderr_tail(&self) -> String {
+        self.shared.tail()
+    }
+
+    /// Forks a worker from the zygote and performs its handshake through `transport`, exactly
+    /// as [`crate::start_worker`] does for a cold one.
+    pub async fn start_worker(
+        &self,
+        adapter: &dyn Adapter,
+        transport: &dyn Transport,
+        opts: StartOptions,
+    ) -> Result<Worker, Error> {
+        let worker = opts.worker;
+        let program = "zygote";
+        let pipe = |what: &str| {
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| spawn_error(worker, program, format!("cannot create the {what} pipe: {e}")))
+        };
+        let (in_r, in_w) = pipe("stdin")?;
+        let (out_r, out_w) = pipe("stdout")?;
+        let (err_r, err_w) = pipe("stderr")?;
+        let k = key(worker);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut t = lock(&self.table);
+            if !t.open {
+                return Err(spawn_error(worker, program, "the zygote is gone"));
+            }
+            t.forks.insert(k.clone(), tx);
+        }
+        let _forget = Forget { table: &self.table, key: &k };
+        let mut env: HashMap<String, String> = opts
+            .env
+            .iter()
+            .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
+            .collect();
+        env.insert("SNAKEPIT_WORKER_ID".into(), worker.to_string());
+        let body = serde_json::json!({"op": "fork", "worker": k, "env": env}).to_string();
+        let fds = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+        self.sock
+            .async_io(Interest::WRITABLE, |fd| {
+                socket::sendmsg::<UnixAddr>(
+                    fd.as_raw_fd(),
+                    &[IoSlice::new(body.as_bytes())],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            })
+            .await
+            .map_err(|e| spawn_error(worker, program, format!("cannot reach the zygote: {e}")))?;
+        // The zygote holds its own copies now; ours must go so EOFs are seen.
+        drop((in_r, out_w, err_w));
+        let (pid, exit) = match tokio::time::timeout(adapter.handshake_timeout(), rx).await {
+            Ok(Ok(Ok(r))) => r,
+            Ok(Ok(Err(reason))) => {
+                return Err(spawn_error(worker, program, format!("fork failed: {reason}")))
+            }
+            Ok(Err(_)) => {
+                return Err(spawn_error(
+                    worker,
+                    program,
+                    format!("the zygote died; its last words:\n{}", self.shared.tail()),
+                ))
+            }
+            Err(_) => {
+                return Err(Error::HandshakeTimeout {
+                    worker,
+                    after: adapter.handshake_timeout(),
+                    stderr_tail: self.shared.tail(),
+                })
+            }
+        };
+        // Verified after opening: the pidfd then pins the zygote's child for good.
+        let pidfd = process::pidfd_open(pid).filter(|_| process::parent_of(pid) == Some(self.pid));
+        let Some(pidfd) = pidfd else {
+            return Err(Error::StartupFailed { worker, exit: ExitInfo::Unknown, stderr_tail: String::new() });
+        };
+        let watch_fd = pidfd.try_clone().ok().and_then(|fd| process::async_fd(fd).ok());
+        let shared = Shared::new(worker, LogTarget::Worker, pid, None, Some(pidfd));
+        let io_err = |e: std::io::Error| {
+            shared.kill();
+            spawn_error(worker, program, format!("cannot watch the worker's pipes: {e}"))
+        };
+        let stderr = pipe::Receiver::from_owned_fd(err_r).map_err(io_err)?;
+        let input = pipe::Sender::from_owned_fd(in_w).map_err(io_err)?;
+        let output = pipe::Receiver::from_owned_fd(out_r).map_err(io_err)?;
+        process::spawn_stderr_pump(stderr, shared.clone());
+        let io = WorkerIo { worker, input: Box::new(input), output: Box::new(output) };
+        let proc = Proc::Forked { exit, pidfd: watch_fd, done: None };
+        process::handshake(shared, proc, io, adapter, transport, &opts).await
+    }
+
+    /// Stops the zygote: asks it to exit, and kills it after `grace`. Its workers die with it,
+    /// so stop them first.
+    pub async fn shutdown(&self, grace: Duration) {
+        let body = br#"{"op":"shutdown"}"#;
+        let _ = self
+            .sock
+            .async_io(Interest::WRITABLE, |fd| {
+                socket::send(fd.as_fd().as_raw_fd(), body, MsgFlags::MSG_NOSIGNAL)
+                    .map_err(std::io::Error::from)
+            })
+            .await;
+        let mut exit = self.shared.exit_watch();
+        if tokio::time::timeout(grace, exit.wait_for(|e| e.is_some())).await.is_err() {
+            self.shared.kill();
+            let _ = exit.wait_for(|e| e.is_some()).await;
+        }
+    }
+}
+
+/// Reads the zygote's messages until its socket closes, routing fork answers and exit reports;
+/// then reaps the zygote.
+async fn read_loop(
+    sock: Arc<AsyncFd<OwnedFd>>,
+    table: Arc<Mutex<Table>>,
+    shared: Arc<Shared>,
+    mut child: tokio::process::Child,
+    closed: watch::Sender<bool>,
+    mut buf: Vec<u8>,
+) {
+    loop {
+        let n = tokio::select! {
+            r = recv(&sock, &mut buf) => match r {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!("zygote control socket: {e}");
+                    break;
+                }
+            },
+            _ = child.wait() => break,
+        };
+        let msg: Msg = match serde_json::from_slice(&buf[..n]) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("zygote sent a malformed message ({e}); stopping it");
+                break;
+            }
+        };
+        let mut t = lock(&table);
+        match (msg.op.as_str(), msg.pid) {
+            ("forked", Some(pid)) => {
+                let (tx, rx) = oneshot::channel();
+                t.exits.insert(pid, tx);
+                if let Some(w) = msg.worker.and_then(|w| t.forks.remove(&w)) {
+                    let _ = w.send(Ok((pid, rx)));
+                }
+                // An abandoned start: the worker sees EOF on its input and exits by itself.
+            }
+            ("exited", Some(pid)) => {
+                let info = match (msg.code, msg.signal) {
+                    (_, Some(s)) => ExitInfo::Signal(s),
+                    (Some(c), None) => ExitInfo::Code(c),
+                    _ => ExitInfo::Unknown,
+                };
+                if let Some(tx) = t.exits.remove(&pid) {
+                    let _ = tx.send(info);
+                }
+            }
+            ("fork_failed", _) => {
+                if let Some(w) = msg.worker.and_then(|w| t.forks.remove(&w)) {
+                    let _ = w.send(Err(msg.error.unwrap_or_else(|| "unknown reason".into())));
+                }
+            }
+            (op, _) => tracing::debug!(op, "ignoring an unknown zygote message"),
+        }
+    }
+    {
+        let mut t = lock(&table);
+        t.open = false;
+        t.forks.clear();
+        t.exits.clear();
+    }
+    let _ = closed.send_replace(true);
+    // Whatever ended the loop, the zygote is of no further use.
+    shared.kill();
+    let info = child.wait().await.map(process::exit_info).unwrap_or(ExitInfo::Unknown);
+    tracing::warn!("zygote exited: {info}");
+    shared.set_exit(info);
+}
+
+/// Removes a pending fork request when its start is over (answered or abandoned).
+struct Forget<'a> {
+    table: &'a Mutex<Table>,
+    key: &'a str,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        lock(self.table).forks.remove(self.key);
+    }
+}
+
+/// Kills the zygote when a start-up is abandoned half-way.
+struct KillOnDrop(Option<Arc<Shared>>);
+
+impl KillOnDrop {
+    fn disarm(mut self) -> Self {
+        self.0 = None;
+        self
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.kill();
+        }
+    }
+}
