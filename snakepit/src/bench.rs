@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// otherwise).
     #[arg(long)]
     grpc_python: Option<PathBuf>,
+    /// Run only the configurations whose name contains this (e.g. `seq 64`, `K=16`, `start-up`).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 const ECHO: &str = r#"
@@ -78,19 +81,52 @@ fn frame(payload_len: usize, id: u64) -> Vec<u8> {
     f
 }
 
-/// The floor: one Python echo process, driven by a plain blocking loop; `k` calls in flight.
-fn floor(python: &str, payload: usize, calls: u64, k: usize) -> std::io::Result<Sample> {
-    let mut child =
-        Command::new(python).args(["-c", ECHO]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+/// What the raw-pipe loop talks to.
+#[derive(Clone, Copy)]
+enum Peer {
+    /// The floor: a Python process that echoes each frame's bytes.
+    Echo,
+    /// The real bridge (`showcase.echo`), greeted by hand: no pool, no tokio. The gap between
+    /// this and the floor is the bridge's own cost; the gap between the pool and this is the
+    /// host's.
+    Bridge,
+}
+
+/// Reads one frame (header and body) into `buf`.
+fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut h = [0u8; 4];
+    r.read_exact(&mut h)?;
+    buf.resize(u32::from_be_bytes(h) as usize, 0);
+    r.read_exact(buf)
+}
+
+/// A plain blocking loop over a pipe to one Python process; `k` calls in flight.
+fn floor(python: &str, peer: Peer, payload: usize, calls: u64, k: usize) -> std::io::Result<Sample> {
+    let mut cmd = Command::new(python);
+    match peer {
+        Peer::Echo => cmd.args(["-c", ECHO]),
+        Peer::Bridge => cmd
+            .args(["-m", "snakepit_bridge", "--module", "snakepit_bridge.showcase"])
+            .env("PYTHONPATH", snakepit::adapters::bridge_dir().map_err(std::io::Error::other)?),
+    };
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
     let (Some(mut input), Some(mut output)) = (child.stdin.take(), child.stdout.take()) else {
         return Err(std::io::Error::other("no pipes"));
     };
+    let mut buf = Vec::new();
+    if let Peer::Bridge = peer {
+        let hello = json!({"t": "hello", "versions": [1], "codecs": ["json"], "worker": "bench",
+            "max_frame": 1 << 26, "config": null, "max_in_flight": 1})
+        .to_string();
+        input.write_all(&(hello.len() as u32).to_be_bytes())?;
+        input.write_all(hello.as_bytes())?;
+        read_frame(&mut output, &mut buf)?;
+    }
     let msg = frame(payload, 1);
-    let mut buf = vec![0u8; msg.len()];
     // Warm up (the interpreter's start-up is not part of a call).
     for _ in 0..50 {
         input.write_all(&msg)?;
-        output.read_exact(&mut buf)?;
+        read_frame(&mut output, &mut buf)?;
     }
     let mut h = hist();
     let mut sent_at = std::collections::VecDeque::with_capacity(k);
@@ -104,7 +140,7 @@ fn floor(python: &str, payload: usize, calls: u64, k: usize) -> std::io::Result<
             sent_at.push_back(Instant::now());
             sent += 1;
         }
-        output.read_exact(&mut buf)?;
+        read_frame(&mut output, &mut buf)?;
         if let Some(t) = sent_at.pop_front() {
             let _ = h.record(t.elapsed().as_nanos() as u64);
         }
@@ -218,19 +254,26 @@ async fn pool_run(pool: &Arc<Pool>, payload: usize, calls: u64, callers: usize) 
 const HEAVY: &str = "import json, decimal, asyncio, email, email.mime.text, http.client, xml.dom.minidom, \
                      sqlite3, unittest\nfrom snakepit_bridge import tool\n\n@tool\ndef ping():\n    return 'pong'\n";
 
-/// Time until `n` workers are ready, and `n` bare concurrent spawns of the same interpreter and
-/// bootstrap (which import everything, then exit at stdin EOF) for comparison.
-async fn startup(python: &str, n: usize, script: Option<&std::path::Path>) -> (Duration, Duration) {
+/// Time until a pool of `n` workers is ready (cold, or forked from a zygote).
+async fn pool_ready(python: &str, n: usize, script: Option<&std::path::Path>, zygote: bool) -> Duration {
     let adapter = match script {
         Some(s) => Python::script(s),
         None => Python::showcase(),
     };
+    let b = Pool::builder().adapter(adapter.interpreter(python)).size(n).run_registry(false);
+    let b = if zygote { b.profile(snakepit::Zygote(snakepit::ProcessProfile)) } else { b };
     let t = Instant::now();
-    let pool = Pool::builder().adapter(adapter.interpreter(python)).size(n).run_registry(false).build().await;
+    let pool = b.build().await;
     let ready = t.elapsed();
     if let Ok(p) = pool {
         p.shutdown().await;
     }
+    ready
+}
+
+/// Time of `n` bare concurrent spawns of the same interpreter and bootstrap (which import
+/// everything, then exit at stdin EOF): what a pool's cold start is compared with.
+fn bare_spawns(python: &str, n: usize, script: Option<&std::path::Path>) -> Duration {
     let bridge = snakepit::adapters::bridge_dir().unwrap_or_default();
     let t = Instant::now();
     let children: Vec<_> = (0..n)
@@ -251,7 +294,7 @@ async fn startup(python: &str, n: usize, script: Option<&std::path::Path>) -> (D
     for mut c in children {
         let _ = c.wait();
     }
-    (ready, t.elapsed())
+    t.elapsed()
 }
 
 /// Sequential calls of `command` in a session, or plain, recording each round trip.
@@ -409,64 +452,105 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
     let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
     let mut floors: BTreeMap<String, String> = BTreeMap::new();
     let nw = cpus.max(2) * 2;
+    let want = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
     for rep in 0..reps {
         eprintln!("repetition {}/{reps}", rep + 1);
         for &s in sizes {
             let c = size_calls(s);
             let floor_name = format!("floor seq {s} B");
-            if let Ok(x) = floor(&python, s, c, 1) {
+            if !want(&floor_name) {
+            } else if let Ok(x) = floor(&python, Peer::Echo, s, c, 1) {
                 results.entry(floor_name.clone()).or_default().push(x);
             }
+            let name = format!("raw pipe -> bridge seq {s} B");
+            if !want(&name) {
+            } else if let Ok(x) = floor(&python, Peer::Bridge, s, c, 1) {
+                results.entry(name.clone()).or_default().push(x);
+                floors.insert(name, floor_name.clone());
+            }
             let name = format!("stdio 1 worker seq {s} B");
-            floors.insert(name.clone(), floor_name.clone());
-            results.entry(name).or_default().push(pool_run(&p1, s, c, 1).await);
-            if let (Some(pg), Some(gp)) = (&pg, &grpc_python) {
+            if want(&name) {
+                floors.insert(name.clone(), floor_name.clone());
+                results.entry(name).or_default().push(pool_run(&p1, s, c, 1).await);
+            }
+            let gname = format!("grpc 1 worker seq {s} B");
+            if let (Some(pg), Some(gp), true) = (&pg, &grpc_python, want(&gname)) {
                 let gfloor = format!("floor grpc bare tonic->grpcio {s} B");
                 match grpc_floor(gp, s, c).await {
                     Ok(x) => results.entry(gfloor.clone()).or_default().push(x),
                     Err(e) => eprintln!("bench: gRPC floor failed: {e}"),
                 }
-                let name = format!("grpc 1 worker seq {s} B");
-                floors.insert(name.clone(), gfloor);
-                results.entry(name).or_default().push(pool_run(pg, s, c, 1).await);
+                floors.insert(gname.clone(), gfloor);
+                results.entry(gname).or_default().push(pool_run(pg, s, c, 1).await);
             }
         }
         let kname = "floor K=16 64 B".to_string();
-        if let Ok(x) = floor(&python, 64, calls, 16) {
+        if !want(&kname) {
+        } else if let Ok(x) = floor(&python, Peer::Echo, 64, calls, 16) {
             results.entry(kname.clone()).or_default().push(x);
         }
+        let name = "raw pipe -> bridge K=16 64 B".to_string();
+        if !want(&name) {
+        } else if let Ok(x) = floor(&python, Peer::Bridge, 64, calls, 16) {
+            results.entry(name.clone()).or_default().push(x);
+            floors.insert(name, kname.clone());
+        }
         let name = format!("stdio {nw} workers 32 callers 64 B");
-        floors.insert(name.clone(), kname.clone());
-        results.entry(name).or_default().push(pool_run(&pn, 64, calls, 32).await);
+        if want(&name) {
+            floors.insert(name.clone(), kname.clone());
+            results.entry(name).or_default().push(pool_run(&pn, 64, calls, 32).await);
+        }
         let name = "stdio 1 worker 16 callers 64 B".to_string();
-        floors.insert(name.clone(), kname.clone());
-        results.entry(name).or_default().push(pool_run(&p1, 64, calls, 16).await);
+        if want(&name) {
+            floors.insert(name.clone(), kname.clone());
+            results.entry(name).or_default().push(pool_run(&p1, 64, calls, 16).await);
+        }
         let sid = format!("bench-{rep}");
         let _ = p1.create_session(&sid, json!(null)).await;
         let name = "stdio session-routed call (ping)".to_string();
-        floors.insert(name.clone(), "floor seq 64 B".into());
-        results
-            .entry(name)
-            .or_default()
-            .push(seq_calls(&p1, Some(&sid), "ping", json!(null), calls / 2).await);
+        if want(&name) {
+            floors.insert(name.clone(), "floor seq 64 B".into());
+            results
+                .entry(name)
+                .or_default()
+                .push(seq_calls(&p1, Some(&sid), "ping", json!(null), calls / 2).await);
+        }
         let name = "stdio host callback round trip".to_string();
-        floors.insert(name.clone(), "floor seq 64 B".into());
-        let args = json!({"name": "bench_echo", "args": 1});
-        results.entry(name).or_default().push(seq_calls(&p1, None, "ask_host", args, calls / 2).await);
-        results
-            .entry("stdio stream chunks (count)".into())
-            .or_default()
-            .push(stream_rate(&p1, calls * 10).await);
+        if want(&name) {
+            floors.insert(name.clone(), "floor seq 64 B".into());
+            let args = json!({"name": "bench_echo", "args": 1});
+            results.entry(name).or_default().push(seq_calls(&p1, None, "ask_host", args, calls / 2).await);
+        }
+        let name = "stdio stream chunks (count)".to_string();
+        if want(&name) {
+            results.entry(name).or_default().push(stream_rate(&p1, calls * 10).await);
+        }
     }
     let heavy = std::env::temp_dir().join(format!("snakepit-heavy-{}.py", std::process::id()));
     let heavy = std::fs::write(&heavy, HEAVY).ok().map(|_| heavy);
-    let mut startups = Vec::new();
-    for n in if args.quick { vec![1, 4] } else { vec![1, 4, 8, 16] } {
-        let (ready, bare) = startup(&python, n, None).await;
-        startups.push((format!("{n} workers, trivial"), ready, bare));
-        if let Some(h) = &heavy {
-            let (ready, bare) = startup(&python, n, Some(h)).await;
-            startups.push((format!("{n} workers, import-heavy"), ready, bare));
+    // Start-up, interleaved: for each size, the cold pool, the bare spawns and the zygote pool,
+    // for each worker flavour; milliseconds per repetition.
+    let mut starts: BTreeMap<(usize, &str, &str), Vec<f64>> = BTreeMap::new();
+    let flavours: Vec<(&str, Option<&std::path::Path>)> = match &heavy {
+        Some(h) => vec![("trivial", None), ("import-heavy", Some(h.as_path()))],
+        None => vec![("trivial", None)],
+    };
+    let sizes_up: &[usize] = match (args.quick, want("start-up")) {
+        (_, false) => &[],
+        (true, true) => &[1, 4, 8],
+        (false, true) => &[1, 4, 8, 16],
+    };
+    for rep in 0..reps {
+        eprintln!("start-up repetition {}/{reps}", rep + 1);
+        for &n in sizes_up {
+            for (flavour, script) in &flavours {
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                let cold = ms(pool_ready(&python, n, *script, false).await);
+                starts.entry((n, flavour, "cold")).or_default().push(cold);
+                starts.entry((n, flavour, "bare")).or_default().push(ms(bare_spawns(&python, n, *script)));
+                let zygote = ms(pool_ready(&python, n, *script, true).await);
+                starts.entry((n, flavour, "zygote")).or_default().push(zygote);
+            }
         }
     }
     if let Some(h) = &heavy {
@@ -521,16 +605,26 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
     let chart_rows: Vec<(String, f64, bool)> =
         results.iter().map(|(n, v)| (n.clone(), med(v).0, n.starts_with("floor"))).collect();
     println!();
-    println!("{:<38} {:>12} {:>16} {:>9}", "start-up", "pool ready", "bare spawns", "ratio");
-    for (n, ready, bare) in &startups {
-        println!(
-            "{:<38} {:>9.0} ms {:>13.0} ms {:>8.2}x",
-            n,
-            ready.as_secs_f64() * 1e3,
-            bare.as_secs_f64() * 1e3,
-            ready.as_secs_f64() / bare.as_secs_f64()
-        );
-        json_rows.push(json!({"name": format!("startup {n}"), "ready_ms": ready.as_secs_f64() * 1e3, "bare_ms": bare.as_secs_f64() * 1e3}));
+    let start_ms =
+        |n: usize, f: &str, kind: &str| starts.get(&(n, f, kind)).map_or(f64::NAN, |v| median(v.clone()));
+    println!(
+        "{:<28} {:>10} {:>10} {:>8} {:>11} {:>14}",
+        "start-up (median ms)", "cold pool", "bare", "cold/bare", "zygote pool", "zygote/1 cold"
+    );
+    for (flavour, _) in &flavours {
+        let one_cold = start_ms(1, flavour, "cold");
+        for &n in sizes_up {
+            let (cold, bare, zygote) =
+                (start_ms(n, flavour, "cold"), start_ms(n, flavour, "bare"), start_ms(n, flavour, "zygote"));
+            let name = format!("{n} workers, {flavour}");
+            println!(
+                "{name:<28} {cold:>10.0} {bare:>10.0} {:>7.2}x {zygote:>11.0} {:>13.2}x",
+                cold / bare,
+                zygote / one_cold
+            );
+            json_rows.push(json!({"name": format!("startup {name}"), "cold_ms": cold, "bare_ms": bare,
+                "zygote_ms": zygote, "one_cold_ms": one_cold}));
+        }
     }
     println!("host RSS per idle worker (16 workers started): {:.0} KiB", rss_per_worker as f64 / 1024.0);
     println!("host allocations per sequential 64 B call (stdio, 1 worker): {allocs:.1}");

@@ -440,3 +440,53 @@ async fn cancel_interrupts_the_tool_runs_its_finally_and_keeps_the_worker() {
     assert_eq!(pool.stats().restarts, 0);
     pool.shutdown().await;
 }
+
+#[tokio::test]
+async fn results_that_are_not_json_are_typed_errors_and_the_worker_stays() {
+    let r = Reaper::new();
+    let script = r.script(
+        "w.py",
+        r#"
+import os
+from snakepit_bridge import tool
+
+@tool
+def nan():
+    return float("nan")
+
+@tool
+def cycle():
+    a = []
+    a.append(a)
+    return a
+
+@tool
+def obj():
+    return object()
+
+@tool
+def pid():
+    return os.getpid()
+
+@tool
+def unicode(s):
+    return s + "\u00e9\u4e2d"
+"#,
+    );
+    let pool = r.builder().adapter(Python::script(&script)).size(1).build().await.expect("pool");
+    let pid = pool.execute("pid", json!(null)).await.expect("pid");
+    for cmd in ["nan", "cycle", "obj"] {
+        match pool.execute(cmd, json!(null)).await {
+            Err(Error::Worker { error, .. }) => {
+                assert!(error.message.contains("not JSON-serialisable"), "{cmd}: {error:?}")
+            }
+            other => panic!("{cmd}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        pool.execute("unicode", json!(["\u{1F40D}"])).await.expect("utf-8"),
+        json!("\u{1F40D}\u{e9}\u{4e2d}")
+    );
+    assert_eq!(pool.execute("pid", json!(null)).await.expect("pid"), pid, "the same worker served all");
+    pool.shutdown().await;
+}

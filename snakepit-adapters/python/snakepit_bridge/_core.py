@@ -123,7 +123,7 @@ def _await_frame(chan, rid, wanted):
         body = chan.read()
         if body is None:
             raise Cancelled("the host went away")
-        m = json.loads(body)
+        m = _loads(body)
         if wanted(m):
             return m
         t = m.get("t")
@@ -149,12 +149,25 @@ def _stashed_credit(rid):
     return n
 
 
+_WANTS_CTX = {}
+
+
 def _wants_ctx(fn):
+    """Whether a tool takes a `ctx` argument (cached per tool)."""
+    try:
+        return _WANTS_CTX[fn]
+    except (KeyError, TypeError):
+        pass
     code = getattr(getattr(fn, "__func__", fn), "__code__", None)
-    if code is None:
-        return False
-    n = code.co_argcount + code.co_kwonlyargcount
-    return "ctx" in code.co_varnames[:n]
+    wants = False
+    if code is not None:
+        n = code.co_argcount + code.co_kwonlyargcount
+        wants = "ctx" in code.co_varnames[:n]
+    try:
+        _WANTS_CTX[fn] = wants
+    except TypeError:
+        pass
+    return wants
 
 
 _threaded = [None]
@@ -311,7 +324,7 @@ def _next_message(chan):
     if body is None:
         return None
     try:
-        msg = json.loads(body)
+        msg = _loads(body)
         msg["t"]
     except (ValueError, KeyError, TypeError) as e:
         raise ProtocolError("malformed message from host: %s" % e)
@@ -514,7 +527,10 @@ class _Channel:
         _frame_boundary()
 
     def _write_all(self, data):
-        view = memoryview(data)
+        n = os.write(self.out_fd, data)
+        if n == len(data):
+            return
+        view = memoryview(data)[n:]
         while view:
             n = os.write(self.out_fd, view)
             view = view[n:]
@@ -523,8 +539,46 @@ class _Channel:
         self.write(_dumps(msg))
 
 
+def _not_serialisable(o):
+    raise TypeError("Object of type %s is not JSON serializable" % type(o).__name__)
+
+
+# The C encoder and scanner, built once: `json.dumps` and `json.loads` rebuild them (and run
+# regexes) on every call, which costs more than the encoding itself for small messages.
+try:
+    from json.encoder import c_encode_basestring as _c_str
+    from json.encoder import c_make_encoder as _c_make_encoder
+    from json.scanner import c_make_scanner as _c_make_scanner
+except ImportError:  # pragma: no cover - interpreters without the _json accelerator
+    _c_make_encoder = _c_make_scanner = _c_str = None
+# NaN and infinities are refused (allow_nan=False): they are not JSON and the host rejects them.
+_encode = (
+    _c_make_encoder(None, _not_serialisable, _c_str, None, ":", ",", False, False, False)
+    if _c_make_encoder is not None and _c_str is not None
+    else None
+)
+_scan = _c_make_scanner(json.JSONDecoder()) if _c_make_scanner is not None else None
+
+
 def _dumps(msg):
-    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact UTF-8 JSON. Raises TypeError/ValueError (incl. RecursionError for a cycle) when
+    `msg` cannot be encoded."""
+    if _encode is not None:
+        return "".join(_encode(msg, 0)).encode("utf-8")
+    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def _loads(body):
+    """Parses one frame body (UTF-8 JSON, no surrounding whitespace); raises ValueError."""
+    if _scan is not None:
+        try:
+            text = body.decode("utf-8")
+            value, end = _scan(text, 0)
+            if end == len(text):
+                return value
+        except (StopIteration, UnicodeDecodeError):
+            pass
+    return json.loads(body)  # the slow path gives the precise error, or accepts odd whitespace
 
 
 def _find_adapter(adapter, namespace):
@@ -802,7 +856,7 @@ def _encode_reply(chan, reply, rid):
     JSON-serialisable, over max_frame), body is an `error` for `rid` instead and ok is False."""
     try:
         body = _dumps(reply)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         return _dumps(
             {
                 "t": "error",
