@@ -452,7 +452,7 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
     let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
     let mut floors: BTreeMap<String, String> = BTreeMap::new();
     let nw = cpus.max(2) * 2;
-    let want = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
+    let want = |name: &str| args.only.as_deref().map_or(true, |o| name.contains(o));
     for rep in 0..reps {
         eprintln!("repetition {}/{reps}", rep + 1);
         for &s in sizes {
