@@ -128,6 +128,9 @@ pub struct Hello {
     pub max_in_flight: usize,
     /// Transport-specific settings for the worker (gRPC: socket path and token); `null` for stdio.
     pub transport: serde_json::Value,
+    /// Busy-poll window: how long both ends poll for the next message before they sleep
+    /// (zero: never). Trades CPU for the wake-up latency of a sleeping process.
+    pub busy_poll: std::time::Duration,
 }
 
 impl fmt::Debug for Hello {
@@ -152,7 +155,14 @@ impl Hello {
             host: None,
             max_in_flight: 1,
             transport: serde_json::Value::Null,
+            busy_poll: std::time::Duration::ZERO,
         }
+    }
+
+    /// Sets the busy-poll window (see [`Hello::busy_poll`]).
+    pub fn with_busy_poll(mut self, d: std::time::Duration) -> Self {
+        self.busy_poll = d;
+        self
     }
 
     /// Sets the transport-specific settings sent to the worker.

@@ -30,6 +30,9 @@ pub struct HelloMsg<'a> {
     /// Transport-specific settings (absent for stdio).
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub transport: &'a serde_json::Value,
+    /// Busy-poll window in microseconds (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub busy_poll_us: Option<u64>,
 }
 
 /// Any message a worker sends. Fields a tag does not use are absent.

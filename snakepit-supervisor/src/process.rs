@@ -42,6 +42,8 @@ pub struct StartOptions {
     pub host: Option<Arc<dyn snakepit_core::HostHandler>>,
     /// How many calls the host may send at once (told to the worker in `hello`).
     pub max_in_flight: usize,
+    /// The busy-poll window (told to the worker in `hello`, used by the host's transport).
+    pub busy_poll: Duration,
 }
 
 impl std::fmt::Debug for StartOptions {
@@ -66,7 +68,14 @@ impl StartOptions {
             handshake_delay: None,
             host: None,
             max_in_flight: 1,
+            busy_poll: Duration::ZERO,
         }
+    }
+
+    /// Sets the busy-poll window (see [`snakepit_core::Hello::busy_poll`]).
+    pub fn with_busy_poll(mut self, d: Duration) -> Self {
+        self.busy_poll = d;
+        self
     }
 
     /// Fault injection: delays the handshake by `d` (it still counts against the timeout).
@@ -614,7 +623,8 @@ pub(crate) async fn handshake(
     let mut guard = KillOnDrop(Some(shared.clone()));
     let hello = Hello::new(worker, opts.max_frame, adapter.worker_config())
         .with_host(opts.host.clone())
-        .with_max_in_flight(opts.max_in_flight);
+        .with_max_in_flight(opts.max_in_flight)
+        .with_busy_poll(opts.busy_poll);
     let timeout = adapter.handshake_timeout();
     let delay = opts.handshake_delay;
     let connect = async move {

@@ -198,7 +198,8 @@ impl Transport for Grpc {
                 tracing::warn!(%worker, "host service stopped: {e}");
             }
         });
-        let hello = hello.with_transport(serde_json::json!({
+        // Busy-polling is a stdio feature: calls here do not travel on the control pipe.
+        let hello = hello.with_busy_poll(std::time::Duration::ZERO).with_transport(serde_json::json!({
             "kind": "grpc",
             "socket": socket.to_string_lossy(),
             "host_socket": host_socket.to_string_lossy(),

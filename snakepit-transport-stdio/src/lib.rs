@@ -175,6 +175,8 @@ impl Shared {
 /// A live framed-stdio connection to one worker.
 pub struct StdioConnection {
     shared: Arc<Shared>,
+    /// How long a caller polls for its reply before it sleeps.
+    busy_poll: Duration,
     writer: Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>,
     next_id: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
@@ -587,6 +589,8 @@ impl StdioConnection {
                 config: &hello.config,
                 max_in_flight: hello.max_in_flight,
                 transport: &hello.transport,
+                busy_poll_us: (!hello.busy_poll.is_zero())
+                    .then(|| hello.busy_poll.as_micros().min(u128::from(u64::MAX)) as u64),
             };
             // Serialising a struct of strings, numbers and a Value into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *out, &msg);
@@ -627,8 +631,13 @@ impl StdioConnection {
             });
         }
         let reader = tokio::spawn(read_loop(reader, shared.clone()));
-        let conn =
-            StdioConnection { shared, writer: Mutex::new(Some(tx)), next_id: AtomicU64::new(1), reader };
+        let conn = StdioConnection {
+            shared,
+            busy_poll: effective_busy_poll(hello.busy_poll),
+            writer: Mutex::new(Some(tx)),
+            next_id: AtomicU64::new(1),
+            reader,
+        };
         Ok((conn, ready))
     }
 
@@ -657,6 +666,25 @@ impl StdioConnection {
             return Err(self.shared.error_for(&reason));
         }
         self.send(frame)?;
+        let mut rx = rx;
+        if !self.busy_poll.is_zero() {
+            // Busy-poll: yield to the runtime (which polls the pipe without sleeping) until the
+            // reply is in or the window is over; a sleeping thread would pay the CPU's wake-up
+            // latency instead.
+            let until = Instant::now() + self.busy_poll;
+            loop {
+                match rx.try_recv() {
+                    Ok(Reply::Closed(reason)) => return Err(self.shared.error_for(&reason)),
+                    Ok(r) => return Ok(r),
+                    Err(oneshot::error::TryRecvError::Closed) => return Err(self.closed_error()),
+                    Err(oneshot::error::TryRecvError::Empty) => {}
+                }
+                if Instant::now() >= until {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
         match rx.await {
             Ok(Reply::Closed(reason)) => Err(self.shared.error_for(&reason)),
             Ok(r) => Ok(r),
@@ -666,6 +694,16 @@ impl StdioConnection {
 
     fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The busy-poll window, or zero when this process may run on one CPU only: polling there
+/// would keep the CPU from the worker it waits for.
+fn effective_busy_poll(d: Duration) -> Duration {
+    if d.is_zero() || std::thread::available_parallelism().map_or(1, |n| n.get()) <= 1 {
+        Duration::ZERO
+    } else {
+        d
     }
 }
 

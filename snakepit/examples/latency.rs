@@ -1,7 +1,8 @@
 //! Sequential round-trip latency of a trivial call through a 1-worker pool.
 //!
-//! `cargo run --release -p snakepit --example latency [CALLS] [stdio|grpc]` (gRPC uses the
-//! repository's `.venv/bin/python`: run `cargo xtask setup` first).
+//! `cargo run --release -p snakepit --example latency [CALLS] [stdio|grpc] [BUSY_POLL_US]` (gRPC
+//! uses the repository's `.venv/bin/python`: run `cargo xtask setup` first; BUSY_POLL_US sets
+//! `PoolBuilder::busy_poll`).
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,8 @@ use snakepit::{Pool, Python};
 async fn main() -> Result<(), snakepit::Error> {
     let calls: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let grpc = std::env::args().nth(2).is_some_and(|t| t == "grpc");
-    let b = Pool::builder().size(1);
+    let busy: u64 = std::env::args().nth(3).and_then(|a| a.parse().ok()).unwrap_or(0);
+    let b = Pool::builder().size(1).busy_poll(Duration::from_micros(busy));
     let pool = if grpc {
         b.adapter(Python::showcase().interpreter(".venv/bin/python"))
             .transport(snakepit::Grpc::default())
@@ -35,7 +37,7 @@ async fn main() -> Result<(), snakepit::Error> {
     lat.sort();
     let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
     println!(
-        "{} — {calls} sequential `add` calls: p50 {:?}, p99 {:?}, {:.0} calls/s",
+        "{} (busy-poll {busy} µs) — {calls} sequential `add` calls: p50 {:?}, p99 {:?}, {:.0} calls/s",
         if grpc { "grpc" } else { "stdio" },
         q(0.5),
         q(0.99),

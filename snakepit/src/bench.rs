@@ -429,6 +429,20 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // The same worker with a 50 µs busy-poll window on both ends.
+    let pb = match mk(Pool::builder())
+        .adapter(Python::showcase().interpreter(&python))
+        .size(1)
+        .busy_poll(Duration::from_micros(50))
+        .build()
+        .await
+    {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            eprintln!("bench: cannot start the pool: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let pg = match &grpc_python {
         Some(gp) => mk(Pool::builder())
             .adapter(Python::showcase().interpreter(gp))
@@ -473,6 +487,11 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
                 floors.insert(name.clone(), floor_name.clone());
                 results.entry(name).or_default().push(pool_run(&p1, s, c, 1).await);
             }
+            let name = format!("stdio 1 worker seq {s} B, busy-poll 50us");
+            if s == 64 && want(&name) {
+                floors.insert(name.clone(), floor_name.clone());
+                results.entry(name).or_default().push(pool_run(&pb, s, c, 1).await);
+            }
             let gname = format!("grpc 1 worker seq {s} B");
             if let (Some(pg), Some(gp), true) = (&pg, &grpc_python, want(&gname)) {
                 let gfloor = format!("floor grpc bare tonic->grpcio {s} B");
@@ -504,6 +523,11 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
         if want(&name) {
             floors.insert(name.clone(), kname.clone());
             results.entry(name).or_default().push(pool_run(&p1, 64, calls, 16).await);
+        }
+        let name = "stdio 1 worker 16 callers 64 B, busy-poll 50us".to_string();
+        if want(&name) {
+            floors.insert(name.clone(), kname.clone());
+            results.entry(name).or_default().push(pool_run(&pb, 64, calls, 16).await);
         }
         let sid = format!("bench-{rep}");
         let _ = p1.create_session(&sid, json!(null)).await;
@@ -556,7 +580,7 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
     if let Some(h) = &heavy {
         let _ = std::fs::remove_file(h);
     }
-    for p in [Some(p1), Some(pn), pg].into_iter().flatten() {
+    for p in [Some(p1), Some(pn), Some(pb), pg].into_iter().flatten() {
         if let Ok(p) = Arc::try_unwrap(p) {
             p.shutdown().await;
         }
@@ -568,7 +592,7 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
         if args.pin { "pinned: host and workers on CPU 0" } else { "unpinned" }
     );
     println!(
-        "{:<38} {:>10} {:>10} {:>11} {:>9} {:>9} {:>13}",
+        "{:<48} {:>10} {:>10} {:>11} {:>9} {:>9} {:>13}",
         "configuration", "p50 µs", "p99 µs", "calls/s", "p50/floor", "tput/floor", "p50 spread µs"
     );
     let mut json_rows = Vec::new();
@@ -597,7 +621,7 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
         let (r50, spread) =
             if p50.is_finite() { (r50, format!("{lo:.0}-{hi:.0}")) } else { ("-".into(), "-".into()) };
         let rt = if p50.is_finite() { rt } else { "-".to_string() };
-        println!("{name:<38} {:>10} {:>10} {tput:>11.0} {r50:>9} {rt:>9} {spread:>13}", num(p50), num(p99));
+        println!("{name:<48} {:>10} {:>10} {tput:>11.0} {r50:>9} {rt:>9} {spread:>13}", num(p50), num(p99));
         let finite = |x: f64| if x.is_finite() { Some(x) } else { None };
         json_rows.push(json!({"name": name, "p50_us": finite(p50), "p99_us": finite(p99), "per_s": tput,
             "floor": floors.get(name), "p50_min_us": finite(lo), "p50_max_us": finite(hi)}));

@@ -490,3 +490,34 @@ def unicode(s):
     assert_eq!(pool.execute("pid", json!(null)).await.expect("pid"), pid, "the same worker served all");
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_polling_pool_serves_calls_timeouts_and_many_callers() {
+    let r = Reaper::new();
+    let pool = std::sync::Arc::new(
+        r.builder()
+            .adapter(Python::showcase())
+            .size(2)
+            .busy_poll(Duration::from_micros(50))
+            .build()
+            .await
+            .expect("pool"),
+    );
+    for i in 0..200 {
+        assert_eq!(pool.execute("add", json!({"a": i, "b": 1})).await.expect("add"), json!(i + 1));
+    }
+    let calls = (0..64).map(|i| {
+        let p = pool.clone();
+        async move { p.execute("echo", json!({"i": i})).await }
+    });
+    for (i, r) in futures::future::join_all(calls).await.into_iter().enumerate() {
+        assert_eq!(r.expect("echo"), json!({"i": i}));
+    }
+    let t = Instant::now();
+    let res = pool.execute_timeout("sleep", json!({"ms": 5_000}), Duration::from_millis(100)).await;
+    assert!(matches!(res, Err(Error::Timeout { .. })), "{res:?}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(pool.execute("ping", json!(null)).await.expect("ping"), json!("pong"));
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}
