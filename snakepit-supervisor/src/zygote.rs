@@ -75,6 +75,8 @@ pub struct Zygote {
     table: Arc<Mutex<Table>>,
     closed: watch::Receiver<bool>,
     reader: tokio::task::JoinHandle<()>,
+    /// Set when the host stops the zygote on purpose (its exit is then no news).
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Zygote {
@@ -85,6 +87,7 @@ impl std::fmt::Debug for Zygote {
 
 impl Drop for Zygote {
     fn drop(&mut self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
         self.reader.abort();
         self.shared.kill();
     }
@@ -195,10 +198,18 @@ impl Zygote {
         tracing::debug!(pid, "zygote ready");
         let table = Arc::new(Mutex::new(Table { open: true, ..Table::default() }));
         let (closed_tx, closed) = watch::channel(false);
-        let reader =
-            tokio::spawn(read_loop(sock.clone(), table.clone(), shared.clone(), child, closed_tx, buf));
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = tokio::spawn(read_loop(
+            sock.clone(),
+            table.clone(),
+            shared.clone(),
+            child,
+            closed_tx,
+            buf,
+            stopping.clone(),
+        ));
         drop(kill_on_fail.disarm());
-        Ok(Zygote { shared, pid, sock, table, closed, reader })
+        Ok(Zygote { shared, pid, sock, table, closed, reader, stopping })
     }
 
     /// Whether the zygote is gone (or its control socket broke): start a new one.
@@ -309,6 +320,7 @@ impl Zygote {
     /// Stops the zygote: asks it to exit, and kills it after `grace`. Its workers die with it,
     /// so stop them first.
     pub async fn shutdown(&self, grace: Duration) {
+        self.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
         let body = br#"{"op":"shutdown"}"#;
         let _ = self
             .sock
@@ -334,6 +346,7 @@ async fn read_loop(
     mut child: tokio::process::Child,
     closed: watch::Sender<bool>,
     mut buf: Vec<u8>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 ) {
     loop {
         let n = tokio::select! {
@@ -392,7 +405,11 @@ async fn read_loop(
     // Whatever ended the loop, the zygote is of no further use.
     shared.kill();
     let info = child.wait().await.map(process::exit_info).unwrap_or(ExitInfo::Unknown);
-    tracing::warn!("zygote exited: {info}");
+    if stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::debug!("zygote stopped: {info}");
+    } else {
+        tracing::warn!("zygote exited unexpectedly: {info}");
+    }
     shared.set_exit(info);
 }
 
