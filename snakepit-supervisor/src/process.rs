@@ -23,6 +23,8 @@ const TAIL_LINES: usize = 40;
 const TAIL_BYTES: usize = 8 * 1024;
 /// How long to wait for a dead worker's stderr to drain before reporting its tail.
 const STDERR_DRAIN: Duration = Duration::from_millis(300);
+/// How long to wait for the frames a worker wrote before it exited during the handshake.
+const EXIT_FRAMES: Duration = Duration::from_millis(500);
 
 /// Everything [`start_worker`] needs besides the adapter and the transport.
 #[derive(Clone)]
@@ -633,12 +635,21 @@ pub(crate) async fn handshake(
         }
         transport.connect(io, hello).await
     };
+    let connect = tokio::time::timeout(timeout, connect);
+    tokio::pin!(connect);
     let outcome = tokio::select! {
-        r = tokio::time::timeout(timeout, connect) => match r {
+        r = &mut connect => match r {
             Ok(r) => Handshake::Done(r),
             Err(_) => Handshake::TimedOut,
         },
-        info = proc.wait() => Handshake::Exited(info),
+        info = proc.wait() => {
+            // The exit can be seen before the last frames it wrote (a `refuse`, say: a zygote
+            // reports its worker's exit on another channel). Those frames end in EOF at once now.
+            match tokio::time::timeout(EXIT_FRAMES, &mut connect).await {
+                Ok(Ok(Err(e))) if !matches!(e, Error::Disconnected { .. }) => Handshake::Done(Err(e)),
+                _ => Handshake::Exited(info),
+            }
+        }
     };
     match outcome {
         Handshake::Done(Ok((conn, ready))) => {

@@ -667,10 +667,12 @@ impl StdioConnection {
         }
         self.send(frame)?;
         let mut rx = rx;
-        if !self.busy_poll.is_zero() {
+        if !self.busy_poll.is_zero() && on_current_thread_runtime() {
             // Busy-poll: yield to the runtime (which polls the pipe without sleeping) until the
             // reply is in or the window is over; a sleeping thread would pay the CPU's wake-up
-            // latency instead.
+            // latency instead. Only on a current-thread runtime: on a multi-thread one the reply's
+            // readiness may go to another, parked, runtime thread, and spinning here would only
+            // take a CPU from it and from the worker.
             let until = Instant::now() + self.busy_poll;
             loop {
                 match rx.try_recv() {
@@ -695,6 +697,11 @@ impl StdioConnection {
     fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
+}
+
+fn on_current_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
 }
 
 /// The busy-poll window, or zero when this process may run on one CPU only: polling there

@@ -374,12 +374,14 @@ impl PoolBuilder {
         self
     }
 
-    /// Busy-poll window (default: none). After each message, the worker polls its input and a
-    /// waiting caller polls for its reply for up to `d` before sleeping, so a call that follows
-    /// soon after the last one does not pay the wake-up latency of an idle CPU (on a 2-core VM,
-    /// ~25 µs per sleeping side). It costs CPU time: up to `d` per worker per idle gap, and per
-    /// waiting caller. Worth it for latency-bound, steady traffic with spare cores; 20-100 µs
-    /// is typical. The gRPC transport ignores it.
+    /// Busy-poll window (default: none). After each message, the worker polls its input for up
+    /// to `d` before sleeping, and on a current-thread runtime a waiting caller polls for its
+    /// reply as long, so a call that follows soon after the last one does not pay the wake-up
+    /// latency of an idle CPU (on a 2-core VM, 25-60 µs per sleeping side). It costs CPU time:
+    /// up to `d` per worker per idle gap. Worth it for latency-bound, steady traffic with spare
+    /// cores and a current-thread runtime (measured: p50 ~70 µs → ~9.5 µs); on a multi-thread
+    /// runtime the gain was nil in our benchmark. Off on a process confined to one CPU. The gRPC
+    /// transport ignores it.
     pub fn busy_poll(mut self, d: Duration) -> Self {
         self.cfg.busy_poll = d.min(Duration::from_millis(10));
         self
