@@ -409,35 +409,22 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
     };
     let cpus = if args.pin { 1 } else { std::thread::available_parallelism().map_or(2, |n| n.get()) };
     let mk = |b: snakepit::PoolBuilder| b.run_registry(false).heartbeat(None);
-    let p1 = match mk(Pool::builder()).adapter(Python::showcase().interpreter(&python)).size(1).build().await
-    {
-        Ok(p) => Arc::new(p),
-        Err(e) => {
-            eprintln!("bench: cannot start the pool: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+    // The stdio pools: one worker, 2×CPUs workers, and one worker with a 50 µs busy-poll window.
+    let stdio = |size: usize, busy: Duration| {
+        mk(Pool::builder())
+            .adapter(Python::showcase().interpreter(&python))
+            .size(size)
+            .busy_poll(busy)
+            .build()
     };
-    let pn = match mk(Pool::builder())
-        .adapter(Python::showcase().interpreter(&python))
-        .size(cpus.max(2) * 2)
-        .build()
-        .await
+    let (p1, pn, pb) = match futures::future::try_join3(
+        stdio(1, Duration::ZERO),
+        stdio(cpus.max(2) * 2, Duration::ZERO),
+        stdio(1, Duration::from_micros(50)),
+    )
+    .await
     {
-        Ok(p) => Arc::new(p),
-        Err(e) => {
-            eprintln!("bench: cannot start the pool: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    // The same worker with a 50 µs busy-poll window on both ends.
-    let pb = match mk(Pool::builder())
-        .adapter(Python::showcase().interpreter(&python))
-        .size(1)
-        .busy_poll(Duration::from_micros(50))
-        .build()
-        .await
-    {
-        Ok(p) => Arc::new(p),
+        Ok((a, b, c)) => (Arc::new(a), Arc::new(b), Arc::new(c)),
         Err(e) => {
             eprintln!("bench: cannot start the pool: {e}");
             return std::process::ExitCode::FAILURE;

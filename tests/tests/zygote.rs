@@ -16,6 +16,17 @@ fn parent_of(pid: i64) -> Option<i64> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// A pool of `size` workers forked from a zygote of `script`.
+async fn zygote_pool(r: &Reaper, script: &std::path::Path, size: usize) -> snakepit::Pool {
+    r.builder()
+        .adapter(Python::script(script))
+        .profile(Zygote(ProcessProfile))
+        .size(size)
+        .build()
+        .await
+        .expect("pool")
+}
+
 async fn pids(pool: &snakepit::Pool, n: usize) -> Vec<i64> {
     let calls = (0..n).map(|_| pool.execute("sleep_pid", json!({"ms": 200})));
     let mut v: Vec<i64> = futures::future::join_all(calls)
@@ -59,14 +70,7 @@ if __name__ == "__main__":
 async fn workers_are_forks_of_one_warm_zygote() {
     let r = Reaper::new();
     let script = r.script("w.py", SLEEP_PID);
-    let pool = r
-        .builder()
-        .adapter(Python::script(&script))
-        .profile(Zygote(ProcessProfile))
-        .size(3)
-        .build()
-        .await
-        .expect("pool");
+    let pool = zygote_pool(&r, &script, 3).await;
     let workers = pids(&pool, 3).await;
     assert_eq!(workers.len(), 3, "three distinct workers: {workers:?}");
     // The module ran once, in the zygote: every worker reports the zygote's pid for it.
@@ -89,14 +93,7 @@ async fn workers_are_forks_of_one_warm_zygote() {
 async fn a_crashed_fork_reports_its_exit_status_and_is_replaced_by_a_new_fork() {
     let r = Reaper::new();
     let script = r.script("w.py", SLEEP_PID);
-    let pool = r
-        .builder()
-        .adapter(Python::script(&script))
-        .profile(Zygote(ProcessProfile))
-        .size(1)
-        .build()
-        .await
-        .expect("pool");
+    let pool = zygote_pool(&r, &script, 1).await;
     let zygote = pool.execute("loaded_in", json!(null)).await.expect("zygote");
     match pool.execute("crash", json!({"code": 9})).await {
         Err(Error::WorkerCrashed { exit, .. }) => assert_eq!(exit, ExitInfo::Code(9)),
@@ -123,14 +120,7 @@ async fn a_crashed_fork_reports_its_exit_status_and_is_replaced_by_a_new_fork() 
 async fn a_killed_zygote_takes_its_workers_down_and_is_started_again() {
     let r = Reaper::new();
     let script = r.script("w.py", SLEEP_PID);
-    let pool = r
-        .builder()
-        .adapter(Python::script(&script))
-        .profile(Zygote(ProcessProfile))
-        .size(2)
-        .build()
-        .await
-        .expect("pool");
+    let pool = zygote_pool(&r, &script, 2).await;
     let old_workers = pids(&pool, 2).await;
     let zygote = pool.execute("loaded_in", json!(null)).await.expect("zygote").as_i64().expect("pid");
     kill(Pid::from_raw(zygote as i32), Signal::SIGKILL).expect("kill the zygote");
