@@ -297,9 +297,8 @@ impl Zygote {
                 })
             }
         };
-        // Verified after opening: the pidfd then pins the zygote's child for good.
-        let pidfd = process::pidfd_open(pid).filter(|_| process::parent_of(pid) == Some(self.pid));
-        let Some(pidfd) = pidfd else {
+        // Checked before and after opening: the pidfd then pins the zygote's child for good.
+        let Some(pidfd) = process::child_pidfd(pid, self.pid) else {
             return Err(Error::StartupFailed { worker, exit: ExitInfo::Unknown, stderr_tail: String::new() });
         };
         let watch_fd = pidfd.try_clone().ok().and_then(|fd| process::async_fd(fd).ok());
