@@ -5,7 +5,7 @@
 #![allow(missing_docs)]
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use snakepit::{Pool, PoolBuilder};
 
@@ -80,3 +80,16 @@ def add(a, b):
 if __name__ == "__main__":
     serve()
 "#;
+
+/// Waits (bounded by `within`) until `path` exists, e.g. a marker a tool creates once it runs.
+/// Returns whether it appeared.
+pub async fn wait_for_file(path: &Path, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while !path.exists() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    true
+}

@@ -10,7 +10,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::json;
 use snakepit::{Error, ExitInfo, Grpc, Pool, PoolBuilder, ProcessProfile, Python, StdioTransport, Zygote};
-use snakepit_tests::Reaper;
+use snakepit_tests::{wait_for_file, Reaper};
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -110,11 +110,10 @@ async fn streaming_in_order_and_drop_cancels(kind: Kind) {
     }
     drop(s);
     pool.wait_stats(|s| s.busy == 0 && s.idle == 1, Duration::from_secs(10)).await.expect("freed");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !marker.exists() {
-        assert!(Instant::now() < deadline, "{kind:?}: the generator's finally did not run");
-        tokio::task::yield_now().await;
-    }
+    assert!(
+        wait_for_file(&marker, Duration::from_secs(10)).await,
+        "{kind:?}: the generator's finally did not run"
+    );
     let items: Vec<_> =
         pool.execute_stream("fail_after", json!({"n": 2})).await.expect("stream").collect().await;
     assert_eq!(items.len(), 3);

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use snakepit::{CallOptions, Error, Payload, Python};
-use snakepit_tests::{Reaper, ADD_SCRIPT};
+use snakepit_tests::{wait_for_file, Reaper, ADD_SCRIPT};
 
 #[tokio::test]
 async fn script_tools_answer_json_and_typed_calls() {
@@ -182,21 +182,34 @@ async fn timeout_fails_at_once_and_the_stuck_worker_is_replaced() {
         .build()
         .await
         .expect("pool");
-    let pid = pool.execute("pid", json!(null)).await.expect("pid");
-    let t = Instant::now();
-    match pool.execute_timeout("stubborn_sleep", json!({"ms": 30_000}), Duration::from_millis(200)).await {
-        Err(Error::Timeout { command, worker, .. }) => {
-            assert_eq!(command, "stubborn_sleep");
-            assert!(worker.is_some());
+    let mut pid = pool.execute("pid", json!(null)).await.expect("pid");
+    // A cancel that reaches the worker before the tool runs is answered at once (and the worker
+    // rightly kept); only a call whose tool was running (its `started` file exists) must cost the
+    // worker. Retry until one was, so the test holds however slow the machine is.
+    for attempt in 0..5 {
+        let started = r.dir().join(format!("started-{attempt}"));
+        let args = json!({"ms": 30_000, "started": started.to_string_lossy()});
+        let t = Instant::now();
+        match pool.execute_timeout("stubborn_sleep", args, Duration::from_millis(200)).await {
+            Err(Error::Timeout { command, worker, .. }) => {
+                assert_eq!(command, "stubborn_sleep");
+                assert!(worker.is_some());
+            }
+            other => panic!("unexpected {other:?}"),
         }
-        other => panic!("unexpected {other:?}"),
+        assert!(t.elapsed() < Duration::from_secs(5), "timeout took {:?}", t.elapsed());
+        // The next call gets its own reply, not the late one.
+        let echo = pool.execute("echo", json!({"mine": true})).await.expect("echo");
+        assert_eq!(echo, json!({"mine": true}));
+        let now = pool.execute("pid", json!(null)).await.expect("pid");
+        if started.exists() {
+            assert_ne!(now, pid, "a worker stuck in a tool that ignores cancel must be replaced");
+            pool.shutdown().await;
+            return;
+        }
+        pid = now;
     }
-    assert!(t.elapsed() < Duration::from_secs(5), "timeout took {:?}", t.elapsed());
-    // The next call runs on a fresh worker and gets its own reply, not the late one.
-    let echo = pool.execute("echo", json!({"mine": true})).await.expect("echo");
-    assert_eq!(echo, json!({"mine": true}));
-    assert_ne!(pool.execute("pid", json!(null)).await.expect("pid"), pid);
-    pool.shutdown().await;
+    panic!("the tool never started within its 200 ms timeout in 5 attempts");
 }
 
 #[tokio::test]
@@ -290,8 +303,12 @@ async fn dropping_a_running_call_replaces_its_worker() {
         std::sync::Arc::new(r.builder().adapter(Python::showcase()).size(1).build().await.expect("pool"));
     let pid = pool.execute("pid", json!(null)).await.expect("pid");
     let p = pool.clone();
-    let running = tokio::spawn(async move { p.execute("stubborn_sleep", json!({"ms": 30_000})).await });
-    wait(&pool, |s| s.busy == 1).await;
+    let started = r.dir().join("started");
+    let args = json!({"ms": 30_000, "started": started.to_string_lossy()});
+    let running = tokio::spawn(async move { p.execute("stubborn_sleep", args).await });
+    // Drop the call once the tool runs: a cancel that reaches the worker before the tool starts
+    // is answered at once (and the worker rightly kept).
+    assert!(wait_for_file(&started, Duration::from_secs(10)).await, "the tool did not start");
     running.abort();
     let _ = running.await;
     assert_ne!(pool.execute("pid", json!(null)).await.expect("pid"), pid);
@@ -428,17 +445,27 @@ async fn cancel_interrupts_the_tool_runs_its_finally_and_keeps_the_worker() {
         .await
         .expect("pool");
     let pid = pool.execute("pid", json!(null)).await.expect("pid");
-    let marker = r.dir().join("finally-ran");
-    let t = Instant::now();
-    let args = json!({"ms": 30_000, "path": marker.to_string_lossy()});
-    let res = pool.execute_timeout("sleep_then_touch", args, Duration::from_millis(100)).await;
-    assert!(matches!(res, Err(Error::Timeout { .. })), "{res:?}");
-    // The worker answers the cancel (it does not sleep 30 s, nor wait out the 20 s grace).
-    assert_eq!(pool.execute("pid", json!(null)).await.expect("pid"), pid);
-    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
-    assert!(marker.exists(), "the tool's finally block must have run");
-    assert_eq!(pool.stats().restarts, 0);
-    pool.shutdown().await;
+    // Retry until the cancel reached the running tool (its `started` file exists): a cancel that
+    // arrives before the tool starts is answered by the bridge and no `finally` is involved.
+    for attempt in 0..5 {
+        let started = r.dir().join(format!("started-{attempt}"));
+        let marker = r.dir().join(format!("finally-ran-{attempt}"));
+        let t = Instant::now();
+        let args =
+            json!({"ms": 30_000, "path": marker.to_string_lossy(), "started": started.to_string_lossy()});
+        let res = pool.execute_timeout("sleep_then_touch", args, Duration::from_millis(100)).await;
+        assert!(matches!(res, Err(Error::Timeout { .. })), "{res:?}");
+        // The worker answers the cancel (it does not sleep 30 s, nor wait out the 20 s grace).
+        assert_eq!(pool.execute("pid", json!(null)).await.expect("pid"), pid);
+        assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+        assert_eq!(pool.stats().restarts, 0);
+        if started.exists() {
+            assert!(marker.exists(), "the tool's finally block must have run");
+            pool.shutdown().await;
+            return;
+        }
+    }
+    panic!("the tool never started within its 100 ms timeout in 5 attempts");
 }
 
 #[tokio::test]

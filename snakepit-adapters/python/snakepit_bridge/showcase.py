@@ -44,9 +44,16 @@ def sleep(ms):
 
 
 @tool
-def sleep_then_touch(ms, path):
-    """Sleeps `ms` milliseconds; creates `path` when it ends, even if cancelled (finally)."""
+def sleep_then_touch(ms, path, started=None):
+    """Sleeps `ms` milliseconds; creates `path` when it ends, even if cancelled (finally).
+
+    Creates the file `started` (if given) first, inside the `try`, so a test can tell that a
+    cancel reached the tool itself rather than the bridge before the tool ran.
+    """
     try:
+        if started is not None:
+            with open(started, "a"):
+                pass
         time.sleep(ms / 1000.0)
     finally:
         with open(path, "a"):
@@ -55,14 +62,22 @@ def sleep_then_touch(ms, path):
 
 
 @tool
-def stubborn_sleep(ms):
-    """Sleeps `ms` milliseconds and ignores cancellation (to test the kill after cancel_grace)."""
+def stubborn_sleep(ms, started=None):
+    """Sleeps `ms` milliseconds and ignores cancellation (to test the kill after cancel_grace).
+
+    Creates the file `started` (if given) once it runs where a cancel can no longer stop it, so
+    a test can wait for that instead of guessing how long the start takes.
+    """
     deadline = time.monotonic() + ms / 1000.0
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return ms
         try:
+            if started is not None:
+                with open(started, "a"):
+                    pass
+                started = None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return ms
             time.sleep(left)
         except BaseException:
             continue
