@@ -15,6 +15,7 @@ mod adapter;
 mod error;
 mod payload;
 mod profile;
+mod reply;
 mod session;
 mod transport;
 pub mod wire;
@@ -23,6 +24,7 @@ pub use adapter::{Adapter, SpawnContext, SpawnSpec};
 pub use error::{Error, ExitInfo, Result, WorkerError};
 pub use payload::{Codec, Payload};
 pub use profile::{ProcessProfile, StartMode, ThreadProfile, WorkerProfile, Zygote};
+pub use reply::{ReplyFuture, ReplySlot, SlotOwner};
 pub use session::{SessionRecord, SessionStore, VarType, Variable};
 pub use transport::{
     CloseReason, Connection, Hello, HostCall, HostHandler, Ready, Request, RequestId, ToolInfo, Transport,

@@ -47,8 +47,9 @@ pub struct Request {
     /// The id to send it under (from [`Connection::new_request_id`]); the transport assigns
     /// one when `None`.
     pub id: Option<RequestId>,
-    /// The tool to run.
-    pub command: String,
+    /// The tool to run (shared: a pool hands out its catalog's copy of the name, so a call does
+    /// not allocate for it).
+    pub command: Arc<str>,
     /// Its arguments.
     pub args: Payload,
     /// When the caller stops waiting; the worker is told the remaining budget.
@@ -59,7 +60,7 @@ pub struct Request {
 
 impl Request {
     /// A request for `command` with `args`, no deadline and no session.
-    pub fn new(command: impl Into<String>, args: Payload) -> Self {
+    pub fn new(command: impl Into<Arc<str>>, args: Payload) -> Self {
         Request { id: None, command: command.into(), args, deadline: None, session: None }
     }
 
@@ -274,6 +275,14 @@ pub trait Transport: Send + Sync + 'static {
 pub trait Connection: Send + Sync + 'static {
     /// Sends one request and waits for its reply.
     async fn call(&self, req: Request) -> Result<Payload, Error>;
+
+    /// Sends one request and returns the future of its reply: what [`call`](Connection::call)
+    /// does, as a concrete type. The default boxes `call`'s future; a transport that can should
+    /// answer through a reused [`ReplySlot`](crate::ReplySlot) instead, so that a call costs no
+    /// allocation beyond its frame. Dropping the future abandons the call, as with `call`.
+    fn start(&self, req: Request) -> crate::ReplyFuture<'_> {
+        crate::ReplyFuture::boxed(self.call(req))
+    }
 
     /// Sends one request as a stream: the worker sends its items as chunks, at most `window`
     /// ahead of the consumer (credit-based flow control), then ends. Dropping the stream

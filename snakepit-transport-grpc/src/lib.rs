@@ -335,7 +335,7 @@ impl GrpcConnection {
         }
         Ok(proto::CallRequest {
             id,
-            command: req.command.clone(),
+            command: req.command.to_string(),
             args: args.to_vec(),
             session: req.session.clone().unwrap_or_default(),
             timeout_ms: req
@@ -379,9 +379,11 @@ impl Connection for GrpcConnection {
         };
         match reply.outcome {
             Some(proto::call_reply::Outcome::Ok(b)) => Ok(Payload::from_trusted(Codec::Json, b)),
-            Some(proto::call_reply::Outcome::Error(e)) => {
-                Err(Error::Worker { worker: self.worker, command: req.command, error: worker_error(e) })
-            }
+            Some(proto::call_reply::Outcome::Error(e)) => Err(Error::Worker {
+                worker: self.worker,
+                command: req.command.to_string(),
+                error: worker_error(e),
+            }),
             None => Err(Error::Protocol { worker: self.worker, detail: "empty CallReply".into() }),
         }
     }
@@ -408,7 +410,7 @@ impl Connection for GrpcConnection {
                     Ok(Payload::from_trusted(Codec::Json, b))
                 }
                 Ok(proto::StreamItem { item: Some(proto::stream_item::Item::Error(e)) }) => {
-                    Err(Error::Worker { worker, command: command.clone(), error: worker_error(e) })
+                    Err(Error::Worker { worker, command: command.to_string(), error: worker_error(e) })
                 }
                 Ok(proto::StreamItem { item: None }) => {
                     Err(Error::Protocol { worker, detail: "empty StreamItem".into() })

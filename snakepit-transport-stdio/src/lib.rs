@@ -26,8 +26,8 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use snakepit_core::wire::{self, HelloMsg, Inbound};
 use snakepit_core::{
-    CloseReason, Codec, Connection, Error, Hello, HostCall, HostHandler, Payload, Ready, Request, RequestId,
-    Transport, WorkerError, WorkerId, WorkerIo, DEFAULT_MAX_FRAME,
+    CloseReason, Codec, Connection, Error, Hello, HostCall, HostHandler, Payload, Ready, ReplyFuture,
+    ReplySlot, Request, RequestId, SlotOwner, Transport, WorkerError, WorkerId, WorkerIo, DEFAULT_MAX_FRAME,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -80,11 +80,17 @@ impl Transport for StdioTransport {
     }
 }
 
-/// Who waits for an id: a call (one reply) or a stream (chunks, then the end).
+/// Who waits for an id: a call (its reply slot), a ping (one reply) or a stream (chunks, then
+/// the end).
 enum Waiter {
+    Slot { slot: Arc<ReplySlot>, command: Arc<str> },
     Call(oneshot::Sender<Reply>),
     Stream(mpsc::Sender<StreamItem>),
 }
+
+/// How many idle reply slots a connection keeps for reuse (one per call it runs at once is
+/// enough; more are freed).
+const MAX_FREE_SLOTS: usize = 64;
 
 /// What the reader hands a stream's consumer.
 #[derive(Debug)]
@@ -95,12 +101,12 @@ enum StreamItem {
     Closed(CloseReason),
 }
 
-/// What the reader hands a waiting caller.
+/// What the reader hands a waiting `ping`.
 #[derive(Debug)]
 enum Reply {
-    Ok(Payload),
-    Err(WorkerError),
     Pong,
+    /// A `result` or `error` for a ping's id.
+    NotPong(&'static str),
     Closed(CloseReason),
 }
 
@@ -118,6 +124,8 @@ struct Shared {
     host: Option<Arc<dyn HostHandler>>,
     /// The writer, weakly (so that dropping the connection still closes the worker's stdin).
     writer: Mutex<Option<mpsc::WeakUnboundedSender<Vec<u8>>>>,
+    /// Reply slots of finished calls, reused by the next ones.
+    free_slots: Mutex<Vec<Arc<ReplySlot>>>,
 }
 
 impl Shared {
@@ -148,6 +156,7 @@ impl Shared {
         let drained: Vec<_> = self.pending().drain().collect();
         for (_, w) in drained {
             match w {
+                Some(Waiter::Slot { slot, .. }) => slot.fill(Err(self.error_for(&reason))),
                 Some(Waiter::Call(tx)) => {
                     let _ = tx.send(Reply::Closed(reason.clone()));
                 }
@@ -168,6 +177,37 @@ impl Shared {
         match reason {
             CloseReason::Protocol(detail) => Error::Protocol { worker: self.worker, detail: detail.clone() },
             _ => Error::Disconnected { worker: self.worker },
+        }
+    }
+
+    /// An empty reply slot: a reused one when there is one.
+    fn take_slot(&self) -> Arc<ReplySlot> {
+        self.free_slots.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default()
+    }
+
+    /// Forgets call `id` (if it is still pending) and notifies `idle()` waiters.
+    fn forget(&self, id: u64) {
+        self.pending().remove(&id);
+        self.idle.notify_waiters();
+    }
+}
+
+impl SlotOwner for Shared {
+    fn release(&self, id: RequestId, slot: Arc<ReplySlot>, answered: bool) {
+        if !answered {
+            // The caller went away before its reply: leave a tombstone, so that the worker counts
+            // as busy until the reply comes, and the reply is then dropped.
+            if let Some(w) = self.pending().get_mut(&id.0) {
+                *w = None;
+            }
+        }
+        // Reusable once nobody else holds it (the reader drops its reference after filling).
+        if Arc::strong_count(&slot) == 1 {
+            slot.reset();
+            let mut free = self.free_slots.lock().unwrap_or_else(|p| p.into_inner());
+            if free.len() < MAX_FREE_SLOTS {
+                free.push(slot);
+            }
         }
     }
 }
@@ -405,10 +445,26 @@ fn dispatch(shared: &Arc<Shared>, frame: Bytes) -> Result<(), String> {
                 pending.remove(&id);
             }
         }
+        Some(Some(Waiter::Slot { .. })) => {
+            if !matches!(tag, "result" | "error" | "pong") {
+                return Err(format!("`{tag}` sent for call {id}"));
+            }
+            if let Some(Some(Waiter::Slot { slot, command })) = pending.remove(&id) {
+                drop(pending);
+                let worker = shared.worker;
+                slot.fill(match tag {
+                    "result" => Ok(payload(msg.ok)),
+                    "error" => Err(Error::Worker { worker, command: command.to_string(), error: error() }),
+                    _ => Err(Error::Protocol { worker, detail: format!("`pong` sent for call id {id}") }),
+                });
+                shared.idle.notify_waiters();
+                return Ok(());
+            }
+        }
         Some(Some(Waiter::Call(_))) => {
             let reply = match tag {
-                "result" => Reply::Ok(payload(msg.ok)),
-                "error" => Reply::Err(error()),
+                "result" => Reply::NotPong("result"),
+                "error" => Reply::NotPong("error"),
                 "pong" => Reply::Pong,
                 _ => return Err(format!("`{tag}` sent for call {id}")),
             };
@@ -576,6 +632,7 @@ impl StdioConnection {
             idle: tokio::sync::Notify::new(),
             host: hello.host.clone(),
             writer: Mutex::new(None),
+            free_slots: Mutex::new(Vec::new()),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         *shared.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.downgrade());
@@ -654,6 +711,47 @@ impl StdioConnection {
         self.shared.error_for(&reason)
     }
 
+    /// Encodes and sends a call; its reply comes through a (reused) slot, so the call allocates
+    /// nothing but its frame.
+    fn send_call(&self, req: Request) -> Result<ReplyFuture<'static>, Error> {
+        let args = req.args.bytes();
+        if !req.args.is_trusted() {
+            serde_json::from_slice::<serde::de::IgnoredAny>(args).map_err(|e| {
+                Error::BadRequest(format!("arguments of `{}` are not valid JSON: {e}", req.command))
+            })?;
+        }
+        let id = req.id.map_or_else(|| self.next_id(), |id| id.0);
+        let timeout_ms = req
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()).as_millis().min(u64::MAX as u128) as u64);
+        let frame = frame(args.len() + req.command.len() + 64, self.shared.max_frame, |out| {
+            wire::encode_call(out, id, &req.command, args, timeout_ms, None, req.session.as_deref())
+        })?;
+        if let Some(reason) = self.shared.close_reason() {
+            return Err(self.shared.error_for(&reason));
+        }
+        let slot = self.shared.take_slot();
+        self.shared.pending().insert(id, Some(Waiter::Slot { slot: slot.clone(), command: req.command }));
+        // The reader may have closed between the check and the insert: re-check.
+        if let Some(reason) = self.shared.close_reason() {
+            self.shared.forget(id);
+            return Err(self.shared.error_for(&reason));
+        }
+        if let Err(e) = self.send(frame) {
+            self.shared.forget(id);
+            return Err(e);
+        }
+        // Busy-poll: the caller re-polls (yielding to the runtime, which polls the pipe without
+        // sleeping) until the reply is in or the window is over; a sleeping thread would pay the
+        // CPU's wake-up latency instead. Only on a current-thread runtime: on a multi-thread one
+        // the reply's readiness may go to another, parked, runtime thread, and spinning here
+        // would only take a CPU from it and from the worker.
+        let spin_until = (!self.busy_poll.is_zero() && on_current_thread_runtime())
+            .then(|| Instant::now() + self.busy_poll);
+        let owner: Arc<dyn SlotOwner> = self.shared.clone();
+        Ok(ReplyFuture::slot(slot, owner, RequestId(id), spin_until))
+    }
+
     async fn round_trip(&self, id: u64, frame: Vec<u8>) -> Result<Reply, Error> {
         if let Some(reason) = self.shared.close_reason() {
             return Err(self.shared.error_for(&reason));
@@ -666,27 +764,6 @@ impl StdioConnection {
             return Err(self.shared.error_for(&reason));
         }
         self.send(frame)?;
-        let mut rx = rx;
-        if !self.busy_poll.is_zero() && on_current_thread_runtime() {
-            // Busy-poll: yield to the runtime (which polls the pipe without sleeping) until the
-            // reply is in or the window is over; a sleeping thread would pay the CPU's wake-up
-            // latency instead. Only on a current-thread runtime: on a multi-thread one the reply's
-            // readiness may go to another, parked, runtime thread, and spinning here would only
-            // take a CPU from it and from the worker.
-            let until = Instant::now() + self.busy_poll;
-            loop {
-                match rx.try_recv() {
-                    Ok(Reply::Closed(reason)) => return Err(self.shared.error_for(&reason)),
-                    Ok(r) => return Ok(r),
-                    Err(oneshot::error::TryRecvError::Closed) => return Err(self.closed_error()),
-                    Err(oneshot::error::TryRecvError::Empty) => {}
-                }
-                if Instant::now() >= until {
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
-        }
         match rx.await {
             Ok(Reply::Closed(reason)) => Err(self.shared.error_for(&reason)),
             Ok(r) => Ok(r),
@@ -730,28 +807,13 @@ fn wait_idle(shared: Arc<Shared>) -> BoxFuture<'static, ()> {
 #[async_trait]
 impl Connection for StdioConnection {
     async fn call(&self, req: Request) -> Result<Payload, Error> {
-        let args = req.args.bytes();
-        if !req.args.is_trusted() {
-            serde_json::from_slice::<serde::de::IgnoredAny>(args).map_err(|e| {
-                Error::BadRequest(format!("arguments of `{}` are not valid JSON: {e}", req.command))
-            })?;
-        }
-        let id = req.id.map_or_else(|| self.next_id(), |id| id.0);
-        let timeout_ms = req
-            .deadline
-            .map(|d| d.saturating_duration_since(Instant::now()).as_millis().min(u64::MAX as u128) as u64);
-        let frame = frame(args.len() + req.command.len() + 64, self.shared.max_frame, |out| {
-            wire::encode_call(out, id, &req.command, args, timeout_ms, None, req.session.as_deref())
-        })?;
-        match self.round_trip(id, frame).await? {
-            Reply::Ok(p) => Ok(p),
-            Reply::Err(error) => {
-                Err(Error::Worker { worker: self.shared.worker, command: req.command, error })
-            }
-            Reply::Pong | Reply::Closed(_) => Err(Error::Protocol {
-                worker: self.shared.worker,
-                detail: format!("`pong` sent for call id {id}"),
-            }),
+        self.start(req).await
+    }
+
+    fn start(&self, req: Request) -> ReplyFuture<'_> {
+        match self.send_call(req) {
+            Ok(reply) => reply,
+            Err(e) => ReplyFuture::ready(Err(e)),
         }
     }
 
@@ -786,7 +848,7 @@ impl Connection for StdioConnection {
             shared: self.shared.clone(),
             writer,
             id,
-            command: req.command,
+            command: req.command.to_string(),
             refill: (window / 2).max(1),
             taken: 0,
             done: false,
@@ -802,10 +864,11 @@ impl Connection for StdioConnection {
         let start = Instant::now();
         match self.round_trip(id, frame).await? {
             Reply::Pong => Ok(start.elapsed()),
-            _ => Err(Error::Protocol {
+            Reply::NotPong(tag) => Err(Error::Protocol {
                 worker: self.shared.worker,
-                detail: format!("ping {id} answered by a non-pong"),
+                detail: format!("ping {id} answered by `{tag}`"),
             }),
+            Reply::Closed(reason) => Err(self.shared.error_for(&reason)),
         }
     }
 

@@ -185,3 +185,31 @@ async fn refuse_is_a_version_mismatch() {
         other => panic!("unexpected {:?}", other.map(|_| ())),
     }
 }
+
+#[tokio::test]
+async fn reply_slots_are_reused_and_never_shared_with_a_dropped_call() {
+    let (conn, mut peer) = connected(1024, DEFAULT_FRAME_TIMEOUT).await;
+    let free = |conn: &StdioConnection| conn.shared.free_slots.lock().map(|f| f.len()).unwrap_or(0);
+    for i in 0..5 {
+        let (r, _) = tokio::join!(conn.start(Request::new("echo", Payload::null())), async {
+            let m = peer.read_msg().await;
+            peer.send(serde_json::json!({"t":"result","id":m["id"],"ok":i})).await;
+        });
+        assert_eq!(r.expect("ok").decode::<i32>().expect("decode"), i);
+        // One slot serves every sequential call.
+        assert_eq!(free(&conn), 1);
+    }
+    // A dropped call leaves a tombstone; its slot is free again, and its late reply cannot
+    // reach the next call that takes that slot.
+    drop(conn.start(Request::new("dropped", Payload::null())));
+    let dropped = peer.read_msg().await;
+    assert_eq!(conn.in_flight(), 1, "the worker still runs the dropped call");
+    let (r, _) = tokio::join!(conn.start(Request::new("next", Payload::null())), async {
+        let m = peer.read_msg().await;
+        peer.send(serde_json::json!({"t":"result","id":dropped["id"],"ok":"late"})).await;
+        peer.send(serde_json::json!({"t":"result","id":m["id"],"ok":"mine"})).await;
+    });
+    assert_eq!(r.expect("ok").decode::<String>().expect("decode"), "mine");
+    assert_eq!(conn.in_flight(), 0);
+    assert_eq!(free(&conn), 1);
+}

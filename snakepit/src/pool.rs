@@ -624,7 +624,8 @@ struct State {
 }
 
 struct ToolSet {
-    names: HashSet<String>,
+    /// Shared names: a call's [`Request`] takes a clone of its tool's name, not a copy.
+    names: HashSet<Arc<str>>,
     sorted: Vec<String>,
     streams: HashSet<String>,
 }
@@ -718,7 +719,11 @@ impl Inner {
             let mut sorted: Vec<String> = w.ready().tools.iter().map(|t| t.name.clone()).collect();
             sorted.sort();
             let streams = w.ready().tools.iter().filter(|t| t.stream).map(|t| t.name.clone()).collect();
-            *tools = Some(Arc::new(ToolSet { names: sorted.iter().cloned().collect(), sorted, streams }));
+            *tools = Some(Arc::new(ToolSet {
+                names: sorted.iter().map(|n| Arc::from(n.as_str())).collect(),
+                sorted,
+                streams,
+            }));
         }
     }
 
@@ -894,13 +899,16 @@ impl Inner {
         ))
     }
 
-    fn known_tool(&self, command: &str) -> Result<(), Error> {
+    /// Checks `command` against the workers' tool catalog (once known) and returns its name
+    /// as the catalog's shared copy (a new one when there is no catalog yet).
+    fn known_tool(&self, command: &str) -> Result<Arc<str>, Error> {
         let tools = self.tools.read().unwrap_or_else(|p| p.into_inner());
         match tools.as_ref() {
-            Some(t) if !t.names.contains(command) => {
-                Err(Error::UnknownCommand { command: command.into(), available: t.sorted.clone() })
-            }
-            _ => Ok(()),
+            Some(t) => match t.names.get(command) {
+                Some(name) => Ok(name.clone()),
+                None => Err(Error::UnknownCommand { command: command.into(), available: t.sorted.clone() }),
+            },
+            None => Ok(Arc::from(command)),
         }
     }
 
@@ -1307,7 +1315,7 @@ impl Pool {
         opts: CallOptions,
     ) -> Result<Payload, Error> {
         let inner = &self.inner;
-        inner.known_tool(command)?;
+        let name = inner.known_tool(command)?;
         inner.adapter.validate(command, &args)?;
         let poison_key = inner.cfg.quarantine.map(|limit| {
             let key = opts.key.unwrap_or_else(|| request_key(command, &args));
@@ -1320,7 +1328,7 @@ impl Pool {
                 return Err(Error::Quarantined { command: command.into(), crashes });
             }
         }
-        let r = self.run_checked(session, command, args, opts).await;
+        let r = self.run_checked(session, name, args, opts).await;
         if let (Some((key, _)), Err(Error::WorkerCrashed { .. } | Error::Protocol { .. })) = (poison_key, &r)
         {
             let mut poison = inner.poison.lock().unwrap_or_else(|p| p.into_inner());
@@ -1413,16 +1421,17 @@ impl Pool {
     async fn run_checked(
         &self,
         session: Option<&str>,
-        command: &str,
+        name: Arc<str>,
         args: Payload,
         opts: CallOptions,
     ) -> Result<Payload, Error> {
         let inner = &self.inner;
+        let command = &*name;
         let Acquired { mut lease, worker, deadline, now, _session_call } =
             self.acquire(session, command, &opts).await?;
         let id = worker.connection().new_request_id();
         lease.request = Some((id, deadline));
-        let req = Request::new(command, args)
+        let req = Request::new(name.clone(), args)
             .with_deadline(deadline)
             .with_id(id)
             .with_session(session.map(str::to_owned));
@@ -1440,7 +1449,7 @@ impl Pool {
             }
             None => None,
         };
-        let call = worker.connection().call(req);
+        let call = worker.connection().start(req);
         let result = match deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), call).await {
                 Ok(r) => r,
@@ -1518,13 +1527,13 @@ impl Pool {
         opts: CallOptions,
     ) -> Result<CallStream, Error> {
         let inner = &self.inner;
-        inner.known_tool(command)?;
+        let name = inner.known_tool(command)?;
         inner.adapter.validate(command, &args)?;
         let Acquired { mut lease, worker, deadline, now: _, _session_call } =
             self.acquire(session, command, &opts).await?;
         let id = worker.connection().new_request_id();
         lease.request = Some((id, deadline));
-        let req = Request::new(command, args)
+        let req = Request::new(name, args)
             .with_deadline(deadline)
             .with_id(id)
             .with_session(session.map(str::to_owned));
