@@ -12,8 +12,9 @@
 //!   fails every call in flight with [`Error::Protocol`];
 //! * a reply for an id nobody waits for (its caller gave up) is dropped and logged, never handed
 //!   to another caller;
-//! * a dropped `call` future forgets its id; frames are written by one writer task, so a caller
-//!   that goes away can never leave half a frame on the pipe.
+//! * a dropped `call` future forgets its id; a frame is written whole (by its caller when the
+//!   pipe has room and nothing is queued, else by the writer task), so a caller that goes away
+//!   can never leave half a frame on the pipe.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,9 +30,12 @@ use snakepit_core::{
     CloseReason, Codec, Connection, Error, Hello, HostCall, HostHandler, Payload, Ready, ReplyFuture,
     ReplySlot, Request, RequestId, SlotOwner, Transport, WorkerError, WorkerId, WorkerIo, DEFAULT_MAX_FRAME,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{Decoder, LengthDelimitedCodec};
+
+mod outbox;
+use outbox::Outbox;
 
 /// The default time a frame's body may stall once its header has arrived.
 pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -122,8 +126,8 @@ struct Shared {
     idle: tokio::sync::Notify,
     /// Answers the worker's `host_call`s.
     host: Option<Arc<dyn HostHandler>>,
-    /// The writer, weakly (so that dropping the connection still closes the worker's stdin).
-    writer: Mutex<Option<mpsc::WeakUnboundedSender<Vec<u8>>>>,
+    /// The worker's stdin.
+    outbox: Outbox,
     /// Reply slots of finished calls, reused by the next ones.
     free_slots: Mutex<Vec<Arc<ReplySlot>>>,
 }
@@ -212,12 +216,33 @@ impl SlotOwner for Shared {
     }
 }
 
+/// Closes the worker's stdin and stops the writer task when a handshake fails.
+struct Abandon<'a> {
+    shared: &'a Shared,
+    writer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Abandon<'_> {
+    /// The handshake succeeded: the connection owns the writer from now on.
+    fn disarm(mut self) {
+        self.writer = None;
+    }
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.writer.take() {
+            self.shared.outbox.close();
+            w.abort();
+        }
+    }
+}
+
 /// A live framed-stdio connection to one worker.
 pub struct StdioConnection {
     shared: Arc<Shared>,
     /// How long a caller polls for its reply before it sleeps.
     busy_poll: Duration,
-    writer: Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>,
     next_id: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -232,6 +257,8 @@ impl Drop for StdioConnection {
     fn drop(&mut self) {
         self.reader.abort();
         self.shared.close(CloseReason::Closed);
+        // The writer task drains what is queued, then closes the worker's stdin.
+        self.shared.outbox.close();
     }
 }
 
@@ -343,29 +370,13 @@ fn frame(capacity: usize, max_frame: usize, body_fn: impl FnOnce(&mut Vec<u8>)) 
     Ok(out)
 }
 
-async fn write_loop(
-    mut input: Box<dyn AsyncWrite + Send + Unpin>,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
-    shared: Arc<Shared>,
-) {
-    while let Some(buf) = rx.recv().await {
-        let res = async {
-            input.write_all(&buf).await?;
-            // Drain whatever else is queued before flushing.
-            while let Ok(more) = rx.try_recv() {
-                input.write_all(&more).await?;
-            }
-            input.flush().await
-        }
-        .await;
-        if let Err(e) = res {
-            tracing::debug!(worker = %shared.worker, "write to worker failed: {e}");
-            shared.close(CloseReason::Eof);
-            return;
-        }
+/// The writer task: writes what callers queued when the pipe was full, and closes the worker's
+/// stdin once the connection is done with it.
+async fn write_loop(shared: Arc<Shared>) {
+    if let Err(e) = std::future::poll_fn(|cx| shared.outbox.poll_drive(cx)).await {
+        tracing::debug!(worker = %shared.worker, "write to worker failed: {e}");
+        shared.close(CloseReason::Eof);
     }
-    // Every sender is gone: closing stdin tells the worker to exit.
-    let _ = input.shutdown().await;
 }
 
 async fn read_loop(mut reader: FrameReader, shared: Arc<Shared>) {
@@ -521,10 +532,8 @@ fn host_call(shared: &Arc<Shared>, frame: &Bytes, msg: Inbound<'_>) -> Result<()
             };
             f = frame_result(shared.max_frame, id, Err(&e));
         }
-        let writer =
-            shared.writer.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|w| w.upgrade());
-        if let (Ok(f), Some(w)) = (f, writer) {
-            let _ = w.send(f);
+        if let Ok(f) = f {
+            let _ = shared.outbox.push(f);
         }
     });
     Ok(())
@@ -540,7 +549,6 @@ fn frame_result(max_frame: usize, id: u64, r: Result<&[u8], &WorkerError>) -> Re
 struct ReplyStream {
     rx: mpsc::Receiver<StreamItem>,
     shared: Arc<Shared>,
-    writer: Option<mpsc::UnboundedSender<Vec<u8>>>,
     id: u64,
     command: String,
     refill: u32,
@@ -569,11 +577,10 @@ impl futures::Stream for ReplyStream {
                 this.taken += 1;
                 if this.taken >= this.refill {
                     let n = std::mem::take(&mut this.taken);
-                    if let (Some(w), Ok(f)) = (
-                        &this.writer,
-                        frame(48, this.shared.max_frame, |out| wire::encode_credit(out, this.id, n)),
-                    ) {
-                        let _ = w.send(f);
+                    if let Ok(f) =
+                        frame(48, this.shared.max_frame, |out| wire::encode_credit(out, this.id, n))
+                    {
+                        let _ = this.shared.outbox.push(f);
                     }
                 }
                 Poll::Ready(Some(Ok(p)))
@@ -631,11 +638,9 @@ impl StdioConnection {
             closed,
             idle: tokio::sync::Notify::new(),
             host: hello.host.clone(),
-            writer: Mutex::new(None),
+            outbox: Outbox::new(io.input),
             free_slots: Mutex::new(Vec::new()),
         });
-        let (tx, rx) = mpsc::unbounded_channel();
-        *shared.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.downgrade());
         let hello_frame = frame(256, max_frame, |out| {
             let msg = HelloMsg {
                 t: "hello",
@@ -652,20 +657,16 @@ impl StdioConnection {
             // Serialising a struct of strings, numbers and a Value into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *out, &msg);
         })?;
-        let _ = tx.send(hello_frame);
-        let writer = tokio::spawn(write_loop(io.input, rx, shared.clone()));
+        let _ = shared.outbox.push(hello_frame);
+        let writer = tokio::spawn(write_loop(shared.clone()));
+        // Until the handshake succeeds, any return closes the worker's stdin and stops the writer.
+        let guard = Abandon { shared: &shared, writer: Some(writer) };
         let mut reader = FrameReader::new(io.output, max_frame, frame_timeout);
         let protocol = |detail: String| Error::Protocol { worker, detail };
         let first = match reader.next().await {
             ReadOutcome::Frame(f) => f,
-            ReadOutcome::Eof => {
-                writer.abort();
-                return Err(Error::Disconnected { worker });
-            }
-            ReadOutcome::Broken(d) => {
-                writer.abort();
-                return Err(protocol(format!("during handshake: {d}")));
-            }
+            ReadOutcome::Eof => return Err(Error::Disconnected { worker }),
+            ReadOutcome::Broken(d) => return Err(protocol(format!("during handshake: {d}"))),
         };
         let msg: Inbound<'_> = serde_json::from_slice(&first)
             .map_err(|e| protocol(format!("handshake: expected `ready`, got a malformed message: {e}")))?;
@@ -687,11 +688,11 @@ impl StdioConnection {
                 reason: format!("the worker chose version {}, which was not offered", ready.version),
             });
         }
+        guard.disarm();
         let reader = tokio::spawn(read_loop(reader, shared.clone()));
         let conn = StdioConnection {
             shared,
             busy_poll: effective_busy_poll(hello.busy_poll),
-            writer: Mutex::new(Some(tx)),
             next_id: AtomicU64::new(1),
             reader,
         };
@@ -699,11 +700,7 @@ impl StdioConnection {
     }
 
     fn send(&self, frame: Vec<u8>) -> Result<(), Error> {
-        let guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        match guard.as_ref() {
-            Some(tx) if tx.send(frame).is_ok() => Ok(()),
-            _ => Err(self.closed_error()),
-        }
+        self.shared.outbox.push(frame).map_err(|_| self.closed_error())
     }
 
     fn closed_error(&self) -> Error {
@@ -842,11 +839,9 @@ impl Connection for StdioConnection {
         // Room for a full window of chunks plus the end (or an error, or a close).
         let (tx, rx) = mpsc::channel(window as usize + 2);
         self.shared.pending().insert(id, Some(Waiter::Stream(tx)));
-        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let stream = ReplyStream {
             rx,
             shared: self.shared.clone(),
-            writer,
             id,
             command: req.command.to_string(),
             refill: (window / 2).max(1),
@@ -876,8 +871,8 @@ impl Connection for StdioConnection {
         if let Ok(f) = frame(32, self.shared.max_frame, |out| wire::encode_simple(out, "shutdown", None)) {
             let _ = self.send(f);
         }
-        // Dropping the last sender makes the writer close the worker's stdin.
-        self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // The writer task drains what is queued, then closes the worker's stdin.
+        self.shared.outbox.close();
     }
 
     fn closed(&self) -> BoxFuture<'static, CloseReason> {

@@ -2,7 +2,7 @@
 //! workspace's integration tests).
 
 use super::*;
-use tokio::io::{duplex, DuplexStream};
+use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
 
 fn wid() -> WorkerId {
     WorkerId { slot: 0, generation: 0 }

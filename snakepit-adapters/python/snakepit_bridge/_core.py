@@ -500,7 +500,8 @@ class _Channel:
             body = self._read()
         finally:
             _run.atomic -= 1
-        _frame_boundary()
+        if _run.pending:
+            _frame_boundary()
         return body
 
     def busy_poll(self, seconds):
@@ -534,18 +535,22 @@ class _Channel:
 
     def write(self, body):
         """Writes one frame; never cut short by the cancel signal."""
-        data = _HDR.pack(len(body)) + body if len(body) < 65536 else None
+        n = len(body)
         _run.atomic += 1
         try:
             with _write_lock:
-                if data is not None:
-                    self._write_all(data)
+                if n < 65536:
+                    data = _HDR.pack(n) + body
+                    m = os.write(self.out_fd, data)
+                    if m != len(data):  # a short write (the pipe was nearly full): the rest
+                        self._write_all(memoryview(data)[m:])
                 else:
-                    self._write_all(_HDR.pack(len(body)))
+                    self._write_all(_HDR.pack(n))
                     self._write_all(body)
         finally:
             _run.atomic -= 1
-        _frame_boundary()
+        if _run.pending:
+            _frame_boundary()
 
     def _write_all(self, data):
         n = os.write(self.out_fd, data)
@@ -911,35 +916,61 @@ def _call(chan, tools, msg):
             "id": rid,
             "error": {"type": "UnknownCommand", "message": "no tool named %r" % (cmd,)},
         }
-    else:
+        chan.write(_encode_reply(chan, reply, rid)[0])
+        return
+    try:
+        _run.pending = False
+        _run.id = rid
         try:
-            _run.pending = False
-            _run.id = rid
-            try:
+            args = msg.get("args")
+            if type(args) is dict and not _wants_ctx(fn):
+                result = fn(**args)  # the common case, without _invoke's generality
+            else:
                 ctx = Context(chan, rid, msg.get("session")) if _wants_ctx(fn) else None
-                result = _invoke(fn, msg.get("args"), ctx)
+                result = _invoke(fn, args, ctx)
+            streaming = False
+            if type(result) not in _PLAIN:  # one set lookup rules out coroutines and generators
                 if isinstance(result, types.CoroutineType):
                     result = _loop_run(result)
-                if _is_stream(result):
-                    if window:
-                        _stream(chan, rid, result, int(window))
-                        return
-                    result = _collect(result)
-                elif window:
-                    # A plain tool called as a stream: one chunk, then the end.
-                    body, ok = _encode_reply(chan, {"t": "chunk", "id": rid, "data": result}, rid)
-                    chan.write(body)
-                    if ok:
-                        chan.send({"t": "end", "id": rid})
+                streaming = _is_stream(result)
+            if streaming:
+                if window:
+                    _stream(chan, rid, result, int(window))
                     return
-            finally:
-                _run.id = None
-            reply = {"t": "result", "id": rid, "ok": result}
-        except Cancelled as e:
-            reply = {"t": "error", "id": rid, "error": {"type": "Cancelled", "message": str(e) or "cancelled"}}
-        except Exception as e:
-            reply = {"t": "error", "id": rid, "error": _error(e)}
-    chan.write(_encode_reply(chan, reply, rid)[0])
+                result = _collect(result)
+            elif window:
+                # A plain tool called as a stream: one chunk, then the end.
+                body, ok = _encode_reply(chan, {"t": "chunk", "id": rid, "data": result}, rid)
+                chan.write(body)
+                if ok:
+                    chan.send({"t": "end", "id": rid})
+                return
+        finally:
+            _run.id = None
+        body = _result_body(chan, rid, result)
+    except Cancelled as e:
+        reply = {"t": "error", "id": rid, "error": {"type": "Cancelled", "message": str(e) or "cancelled"}}
+        body = _encode_reply(chan, reply, rid)[0]
+    except Exception as e:
+        body = _encode_reply(chan, {"t": "error", "id": rid, "error": _error(e)}, rid)[0]
+    chan.write(body)
+
+
+# Result types that are neither coroutines nor generators (checked first: it is one set lookup).
+_PLAIN = frozenset((dict, list, str, int, float, bool, type(None), tuple))
+
+
+def _result_body(chan, rid, result):
+    """The `result` message for `rid`, its envelope written by hand around the encoded result
+    (an integer id, the usual case); `_encode_reply` otherwise, and for its error cases."""
+    if type(rid) is int:
+        try:
+            body = b'{"t":"result","id":%d,"ok":%s}' % (rid, _dumps(result))
+        except (TypeError, ValueError, RecursionError):
+            body = None
+        if body is not None and len(body) <= chan.max_frame:
+            return body
+    return _encode_reply(chan, {"t": "result", "id": rid, "ok": result}, rid)[0]
 
 
 def _stream(chan, rid, gen, credit):
