@@ -708,9 +708,9 @@ impl StdioConnection {
         self.shared.error_for(&reason)
     }
 
-    /// Encodes and sends a call; its reply comes through a (reused) slot, so the call allocates
-    /// nothing but its frame.
-    fn send_call(&self, req: Request) -> Result<ReplyFuture<'static>, Error> {
+    /// Checks a request's arguments (unless an encoder made them) and encodes its `call` frame
+    /// (`window`: as a stream). Returns the request id and the frame.
+    fn call_frame(&self, req: &Request, window: Option<u32>) -> Result<(u64, Vec<u8>), Error> {
         let args = req.args.bytes();
         if !req.args.is_trusted() {
             serde_json::from_slice::<serde::de::IgnoredAny>(args).map_err(|e| {
@@ -721,9 +721,16 @@ impl StdioConnection {
         let timeout_ms = req
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()).as_millis().min(u64::MAX as u128) as u64);
-        let frame = frame(args.len() + req.command.len() + 64, self.shared.max_frame, |out| {
-            wire::encode_call(out, id, &req.command, args, timeout_ms, None, req.session.as_deref())
+        let f = frame(args.len() + req.command.len() + 80, self.shared.max_frame, |out| {
+            wire::encode_call(out, id, &req.command, args, timeout_ms, window, req.session.as_deref())
         })?;
+        Ok((id, f))
+    }
+
+    /// Encodes and sends a call; its reply comes through a (reused) slot, so the call allocates
+    /// nothing but its frame.
+    fn send_call(&self, req: Request) -> Result<ReplyFuture<'static>, Error> {
+        let (id, frame) = self.call_frame(&req, None)?;
         if let Some(reason) = self.shared.close_reason() {
             return Err(self.shared.error_for(&reason));
         }
@@ -819,20 +826,8 @@ impl Connection for StdioConnection {
         req: Request,
         window: u32,
     ) -> Result<BoxStream<'static, Result<Payload, Error>>, Error> {
-        let args = req.args.bytes();
-        if !req.args.is_trusted() {
-            serde_json::from_slice::<serde::de::IgnoredAny>(args).map_err(|e| {
-                Error::BadRequest(format!("arguments of `{}` are not valid JSON: {e}", req.command))
-            })?;
-        }
         let window = window.max(1);
-        let id = req.id.map_or_else(|| self.next_id(), |id| id.0);
-        let timeout_ms = req
-            .deadline
-            .map(|d| d.saturating_duration_since(Instant::now()).as_millis().min(u64::MAX as u128) as u64);
-        let f = frame(args.len() + req.command.len() + 80, self.shared.max_frame, |out| {
-            wire::encode_call(out, id, &req.command, args, timeout_ms, Some(window), req.session.as_deref())
-        })?;
+        let (id, f) = self.call_frame(&req, Some(window))?;
         if let Some(reason) = self.shared.close_reason() {
             return Err(self.shared.error_for(&reason));
         }

@@ -923,10 +923,11 @@ def _call(chan, tools, msg):
         _run.id = rid
         try:
             args = msg.get("args")
-            if type(args) is dict and not _wants_ctx(fn):
+            wants_ctx = _wants_ctx(fn)
+            if type(args) is dict and not wants_ctx:
                 result = fn(**args)  # the common case, without _invoke's generality
             else:
-                ctx = Context(chan, rid, msg.get("session")) if _wants_ctx(fn) else None
+                ctx = Context(chan, rid, msg.get("session")) if wants_ctx else None
                 result = _invoke(fn, args, ctx)
             streaming = False
             if type(result) not in _PLAIN:  # one set lookup rules out coroutines and generators
