@@ -95,13 +95,18 @@ async fn recycling_by_age_replaces_first_and_lets_the_in_flight_call_finish() {
     );
     let old = pool.execute("pid", json!(null)).await.expect("pid");
     let p = pool.clone();
-    let long = tokio::spawn(async move { p.execute("sleep", json!({"ms": 1500})).await });
+    // The long call holds the old worker until the test opens the gate (however slow the
+    // machine, it is still running when the replacement serves).
+    let gate = r.dir().join("gate");
+    let args = json!({"path": gate.to_string_lossy()});
+    let long = tokio::spawn(async move { p.execute("wait_for", args).await });
     wait(&pool, "recycled", |s| s.recycled >= 1).await;
     // Capacity never dropped: the replacement serves while the old worker still runs its call.
     let new = pool.execute("pid", json!(null)).await.expect("pid");
     assert_ne!(new, old);
     assert!(!long.is_finished(), "the long call should still be running on the old worker");
-    assert_eq!(long.await.expect("join").expect("the in-flight call finishes"), json!(1500));
+    std::fs::write(&gate, b"").expect("open the gate");
+    assert_eq!(long.await.expect("join").expect("the in-flight call finishes"), json!(true));
     pool.shutdown().await;
 }
 

@@ -287,5 +287,17 @@ def touch(path):
     return path
 
 
+@tool
+def wait_for(path, timeout_ms=30000):
+    """Holds the worker until the file `path` exists (a test's gate) or `timeout_ms` passes;
+    returns whether the file appeared."""
+    deadline = time.monotonic() + timeout_ms / 1000.0
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
 if __name__ == "__main__":
     serve()
