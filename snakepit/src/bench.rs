@@ -618,23 +618,29 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
     println!();
     let start_ms =
         |n: usize, f: &str, kind: &str| starts.get(&(n, f, kind)).map_or(f64::NAN, |v| median(v.clone()));
-    println!(
-        "{:<28} {:>10} {:>10} {:>8} {:>11} {:>14}",
-        "start-up (median ms)", "cold pool", "bare", "cold/bare", "zygote pool", "zygote/1 cold"
-    );
-    for (flavour, _) in &flavours {
-        let one_cold = start_ms(1, flavour, "cold");
-        for &n in sizes_up {
-            let (cold, bare, zygote) =
-                (start_ms(n, flavour, "cold"), start_ms(n, flavour, "bare"), start_ms(n, flavour, "zygote"));
-            let name = format!("{n} workers, {flavour}");
-            println!(
-                "{name:<28} {cold:>10.0} {bare:>10.0} {:>7.2}x {zygote:>11.0} {:>13.2}x",
-                cold / bare,
-                zygote / one_cold
-            );
-            json_rows.push(json!({"name": format!("startup {name}"), "cold_ms": cold, "bare_ms": bare,
-                "zygote_ms": zygote, "one_cold_ms": one_cold}));
+    // Start-up rows (none when `--only` picked no start-up configuration).
+    if !starts.is_empty() {
+        println!(
+            "{:<28} {:>10} {:>10} {:>8} {:>11} {:>14}",
+            "start-up (median ms)", "cold pool", "bare", "cold/bare", "zygote pool", "zygote/1 cold"
+        );
+        for (flavour, _) in &flavours {
+            let one_cold = start_ms(1, flavour, "cold");
+            for &n in sizes_up {
+                let (cold, bare, zygote) = (
+                    start_ms(n, flavour, "cold"),
+                    start_ms(n, flavour, "bare"),
+                    start_ms(n, flavour, "zygote"),
+                );
+                let name = format!("{n} workers, {flavour}");
+                println!(
+                    "{name:<28} {cold:>10.0} {bare:>10.0} {:>7.2}x {zygote:>11.0} {:>13.2}x",
+                    cold / bare,
+                    zygote / one_cold
+                );
+                json_rows.push(json!({"name": format!("startup {name}"), "cold_ms": cold, "bare_ms": bare,
+                    "zygote_ms": zygote, "one_cold_ms": one_cold}));
+            }
         }
     }
     println!("host RSS per idle worker (16 workers started): {:.0} KiB", rss_per_worker as f64 / 1024.0);
