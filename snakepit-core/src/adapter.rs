@@ -70,8 +70,19 @@ pub trait Adapter: Send + Sync + 'static {
     /// A short name for logs (`python:script.py`).
     fn name(&self) -> String;
 
-    /// How to start a worker.
-    fn spawn_spec(&self, ctx: &SpawnContext) -> Result<SpawnSpec, Error>;
+    /// How to start a worker process. The default refuses: an adapter either names a program
+    /// here or supplies its own [`launcher`](Adapter::launcher).
+    fn spawn_spec(&self, _ctx: &SpawnContext) -> Result<SpawnSpec, Error> {
+        Err(Error::BadRequest(format!("adapter `{}` has no program to spawn", self.name())))
+    }
+
+    /// An in-process (or otherwise non-process) way to start this adapter's workers, used
+    /// instead of spawning [`spawn_spec`](Adapter::spawn_spec)'s program through the pool's
+    /// transport. `None` (the default): workers are processes, started by the supervisor's
+    /// process launcher. See [`Launcher`](crate::Launcher).
+    fn launcher(&self) -> Option<std::sync::Arc<dyn crate::Launcher>> {
+        None
+    }
 
     /// How to start this adapter's zygote (for [`crate::StartMode::Zygote`]), or `None` when it
     /// has none (the default). The zygote speaks the zygote protocol of `docs/protocol.md` on a

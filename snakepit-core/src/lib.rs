@@ -6,13 +6,16 @@
 //! * [`Adapter`]: what program a worker runs and how (program, args, env, cwd, handshake timeout,
 //!   per-command validation and timeouts);
 //! * [`WorkerProfile`]: how many requests one worker serves at once and how it is started;
-//! * [`Transport`] / [`Connection`]: how the host talks to a started worker.
+//! * [`Transport`] / [`Connection`]: how the host talks to a started worker;
+//! * [`Launcher`] / [`WorkerHandle`]: how a worker comes to life and how the pool watches and
+//!   stops it (the supervisor's process launcher, or an adapter's own in-process one).
 //!
 //! This crate has no process, socket or runtime code: it only names things. The wire messages of
 //! protocol v1 live in [`wire`] so that every transport and every worker SDK agree on them.
 
 mod adapter;
 mod error;
+mod launch;
 mod payload;
 mod profile;
 mod reply;
@@ -22,6 +25,7 @@ pub mod wire;
 
 pub use adapter::{Adapter, SpawnContext, SpawnSpec};
 pub use error::{Error, ExitInfo, Result, WorkerError};
+pub use launch::{Launcher, StartOptions, WorkerHandle};
 pub use payload::{Codec, Payload};
 pub use profile::{ProcessProfile, StartMode, ThreadProfile, WorkerProfile, Zygote};
 pub use reply::{ReplyFuture, ReplySlot, SlotOwner};

@@ -17,18 +17,28 @@
 //! * has its stderr forwarded to `tracing` (target `snakepit::worker`) with its id, keeping the
 //!   last lines for error reports.
 //!
-//! [`RestartBackoff`] gives the delays between restarts of a slot.
+//! It also owns the pool's *slots* ([`Slot`]): the state machine that keeps a live worker in
+//! each one — restart with [`RestartBackoff`] and an intensity limit, heartbeats, recycling by
+//! request count, age or memory (drain-then-replace) — talking to the pool only through the
+//! small [`SlotManager`] trait. [`ProcessLauncher`] is the [`snakepit_core::Launcher`] that
+//! starts workers as processes (cold, or forked from a [`Zygote`]).
 
 mod backoff;
+mod member;
 mod memory;
 mod process;
 pub mod registry;
 mod shepherd;
+mod slot;
+mod spawner;
 mod zygote;
 
 pub use backoff::RestartBackoff;
+pub use member::{Member, SessionCall};
 pub use memory::tree_rss;
 pub use process::{start_worker, StartOptions, Worker};
+pub use slot::{Heartbeat, RecycleReason, Slot, SlotConfig, SlotEvent, SlotManager, SlotState};
+pub use spawner::ProcessLauncher;
 pub use zygote::Zygote;
 
 /// Errors of the supervisor's own operations (spawn and handshake failures are

@@ -1,7 +1,6 @@
 //! Spawning, watching and stopping one worker process.
 
 use std::collections::VecDeque;
-use std::ffi::OsString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
@@ -10,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+pub use snakepit_core::StartOptions;
 use snakepit_core::{
-    Adapter, Connection, Error, ExitInfo, Hello, Ready, SpawnContext, SpawnSpec, Transport, WorkerId,
-    WorkerIo,
+    Adapter, Connection, Error, ExitInfo, Hello, Ready, RequestId, SpawnContext, SpawnSpec, Transport,
+    WorkerHandle, WorkerId, WorkerIo,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -25,85 +25,6 @@ const TAIL_BYTES: usize = 8 * 1024;
 const STDERR_DRAIN: Duration = Duration::from_millis(300);
 /// How long to wait for the frames a worker wrote before it exited during the handshake.
 const EXIT_FRAMES: Duration = Duration::from_millis(500);
-
-/// Everything [`start_worker`] needs besides the adapter and the transport.
-#[derive(Clone)]
-#[non_exhaustive]
-pub struct StartOptions {
-    /// The worker to start.
-    pub worker: WorkerId,
-    /// The pool's run id (exported as `SNAKEPIT_RUN_ID`).
-    pub run_id: String,
-    /// Extra environment set on top of the adapter's.
-    pub env: Vec<(OsString, OsString)>,
-    /// Largest frame body (sent in `hello`).
-    pub max_frame: usize,
-    /// Fault injection: wait this long before the handshake (inside the handshake timeout).
-    pub handshake_delay: Option<Duration>,
-    /// Answers the worker's calls to the host.
-    pub host: Option<Arc<dyn snakepit_core::HostHandler>>,
-    /// How many calls the host may send at once (told to the worker in `hello`).
-    pub max_in_flight: usize,
-    /// The busy-poll window (told to the worker in `hello`, used by the host's transport).
-    pub busy_poll: Duration,
-}
-
-impl std::fmt::Debug for StartOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StartOptions")
-            .field("worker", &self.worker)
-            .field("run_id", &self.run_id)
-            .field("max_frame", &self.max_frame)
-            .field("host", &self.host.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl StartOptions {
-    /// Options for `worker` in run `run_id`.
-    pub fn new(worker: WorkerId, run_id: impl Into<String>, max_frame: usize) -> Self {
-        StartOptions {
-            worker,
-            run_id: run_id.into(),
-            env: Vec::new(),
-            max_frame,
-            handshake_delay: None,
-            host: None,
-            max_in_flight: 1,
-            busy_poll: Duration::ZERO,
-        }
-    }
-
-    /// Sets the busy-poll window (see [`snakepit_core::Hello::busy_poll`]).
-    pub fn with_busy_poll(mut self, d: Duration) -> Self {
-        self.busy_poll = d;
-        self
-    }
-
-    /// Fault injection: delays the handshake by `d` (it still counts against the timeout).
-    pub fn with_handshake_delay(mut self, d: Option<Duration>) -> Self {
-        self.handshake_delay = d;
-        self
-    }
-
-    /// Sets how many calls the host may send at once.
-    pub fn with_max_in_flight(mut self, n: usize) -> Self {
-        self.max_in_flight = n.max(1);
-        self
-    }
-
-    /// Sets the handler of the worker's calls to the host.
-    pub fn with_host(mut self, host: Option<Arc<dyn snakepit_core::HostHandler>>) -> Self {
-        self.host = host;
-        self
-    }
-
-    /// Adds environment variables.
-    pub fn with_env(mut self, env: Vec<(OsString, OsString)>) -> Self {
-        self.env = env;
-        self
-    }
-}
 
 /// The last lines a worker wrote to stderr.
 #[derive(Debug, Default)]
@@ -362,6 +283,11 @@ impl Worker {
         self.shared.tail()
     }
 
+    /// Resolves (to `Some`) once the process has been reaped; holds no reference to the worker.
+    pub(crate) fn exit_watch(&self) -> watch::Receiver<Option<ExitInfo>> {
+        self.shared.exit_watch()
+    }
+
     /// Waits until the process has ended and been reaped (and its stderr drained, briefly).
     pub async fn exited(&self) -> ExitInfo {
         let mut rx = self.shared.exit.subscribe();
@@ -375,7 +301,7 @@ impl Worker {
 
     /// Cancels call `id`: sends the protocol `cancel`, then the worker's cancel signal if it
     /// asked for one in `ready` (it interrupts a tool even inside a blocking system call).
-    pub fn cancel(&self, id: snakepit_core::RequestId) {
+    pub fn cancel(&self, id: RequestId) {
         self.conn.cancel(id);
         if let (Some(sig), Some(fd)) = (self.ready.cancel_signal, &self.worker_pidfd) {
             if let Err(e) = pidfd_send_signal(fd, sig) {
@@ -407,6 +333,57 @@ impl Worker {
         tracing::warn!(worker = %self.id(), "ignored SIGTERM for {grace:?}; killing it");
         self.kill();
         self.exited().await
+    }
+}
+
+#[async_trait::async_trait]
+impl WorkerHandle for Worker {
+    fn id(&self) -> WorkerId {
+        Worker::id(self)
+    }
+
+    fn connection(&self) -> &Arc<dyn Connection> {
+        &self.conn
+    }
+
+    fn ready(&self) -> &Ready {
+        &self.ready
+    }
+
+    fn started(&self) -> Instant {
+        self.started
+    }
+
+    fn exit_info(&self) -> Option<ExitInfo> {
+        Worker::exit_info(self)
+    }
+
+    async fn exited(&self) -> ExitInfo {
+        Worker::exited(self).await
+    }
+
+    fn kill(&self) {
+        Worker::kill(self);
+    }
+
+    async fn shutdown(&self, grace: Duration) -> ExitInfo {
+        Worker::shutdown(self, grace).await
+    }
+
+    fn cancel(&self, id: RequestId) {
+        Worker::cancel(self, id);
+    }
+
+    fn stderr_tail(&self) -> String {
+        Worker::stderr_tail(self)
+    }
+
+    fn pid(&self) -> Option<u32> {
+        Some(Worker::pid(self))
+    }
+
+    fn memory(&self) -> Option<u64> {
+        crate::tree_rss(Worker::pid(self))
     }
 }
 

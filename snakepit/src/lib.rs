@@ -27,14 +27,10 @@
 #[cfg(feature = "chaos")]
 pub mod chaos;
 mod host;
-mod lifecycle;
 mod pool;
 mod session;
 
-pub use lifecycle::SlotState;
-pub use pool::{
-    Affinity, CallOptions, CallStream, DropPolicy, Heartbeat, Pool, PoolBuilder, PoolStats, RehydrateHook,
-};
+pub use pool::{Affinity, CallOptions, CallStream, DropPolicy, Pool, PoolBuilder, PoolStats, RehydrateHook};
 pub use session::Session;
 pub use snakepit_core::{
     ProcessProfile, SessionRecord, SessionStore, StartMode, ThreadProfile, VarType, WorkerProfile, Zygote,
@@ -48,6 +44,7 @@ pub use snakepit_adapters::Python;
 pub use snakepit_core as core;
 pub use snakepit_core::{Adapter, Error, ExitInfo, Payload, Result, WorkerError, WorkerId};
 pub use snakepit_supervisor as supervisor;
+pub use snakepit_supervisor::{Heartbeat, SlotState};
 #[cfg(feature = "grpc")]
 pub use snakepit_transport_grpc as grpc;
 #[cfg(feature = "grpc")]

@@ -1,0 +1,355 @@
+//! One fake worker: its [`Connection`] and its [`WorkerHandle`], on tokio tasks only.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
+use serde_json::Value;
+use snakepit_core::{
+    CloseReason, Connection, Error, ExitInfo, Payload, Ready, Request, RequestId, WorkerError, WorkerHandle,
+    WorkerId,
+};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::AbortHandle;
+
+use crate::control::FakeControl;
+use crate::worker::{raise, Spec, Tool};
+
+/// The state of one fake worker, shared by its connection, its handle and its running calls.
+#[derive(Debug)]
+pub(crate) struct Link {
+    worker: WorkerId,
+    spec: Arc<Spec>,
+    control: FakeControl,
+    exit: watch::Sender<Option<ExitInfo>>,
+    /// Calls and streams running, by id (`None` while the task is being spawned).
+    pending: Mutex<HashMap<u64, Option<AbortHandle>>>,
+    changed: Notify,
+    next_id: AtomicU64,
+}
+
+impl Link {
+    pub(crate) fn new(worker: WorkerId, spec: Arc<Spec>, control: FakeControl) -> Arc<Self> {
+        Arc::new(Link {
+            worker,
+            spec,
+            control,
+            exit: watch::channel(None).0,
+            pending: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Option<AbortHandle>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn exit(&self) -> Option<ExitInfo> {
+        *self.exit.borrow()
+    }
+
+    /// Ends the worker (first reason wins): its running calls stop, its callers see it gone.
+    pub(crate) fn end(&self, exit: ExitInfo) {
+        self.exit.send_if_modified(|e| {
+            if e.is_none() {
+                *e = Some(exit);
+                true
+            } else {
+                false
+            }
+        });
+        let running: Vec<_> = self.pending().drain().collect();
+        for h in running.into_iter().filter_map(|(_, h)| h) {
+            h.abort();
+        }
+        self.changed.notify_waiters();
+    }
+
+    async fn ended(&self) -> ExitInfo {
+        let mut rx = self.exit.subscribe();
+        let r = rx.wait_for(Option::is_some).await.map(|e| *e);
+        r.ok().flatten().unwrap_or(ExitInfo::Unknown)
+    }
+
+    fn gone(&self) -> Error {
+        Error::Disconnected { worker: self.worker }
+    }
+
+    /// Runs `task` as call `id`: registered until it ends (or is aborted by `cancel`/`end`).
+    fn spawn(self: &Arc<Self>, id: u64, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.pending().insert(id, None);
+        let done = Done(self.clone(), id);
+        let handle = tokio::spawn(async move {
+            let _done = done;
+            task.await;
+        });
+        if let Some(slot) = self.pending().get_mut(&id) {
+            *slot = Some(handle.abort_handle());
+        }
+    }
+
+    /// Waits until `done` holds for the pending map, or the worker has ended.
+    async fn wait(&self, done: impl Fn(&HashMap<u64, Option<AbortHandle>>) -> bool) {
+        loop {
+            let changed = self.changed.notified();
+            if done(&self.pending()) || self.exit().is_some() {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// Forgets a call when its task ends, however it ends.
+struct Done(Arc<Link>, u64);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.pending().remove(&self.1);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// What a fake call produced.
+type Outcome = Result<Payload, Error>;
+
+async fn run_tool(link: &Arc<Link>, command: &str, args: Value) -> Outcome {
+    let worker = link.worker;
+    let err = |error: WorkerError| Error::Worker { worker, command: command.to_owned(), error };
+    if let Some(d) = link.spec.delays.get(command) {
+        tokio::time::sleep(*d).await;
+    }
+    match link.spec.tools.get(command) {
+        Some(Tool::Call(f)) => match AssertUnwindSafe(f(args)).catch_unwind().await {
+            Ok(Ok(v)) => Ok(Payload::from(v)),
+            Ok(Err(e)) => Err(err(e)),
+            Err(panic) => Err(err(raise("panic", panic_message(&*panic)))),
+        },
+        Some(Tool::Fail(e)) => Err(err(e.clone())),
+        Some(Tool::Crash) => {
+            link.end(ExitInfo::Signal(9));
+            std::future::pending().await
+        }
+        Some(Tool::Stream(_)) => Err(err(raise("TypeError", format!("`{command}` is a stream tool")))),
+        None => Err(err(raise("UnknownCommand", format!("no tool `{command}`")))),
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "the tool panicked".into())
+}
+
+/// The fake worker's side of the pool's connection.
+#[derive(Debug)]
+pub(crate) struct FakeConnection(pub(crate) Arc<Link>);
+
+#[async_trait]
+impl Connection for FakeConnection {
+    async fn call(&self, req: Request) -> Result<Payload, Error> {
+        let link = &self.0;
+        if link.exit().is_some() {
+            return Err(link.gone());
+        }
+        let id = req.id.map_or_else(|| link.next_id.fetch_add(1, Ordering::Relaxed), |i| i.0);
+        let command = req.command.clone();
+        link.control.count_call(&command);
+        let args = req.args.to_value()?;
+        let (tx, rx) = oneshot::channel();
+        let task_link = link.clone();
+        let cmd = command.clone();
+        link.spawn(id, async move {
+            let _ = tx.send(run_tool(&task_link, &cmd, args).await);
+        });
+        tokio::select! {
+            biased;
+            r = rx => match r {
+                Ok(outcome) => outcome,
+                // The task was aborted: by `end` (the worker died) or by `cancel`.
+                Err(_) if link.exit().is_some() => Err(link.gone()),
+                Err(_) => Err(Error::Worker {
+                    worker: link.worker,
+                    command: command.to_string(),
+                    error: raise("Cancelled", "the call was cancelled"),
+                }),
+            },
+            _ = link.ended() => Err(link.gone()),
+        }
+    }
+
+    async fn stream(
+        &self,
+        req: Request,
+        window: u32,
+    ) -> Result<BoxStream<'static, Result<Payload, Error>>, Error> {
+        let link = self.0.clone();
+        if link.exit().is_some() {
+            return Err(link.gone());
+        }
+        let id = req.id.map_or_else(|| link.next_id.fetch_add(1, Ordering::Relaxed), |i| i.0);
+        let command = req.command.to_string();
+        link.control.count_call(&command);
+        let args = req.args.to_value()?;
+        // The channel's bound is the credit window: a fast producer waits for the consumer.
+        let (tx, rx) = mpsc::channel::<Result<Value, WorkerError>>(window.max(1) as usize);
+        let task_link = link.clone();
+        let cmd = command.clone();
+        link.spawn(id, async move {
+            let items = match task_link.spec.tools.get(&cmd) {
+                Some(Tool::Stream(f)) => f(args),
+                _ => {
+                    let one = run_tool(&task_link, &cmd, args).await;
+                    let item = match one {
+                        Ok(p) => p.to_value().map_err(|e| raise("CodecError", e.to_string())),
+                        Err(Error::Worker { error, .. }) => Err(error),
+                        Err(_) => return,
+                    };
+                    futures::stream::once(async move { item }).boxed()
+                }
+            };
+            let mut items = AssertUnwindSafe(items).catch_unwind();
+            while let Some(item) = items.next().await {
+                let item = item.unwrap_or_else(|panic| Err(raise("panic", panic_message(&*panic))));
+                let last = item.is_err();
+                if tx.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        let worker = link.worker;
+        let items = futures::stream::unfold(Some((rx, link)), move |st| {
+            let command = command.clone();
+            async move {
+                let (mut rx, link) = st?;
+                match rx.recv().await {
+                    Some(Ok(v)) => Some((Ok(Payload::from(v)), Some((rx, link)))),
+                    Some(Err(error)) => Some((Err(Error::Worker { worker, command, error }), None)),
+                    None if link.exit().is_some() => Some((Err(link.gone()), None)),
+                    None => None,
+                }
+            }
+        });
+        Ok(items.boxed())
+    }
+
+    async fn ping(&self) -> Result<Duration, Error> {
+        let link = &self.0;
+        if link.control.state.hang_pings.load(Ordering::SeqCst) {
+            link.ended().await;
+            return Err(link.gone());
+        }
+        match link.exit() {
+            Some(_) => Err(link.gone()),
+            None => Ok(Duration::from_micros(1)),
+        }
+    }
+
+    async fn shutdown(&self) {
+        self.0.end(ExitInfo::Code(0));
+    }
+
+    fn closed(&self) -> BoxFuture<'static, CloseReason> {
+        let link = self.0.clone();
+        Box::pin(async move {
+            link.ended().await;
+            CloseReason::Eof
+        })
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.exit().is_some()
+    }
+
+    fn new_request_id(&self) -> RequestId {
+        RequestId(self.0.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn cancel(&self, id: RequestId) {
+        if let Some(Some(h)) = self.0.pending().get(&id.0) {
+            h.abort();
+        }
+    }
+
+    fn idle(&self) -> BoxFuture<'static, ()> {
+        let link = self.0.clone();
+        Box::pin(async move { link.wait(|p| p.is_empty()).await })
+    }
+
+    fn answered(&self, id: RequestId) -> BoxFuture<'static, ()> {
+        let link = self.0.clone();
+        Box::pin(async move { link.wait(|p| !p.contains_key(&id.0)).await })
+    }
+
+    fn in_flight(&self) -> usize {
+        self.0.pending().len()
+    }
+}
+
+/// A started fake worker, as the pool holds it. Dropping it ends the worker.
+pub(crate) struct FakeHandle {
+    pub(crate) link: Arc<Link>,
+    pub(crate) conn: Arc<dyn Connection>,
+    pub(crate) ready: Ready,
+    pub(crate) started: Instant,
+}
+
+impl std::fmt::Debug for FakeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeHandle").field("worker", &self.link.worker).finish_non_exhaustive()
+    }
+}
+
+impl Drop for FakeHandle {
+    fn drop(&mut self) {
+        self.link.end(ExitInfo::Signal(9));
+    }
+}
+
+#[async_trait]
+impl WorkerHandle for FakeHandle {
+    fn id(&self) -> WorkerId {
+        self.link.worker
+    }
+
+    fn connection(&self) -> &Arc<dyn Connection> {
+        &self.conn
+    }
+
+    fn ready(&self) -> &Ready {
+        &self.ready
+    }
+
+    fn started(&self) -> Instant {
+        self.started
+    }
+
+    fn exit_info(&self) -> Option<ExitInfo> {
+        self.link.exit()
+    }
+
+    async fn exited(&self) -> ExitInfo {
+        self.link.ended().await
+    }
+
+    fn kill(&self) {
+        self.link.end(ExitInfo::Signal(9));
+    }
+
+    async fn shutdown(&self, _grace: Duration) -> ExitInfo {
+        self.link.end(ExitInfo::Code(0));
+        self.link.ended().await
+    }
+
+    fn memory(&self) -> Option<u64> {
+        self.link.control.memory()
+    }
+}

@@ -1,0 +1,483 @@
+//! [`PoolBuilder`]: the pool's settings, and `build`, which starts the workers.
+
+use std::ffi::OsString;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use snakepit_core::{
+    Adapter, Error, Launcher, Payload, SessionStore, StartMode, StartOptions, Transport, WorkerId,
+};
+use snakepit_supervisor::{registry, Heartbeat, Member, ProcessLauncher, Slot, SlotConfig};
+use tokio::sync::watch;
+
+use super::manager::Manager;
+use super::queue::Queue;
+use super::stats::Counters;
+use super::{Affinity, DropPolicy, Inner, Pool, RehydrateHook};
+
+/// The pool's settings; `slot` is what each slot's supervisor uses.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) size: usize,
+    pub(crate) max_queue: usize,
+    pub(crate) queue_timeout: Duration,
+    pub(crate) default_timeout: Option<Duration>,
+    startup_concurrency: usize,
+    env: Vec<(OsString, OsString)>,
+    pub(crate) cancel_grace: Duration,
+    pub(crate) drop_policy: DropPolicy,
+    pub(crate) stream_window: u32,
+    start_mode: StartMode,
+    busy_poll: Duration,
+    instance: Option<String>,
+    run_dir: Option<std::path::PathBuf>,
+    registry: bool,
+    pub(crate) quarantine: Option<u32>,
+    pub(crate) affinity: Affinity,
+    session_ttl: Duration,
+    max_sessions: usize,
+    pub(crate) slot: SlotConfig,
+    #[cfg(feature = "chaos")]
+    pub(crate) chaos: Option<crate::chaos::Chaos>,
+}
+
+/// Builds a [`Pool`]; see [`Pool::builder`].
+pub struct PoolBuilder {
+    adapter: Option<Arc<dyn Adapter>>,
+    transport: Option<Arc<dyn Transport>>,
+    store: Option<Arc<dyn SessionStore>>,
+    rehydrate: Option<RehydrateHook>,
+    cfg: Config,
+}
+
+impl std::fmt::Debug for PoolBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolBuilder").field("size", &self.cfg.size).finish_non_exhaustive()
+    }
+}
+
+impl Default for PoolBuilder {
+    fn default() -> Self {
+        PoolBuilder {
+            adapter: None,
+            transport: None,
+            store: None,
+            rehydrate: None,
+            cfg: Config {
+                size: std::thread::available_parallelism().map_or(2, |n| n.get()),
+                max_queue: 1000,
+                queue_timeout: Duration::from_secs(5),
+                default_timeout: None,
+                startup_concurrency: 0,
+                env: Vec::new(),
+                cancel_grace: Duration::from_secs(2),
+                drop_policy: DropPolicy::Kill,
+                stream_window: 32,
+                start_mode: StartMode::Cold,
+                busy_poll: Duration::ZERO,
+                instance: None,
+                run_dir: None,
+                registry: true,
+                quarantine: None,
+                affinity: Affinity::Hint,
+                session_ttl: Duration::from_secs(3600),
+                max_sessions: 100_000,
+                slot: SlotConfig::default(),
+                #[cfg(feature = "chaos")]
+                chaos: None,
+            },
+        }
+    }
+}
+
+impl PoolBuilder {
+    /// What the workers run (required), e.g. `Python::script("worker.py")`.
+    pub fn adapter(mut self, adapter: impl Adapter) -> Self {
+        self.adapter = Some(Arc::new(adapter));
+        self
+    }
+
+    /// The transport (default: framed stdio).
+    pub fn transport(mut self, transport: impl Transport) -> Self {
+        self.transport = Some(Arc::new(transport));
+        self
+    }
+
+    /// Number of workers (default: the CPU count).
+    pub fn size(mut self, n: usize) -> Self {
+        self.cfg.size = n.max(1);
+        self
+    }
+
+    /// Most calls that may wait for a worker; more fail at once with `PoolSaturated`
+    /// (default 1000).
+    pub fn max_queue(mut self, n: usize) -> Self {
+        self.cfg.max_queue = n;
+        self
+    }
+
+    /// Longest wait for a free worker before `QueueTimeout` (default 5 s).
+    pub fn queue_timeout(mut self, t: Duration) -> Self {
+        self.cfg.queue_timeout = t;
+        self
+    }
+
+    /// Timeout for calls that set none and whose command has no adapter default.
+    pub fn default_timeout(mut self, t: Duration) -> Self {
+        self.cfg.default_timeout = Some(t);
+        self
+    }
+
+    /// How many workers start at once (default: all).
+    pub fn startup_concurrency(mut self, n: usize) -> Self {
+        self.cfg.startup_concurrency = n;
+        self
+    }
+
+    /// How long each step of a graceful stop waits (stdin closed, then SIGTERM, then SIGKILL).
+    pub fn shutdown_grace(mut self, t: Duration) -> Self {
+        self.cfg.slot.shutdown_grace = t;
+        self
+    }
+
+    /// Restart backoff bounds (default 50 ms to 5 s, exponential with jitter).
+    pub fn restart_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.cfg.slot.restart_min = min;
+        self.cfg.slot.restart_max = max.max(min);
+        self
+    }
+
+    /// Heartbeats for idle workers (default: every 10 s, 5 s timeout, 3 misses); `None` turns
+    /// them off.
+    pub fn heartbeat(mut self, hb: Option<Heartbeat>) -> Self {
+        self.cfg.slot.heartbeat = hb;
+        self
+    }
+
+    /// Restart intensity limit: a slot whose worker dies more than `max_restarts` times within
+    /// `window` stops restarting for `window` and the pool reports itself degraded (default:
+    /// 10 in 60 s).
+    pub fn restart_limit(mut self, max_restarts: usize, window: Duration) -> Self {
+        self.cfg.slot.max_restarts = max_restarts;
+        self.cfg.slot.restart_window = window;
+        self
+    }
+
+    /// Recycles a worker after about `n` calls (minus up to `recycle_jitter` of it, so workers
+    /// do not recycle together). The replacement is ready before the old worker stops.
+    pub fn max_requests(mut self, n: u64) -> Self {
+        self.cfg.slot.max_requests = Some(n.max(1));
+        self
+    }
+
+    /// Recycles a worker after about `age` of uptime (minus up to `recycle_jitter` of it).
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.cfg.slot.max_age = Some(age);
+        self
+    }
+
+    /// Recycles a worker whose process tree (the worker and its descendants, read from `/proc`;
+    /// not the host) holds more than about `bytes` of resident memory (minus up to
+    /// `recycle_jitter` of it). Checked every `check_every`.
+    pub fn max_memory(mut self, bytes: u64, check_every: Duration) -> Self {
+        self.cfg.slot.max_memory = Some(bytes);
+        self.cfg.slot.memory_check = check_every;
+        self
+    }
+
+    /// The fraction (0..=0.5) by which recycling limits are randomly shortened (default 0.1).
+    pub fn recycle_jitter(mut self, fraction: f64) -> Self {
+        self.cfg.slot.recycle_jitter = fraction.clamp(0.0, 0.5);
+        self
+    }
+
+    /// How long a recycled worker may take to finish its in-flight call before it is stopped
+    /// anyway (default 60 s).
+    pub fn drain_timeout(mut self, t: Duration) -> Self {
+        self.cfg.slot.drain_timeout = t;
+        self
+    }
+
+    /// After a call's deadline passes (or its future is dropped under [`DropPolicy::Kill`]),
+    /// how long the worker has to answer the `cancel` before it is killed and replaced
+    /// (default 2 s). A worker that answers in time stays in the pool.
+    pub fn cancel_grace(mut self, t: Duration) -> Self {
+        self.cfg.cancel_grace = t;
+        self
+    }
+
+    /// The worker profile: how many calls one worker runs at once. `ProcessProfile` (the
+    /// default) runs one; `ThreadProfile::new(n)` lets the bridge run up to `n` calls
+    /// concurrently (threads for sync tools, its event loop for `async def` tools), and the pool
+    /// sends up to `n` calls to one worker. Wrapping either in [`snakepit_core::Zygote`] forks
+    /// the workers from one warm process that imported the worker code once (see
+    /// [`snakepit_core::StartMode::Zygote`]).
+    pub fn profile(mut self, profile: impl snakepit_core::WorkerProfile) -> Self {
+        self.cfg.slot.max_in_flight = profile.max_in_flight().max(1);
+        self.cfg.start_mode = profile.start_mode();
+        self
+    }
+
+    /// Busy-poll window (default: none). After each message, the worker polls its input for up
+    /// to `d` before sleeping, and on a current-thread runtime a waiting caller polls for its
+    /// reply as long, so a call that follows soon after the last one does not pay the wake-up
+    /// latency of an idle CPU (on a 2-core VM, 25-60 µs per sleeping side). It costs CPU time:
+    /// up to `d` per worker per idle gap. Worth it for latency-bound, steady traffic with spare
+    /// cores and a current-thread runtime (measured: p50 ~70 µs → ~9.5 µs); on a multi-thread
+    /// runtime the gain was nil in our benchmark. Off on a process confined to one CPU. The gRPC
+    /// transport ignores it.
+    pub fn busy_poll(mut self, d: Duration) -> Self {
+        self.cfg.busy_poll = d.min(Duration::from_millis(10));
+        self
+    }
+
+    /// How many stream items a worker may send ahead of the consumer (default 32).
+    pub fn stream_window(mut self, n: u32) -> Self {
+        self.cfg.stream_window = n.max(1);
+        self
+    }
+
+    /// What a dropped call future does to its worker (default [`DropPolicy::Kill`]).
+    pub fn drop_policy(mut self, p: DropPolicy) -> Self {
+        self.cfg.drop_policy = p;
+        self
+    }
+
+    /// Names this pool instance (default: the adapter's name). On start, the pool reaps what a
+    /// previous, SIGKILLed host of the same instance left behind (never another live host's
+    /// workers); see `snakepit_supervisor::registry`.
+    pub fn instance(mut self, name: impl Into<String>) -> Self {
+        self.cfg.instance = Some(name.into());
+        self
+    }
+
+    /// Where run files live (default: `snakepit_supervisor::registry::run_dir()`).
+    pub fn run_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.cfg.run_dir = Some(dir.into());
+        self
+    }
+
+    /// Turns the run registry (and the reaping on start) on or off (default on).
+    pub fn run_registry(mut self, on: bool) -> Self {
+        self.cfg.registry = on;
+        self
+    }
+
+    /// Poison-request quarantine (off by default): a request (same command and arguments, or
+    /// same [`CallOptions::key`]) that has crashed `crashes` workers is refused with
+    /// `Quarantined` instead of killing more.
+    pub fn quarantine(mut self, crashes: u32) -> Self {
+        self.cfg.quarantine = Some(crashes.max(1));
+        self
+    }
+
+    /// Default session affinity (default [`Affinity::Hint`]).
+    pub fn affinity(mut self, a: Affinity) -> Self {
+        self.cfg.affinity = a;
+        self
+    }
+
+    /// Time-to-live of idle sessions in the default store (default 1 h; refreshed on use).
+    pub fn session_ttl(mut self, ttl: Duration) -> Self {
+        self.cfg.session_ttl = ttl;
+        self
+    }
+
+    /// Most sessions the default store holds (default 100 000; more fail with
+    /// `SessionQuotaExceeded`).
+    pub fn max_sessions(mut self, n: usize) -> Self {
+        self.cfg.max_sessions = n;
+        self
+    }
+
+    /// Uses another session store (e.g. a distributed one) instead of the in-memory default.
+    pub fn session_store(mut self, store: impl SessionStore) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Sets the rehydrate hook: when a strict session call finds its worker gone, the hook's
+    /// command (if any) runs on the new worker first, instead of failing with `SessionLost`.
+    pub fn rehydrate(
+        mut self,
+        hook: impl Fn(&snakepit_core::SessionRecord) -> Option<(String, Payload)> + Send + Sync + 'static,
+    ) -> Self {
+        self.rehydrate = Some(Arc::new(hook));
+        self
+    }
+
+    /// Injects faults (feature `chaos`; for tests).
+    #[cfg(feature = "chaos")]
+    pub fn chaos(mut self, chaos: crate::chaos::Chaos) -> Self {
+        self.cfg.chaos = Some(chaos);
+        self
+    }
+
+    /// Sets an environment variable for every worker, on top of the adapter's.
+    pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Self {
+        self.cfg.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Starts the workers concurrently and returns once all are ready, or the first start-up
+    /// error (with every started worker stopped).
+    pub async fn build(self) -> Result<Pool, Error> {
+        let adapter = self.adapter.ok_or_else(|| Error::BadRequest("PoolBuilder: no adapter set".into()))?;
+        let transport = match self.transport {
+            Some(t) => t,
+            None => default_transport()?,
+        };
+        let cfg = self.cfg;
+        let run_id = new_run_id();
+        let launcher: Arc<dyn Launcher> = match adapter.launcher() {
+            Some(l) => l,
+            None => {
+                let instance = cfg.instance.clone().unwrap_or_else(|| adapter.name());
+                let run_file = cfg.registry.then(|| run_file(&cfg, &instance, &run_id)).flatten();
+                Arc::new(
+                    ProcessLauncher::new(adapter.clone(), transport.clone(), cfg.start_mode)
+                        .with_run_file(run_file),
+                )
+            }
+        };
+        let (store, sweeper) = match self.store {
+            Some(s) => (s, None),
+            None => {
+                let m = snakepit_session::MemoryStore::new(cfg.session_ttl, cfg.max_sessions);
+                let every = (cfg.session_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+                let sweeper = m.spawn_sweeper(every);
+                (Arc::new(m) as Arc<dyn SessionStore>, Some(sweeper))
+            }
+        };
+        let host = Arc::new(crate::host::PoolHost::new(store.clone()));
+        let host_handler: Arc<dyn snakepit_core::HostHandler> = host.clone();
+        let start_opts = StartOptions::new(WorkerId { slot: 0, generation: 0 }, run_id.clone(), transport.max_frame())
+            .with_env(cfg.env.clone())
+            .with_host(Some(host_handler))
+            .with_max_in_flight(cfg.slot.max_in_flight)
+            .with_busy_poll(cfg.busy_poll);
+        #[cfg(feature = "chaos")]
+        let start_opts =
+            start_opts.with_handshake_delay(cfg.chaos.as_ref().and_then(|c| c.handshake_delay()));
+        let inner = Arc::new(Inner {
+            host,
+            store,
+            rehydrate: self.rehydrate,
+            slots: (0..cfg.size).map(|i| Arc::new(Slot::new(i))).collect(),
+            queue: Queue::new(cfg.size),
+            adapter,
+            launcher,
+            start_opts,
+            run_id,
+            tools: RwLock::new(None),
+            shutdown: watch::channel(false).0,
+            counters: Counters::default(),
+            last_error: Mutex::new(None),
+            poison: Mutex::new(std::collections::HashMap::new()),
+            cfg,
+        });
+        let workers = match start_all(&inner).await {
+            Ok(w) => w,
+            Err(e) => {
+                if let Some(s) = &sweeper {
+                    s.abort();
+                }
+                inner.launcher.abort();
+                return Err(e);
+            }
+        };
+        let mgr = Arc::new(Manager(inner.clone()));
+        let slot_cfg = Arc::new(inner.cfg.slot.clone());
+        let mut tasks = Vec::with_capacity(workers.len());
+        for w in workers {
+            // Installed before `build` returns, so the pool is fully usable at once.
+            let slot = inner.slots[w.id().slot].clone();
+            slot.install(&*mgr, &w);
+            let run = slot.run(mgr.clone(), slot_cfg.clone(), w, inner.shutdown.subscribe());
+            tasks.push(tokio::spawn(run));
+        }
+        tracing::info!(size = inner.cfg.size, adapter = %inner.adapter.name(), run_id = %inner.run_id, "pool ready");
+        Ok(Pool { inner, tasks: Mutex::new(tasks), sweeper })
+    }
+}
+
+/// Reaps what a SIGKILLed previous host of `instance` left behind, then opens this run's file.
+fn run_file(cfg: &Config, instance: &str, run_id: &str) -> Option<registry::RunFile> {
+    let dir = cfg.run_dir.clone().unwrap_or_else(registry::run_dir);
+    let reaped = registry::reap(&dir, Some(instance), false);
+    if !reaped.runs.is_empty() {
+        tracing::warn!(
+            instance,
+            runs = reaped.runs.len(),
+            killed = ?reaped.pids,
+            "reaped what a previous host of this pool instance left behind"
+        );
+    }
+    match registry::RunFile::create(&dir, instance, run_id) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!("run registry unavailable in {}: {e}", dir.display());
+            None
+        }
+    }
+}
+
+/// Starts every slot's first worker, `startup_concurrency` at a time; on the first error, stops
+/// the others and reports it.
+async fn start_all(inner: &Inner) -> Result<Vec<Arc<Member>>, Error> {
+    let size = inner.cfg.size;
+    let limit = match inner.cfg.startup_concurrency {
+        0 => size,
+        n => n,
+    };
+    let mut pending = (0..size).map(|slot| WorkerId { slot, generation: 0 });
+    let mut running = FuturesUnordered::new();
+    let mut ready = Vec::with_capacity(size);
+    let mut first_err = None;
+    for id in pending.by_ref().take(limit) {
+        running.push(inner.start_member(id));
+    }
+    while let Some(r) = running.next().await {
+        match r {
+            Ok(w) => ready.push(w),
+            Err(e) => {
+                // Fail fast: dropping the other starts kills their workers.
+                first_err = Some(e);
+                break;
+            }
+        }
+        if let Some(id) = pending.next() {
+            running.push(inner.start_member(id));
+        }
+    }
+    drop(running);
+    if let Some(e) = first_err {
+        for w in &ready {
+            w.kill();
+        }
+        for w in &ready {
+            w.exited().await;
+        }
+        return Err(e);
+    }
+    Ok(ready)
+}
+
+#[cfg(feature = "stdio")]
+fn default_transport() -> Result<Arc<dyn Transport>, Error> {
+    Ok(Arc::new(snakepit_transport_stdio::StdioTransport::default()))
+}
+
+#[cfg(not(feature = "stdio"))]
+fn default_transport() -> Result<Arc<dyn Transport>, Error> {
+    Err(Error::BadRequest("no transport set and the `stdio` feature is off".into()))
+}
+
+fn new_run_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    format!("{:x}-{:x}-{}", std::process::id(), nanos & 0xffff_ffff_ffff, SEQ.fetch_add(1, Ordering::Relaxed))
+}

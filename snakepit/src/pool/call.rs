@@ -1,0 +1,268 @@
+//! The call path. Every call — plain or streamed — goes through the same front half:
+//! [`Inner::admit`] (known command, the adapter's validation, quarantine, deadline), then
+//! [`Inner::acquire`] (session routing, checkout, rehydration), and is counted once by
+//! [`Inner::finish`]. This file also holds the plain call's back half.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use snakepit_core::{Error, ExitInfo, Payload, Request};
+use snakepit_supervisor::{Member, SessionCall};
+
+use super::lease::Lease;
+use super::queue::Pin;
+use super::{CallOptions, Inner, Pool};
+
+/// A call that passed admission: the command's shared name, its deadline, and its identity for
+/// quarantine.
+pub(crate) struct Admission {
+    pub(crate) name: Arc<str>,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) started: Instant,
+    /// The request's key, when quarantine is on.
+    pub(crate) poison: Option<u64>,
+}
+
+/// A checked-out call: its lease (the worker) and, for a session call, the guard that defers
+/// the worker's recycling until the call ends.
+pub(crate) struct Acquired {
+    pub(crate) lease: Lease,
+    pub(crate) session_call: Option<SessionCall>,
+}
+
+/// The default quarantine key: a hash of the command and the encoded arguments.
+fn request_key(command: &str, args: &Payload) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    command.hash(&mut h);
+    args.bytes().hash(&mut h);
+    h.finish()
+}
+
+impl Inner {
+    /// Checks a call before it may take a worker. Refusals cost no round trip.
+    pub(crate) fn admit(&self, command: &str, args: &Payload, opts: &CallOptions) -> Result<Admission, Error> {
+        let name = self.known_tool(command)?;
+        self.adapter.validate(command, args)?;
+        let poison = match self.cfg.quarantine {
+            Some(limit) => {
+                let key = opts.key.unwrap_or_else(|| request_key(command, args));
+                let poison = self.poison.lock().unwrap_or_else(|p| p.into_inner());
+                let crashes = poison.get(&key).copied().unwrap_or(0);
+                if crashes >= limit {
+                    return Err(Error::Quarantined { command: command.into(), crashes });
+                }
+                Some(key)
+            }
+            None => None,
+        };
+        let started = Instant::now();
+        let timeout = opts.timeout.or_else(|| self.adapter.timeout_for(command)).or(self.cfg.default_timeout);
+        let deadline = match (timeout.map(|t| started + t), opts.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Ok(Admission { name, deadline, started, poison })
+    }
+
+    /// Counts a finished call (or stream) once, and a crash against its request.
+    pub(crate) fn finish(&self, poison: Option<u64>, outcome: Result<(), &Error>) {
+        self.counters.finished(outcome.is_ok());
+        if let (Some(key), Err(Error::WorkerCrashed { .. } | Error::Protocol { .. })) = (poison, outcome) {
+            let mut poison = self.poison.lock().unwrap_or_else(|p| p.into_inner());
+            if poison.len() >= 10_000 {
+                poison.clear(); // bounded memory; a real poison request is caught again quickly
+            }
+            *poison.entry(key).or_default() += 1;
+        }
+    }
+
+    /// Checks a call out: the session's pin (and rehydration when its worker is lost), then a
+    /// leased worker.
+    pub(crate) async fn acquire(
+        self: &Arc<Self>,
+        session: Option<&str>,
+        adm: &Admission,
+        opts: &CallOptions,
+    ) -> Result<Acquired, Error> {
+        let command = &*adm.name;
+        let record = match session {
+            Some(sid) => {
+                Some(self.store.get(sid).await?.ok_or_else(|| Error::SessionNotFound { id: sid.into() })?)
+            }
+            None => None,
+        };
+        let pin = match (session, &record) {
+            (Some(sid), Some(rec)) => rec.worker.map(|worker| Pin {
+                session: sid,
+                worker,
+                mode: opts.affinity.unwrap_or(self.cfg.affinity),
+            }),
+            _ => None,
+        };
+        let mut rehydrate = None;
+        let mut lease = match self.checkout(command, adm.deadline, pin).await {
+            Err(Error::SessionLost { session: sid, worker: lost }) => match (&self.rehydrate, &record) {
+                (Some(hook), Some(rec)) => {
+                    tracing::info!(session = sid, %lost, "session lost its worker; rehydrating on another");
+                    rehydrate = hook(rec);
+                    self.checkout(command, adm.deadline, None).await?
+                }
+                _ => return Err(Error::SessionLost { session: sid, worker: lost }),
+            },
+            r => r?,
+        };
+        let session_call = session.map(|_| lease.worker().session_call());
+        if let Some((cmd, rargs)) = rehydrate {
+            let worker = lease.worker().clone();
+            let id = worker.connection().new_request_id();
+            lease.begin(id, adm.deadline);
+            let req = Request::new(cmd.clone(), rargs).with_deadline(adm.deadline).with_id(id);
+            let call = worker.connection().start(req);
+            let r = match adm.deadline {
+                Some(d) => match tokio::time::timeout_at(d.into(), call).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        lease.time_out();
+                        let after = d.saturating_duration_since(adm.started);
+                        return Err(Error::Timeout { command: cmd, worker: Some(worker.id()), after });
+                    }
+                },
+                None => call.await,
+            };
+            self.settle(&mut lease, &cmd, r).await?;
+        }
+        Ok(Acquired { lease, session_call })
+    }
+
+    /// Ends a call on its lease according to its outcome.
+    pub(crate) async fn settle(
+        &self,
+        lease: &mut Lease,
+        command: &str,
+        result: Result<Payload, Error>,
+    ) -> Result<Payload, Error> {
+        match result {
+            Ok(p) => {
+                lease.completed();
+                Ok(p)
+            }
+            Err(e) => Err(self.failed(lease, command, e).await),
+        }
+    }
+
+    /// Ends a failed call on its lease: a worker error completes it (the worker is fine); a
+    /// vanished connection becomes `WorkerCrashed` with the worker's exit status.
+    pub(crate) async fn failed(&self, lease: &mut Lease, command: &str, e: Error) -> Error {
+        match e {
+            Error::Worker { .. } => {
+                lease.completed();
+                e
+            }
+            Error::Disconnected { .. } => {
+                lease.lost();
+                let worker = lease.worker();
+                let exit = tokio::time::timeout(Duration::from_secs(3), worker.exited()).await;
+                crashed(worker, command, exit.unwrap_or(ExitInfo::Unknown))
+            }
+            e => {
+                lease.lost();
+                e
+            }
+        }
+    }
+}
+
+/// The error a caller sees when its worker died under its call.
+pub(crate) fn crashed(worker: &Member, command: &str, exit: ExitInfo) -> Error {
+    Error::WorkerCrashed {
+        worker: worker.id(),
+        command: Some(command.into()),
+        exit,
+        stderr_tail: worker.stderr_tail(),
+    }
+}
+
+impl Pool {
+    /// The plain call path: admission, checkout, the round trip, counted once.
+    pub(crate) async fn call(
+        &self,
+        session: Option<&str>,
+        command: &str,
+        args: Payload,
+        opts: CallOptions,
+    ) -> Result<Payload, Error> {
+        let inner = &self.inner;
+        let adm = match inner.admit(command, &args, &opts) {
+            Ok(a) => a,
+            Err(e) => {
+                inner.finish(None, Err(&e));
+                return Err(e);
+            }
+        };
+        let r = self.round_trip(session, &adm, args, &opts).await;
+        inner.finish(adm.poison, r.as_ref().map(|_| ()));
+        r
+    }
+
+    async fn round_trip(
+        &self,
+        session: Option<&str>,
+        adm: &Admission,
+        args: Payload,
+        opts: &CallOptions,
+    ) -> Result<Payload, Error> {
+        let inner = &self.inner;
+        let command = &*adm.name;
+        let Acquired { mut lease, session_call: _session_call } = inner.acquire(session, adm, opts).await?;
+        let worker = lease.worker().clone();
+        let id = worker.connection().new_request_id();
+        lease.begin(id, adm.deadline);
+        let req = Request::new(adm.name.clone(), args)
+            .with_deadline(adm.deadline)
+            .with_id(id)
+            .with_session(session.map(str::to_owned));
+        let _scope = session.map(|sid| inner.host.enter(worker.id(), id, sid));
+        #[cfg(feature = "chaos")]
+        let chaos_n = match &inner.cfg.chaos {
+            Some(c) => {
+                let (n, kill) = c.before_call();
+                if kill {
+                    worker.kill();
+                    // Let the kill land before the call is sent.
+                    let _ = worker.connection().closed().await;
+                }
+                Some(n)
+            }
+            None => None,
+        };
+        let call = worker.connection().start(req);
+        let result = match adm.deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), call).await {
+                Ok(r) => r,
+                Err(_) => {
+                    // The lease stays in its call: dropping it cancels the call and gives the
+                    // worker `cancel_grace` to answer before it is replaced.
+                    lease.time_out();
+                    tracing::warn!(worker = %worker.id(), command, "call timed out; cancelling it");
+                    let after = d.saturating_duration_since(adm.started);
+                    return Err(Error::Timeout { command: command.into(), worker: Some(worker.id()), after });
+                }
+            },
+            None => call.await,
+        };
+        #[cfg(feature = "chaos")]
+        if let (Some(c), Some(n), Ok(_)) = (&inner.cfg.chaos, chaos_n, &result) {
+            if c.after_reply(n) {
+                worker.kill();
+            }
+        }
+        if let (Some(sid), Ok(_) | Err(Error::Worker { .. })) = (session, &result) {
+            // The session's worker-side state now lives on this worker.
+            if let Err(e) = inner.store.set_worker(sid, Some(worker.id())).await {
+                tracing::debug!(session = sid, "cannot record the session's worker: {e}");
+            }
+        }
+        inner.settle(&mut lease, command, result).await
+    }
+}

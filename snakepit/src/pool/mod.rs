@@ -1,0 +1,299 @@
+//! The pool: the public API over a bounded FIFO queue of supervised workers.
+//!
+//! One idea per file: [`builder`] (settings, start-up), [`options`] (per-call options),
+//! [`queue`] (idle workers and waiting calls), [`lease`] (a checked-out worker and the cancel
+//! ladder), [`call`] (admission, routing and the plain call, shared with streams), [`stream`]
+//! (streamed calls), [`stats`] (counters), [`manager`] (what the supervisor's slots see of the
+//! pool). Supervision itself — restarts, heartbeats, recycling — is `snakepit_supervisor::Slot`.
+
+mod builder;
+mod call;
+mod lease;
+mod manager;
+mod options;
+mod queue;
+mod stats;
+mod stream;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use snakepit_core::{Adapter, Error, Launcher, Payload, Ready, SessionStore, StartOptions};
+use snakepit_supervisor::{Member, Slot};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use builder::PoolBuilder;
+pub(crate) use builder::Config;
+pub use options::{Affinity, CallOptions, DropPolicy, RehydrateHook};
+pub use stats::PoolStats;
+pub use stream::CallStream;
+
+/// The commands the workers announced.
+struct ToolSet {
+    /// Shared names: a call's request takes a clone of its tool's name, not a copy.
+    names: HashSet<Arc<str>>,
+    sorted: Vec<String>,
+    streams: HashSet<String>,
+}
+
+/// The pool's shared state (the slot tasks, leases and the handle all hold it).
+pub(crate) struct Inner {
+    pub(crate) cfg: Config,
+    pub(crate) store: Arc<dyn SessionStore>,
+    pub(crate) host: Arc<crate::host::PoolHost>,
+    rehydrate: Option<RehydrateHook>,
+    adapter: Arc<dyn Adapter>,
+    launcher: Arc<dyn Launcher>,
+    /// What every worker start shares (the worker id is filled in per start).
+    start_opts: StartOptions,
+    run_id: String,
+    pub(crate) slots: Vec<Arc<Slot>>,
+    queue: queue::Queue,
+    tools: RwLock<Option<Arc<ToolSet>>>,
+    shutdown: watch::Sender<bool>,
+    pub(crate) counters: stats::Counters,
+    /// The last start-up error (reported while the circuit is open).
+    last_error: Mutex<Option<String>>,
+    /// Crash counts per request key (only with quarantine on).
+    poison: Mutex<HashMap<u64, u32>>,
+}
+
+impl Inner {
+    /// Learns the tool catalog from the first worker that reports it.
+    fn learn_tools(&self, ready: &Ready) {
+        let mut tools = self.tools.write().unwrap_or_else(|p| p.into_inner());
+        if tools.is_none() {
+            let mut sorted: Vec<String> = ready.tools.iter().map(|t| t.name.clone()).collect();
+            sorted.sort();
+            let streams = ready.tools.iter().filter(|t| t.stream).map(|t| t.name.clone()).collect();
+            let names = sorted.iter().map(|n| Arc::from(n.as_str())).collect();
+            *tools = Some(Arc::new(ToolSet { names, sorted, streams }));
+        }
+    }
+
+    /// Checks `command` against the workers' tool catalog (once known) and returns its name
+    /// as the catalog's shared copy (a new one when there is no catalog yet).
+    fn known_tool(&self, command: &str) -> Result<Arc<str>, Error> {
+        let tools = self.tools.read().unwrap_or_else(|p| p.into_inner());
+        match tools.as_ref() {
+            Some(t) => match t.names.get(command) {
+                Some(name) => Ok(name.clone()),
+                None => Err(Error::UnknownCommand { command: command.into(), available: t.sorted.clone() }),
+            },
+            None => Ok(Arc::from(command)),
+        }
+    }
+}
+
+/// A supervised pool of workers. See the [crate docs](crate).
+///
+/// Dropping the pool kills every worker at once; [`Pool::shutdown`] stops them gracefully
+/// instead.
+pub struct Pool {
+    inner: Arc<Inner>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The default session store's sweeper (stopped with the pool).
+    sweeper: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("run_id", &self.inner.run_id).field("stats", &self.stats()).finish()
+    }
+}
+
+impl Pool {
+    /// A builder with the defaults (CPU-count workers, stdio transport, queue of 1000, 5 s
+    /// queue timeout, no call timeout).
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder::default()
+    }
+
+    /// Runs `command` with JSON `args` and returns its JSON result.
+    pub async fn execute(&self, command: &str, args: serde_json::Value) -> Result<serde_json::Value, Error> {
+        self.execute_with(command, Payload::from(args), CallOptions::default()).await?.to_value()
+    }
+
+    /// Runs `command` with typed arguments and decodes a typed result.
+    pub async fn execute_as<A: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        command: &str,
+        args: &A,
+    ) -> Result<R, Error> {
+        self.execute_with(command, Payload::json(args)?, CallOptions::default()).await?.decode()
+    }
+
+    /// Runs `command` with a timeout.
+    pub async fn execute_timeout(
+        &self,
+        command: &str,
+        args: serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, Error> {
+        self.execute_with(command, Payload::from(args), CallOptions::timeout(timeout)).await?.to_value()
+    }
+
+    /// Runs `command` with an encoded payload and options; the most general form.
+    ///
+    /// Errors: `UnknownCommand` (no round trip), `PoolSaturated` (at once), `QueueTimeout`,
+    /// `Timeout` (at once; the worker is sent `cancel` and is kept if it answers within
+    /// `cancel_grace`, else replaced; its late reply is never delivered), `Worker` (the tool
+    /// raised), `WorkerCrashed`, `Protocol`, `Unavailable`, `Quarantined`, `ShuttingDown`.
+    /// Dropping the future withdraws a queued call; a running one is handled by the pool's
+    /// [`DropPolicy`].
+    pub async fn execute_with(&self, command: &str, args: Payload, opts: CallOptions) -> Result<Payload, Error> {
+        self.call(None, command, args, opts).await
+    }
+
+    /// Runs `command` in `session`: routed to the worker the session's last call ran on,
+    /// according to the pool's [`Affinity`] (see [`Pool::execute_in_session_with`]).
+    pub async fn execute_in_session(
+        &self,
+        session: &str,
+        command: &str,
+        args: serde_json::Value,
+    ) -> Result<serde_json::Value, Error> {
+        self.call(Some(session), command, Payload::from(args), CallOptions::default()).await?.to_value()
+    }
+
+    /// Runs `command` in `session` with options (affinity, timeout...). Errors, besides those
+    /// of [`Pool::execute_with`]: `SessionNotFound`; `SessionLost` when a strict call's worker
+    /// is gone (unless a rehydrate hook is set); `WorkerBusy` for `StrictFailFast`.
+    pub async fn execute_in_session_with(
+        &self,
+        session: &str,
+        command: &str,
+        args: Payload,
+        opts: CallOptions,
+    ) -> Result<Payload, Error> {
+        self.call(Some(session), command, args, opts).await
+    }
+
+    /// Runs a generator tool and returns its items as a stream (see [`CallStream`]).
+    pub async fn execute_stream(&self, command: &str, args: serde_json::Value) -> Result<CallStream, Error> {
+        self.execute_stream_with(None, command, Payload::from(args), CallOptions::default()).await
+    }
+
+    /// Streams `command`, optionally in a session, with options. The same admission as a plain
+    /// call applies (unknown command, validation, quarantine, session routing). The timeout
+    /// covers the whole stream. At most `stream_window` items are buffered ahead of the
+    /// consumer: a fast producer is held back, so memory stays bounded. Dropping the stream
+    /// cancels the generator in the worker (its `finally` blocks run) and frees the worker.
+    pub async fn execute_stream_with(
+        &self,
+        session: Option<&str>,
+        command: &str,
+        args: Payload,
+        opts: CallOptions,
+    ) -> Result<CallStream, Error> {
+        self.stream_call(session, command, args, opts).await
+    }
+
+    /// The pool's session store.
+    pub fn session_store(&self) -> &Arc<dyn SessionStore> {
+        &self.inner.store
+    }
+
+    /// Registers a host tool that workers can call while they run a request (Python:
+    /// `ctx.call_host(name, args)`). Its error is raised in the worker as `HostCallError`.
+    ///
+    /// ```no_run
+    /// # async fn t(pool: &snakepit::Pool) {
+    /// pool.register_host_tool("lookup", |args| async move {
+    ///     Ok(serde_json::json!({"user": args["id"], "plan": "pro"}))
+    /// });
+    /// # }
+    /// ```
+    pub fn register_host_tool<F, Fut>(&self, name: &str, f: F)
+    where
+        F: Fn(serde_json::Value) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<serde_json::Value, Error>> + Send + 'static,
+    {
+        self.inner.host.register(name, f);
+    }
+
+    /// Whether the workers announced `command` as a streaming tool (a generator).
+    pub fn is_stream_tool(&self, command: &str) -> bool {
+        let tools = self.inner.tools.read().unwrap_or_else(|p| p.into_inner());
+        tools.as_ref().is_some_and(|t| t.streams.contains(command))
+    }
+
+    /// The commands the workers announced (sorted).
+    pub fn tools(&self) -> Vec<String> {
+        let tools = self.inner.tools.read().unwrap_or_else(|p| p.into_inner());
+        tools.as_ref().map(|t| t.sorted.clone()).unwrap_or_default()
+    }
+
+    /// The pool's run id (exported to workers as `SNAKEPIT_RUN_ID`).
+    pub fn run_id(&self) -> &str {
+        &self.inner.run_id
+    }
+
+    /// The process ids of the live workers, by slot (`None` for a slot without a live worker,
+    /// or whose worker is not a process).
+    pub fn worker_pids(&self) -> Vec<Option<u32>> {
+        let live = |s: &Arc<Slot>| s.current().filter(|w| w.is_alive()).and_then(|w| w.pid());
+        self.inner.slots.iter().map(live).collect()
+    }
+
+    /// Stops the pool gracefully: new calls fail with `ShuttingDown`, queued calls are failed,
+    /// running calls get up to the shutdown grace to finish, then every worker is stopped
+    /// (a process: stdin closed, then SIGTERM, then SIGKILL to its group) and reaped.
+    pub async fn shutdown(&self) {
+        let inner = &self.inner;
+        inner.close_queue();
+        let grace = inner.cfg.slot.shutdown_grace;
+        // Let running calls finish, within the grace period.
+        let until = tokio::time::Instant::now() + grace;
+        loop {
+            let idle = inner.counters.all_idle.notified();
+            if inner.counters.busy.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(until, idle).await.is_err() {
+                tracing::warn!("calls still running after the shutdown grace; stopping their workers");
+                break;
+            }
+        }
+        inner.shutdown.send_replace(true);
+        if let Some(s) = &self.sweeper {
+            s.abort();
+        }
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
+        let workers: Vec<Arc<Member>> = inner.slots.iter().filter_map(|s| s.take_current()).collect();
+        inner.drain_idle();
+        futures::future::join_all(workers.iter().map(|w| w.shutdown(grace))).await;
+        inner.launcher.shutdown(grace).await;
+        tracing::info!(run_id = %inner.run_id, "pool stopped");
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let inner = &self.inner;
+        inner.close_queue();
+        inner.shutdown.send_replace(true);
+        if let Some(s) = &self.sweeper {
+            s.abort();
+        }
+        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            t.abort();
+        }
+        for s in &inner.slots {
+            if let Some(w) = s.take_current() {
+                w.kill();
+            }
+        }
+        for w in inner.drain_idle() {
+            w.kill();
+        }
+        inner.launcher.abort();
+    }
+}
