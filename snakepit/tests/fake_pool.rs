@@ -1,0 +1,224 @@
+//! The pool's own paths, driven by `snakepit_testing::FakeWorker` on a paused clock: the
+//! cancel-at-every-await sweep, and the rules every call path shares (streams included).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::json;
+use snakepit::{CallOptions, Error, Payload, Pool};
+use snakepit_testing::{raise, FakeWorker};
+
+fn worker() -> FakeWorker {
+    FakeWorker::new()
+        .tool("add", |args| async move {
+            match (args["a"].as_i64(), args["b"].as_i64()) {
+                (Some(a), Some(b)) => Ok(json!(a + b)),
+                _ => Err(raise("TypeError", "add needs integers a and b")),
+            }
+        })
+        .tool("panics", |_| async move { panic!("a bug in the tool") })
+        .stream_tool("count", |args| {
+            let n = args["n"].as_i64().unwrap_or(0);
+            futures::stream::iter((0..n).map(|i| Ok(json!(i))))
+        })
+        .stream_tool("count_then_fail", |_| {
+            futures::stream::iter(vec![Ok(json!(0)), Err(raise("ValueError", "midway"))])
+        })
+        .stream_tool("count_then_die", |_| futures::stream::iter(vec![Ok(json!(0))]))
+        .fail_on("boom", "ValueError", "bad input")
+        .crash_on("die")
+        .delay("slow", Duration::from_millis(50))
+}
+
+async fn pool(w: FakeWorker, size: usize) -> Pool {
+    Pool::builder()
+        .adapter(w)
+        .size(size)
+        .restart_backoff(Duration::from_millis(10), Duration::from_millis(100))
+        .build()
+        .await
+        .expect("a pool of fake workers")
+}
+
+#[tokio::test(start_paused = true)]
+async fn results_worker_errors_panics_and_crashes_are_typed() {
+    let w = worker();
+    let control = w.control();
+    let pool = pool(w, 2).await;
+    assert_eq!(pool.execute("add", json!({"a": 1, "b": 2})).await.expect("add"), json!(3));
+    let e = pool.execute("boom", json!({})).await.expect_err("boom raises");
+    assert!(matches!(&e, Error::Worker { error, .. } if error.kind == "ValueError"), "{e:?}");
+    // A panicking closure is a worker error of type `panic`; the worker is kept.
+    let e = pool.execute("panics", json!({})).await.expect_err("panics");
+    assert!(matches!(&e, Error::Worker { error, .. } if error.kind == "panic" && error.message.contains("a bug")), "{e:?}");
+    assert_eq!(control.starts(), 2, "no worker was replaced");
+    // An unregistered tool is refused host-side: no round trip.
+    let e = pool.execute("nope", json!({})).await.expect_err("unknown");
+    assert_eq!(e.kind(), "unknown_command");
+    assert_eq!(control.calls("nope"), 0);
+    // A crash is `WorkerCrashed`, and the slot restarts the worker with backoff.
+    let e = pool.execute("die", json!({})).await.expect_err("die");
+    assert_eq!(e.kind(), "worker_crashed", "{e:?}");
+    let s = pool
+        .wait_stats(|s| s.restarts == 1 && s.ready == 2, Duration::from_secs(10))
+        .await
+        .expect("restarted");
+    assert_eq!((s.crashes, s.restarts, s.calls_ok, s.calls_failed), (1, 1, 1, 4));
+    assert_eq!(control.starts(), 3);
+    assert_eq!(pool.execute("add", json!({"a": 2, "b": 2})).await.expect("serves again"), json!(4));
+    pool.shutdown().await;
+    assert_eq!(control.live(), 0, "shutdown ends every worker");
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_at_every_await_leaves_the_pool_whole() {
+    let w = worker();
+    let control = w.control();
+    let pool = Pool::builder()
+        .adapter(w)
+        .size(2)
+        .cancel_grace(Duration::from_secs(5))
+        .build()
+        .await
+        .expect("pool");
+    for polls in 0..30 {
+        let mut fut = Box::pin(pool.execute("slow", json!({})));
+        for _ in 0..polls {
+            if futures::poll!(fut.as_mut()).is_ready() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        drop(fut);
+        // Whatever was interrupted settles: both workers idle again, nothing queued or busy.
+        let settled =
+            pool.wait_stats(|s| s.idle == 2 && s.busy == 0 && s.queued == 0, Duration::from_secs(10)).await;
+        assert!(settled.is_ok(), "after {polls} polls: {settled:?}");
+    }
+    // Cancelled calls were answered in time: no worker was replaced.
+    assert_eq!(control.starts(), 2);
+    assert_eq!(pool.execute("add", json!({"a": 2, "b": 2})).await.expect("add"), json!(4));
+    pool.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_stream_at_every_await_leaves_the_pool_whole() {
+    let pool = pool(worker(), 1).await;
+    for polls in 0..20 {
+        let mut fut = Box::pin(async {
+            let mut s = pool.execute_stream("count", json!({"n": 100})).await?;
+            let mut n = 0;
+            while let Some(item) = s.next().await {
+                item?;
+                n += 1;
+            }
+            Ok::<_, Error>(n)
+        });
+        for _ in 0..polls {
+            if futures::poll!(fut.as_mut()).is_ready() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        drop(fut);
+        let settled =
+            pool.wait_stats(|s| s.idle == 1 && s.busy == 0 && s.queued == 0, Duration::from_secs(10)).await;
+        assert!(settled.is_ok(), "after {polls} polls: {settled:?}");
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_finished_stream_counts_once_as_ok_and_an_error_ended_one_once_as_failed() {
+    let pool = pool(worker(), 1).await;
+    let mut s = pool.execute_stream("count", json!({"n": 5})).await.expect("stream");
+    let mut items = Vec::new();
+    while let Some(item) = s.next_json().await {
+        items.push(item.expect("item"));
+    }
+    assert_eq!(items, (0..5).map(|i| json!(i)).collect::<Vec<_>>());
+    assert!(s.next().await.is_none(), "ended streams stay ended");
+    drop(s);
+    let st = pool.stats();
+    assert_eq!((st.calls_ok, st.calls_failed), (1, 0));
+
+    let mut s = pool.execute_stream("count_then_fail", json!({})).await.expect("stream");
+    assert_eq!(s.next_json().await.expect("first").expect("ok"), json!(0));
+    let e = s.next_json().await.expect("the error item").expect_err("midway");
+    assert!(matches!(&e, Error::Worker { error, .. } if error.kind == "ValueError"), "{e:?}");
+    assert!(s.next().await.is_none());
+    drop(s);
+    let st = pool.stats();
+    assert_eq!((st.calls_ok, st.calls_failed), (1, 1));
+    // The worker served both and is idle again.
+    pool.wait_stats(|s| s.idle == 1 && s.busy == 0, Duration::from_secs(5)).await.expect("idle");
+    pool.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_to_an_unknown_command_is_refused_without_a_round_trip() {
+    let w = worker();
+    let control = w.control();
+    let pool = pool(w, 1).await;
+    let e = pool.execute_stream("nope", json!({})).await.expect_err("unknown");
+    assert_eq!(e.kind(), "unknown_command");
+    assert_eq!(control.calls("nope"), 0);
+    assert_eq!(pool.stats().calls_failed, 1);
+    pool.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_request_that_crashed_workers_is_quarantined() {
+    let w = worker().crash_on("count_then_die");
+    let control = w.control();
+    let pool = Pool::builder()
+        .adapter(w)
+        .size(2)
+        .quarantine(2)
+        .restart_backoff(Duration::from_millis(10), Duration::from_millis(100))
+        .build()
+        .await
+        .expect("pool");
+    for crashes in 1..=2 {
+        let r = pool.execute_stream("count_then_die", json!({"x": 1})).await;
+        let e = match r {
+            Ok(mut s) => s.next().await.expect("an item").expect_err("the worker died"),
+            Err(e) => e,
+        };
+        assert_eq!(e.kind(), "worker_crashed", "{e:?}");
+        pool.wait_stats(|s| s.restarts == crashes && s.ready == 2, Duration::from_secs(10)).await.expect("restart");
+    }
+    let e = pool.execute_stream("count_then_die", json!({"x": 1})).await.expect_err("quarantined");
+    assert_eq!(e.kind(), "quarantined");
+    assert_eq!(control.calls("count_then_die"), 2, "the third never reached a worker");
+    // Other arguments are another request.
+    let other = pool.execute_stream("count_then_die", json!({"x": 2})).await;
+    assert!(other.is_ok(), "{other:?}");
+    drop(other);
+    // Plain calls share the same quarantine rules.
+    let opts = CallOptions::default().with_key(7);
+    for _ in 0..2 {
+        let e = pool.execute_with("die", Payload::from(json!({})), opts.clone()).await.expect_err("die");
+        assert_eq!(e.kind(), "worker_crashed");
+    }
+    let e = pool.execute_with("die", Payload::from(json!({})), opts).await.expect_err("quarantined");
+    assert_eq!(e.kind(), "quarantined");
+    pool.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_circuit_opens_when_every_slot_fails_to_start() {
+    let w = worker();
+    let control = w.control();
+    let pool = pool(w, 2).await;
+    control.fail_starts(1_000);
+    control.crash_all();
+    pool.wait_stats(|s| s.circuit_open, Duration::from_secs(10)).await.expect("circuit opens");
+    let e = pool.execute("add", json!({"a": 1, "b": 1})).await.expect_err("unavailable");
+    assert_eq!(e.kind(), "unavailable");
+    assert!(e.to_string().contains("start-up failure requested"), "carries the last start error: {e}");
+    control.fail_starts(0);
+    pool.wait_stats(|s| !s.circuit_open && s.ready == 2, Duration::from_secs(60)).await.expect("recovers");
+    assert_eq!(pool.execute("add", json!({"a": 1, "b": 1})).await.expect("add"), json!(2));
+    pool.shutdown().await;
+}
