@@ -63,10 +63,13 @@ impl ProcessLauncher {
         let pid = w.pid();
         file.add_worker(pid);
         let mut exit = w.exit_watch();
-        let file = file.clone();
+        // Weak: the run file goes away with the launcher (the pool), not with the last watcher.
+        let file = Arc::downgrade(file);
         tokio::spawn(async move {
             let _ = exit.wait_for(|e| e.is_some()).await;
-            file.remove_worker(pid);
+            if let Some(file) = file.upgrade() {
+                file.remove_worker(pid);
+            }
         });
     }
 }
