@@ -309,7 +309,8 @@ impl Slot {
                     // (bounded by the drain timeout): its pinned sessions lose it only afterwards.
                     member.sessions_quiet(cfg.drain_timeout).await;
                     tracing::info!(worker = %member.id(), "recycling ({reason}); starting its replacement first");
-                    let attempt = self.start(&*mgr, &mut generation, &mut backoff, None, &mut shutdown, false);
+                    let attempt =
+                        self.start(&*mgr, &mut generation, &mut backoff, None, &mut shutdown, false);
                     let Some(next) = attempt.await else { return };
                     // The replacement is ready: only now does the old worker leave the pool.
                     member.set_retiring();
@@ -349,7 +350,8 @@ impl Slot {
                         self.set_state(&*mgr, SlotState::Backoff);
                     }
                     let started = Some(member.started());
-                    let attempt = self.start(&*mgr, &mut generation, &mut backoff, started, &mut shutdown, true);
+                    let attempt =
+                        self.start(&*mgr, &mut generation, &mut backoff, started, &mut shutdown, true);
                     let Some(next) = attempt.await else { return };
                     member = next;
                     self.install(&*mgr, &member);

@@ -36,17 +36,17 @@ struct TestManager {
 
 impl TestManager {
     fn record(&self, ev: Ev) {
-        self.log.lock().unwrap().push((Instant::now(), ev));
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).push((Instant::now(), ev));
         self.changed.notify_waiters();
     }
 
     fn events(&self) -> Vec<Ev> {
-        self.log.lock().unwrap().iter().map(|(_, e)| e.clone()).collect()
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(_, e)| e.clone()).collect()
     }
 
     /// When `ev` was first recorded.
     fn when(&self, ev: &Ev) -> Option<Instant> {
-        self.log.lock().unwrap().iter().find(|(_, e)| e == ev).map(|(t, _)| *t)
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|(_, e)| e == ev).map(|(t, _)| *t)
     }
 
     fn count(&self, pred: impl Fn(&Ev) -> bool) -> usize {
@@ -70,7 +70,7 @@ impl TestManager {
     }
 
     fn idle_ids(&self) -> Vec<WorkerId> {
-        self.idle.lock().unwrap().iter().map(|m| m.id()).collect()
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|m| m.id()).collect()
     }
 }
 
@@ -81,18 +81,18 @@ impl SlotManager for TestManager {
     }
 
     fn admit(&self, member: &Arc<Member>) {
-        let mut idle = self.idle.lock().unwrap();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if !idle.iter().any(|m| Arc::ptr_eq(m, member)) {
             idle.push(member.clone());
         }
     }
 
     fn dismiss(&self, member: &Arc<Member>) {
-        self.idle.lock().unwrap().retain(|m| !Arc::ptr_eq(m, member));
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).retain(|m| !Arc::ptr_eq(m, member));
     }
 
     fn hold(&self, member: &Arc<Member>) -> bool {
-        let mut idle = self.idle.lock().unwrap();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         match idle.iter().position(|m| Arc::ptr_eq(m, member) && m.leases() == 0) {
             Some(i) => {
                 idle.remove(i);
@@ -173,7 +173,10 @@ impl Harness {
 
     async fn stop(self) {
         self.stop.send_replace(true);
-        tokio::time::timeout(Duration::from_secs(60), self.task).await.expect("slot stops").expect("no panic");
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("slot stops")
+            .expect("no panic");
         assert_eq!(self.slot.state(), SlotState::Stopped);
     }
 }
@@ -185,7 +188,7 @@ async fn a_crashed_worker_is_restarted_after_a_growing_backoff() {
     let t0 = Instant::now();
     h.crash().await;
     h.mgr.until("first restart", |e| e.contains(&Ev::Started { generation: 1, restart: true })).await;
-    let first = h.mgr.when(&Ev::Started { generation: 1, restart: true }).unwrap() - t0;
+    let first = h.mgr.when(&Ev::Started { generation: 1, restart: true }).expect("recorded") - t0;
     assert!(first >= Duration::from_millis(100) && first <= Duration::from_millis(200), "{first:?}");
     assert_eq!(
         h.mgr.events()[1..],
@@ -201,11 +204,11 @@ async fn a_crashed_worker_is_restarted_after_a_growing_backoff() {
     let t1 = Instant::now();
     h.crash().await;
     h.mgr.until("second restart", |e| e.contains(&Ev::Started { generation: 2, restart: true })).await;
-    let second = h.mgr.when(&Ev::Started { generation: 2, restart: true }).unwrap() - t1;
+    let second = h.mgr.when(&Ev::Started { generation: 2, restart: true }).expect("recorded") - t1;
     assert!(second >= Duration::from_millis(200) && second <= Duration::from_millis(400), "{second:?}");
     assert_eq!(h.control.starts(), 3);
     let r = h.current().connection().call(Request::new("echo", Payload::from(json!(7)))).await;
-    assert_eq!(r.expect("the replacement serves").to_value().unwrap(), json!(7));
+    assert_eq!(r.expect("the replacement serves").to_value().expect("json"), json!(7));
     h.stop().await;
 }
 
@@ -221,7 +224,8 @@ async fn the_intensity_limit_pauses_the_slot_for_a_window_then_recovers() {
         let next = generation + 1;
         h.mgr
             .until("a restart or the pause", |e| {
-                e.contains(&Ev::Started { generation: next, restart: true }) || e.contains(&Ev::State(SlotState::Failed))
+                e.contains(&Ev::Started { generation: next, restart: true })
+                    || e.contains(&Ev::State(SlotState::Failed))
             })
             .await;
     }
@@ -230,7 +234,7 @@ async fn the_intensity_limit_pauses_the_slot_for_a_window_then_recovers() {
     assert_eq!(h.slot.state(), SlotState::Failed);
     assert!(h.mgr.idle_ids().is_empty(), "a failed slot offers no worker");
     h.mgr.until("recovery", |e| e.contains(&Ev::Started { generation: 3, restart: true })).await;
-    let paused = h.mgr.when(&Ev::Started { generation: 3, restart: true }).unwrap() - failed_at;
+    let paused = h.mgr.when(&Ev::Started { generation: 3, restart: true }).expect("recorded") - failed_at;
     assert!(paused >= Duration::from_secs(30), "paused only {paused:?}");
     assert_eq!(h.slot.state(), SlotState::Ready);
     // The crash count starts over: two more crashes restart normally.
@@ -260,8 +264,11 @@ async fn failing_starts_are_retried_with_backoff_until_one_succeeds() {
 #[tokio::test(start_paused = true)]
 async fn a_worker_that_misses_heartbeats_is_killed_and_replaced() {
     let mut cfg = config();
-    cfg.heartbeat =
-        Some(Heartbeat { interval: Duration::from_secs(1), timeout: Duration::from_millis(500), max_missed: 2 });
+    cfg.heartbeat = Some(Heartbeat {
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_millis(500),
+        max_missed: 2,
+    });
     let h = harness(worker(), cfg).await;
     // Answered pings change nothing.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -275,7 +282,7 @@ async fn a_worker_that_misses_heartbeats_is_killed_and_replaced() {
     assert_eq!(missed, [&Ev::Missed(1), &Ev::Missed(2)]);
     assert!(e.contains(&Ev::Unresponsive) && e.contains(&Ev::Exited { generation: 0 }), "{e:?}");
     // Bounded: interval x max_missed + timeout, plus the backoff.
-    let took = h.mgr.when(&Ev::Unresponsive).unwrap() - t0;
+    let took = h.mgr.when(&Ev::Unresponsive).expect("recorded") - t0;
     assert!(took <= Duration::from_millis(2 * 1000 + 500 + 1000), "{took:?}");
     h.control.hang_pings(false);
     h.stop().await;
@@ -284,8 +291,11 @@ async fn a_worker_that_misses_heartbeats_is_killed_and_replaced() {
 #[tokio::test(start_paused = true)]
 async fn a_busy_worker_is_not_pinged() {
     let mut cfg = config();
-    cfg.heartbeat =
-        Some(Heartbeat { interval: Duration::from_secs(1), timeout: Duration::from_millis(500), max_missed: 1 });
+    cfg.heartbeat = Some(Heartbeat {
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_millis(500),
+        max_missed: 1,
+    });
     let h = harness(worker(), cfg).await;
     let m = h.current();
     m.acquire(); // a call holds it
@@ -310,10 +320,15 @@ async fn recycling_by_request_count_starts_the_replacement_first_and_drains_the_
     }
     h.mgr.until("replacement", |e| e.contains(&Ev::Started { generation: 1, restart: false })).await;
     let e = h.mgr.events();
-    let recycled = e.iter().position(|e| *e == Ev::Recycled { generation: 0, reason: RecycleReason::Requests });
+    let recycled =
+        e.iter().position(|e| *e == Ev::Recycled { generation: 0, reason: RecycleReason::Requests });
     let started = e.iter().position(|e| *e == Ev::Started { generation: 1, restart: false });
     assert!(recycled.is_some() && recycled < started, "{e:?}");
-    assert_eq!(h.mgr.idle_ids(), vec![WorkerId { slot: 0, generation: 1 }], "only the replacement is offered");
+    assert_eq!(
+        h.mgr.idle_ids(),
+        vec![WorkerId { slot: 0, generation: 1 }],
+        "only the replacement is offered"
+    );
     assert!(old.is_retiring());
     // Draining: the old worker lives until its call ends...
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -369,7 +384,9 @@ async fn recycling_by_memory() {
     assert_eq!(h.mgr.count(|e| matches!(e, Ev::Recycled { .. })), 0, "under the limit");
     h.control.set_memory(Some(5000));
     h.mgr
-        .until("recycled by memory", |e| e.contains(&Ev::Recycled { generation: 0, reason: RecycleReason::Memory }))
+        .until("recycled by memory", |e| {
+            e.contains(&Ev::Recycled { generation: 0, reason: RecycleReason::Memory })
+        })
         .await;
     h.control.set_memory(None);
     h.mgr.until("replacement", |e| e.contains(&Ev::Started { generation: 1, restart: false })).await;

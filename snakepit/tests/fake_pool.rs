@@ -50,7 +50,10 @@ async fn results_worker_errors_panics_and_crashes_are_typed() {
     assert!(matches!(&e, Error::Worker { error, .. } if error.kind == "ValueError"), "{e:?}");
     // A panicking closure is a worker error of type `panic`; the worker is kept.
     let e = pool.execute("panics", json!({})).await.expect_err("panics");
-    assert!(matches!(&e, Error::Worker { error, .. } if error.kind == "panic" && error.message.contains("a bug")), "{e:?}");
+    assert!(
+        matches!(&e, Error::Worker { error, .. } if error.kind == "panic" && error.message.contains("a bug")),
+        "{e:?}"
+    );
     assert_eq!(control.starts(), 2, "no worker was replaced");
     // An unregistered tool is refused host-side: no round trip.
     let e = pool.execute("nope", json!({})).await.expect_err("unknown");
@@ -74,13 +77,8 @@ async fn results_worker_errors_panics_and_crashes_are_typed() {
 async fn cancel_at_every_await_leaves_the_pool_whole() {
     let w = worker();
     let control = w.control();
-    let pool = Pool::builder()
-        .adapter(w)
-        .size(2)
-        .cancel_grace(Duration::from_secs(5))
-        .build()
-        .await
-        .expect("pool");
+    let pool =
+        Pool::builder().adapter(w).size(2).cancel_grace(Duration::from_secs(5)).build().await.expect("pool");
     for polls in 0..30 {
         let mut fut = Box::pin(pool.execute("slow", json!({})));
         for _ in 0..polls {
@@ -186,7 +184,9 @@ async fn a_stream_request_that_crashed_workers_is_quarantined() {
             Err(e) => e,
         };
         assert_eq!(e.kind(), "worker_crashed", "{e:?}");
-        pool.wait_stats(|s| s.restarts == crashes && s.ready == 2, Duration::from_secs(10)).await.expect("restart");
+        pool.wait_stats(|s| s.restarts == crashes && s.ready == 2, Duration::from_secs(10))
+            .await
+            .expect("restart");
     }
     let e = pool.execute_stream("count_then_die", json!({"x": 1})).await.expect_err("quarantined");
     assert_eq!(e.kind(), "quarantined");

@@ -352,11 +352,12 @@ impl PoolBuilder {
         };
         let host = Arc::new(crate::host::PoolHost::new(store.clone()));
         let host_handler: Arc<dyn snakepit_core::HostHandler> = host.clone();
-        let start_opts = StartOptions::new(WorkerId { slot: 0, generation: 0 }, run_id.clone(), transport.max_frame())
-            .with_env(cfg.env.clone())
-            .with_host(Some(host_handler))
-            .with_max_in_flight(cfg.slot.max_in_flight)
-            .with_busy_poll(cfg.busy_poll);
+        let start_opts =
+            StartOptions::new(WorkerId { slot: 0, generation: 0 }, run_id.clone(), transport.max_frame())
+                .with_env(cfg.env.clone())
+                .with_host(Some(host_handler))
+                .with_max_in_flight(cfg.slot.max_in_flight)
+                .with_busy_poll(cfg.busy_poll);
         #[cfg(feature = "chaos")]
         let start_opts =
             start_opts.with_handshake_delay(cfg.chaos.as_ref().and_then(|c| c.handshake_delay()));

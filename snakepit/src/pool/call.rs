@@ -41,7 +41,12 @@ fn request_key(command: &str, args: &Payload) -> u64 {
 
 impl Inner {
     /// Checks a call before it may take a worker. Refusals cost no round trip.
-    pub(crate) fn admit(&self, command: &str, args: &Payload, opts: &CallOptions) -> Result<Admission, Error> {
+    pub(crate) fn admit(
+        &self,
+        command: &str,
+        args: &Payload,
+        opts: &CallOptions,
+    ) -> Result<Admission, Error> {
         let name = self.known_tool(command)?;
         self.adapter.validate(command, args)?;
         let poison = match self.cfg.quarantine {

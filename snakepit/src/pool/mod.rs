@@ -26,8 +26,8 @@ use snakepit_supervisor::{Member, Slot};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use builder::PoolBuilder;
 pub(crate) use builder::Config;
+pub use builder::PoolBuilder;
 pub use options::{Affinity, CallOptions, DropPolicy, RehydrateHook};
 pub use stats::PoolStats;
 pub use stream::CallStream;
@@ -145,7 +145,12 @@ impl Pool {
     /// raised), `WorkerCrashed`, `Protocol`, `Unavailable`, `Quarantined`, `ShuttingDown`.
     /// Dropping the future withdraws a queued call; a running one is handled by the pool's
     /// [`DropPolicy`].
-    pub async fn execute_with(&self, command: &str, args: Payload, opts: CallOptions) -> Result<Payload, Error> {
+    pub async fn execute_with(
+        &self,
+        command: &str,
+        args: Payload,
+        opts: CallOptions,
+    ) -> Result<Payload, Error> {
         self.call(None, command, args, opts).await
     }
 

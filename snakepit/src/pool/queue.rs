@@ -164,7 +164,10 @@ impl Inner {
         if self.circuit_open() {
             let waiters = std::mem::take(&mut self.queue.lock().waiters);
             if !waiters.is_empty() {
-                tracing::error!(queued = waiters.len(), "every worker is failing to start; failing queued calls");
+                tracing::error!(
+                    queued = waiters.len(),
+                    "every worker is failing to start; failing queued calls"
+                );
             }
             drop(waiters);
         }
