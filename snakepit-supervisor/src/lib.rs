@@ -23,6 +23,8 @@
 //! small [`SlotManager`] trait. [`ProcessLauncher`] is the [`snakepit_core::Launcher`] that
 //! starts workers as processes (cold, or forked from a [`Zygote`]).
 
+#![deny(unsafe_code)]
+
 mod backoff;
 mod member;
 mod memory;

@@ -2,6 +2,7 @@
 
 /// The resident set size, in bytes, of `pid` and all its descendants (threads' children
 /// included). `None` if `pid` is gone. Processes that vanish during the walk are skipped.
+#[allow(unsafe_code)] // sysconf(_SC_PAGESIZE) has no preconditions
 pub fn tree_rss(pid: u32) -> Option<u64> {
     // SAFETY: sysconf has no preconditions.
     let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {

@@ -119,6 +119,7 @@ impl Shared {
     }
 
     /// Whether the shepherd has exited (it may not be reaped yet).
+    #[allow(unsafe_code)] // poll(2) on a pidfd we own, with a zero timeout
     fn has_exited(&self) -> bool {
         if self.exit.borrow().is_some() {
             return true;
@@ -200,6 +201,7 @@ impl Drop for Worker {
 }
 
 /// Sends `sig` through a pidfd (a dead process yields ESRCH, never another process).
+#[allow(unsafe_code)] // the pidfd_send_signal syscall: no safe wrapper in nix
 pub(crate) fn pidfd_send_signal(fd: &OwnedFd, sig: i32) -> std::io::Result<()> {
     // SAFETY: pidfd_send_signal on a descriptor we own, with no siginfo.
     let r = unsafe {
@@ -219,6 +221,7 @@ pub(crate) fn pidfd_send_signal(fd: &OwnedFd, sig: i32) -> std::io::Result<()> {
 }
 
 /// Registers a descriptor we own with the runtime's reactor.
+#[allow(unsafe_code)] // AsyncFd registration of a descriptor we own
 pub(crate) fn async_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: an `OwnedFd` stays open and keeps naming the same file description until the
     // `AsyncFd` that owns it is dropped.
@@ -226,6 +229,7 @@ pub(crate) fn async_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
 }
 
 /// A pidfd for `pid`, or `None`.
+#[allow(unsafe_code)] // the pidfd_open syscall: no safe wrapper in nix
 pub(crate) fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     // SAFETY: pidfd_open returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -498,6 +502,7 @@ fn spawn_monitor(mut proc: Proc, conn: Arc<dyn Connection>, shared: Arc<Shared>)
 
 /// Spawns a process for `spec` under its own shepherd (see the `shepherd` module), with the
 /// given stdin and stdout and a piped stderr. The returned [`Shared`] owns the lifeline.
+#[allow(unsafe_code)] // pre_exec: the shepherd runs between fork and exec
 pub(crate) fn spawn_shepherded(
     spec: &SpawnSpec,
     opts: &StartOptions,

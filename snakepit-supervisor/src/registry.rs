@@ -45,6 +45,7 @@ pub struct Reaped {
 /// The directory run files live in: `$SNAKEPIT_RUN_DIR`, else `$XDG_RUNTIME_DIR/snakepit/runs`,
 /// else `$XDG_STATE_HOME/snakepit/runs`, else `~/.local/state/snakepit/runs`, else
 /// `/tmp/snakepit-<uid>/runs`.
+#[allow(unsafe_code)] // getuid has no preconditions
 pub fn run_dir() -> PathBuf {
     let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(d) = var("SNAKEPIT_RUN_DIR") {
@@ -154,6 +155,7 @@ fn host_alive(r: &RunRecord) -> bool {
 
 /// Reaps the leftovers of dead hosts' runs in `dir` (only those of `instance` when given).
 /// With `dry_run`, kills nothing and keeps the files: it reports what it would kill.
+#[allow(unsafe_code)] // pidfd syscalls on processes the registry verified
 pub fn reap(dir: &Path, instance: Option<&str>, dry_run: bool) -> Reaped {
     let mut out = Reaped::default();
     let Ok(entries) = std::fs::read_dir(dir) else { return out };

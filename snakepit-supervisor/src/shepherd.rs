@@ -25,6 +25,10 @@
 //! Everything here after `fork` runs in a child of a multi-threaded process, so it only makes
 //! async-signal-safe system calls: no allocation, no locks, no `std` I/O.
 
+// Everything here runs in a forked child of a multi-threaded host, between fork and exec:
+// raw async-signal-safe system calls only, so unsafe is this module's nature.
+#![allow(unsafe_code)]
+
 use std::io;
 use std::os::fd::RawFd;
 

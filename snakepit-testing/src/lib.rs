@@ -36,6 +36,8 @@
 //! What it does not model: host calls from tools (`ctx.call_host`), codecs other than JSON, and
 //! the wire protocol itself (use the stdio transport's tests and the conformance kit for those).
 
+#![forbid(unsafe_code)]
+
 mod connection;
 mod control;
 mod worker;

@@ -24,6 +24,8 @@
 //! Crates behind this facade: [`core`] (vocabulary and traits), [`supervisor`] (processes),
 //! [`adapters`] (Python, generic), and the transports (`stdio`).
 
+#![forbid(unsafe_code)]
+
 #[cfg(feature = "chaos")]
 pub mod chaos;
 mod host;
