@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 #[path = "../../tests/src/procs.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, unreachable_pub)]
 mod procs;
 
 struct Guard(String, tempfile::TempDir);

@@ -12,6 +12,7 @@ use snakepit::{Pool, PoolBuilder};
 pub mod procs;
 
 /// Guards one test's processes. Declare it first so it drops last.
+#[derive(Debug)]
 pub struct Reaper {
     pub marker: String,
     dir: tempfile::TempDir,
