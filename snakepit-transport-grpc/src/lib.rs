@@ -444,3 +444,77 @@ impl Connection for GrpcConnection {
         Box::pin(self.inflight.answered(id))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    /// Pipes to nobody: every failure tested here happens before the handshake.
+    fn io() -> WorkerIo {
+        let (host_in, _) = tokio::io::duplex(64);
+        let (_, host_out) = tokio::io::duplex(64);
+        WorkerIo {
+            worker: WorkerId { slot: 3, generation: 1 },
+            input: Box::new(host_in),
+            output: Box::new(host_out),
+        }
+    }
+
+    fn hello() -> Hello {
+        Hello::new(WorkerId { slot: 3, generation: 1 }, 1 << 20, serde_json::Value::Null)
+    }
+
+    /// A scratch directory under the temp dir, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("snakepit-grpc-test-{name}-{:x}", fastrand::u64(..)));
+            std::fs::create_dir_all(&p).expect("scratch dir");
+            Scratch(p)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn setup_error(r: Result<(Arc<dyn Connection>, Ready), Error>) -> (String, std::io::ErrorKind) {
+        match r {
+            Err(e @ Error::TransportSetup { transport: "grpc", .. }) => {
+                assert_eq!(e.kind(), "transport_setup");
+                assert_eq!(e.worker(), Some(WorkerId { slot: 3, generation: 1 }));
+                let io = e.source().and_then(|s| s.downcast_ref::<std::io::Error>()).expect("io source");
+                (e.to_string(), io.kind())
+            }
+            Err(other) => panic!("unexpected {other:?}"),
+            Ok(_) => panic!("connected to nobody"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_socket_path_too_long_is_a_transport_setup_error() {
+        let scratch = Scratch::new("long");
+        let root = scratch.0.join("x".repeat(MAX_SOCKET_PATH));
+        let r = Grpc::default().socket_root(&root).connect(io(), hello()).await;
+        let (msg, kind) = setup_error(r);
+        assert_eq!(kind, std::io::ErrorKind::InvalidInput);
+        assert!(msg.contains("too long"), "{msg}");
+        // The worker's private directory is gone again.
+        assert_eq!(std::fs::read_dir(&root).expect("root").count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_unusable_socket_root_is_a_transport_setup_error() {
+        let scratch = Scratch::new("file");
+        let file = scratch.0.join("not-a-dir");
+        std::fs::write(&file, b"").expect("file");
+        let r = Grpc::default().socket_root(file.join("sub")).connect(io(), hello()).await;
+        let (msg, _) = setup_error(r);
+        assert!(msg.contains("socket directory") && msg.contains("not-a-dir"), "{msg}");
+    }
+}
