@@ -6,6 +6,8 @@
 //!   this crate ships (embedded, written out to a cache directory on first use);
 //! * [`Generic`]: any program that speaks protocol v1 on its stdin/stdout itself.
 
+#![forbid(unsafe_code)]
+
 mod generic;
 #[cfg(feature = "python")]
 mod python;

@@ -87,14 +87,20 @@ fn install_bridge(root: &Path) -> std::io::Result<PathBuf> {
 /// The directory to put on `PYTHONPATH` so that `import snakepit_bridge` works: the
 /// `SNAKEPIT_BRIDGE_PATH` environment variable if set, else the embedded sources written out
 /// once to `$XDG_CACHE_HOME/snakepit/bridge-<hash>/`.
+///
+/// A failed write-out is not remembered: the next call tries again.
 pub fn bridge_dir() -> Result<PathBuf, crate::Error> {
     if let Some(p) = std::env::var_os("SNAKEPIT_BRIDGE_PATH").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    DIR.get_or_init(|| install_bridge(&cache_root()).map_err(|e| e.to_string()))
-        .clone()
-        .map_err(|e| crate::Error::Bridge(std::io::Error::other(e)))
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(d) = DIR.get() {
+        return Ok(d.clone());
+    }
+    // Concurrent first calls may both write the sources out; `install_bridge` lets the second
+    // one find the first one's copy.
+    let dir = install_bridge(&cache_root()).map_err(crate::Error::Bridge)?;
+    Ok(DIR.get_or_init(|| dir).clone())
 }
 
 #[derive(Debug, Clone)]
@@ -252,10 +258,14 @@ impl Python {
     fn spec(&self, ctx: &SpawnContext, zygote: bool) -> Result<SpawnSpec, Error> {
         let bridge = match &self.bridge_dir {
             Some(d) => d.clone(),
-            None => bridge_dir().map_err(|e| Error::Spawn {
-                worker: ctx.worker,
-                program: self.interpreter.display().to_string(),
-                reason: e.to_string(),
+            None => bridge_dir().map_err(|e| {
+                let crate::Error::Bridge(source) = e;
+                Error::Spawn {
+                    worker: ctx.worker,
+                    program: self.interpreter.display().to_string(),
+                    reason: "cannot install the snakepit_bridge sources".into(),
+                    source: Some(source),
+                }
             })?,
         };
         let mut spec = SpawnSpec::new(&self.interpreter).arg("-m").arg("snakepit_bridge");

@@ -136,12 +136,20 @@ pub enum Error {
     },
     /// The worker broke the wire protocol (garbage, an oversized or stalled frame, a malformed
     /// message); every call in flight on it fails with this and the worker is replaced.
-    #[error("protocol error from {worker}: {detail}")]
+    ///
+    /// `source` holds the underlying error when one value of this error owns it (a malformed
+    /// `ready`, a failed connect). A protocol error found by a transport's reader fails every
+    /// call in flight at once, through a shared (cloned) [`CloseReason`](crate::CloseReason), so
+    /// there the cause is only in `detail`.
+    #[error("protocol error from {worker}: {detail}{}", cause(.source))]
     Protocol {
         /// The offending worker.
         worker: WorkerId,
         /// What was wrong.
         detail: String,
+        /// The underlying error (a JSON parse error, a failed connect...), if there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
     },
     /// The connection to the worker closed (its output reached EOF). The pool turns this into
     /// [`Error::WorkerCrashed`] once it knows the exit status.
@@ -151,14 +159,33 @@ pub enum Error {
         worker: WorkerId,
     },
     /// The worker process could not be started (missing interpreter, bad cwd, ...).
-    #[error("cannot start {worker} (`{program}`): {reason}")]
+    #[error("cannot start {worker} (`{program}`): {reason}{}", cause(.source))]
     Spawn {
         /// The slot that was being started.
         worker: WorkerId,
         /// The program that failed to start.
         program: String,
-        /// Why.
+        /// What failed, with advice where there is some (a missing program: "is the interpreter
+        /// installed and on PATH?").
         reason: String,
+        /// The OS error behind it, when there is one (the message repeats it).
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    /// The transport could not set up what it needs for a worker before the handshake (a
+    /// socket directory, a listening socket, a socket path that does not fit `sun_path`...).
+    #[error("cannot set up the {transport} transport for {worker}: {reason}: {source}")]
+    TransportSetup {
+        /// The worker being started.
+        worker: WorkerId,
+        /// The transport's name (`grpc`, ...).
+        transport: &'static str,
+        /// What failed (names the path involved).
+        reason: String,
+        /// The OS error (the message repeats it); a path too long for a Unix socket is
+        /// [`std::io::ErrorKind::InvalidInput`].
+        #[source]
+        source: std::io::Error,
     },
     /// The worker process exited before it finished the handshake (an import error, a syntax
     /// error in the script, a bad argument...).
@@ -195,8 +222,14 @@ pub enum Error {
     #[error("the pool is shutting down")]
     ShuttingDown,
     /// A typed result could not be decoded, or typed arguments could not be encoded.
-    #[error("codec error: {0}")]
-    Codec(String),
+    #[error("codec error: {context}: {source}")]
+    Codec {
+        /// What was being encoded or decoded, e.g. `cannot decode result as the requested type`.
+        context: &'static str,
+        /// The serde error (the message repeats it).
+        #[source]
+        source: serde_json::Error,
+    },
     /// The pool has no live worker to run the call (all slots are down or restarting).
     #[error("no worker is available: {0}")]
     Unavailable(String),
@@ -237,6 +270,15 @@ pub enum Error {
         /// Why the value does not fit.
         reason: String,
     },
+    /// A signal could not be sent to a worker's process group.
+    #[error("cannot signal process group {pgid}: {source}")]
+    Signal {
+        /// The process group.
+        pgid: i32,
+        /// The OS error (the message repeats it).
+        #[source]
+        source: std::io::Error,
+    },
     /// This exact request (command and arguments, or the caller's key) has already crashed
     /// `crashes` workers; it is refused instead of killing more.
     #[error("`{command}` is quarantined: this request crashed {crashes} workers already")]
@@ -251,6 +293,14 @@ pub enum Error {
 fn on_worker(w: &Option<WorkerId>) -> String {
     match w {
         Some(w) => format!(" on {w}"),
+        None => String::new(),
+    }
+}
+
+/// `": {source}"`, or nothing: the cause of a variant whose source is optional.
+fn cause(source: &Option<impl fmt::Display>) -> String {
+    match source {
+        Some(s) => format!(": {s}"),
         None => String::new(),
     }
 }
@@ -280,13 +330,15 @@ impl Error {
             Error::Protocol { .. } => "protocol",
             Error::Disconnected { .. } => "disconnected",
             Error::Spawn { .. } => "spawn",
+            Error::TransportSetup { .. } => "transport_setup",
             Error::StartupFailed { .. } => "startup_failed",
             Error::HandshakeTimeout { .. } => "handshake_timeout",
             Error::VersionMismatch { .. } => "version_mismatch",
             Error::ShuttingDown => "shutting_down",
-            Error::Codec(_) => "codec",
+            Error::Codec { .. } => "codec",
             Error::Unavailable(_) => "unavailable",
             Error::Quarantined { .. } => "quarantined",
+            Error::Signal { .. } => "signal",
             Error::SessionNotFound { .. } => "session_not_found",
             Error::SessionQuotaExceeded { .. } => "session_quota_exceeded",
             Error::SessionLost { .. } => "session_lost",
@@ -304,6 +356,7 @@ impl Error {
             | Error::Protocol { worker, .. }
             | Error::Disconnected { worker }
             | Error::Spawn { worker, .. }
+            | Error::TransportSetup { worker, .. }
             | Error::StartupFailed { worker, .. }
             | Error::HandshakeTimeout { worker, .. }
             | Error::VersionMismatch { worker, .. }
@@ -381,5 +434,48 @@ mod tests {
         assert_eq!(j["type"], "ValueError");
         assert_eq!(j["message"], "bad");
         assert_eq!(j["traceback"], "tb");
+    }
+
+    #[test]
+    fn error_is_send_sync_static() {
+        fn check<T: Send + Sync + 'static + std::error::Error>() {}
+        check::<Error>();
+    }
+
+    #[test]
+    fn causes_are_kept_as_sources() {
+        use std::error::Error as _;
+        let w = WorkerId { slot: 0, generation: 3 };
+        let e = Error::Spawn {
+            worker: w,
+            program: "python3".into(),
+            reason: "cannot execute it (is the interpreter installed and on PATH?)".into(),
+            source: Some(std::io::Error::from(std::io::ErrorKind::NotFound)),
+        };
+        assert_eq!(e.kind(), "spawn");
+        assert!(e.to_string().contains("installed and on PATH?"), "{e}");
+        let io = e.source().and_then(|s| s.downcast_ref::<std::io::Error>()).expect("io source");
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+
+        let e = Error::TransportSetup {
+            worker: w,
+            transport: "grpc",
+            reason: "socket path /x/w.sock is too long".into(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "too long"),
+        };
+        assert_eq!(e.kind(), "transport_setup");
+        assert_eq!(e.worker(), Some(w));
+        assert_eq!(e.to_json()["kind"], "transport_setup");
+        assert!(e.source().is_some());
+
+        let serde = serde_json::from_str::<u32>("x").expect_err("not a number");
+        let e = Error::Codec { context: "cannot decode result as the requested type", source: serde };
+        assert_eq!(e.kind(), "codec");
+        assert!(e.to_string().starts_with("codec error: cannot decode result"), "{e}");
+        assert!(e.source().is_some_and(|s| s.is::<serde_json::Error>()));
+
+        let e = Error::Protocol { worker: w, detail: "garbage".into(), source: None };
+        assert_eq!(e.to_string(), "protocol error from worker 0.3: garbage");
+        assert!(e.source().is_none());
     }
 }

@@ -12,9 +12,17 @@
 //!
 //! This crate has no process, socket or runtime code: it only names things. The wire messages of
 //! protocol v1 live in [`wire`] so that every transport and every worker SDK agree on them.
+//!
+//! For transport authors (see [`Transport`]): [`handshake`] encodes `hello` and checks the
+//! worker's answer, [`InFlight`] tracks the calls a connection has in flight, and [`Ready::new`]
+//! builds a handshake answer by hand.
+
+#![forbid(unsafe_code)]
 
 mod adapter;
 mod error;
+pub mod handshake;
+mod inflight;
 mod launch;
 mod payload;
 mod profile;
@@ -25,6 +33,7 @@ pub mod wire;
 
 pub use adapter::{Adapter, SpawnContext, SpawnSpec};
 pub use error::{Error, ExitInfo, Result, WorkerError};
+pub use inflight::{InFlight, InFlightGuard};
 pub use launch::{Launcher, StartOptions, WorkerHandle};
 pub use payload::{Codec, Payload};
 pub use profile::{ProcessProfile, StartMode, ThreadProfile, WorkerProfile, Zygote};

@@ -57,7 +57,7 @@ impl Payload {
     pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self, Error> {
         serde_json::to_vec(value)
             .map(|v| Payload { codec: Codec::Json, bytes: v.into(), trusted: true })
-            .map_err(|e| Error::Codec(format!("cannot encode arguments as JSON: {e}")))
+            .map_err(|source| Error::Codec { context: "cannot encode arguments as JSON", source })
     }
 
     /// The JSON `null` payload.
@@ -68,8 +68,10 @@ impl Payload {
     /// Decodes the payload into a serde value.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
         match self.codec {
-            Codec::Json => serde_json::from_slice(&self.bytes)
-                .map_err(|e| Error::Codec(format!("cannot decode result as the requested type: {e}"))),
+            Codec::Json => serde_json::from_slice(&self.bytes).map_err(|source| Error::Codec {
+                context: "cannot decode result as the requested type",
+                source,
+            }),
         }
     }
 

@@ -187,6 +187,7 @@ impl Hello {
 
 /// A tool a worker offers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ToolInfo {
     /// Its command name.
     pub name: String,
@@ -228,6 +229,82 @@ fn one() -> usize {
     1
 }
 
+impl ToolInfo {
+    /// A tool that answers with one result, without documentation.
+    pub fn new(name: impl Into<String>) -> Self {
+        ToolInfo { name: name.into(), doc: None, stream: false }
+    }
+
+    /// A tool that answers with a stream of items (a generator).
+    pub fn stream(name: impl Into<String>) -> Self {
+        ToolInfo { stream: true, ..ToolInfo::new(name) }
+    }
+
+    /// Sets its documentation.
+    pub fn with_doc(mut self, doc: Option<String>) -> Self {
+        self.doc = doc;
+        self
+    }
+}
+
+impl Ready {
+    /// What a worker that chose protocol `version` and runs as `pid` answers, with no tools,
+    /// one call at a time, no bridge name, no cancel signal and no address: a transport that
+    /// builds its `Ready` itself (rather than with [`handshake::parse_ready`](crate::handshake::parse_ready))
+    /// starts here.
+    ///
+    /// ```
+    /// use snakepit_core::{Ready, ToolInfo};
+    /// let ready = Ready::new(1, 4242)
+    ///     .with_tools(vec![ToolInfo::new("echo"), ToolInfo::stream("count")])
+    ///     .with_max_in_flight(8)
+    ///     .with_bridge("rust/0.1.0");
+    /// assert_eq!(ready.max_in_flight, 8);
+    /// assert!(ready.tools[1].stream);
+    /// ```
+    pub fn new(version: u32, pid: u32) -> Self {
+        Ready {
+            version,
+            pid,
+            tools: Vec::new(),
+            max_in_flight: 1,
+            bridge: String::new(),
+            cancel_signal: None,
+            address: None,
+        }
+    }
+
+    /// Sets the tools the worker offers.
+    pub fn with_tools(mut self, tools: Vec<ToolInfo>) -> Self {
+        self.tools = tools;
+        self
+    }
+
+    /// Sets how many calls the worker runs at once (at least 1).
+    pub fn with_max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Sets the bridge's name and version.
+    pub fn with_bridge(mut self, bridge: impl Into<String>) -> Self {
+        self.bridge = bridge.into();
+        self
+    }
+
+    /// Sets the signal to send the worker after each `cancel` (see [`Ready::cancel_signal`]).
+    pub fn with_cancel_signal(mut self, signal: Option<i32>) -> Self {
+        self.cancel_signal = signal;
+        self
+    }
+
+    /// Sets where the worker serves its transport (see [`Ready::address`]).
+    pub fn with_address(mut self, address: Option<String>) -> Self {
+        self.address = address;
+        self
+    }
+}
+
 /// The pipes of a started worker process, as the supervisor hands them to a transport.
 pub struct WorkerIo {
     /// The worker this is.
@@ -251,12 +328,33 @@ pub enum CloseReason {
     /// The worker's output reached end-of-file (it exited or closed its side).
     Eof,
     /// The worker broke the protocol; every call in flight failed with [`Error::Protocol`].
+    ///
+    /// A text, not an error value: the reason is cloned into the error of every call in flight
+    /// (and of every later one), and the errors behind it (`serde_json`, I/O) are not `Clone`;
+    /// the text carries their message.
     Protocol(String),
     /// The host closed the connection.
     Closed,
 }
 
 /// Turns a started worker's pipes into a [`Connection`], doing the handshake.
+///
+/// # Writing a transport
+///
+/// A transport in its own crate needs only this crate:
+///
+/// * the handshake: send the body [`handshake::encode_hello`](crate::handshake::encode_hello)
+///   writes, in whatever framing the transport uses, read the worker's first message and hand its
+///   body to [`handshake::parse_ready`](crate::handshake::parse_ready), which turns `refuse`,
+///   malformed messages and unoffered versions into the errors the pool expects;
+/// * [`Connection::idle`] and [`Connection::answered`]: an [`InFlight`](crate::InFlight) set
+///   that each call enters for as long as it runs;
+/// * [`Connection::start`]: its default boxes [`Connection::call`]; override it only to answer
+///   through a reused [`ReplySlot`](crate::ReplySlot).
+///
+/// A transport that keeps the worker's stdio pipe for the handshake, heartbeats and crash
+/// detection (as the gRPC transport does) can use the stdio crate's control channel
+/// (`snakepit_transport_stdio::control`) instead of its own handshake.
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// Sends `hello`, waits for `ready` and returns the live connection. The caller bounds this
@@ -271,6 +369,10 @@ pub trait Transport: Send + Sync + 'static {
 ///
 /// A dropped `call` future leaves the connection consistent: its id is abandoned, a late reply
 /// for it is dropped, never handed to another caller, and [`Connection::idle`] waits for it.
+///
+/// Nine methods are required; [`start`](Connection::start) and
+/// [`is_closed`](Connection::is_closed) have defaults written with
+/// [`call`](Connection::call) and [`closed`](Connection::closed).
 #[async_trait]
 pub trait Connection: Send + Sync + 'static {
     /// Sends one request and waits for its reply.
@@ -302,8 +404,12 @@ pub trait Connection: Send + Sync + 'static {
     /// Resolves when the connection is gone, with the reason.
     fn closed(&self) -> BoxFuture<'static, CloseReason>;
 
-    /// Whether the connection is gone (the worker can take no more calls).
-    fn is_closed(&self) -> bool;
+    /// Whether the connection is gone (the worker can take no more calls). The default polls
+    /// [`closed`](Connection::closed) once, which allocates; the pool asks on every check-in, so
+    /// a transport with a cheaper answer should give it.
+    fn is_closed(&self) -> bool {
+        futures::FutureExt::now_or_never(self.closed()).is_some()
+    }
 
     /// A fresh request id, so that a caller can later [`cancel`](Connection::cancel) its call.
     fn new_request_id(&self) -> RequestId;
@@ -318,7 +424,4 @@ pub trait Connection: Send + Sync + 'static {
 
     /// Resolves when the worker has answered call `id` (or the connection is gone).
     fn answered(&self, id: RequestId) -> BoxFuture<'static, ()>;
-
-    /// How many calls are waiting for a reply.
-    fn in_flight(&self) -> usize;
 }

@@ -215,16 +215,17 @@ mod tests {
 
     #[test]
     fn inbound_parses_result_and_ready() {
-        let m: Inbound = serde_json::from_slice(br#"{"t":"result","id":3,"ok":{"a":"b"}}"#).expect("parse");
+        let m: Inbound<'_> =
+            serde_json::from_slice(br#"{"t":"result","id":3,"ok":{"a":"b"}}"#).expect("parse");
         assert_eq!(m.t, "result");
         assert_eq!(m.ok.map(|r| r.get()), Some(r#"{"a":"b"}"#));
-        let m: Inbound =
+        let m: Inbound<'_> =
             serde_json::from_slice(br#"{"t":"ready","version":1,"pid":9,"tools":[{"name":"x"}]}"#)
                 .expect("parse");
         let r: Ready = m.ready().expect("ready fields");
         assert_eq!(r.pid, 9);
         assert_eq!(r.max_in_flight, 1);
-        let m: Inbound = serde_json::from_slice(br#"{"t":"result","id":3,"ok":1}"#).expect("parse");
+        let m: Inbound<'_> = serde_json::from_slice(br#"{"t":"result","id":3,"ok":1}"#).expect("parse");
         assert!(m.ready().is_none());
     }
 }

@@ -7,6 +7,8 @@
 //! reference) clears the rest shard by shard, never blocking readers of other shards.
 //! Concurrent creation of one id is safe: exactly one record is created and everyone gets it.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;

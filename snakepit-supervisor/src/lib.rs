@@ -54,9 +54,34 @@ pub enum Error {
         /// The process group.
         pgid: i32,
         /// The OS error.
+        #[source]
         source: nix::Error,
     },
 }
 
+/// How a supervisor error reaches callers: as the [`snakepit_core::Error`] every snakepit crate
+/// returns (and `snakepit::Error` re-exports), with the OS error kept as its source.
+impl From<Error> for snakepit_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Signal { pgid, source } => snakepit_core::Error::Signal { pgid, source: source.into() },
+        }
+    }
+}
+
 #[doc(no_inline)]
 pub use snakepit_core::{Adapter, Transport};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_errors_convert_to_core_errors_with_their_cause() {
+        let e: snakepit_core::Error = Error::Signal { pgid: 42, source: nix::Error::ESRCH }.into();
+        assert_eq!(e.kind(), "signal");
+        assert!(e.to_string().contains("process group 42"), "{e}");
+        let io = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(io.and_then(std::io::Error::raw_os_error), Some(nix::libc::ESRCH));
+    }
+}

@@ -533,7 +533,8 @@ pub(crate) fn spawn_shepherded(
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Spawn {
             worker,
             program: spec.program.display().to_string(),
-            reason: format!("cannot create the lifeline pipe: {e}"),
+            reason: "cannot create the lifeline pipe".into(),
+            source: Some(e.into()),
         })?;
     let lifeline_fd = lifeline_rd.as_raw_fd();
     // SAFETY: getpid has no preconditions.
@@ -547,9 +548,11 @@ pub(crate) fn spawn_shepherded(
         worker,
         program: spec.program.display().to_string(),
         reason: match e.kind() {
-            std::io::ErrorKind::NotFound => format!("{e} (is the interpreter installed and on PATH?)"),
-            _ => e.to_string(),
-        },
+            std::io::ErrorKind::NotFound => "cannot execute it (is the interpreter installed and on PATH?)",
+            _ => "cannot execute it",
+        }
+        .into(),
+        source: Some(e),
     })?;
     drop(lifeline_rd);
     let pid = child.id().unwrap_or(0);
@@ -585,6 +588,7 @@ pub async fn start_worker(
             worker,
             program: spec.program.display().to_string(),
             reason: "no stdio pipes".into(),
+            source: None,
         });
     };
     let io = WorkerIo { worker, input: Box::new(stdin), output: Box::new(stdout) };

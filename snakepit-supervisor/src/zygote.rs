@@ -93,8 +93,19 @@ impl Drop for Zygote {
     }
 }
 
+/// A spawn failure with no OS error behind it.
 fn spawn_error(worker: WorkerId, program: &str, reason: impl Into<String>) -> Error {
-    Error::Spawn { worker, program: program.to_owned(), reason: reason.into() }
+    Error::Spawn { worker, program: program.to_owned(), reason: reason.into(), source: None }
+}
+
+/// A spawn failure caused by an OS error (`nix::Error` converts into one, errno and all).
+fn spawn_io_error(
+    worker: WorkerId,
+    program: &str,
+    reason: impl Into<String>,
+    source: impl Into<std::io::Error>,
+) -> Error {
+    Error::Spawn { worker, program: program.to_owned(), reason: reason.into(), source: Some(source.into()) }
 }
 
 fn lock(t: &Mutex<Table>) -> MutexGuard<'_, Table> {
@@ -131,10 +142,10 @@ impl Zygote {
             None,
             SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         )
-        .map_err(|e| spawn_error(worker, &program, format!("cannot create the control socket: {e}")))?;
+        .map_err(|e| spawn_io_error(worker, &program, "cannot create the control socket", e))?;
         // O_NONBLOCK lives on the open file description; the zygote gets a blocking one.
         nix::fcntl::fcntl(&zygote_end, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()))
-            .map_err(|e| spawn_error(worker, &program, format!("cannot set up the control socket: {e}")))?;
+            .map_err(|e| spawn_io_error(worker, &program, "cannot set up the control socket", e))?;
         let (shared, mut child) = process::spawn_shepherded(
             &spec,
             opts,
@@ -143,10 +154,10 @@ impl Zygote {
             LogTarget::Zygote,
         )?;
         let kill_on_fail = KillOnDrop(Some(shared.clone()));
-        let sock =
-            Arc::new(process::async_fd(host_end).map_err(|e| {
-                spawn_error(worker, &program, format!("cannot watch the control socket: {e}"))
-            })?);
+        let sock = Arc::new(
+            process::async_fd(host_end)
+                .map_err(|e| spawn_io_error(worker, &program, "cannot watch the control socket", e))?,
+        );
         let timeout = adapter.handshake_timeout();
         let mut buf = vec![0u8; MAX_PACKET];
         let ready = tokio::select! {
@@ -169,9 +180,7 @@ impl Zygote {
                 shared.wait_stderr().await;
                 return Err(Error::HandshakeTimeout { worker, after: timeout, stderr_tail: shared.tail() });
             }
-            Ok(Err(e)) => {
-                return Err(fail(&shared, spawn_error(worker, &program, format!("control socket: {e}"))))
-            }
+            Ok(Err(e)) => return Err(fail(&shared, spawn_io_error(worker, &program, "control socket", e))),
             Ok(Ok(0)) => {
                 let info = child.wait().await.map(process::exit_info).unwrap_or(ExitInfo::Unknown);
                 shared.set_exit(info);
@@ -181,7 +190,14 @@ impl Zygote {
             Ok(Ok(n)) => n,
         };
         let msg: Msg = serde_json::from_slice(&buf[..n]).map_err(|e| {
-            fail(&shared, Error::Protocol { worker, detail: format!("zygote: bad ready message: {e}") })
+            fail(
+                &shared,
+                Error::Protocol {
+                    worker,
+                    detail: "zygote: bad ready message".into(),
+                    source: Some(Box::new(e)),
+                },
+            )
         })?;
         let pid = match (msg.op.as_str(), msg.pid) {
             ("ready", Some(pid)) if process::parent_of(pid) == Some(shared.pid) => pid,
@@ -191,6 +207,7 @@ impl Zygote {
                     Error::Protocol {
                         worker,
                         detail: format!("zygote: expected ready with its pid, got {:?}", msg.op),
+                        source: None,
                     },
                 ))
             }
@@ -239,7 +256,7 @@ impl Zygote {
         let program = "zygote";
         let pipe = |what: &str| {
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                .map_err(|e| spawn_error(worker, program, format!("cannot create the {what} pipe: {e}")))
+                .map_err(|e| spawn_io_error(worker, program, format!("cannot create the {what} pipe"), e))
         };
         let (in_r, in_w) = pipe("stdin")?;
         let (out_r, out_w) = pipe("stdout")?;
@@ -274,7 +291,7 @@ impl Zygote {
                 .map_err(std::io::Error::from)
             })
             .await
-            .map_err(|e| spawn_error(worker, program, format!("cannot reach the zygote: {e}")))?;
+            .map_err(|e| spawn_io_error(worker, program, "cannot reach the zygote", e))?;
         // The zygote holds its own copies now; ours must go so EOFs are seen.
         drop((in_r, out_w, err_w));
         let (pid, exit) = match tokio::time::timeout(adapter.handshake_timeout(), rx).await {
@@ -305,7 +322,7 @@ impl Zygote {
         let shared = Shared::new(worker, LogTarget::Worker, pid, None, Some(pidfd));
         let io_err = |e: std::io::Error| {
             shared.kill();
-            spawn_error(worker, program, format!("cannot watch the worker's pipes: {e}"))
+            spawn_io_error(worker, program, "cannot watch the worker's pipes", e)
         };
         let stderr = pipe::Receiver::from_owned_fd(err_r).map_err(io_err)?;
         let input = pipe::Sender::from_owned_fd(in_w).map_err(io_err)?;

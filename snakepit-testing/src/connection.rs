@@ -12,10 +12,10 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use snakepit_core::{
-    CloseReason, Connection, Error, ExitInfo, Payload, Ready, Request, RequestId, WorkerError, WorkerHandle,
+    CloseReason, Connection, Error, ExitInfo, InFlight, Payload, Ready, Request, RequestId, WorkerError, WorkerHandle,
     WorkerId,
 };
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
 use crate::control::FakeControl;
@@ -28,9 +28,10 @@ pub(crate) struct Link {
     spec: Arc<Spec>,
     control: FakeControl,
     exit: watch::Sender<Option<ExitInfo>>,
-    /// Calls and streams running, by id (`None` while the task is being spawned).
+    /// Calls and streams running (each task holds its guard, so an aborted one leaves too).
+    in_flight: InFlight,
+    /// How to cancel each running call (`None` while its task is being spawned).
     pending: Mutex<HashMap<u64, Option<AbortHandle>>>,
-    changed: Notify,
     next_id: AtomicU64,
 }
 
@@ -41,8 +42,8 @@ impl Link {
             spec,
             control,
             exit: watch::channel(None).0,
+            in_flight: InFlight::new(),
             pending: Mutex::new(HashMap::new()),
-            changed: Notify::new(),
             next_id: AtomicU64::new(1),
         })
     }
@@ -69,7 +70,6 @@ impl Link {
         for h in running.into_iter().filter_map(|(_, h)| h) {
             h.abort();
         }
-        self.changed.notify_waiters();
     }
 
     async fn ended(&self) -> ExitInfo {
@@ -86,23 +86,13 @@ impl Link {
     fn spawn(self: &Arc<Self>, id: u64, task: impl std::future::Future<Output = ()> + Send + 'static) {
         self.pending().insert(id, None);
         let done = Done(self.clone(), id);
+        let guard = self.in_flight.enter(RequestId(id));
         let handle = tokio::spawn(async move {
-            let _done = done;
+            let _done = (done, guard);
             task.await;
         });
         if let Some(slot) = self.pending().get_mut(&id) {
             *slot = Some(handle.abort_handle());
-        }
-    }
-
-    /// Waits until `done` holds for the pending map, or the worker has ended.
-    async fn wait(&self, done: impl Fn(&HashMap<u64, Option<AbortHandle>>) -> bool) {
-        loop {
-            let changed = self.changed.notified();
-            if done(&self.pending()) || self.exit().is_some() {
-                return;
-            }
-            changed.await;
         }
     }
 }
@@ -113,7 +103,6 @@ struct Done(Arc<Link>, u64);
 impl Drop for Done {
     fn drop(&mut self) {
         self.0.pending().remove(&self.1);
-        self.0.changed.notify_waiters();
     }
 }
 
@@ -280,18 +269,13 @@ impl Connection for FakeConnection {
     }
 
     fn idle(&self) -> BoxFuture<'static, ()> {
-        let link = self.0.clone();
-        Box::pin(async move { link.wait(|p| p.is_empty()).await })
+        Box::pin(self.0.in_flight.idle())
     }
 
     fn answered(&self, id: RequestId) -> BoxFuture<'static, ()> {
-        let link = self.0.clone();
-        Box::pin(async move { link.wait(|p| !p.contains_key(&id.0)).await })
+        Box::pin(self.0.in_flight.answered(id))
     }
 
-    fn in_flight(&self) -> usize {
-        self.0.pending().len()
-    }
 }
 
 /// A started fake worker, as the pool holds it. Dropping it ends the worker.

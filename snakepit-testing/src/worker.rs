@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use futures::stream::{BoxStream, Stream, StreamExt};
 use serde_json::Value;
 use snakepit_core::{
-    Adapter, Connection, Error, ExitInfo, Launcher, Ready, StartOptions, WorkerError, WorkerHandle,
+    Adapter, Connection, Error, ExitInfo, Launcher, Ready, StartOptions, ToolInfo, WorkerError, WorkerHandle,
 };
 
 use crate::connection::{FakeConnection, FakeHandle, Link};
@@ -132,17 +132,20 @@ impl FakeWorker {
     }
 
     fn ready(&self, max_in_flight: usize) -> Ready {
-        let mut names: Vec<_> = self.spec.tools.iter().collect();
-        names.sort_by(|a, b| a.0.cmp(b.0));
-        let tools: Vec<Value> = names
-            .into_iter()
-            .map(|(n, t)| serde_json::json!({"name": n, "stream": matches!(t, Tool::Stream(_))}))
+        let mut tools: Vec<ToolInfo> = self
+            .spec
+            .tools
+            .iter()
+            .map(|(name, t)| match t {
+                Tool::Stream(_) => ToolInfo::stream(name.as_str()),
+                _ => ToolInfo::new(name.as_str()),
+            })
             .collect();
-        let ready = serde_json::json!({
-            "version": 1, "pid": 0, "tools": tools, "max_in_flight": max_in_flight,
-            "bridge": format!("snakepit-testing/{}", env!("CARGO_PKG_VERSION")),
-        });
-        serde_json::from_value(ready).unwrap_or_else(|_| unreachable!("a well-formed ready"))
+        tools.sort_by(|a, b| a.name.cmp(&b.name));
+        Ready::new(1, 0)
+            .with_tools(tools)
+            .with_max_in_flight(max_in_flight)
+            .with_bridge(format!("snakepit-testing/{}", env!("CARGO_PKG_VERSION")))
     }
 }
 

@@ -9,22 +9,28 @@
 //!
 //! The protocol is generated at build time from `proto/snakepit/v1/snakepit.proto` with
 //! protox (no `protoc` needed).
+//!
+//! Built only on the plug-in surfaces a transport outside this workspace would use:
+//! `snakepit-core` ([`InFlight`] for `idle`/`answered`) and the stdio crate's
+//! [`control`] channel (which runs the core handshake).
 
-use std::collections::HashMap;
+#![deny(unsafe_code)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, StreamExt};
 use snakepit_core::{
-    CloseReason, Codec, Connection, Error, Hello, Payload, Ready, Request, RequestId, Transport, WorkerError,
-    WorkerId, WorkerIo, DEFAULT_MAX_FRAME,
+    CloseReason, Codec, Connection, Error, Hello, InFlight, Payload, Ready, Request, RequestId, Transport,
+    WorkerError, WorkerId, WorkerIo, DEFAULT_MAX_FRAME,
 };
-use snakepit_transport_stdio::{StdioConnection, DEFAULT_FRAME_TIMEOUT};
+use snakepit_transport_stdio::control::{self, ControlChannel};
+use snakepit_transport_stdio::DEFAULT_FRAME_TIMEOUT;
 use tonic::transport::{Channel, Endpoint};
 
 /// The `snakepit.v1` protocol, generated from `proto/snakepit/v1/snakepit.proto`.
@@ -138,22 +144,26 @@ impl Drop for SocketDir {
     }
 }
 
-fn make_private_dir(root: Option<&Path>) -> std::io::Result<SocketDir> {
+/// Creates a private (0700) directory for one worker's sockets under `root` (default: a
+/// per-user directory in the temp dir). On failure, says which path failed.
+fn make_private_dir(root: Option<&Path>) -> Result<SocketDir, (PathBuf, std::io::Error)> {
     let base = match root {
         Some(r) => r.to_path_buf(),
-        None => {
-            // SAFETY: getuid has no preconditions.
-            let uid = unsafe { libc::getuid() };
-            std::env::temp_dir().join(format!("snakepit-{uid}"))
-        }
+        None => std::env::temp_dir().join(format!("snakepit-{}", nix::unistd::getuid())),
     };
-    std::fs::create_dir_all(&base)?;
-    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700))?;
+    let private = |p: &Path| std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700));
+    std::fs::create_dir_all(&base).and_then(|()| private(&base)).map_err(|e| (base.clone(), e))?;
     let dir = base.join(format!("g{:x}", fastrand::u64(..)));
-    std::fs::create_dir(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-    Ok(SocketDir(dir))
+    std::fs::create_dir(&dir).map_err(|e| (dir.clone(), e))?;
+    // Owned from here: removed again if the permissions cannot be set.
+    let dir = SocketDir(dir);
+    private(&dir.0).map_err(|e| (dir.0.clone(), e))?;
+    Ok(dir)
 }
+
+/// The longest socket path this transport uses: `sockaddr_un.sun_path` holds 107 bytes and a
+/// NUL on Linux (103 on macOS); 100 leaves a margin.
+const MAX_SOCKET_PATH: usize = 100;
 
 fn token() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
@@ -163,27 +173,34 @@ fn token() -> String {
 impl Transport for Grpc {
     async fn connect(&self, io: WorkerIo, hello: Hello) -> Result<(Arc<dyn Connection>, Ready), Error> {
         let worker = io.worker;
-        let protocol = |detail: String| Error::Protocol { worker, detail };
-        let dir = make_private_dir(self.socket_root.as_deref()).map_err(|e| Error::Spawn {
+        let protocol = |detail: String| Error::Protocol { worker, detail, source: None };
+        let setup = |reason: String, source: std::io::Error| Error::TransportSetup {
             worker,
-            program: "grpc".into(),
-            reason: format!("socket dir: {e}"),
+            transport: "grpc",
+            reason,
+            source,
+        };
+        let dir = make_private_dir(self.socket_root.as_deref()).map_err(|(path, e)| {
+            setup(format!("cannot create the private socket directory {}", path.display()), e)
         })?;
         let socket = dir.0.join("w.sock");
-        if socket.as_os_str().len() > 100 {
-            return Err(Error::BadRequest(format!(
-                "socket path too long for sun_path: {}",
-                socket.display()
-            )));
+        let len = socket.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(setup(
+                format!("socket path {} is too long; choose a shorter socket_root", socket.display()),
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "{len} bytes, over the {MAX_SOCKET_PATH} this transport allows for a Unix socket"
+                    ),
+                ),
+            ));
         }
         let token = token();
         // The host's own `Host` service for this worker, on a socket next to the worker's.
         let host_socket = dir.0.join("h.sock");
-        let listener = tokio::net::UnixListener::bind(&host_socket).map_err(|e| Error::Spawn {
-            worker,
-            program: "grpc".into(),
-            reason: format!("host socket: {e}"),
-        })?;
+        let listener = tokio::net::UnixListener::bind(&host_socket)
+            .map_err(|e| setup(format!("cannot listen on the host socket {}", host_socket.display()), e))?;
         let service = HostService { worker, token: token.clone(), handler: hello.host.clone() };
         let (stop_host, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -205,16 +222,18 @@ impl Transport for Grpc {
             "host_socket": host_socket.to_string_lossy(),
             "token": token,
         }));
-        let (control, ready) = StdioConnection::connect(io, hello, DEFAULT_FRAME_TIMEOUT).await?;
+        let (control, ready) = control::connect(io, hello, DEFAULT_FRAME_TIMEOUT).await?;
         let Some(address) = ready.address.clone() else {
             return Err(protocol("the worker did not announce a gRPC address in `ready`".into()));
         };
         if address != format!("unix:{}", socket.display()) {
             return Err(protocol(format!("the worker announced {address}, not the socket it was given")));
         }
-        let channel = unix_channel(&socket, self.connect_timeout)
-            .await
-            .map_err(|e| protocol(format!("cannot connect to the worker's gRPC socket: {e}")))?;
+        let channel = unix_channel(&socket, self.connect_timeout).await.map_err(|e| Error::Protocol {
+            worker,
+            detail: format!("cannot connect to the worker's gRPC socket {}", socket.display()),
+            source: Some(Box::new(e)),
+        })?;
         let client = WorkerClient::new(channel)
             .max_decoding_message_size(self.max_frame)
             .max_encoding_message_size(self.max_frame);
@@ -225,7 +244,7 @@ impl Transport for Grpc {
             token,
             max_frame: self.max_frame,
             next_id: AtomicU64::new(1),
-            inflight: Arc::new(Inflight::default()),
+            inflight: InFlight::new(),
             _stop_host: stop_host,
             _dir: dir,
         };
@@ -237,58 +256,16 @@ impl Transport for Grpc {
     }
 }
 
-/// Calls in flight over gRPC (for `idle` / `answered`).
-#[derive(Default)]
-struct Inflight {
-    ids: Mutex<HashMap<u64, ()>>,
-    changed: tokio::sync::Notify,
-}
-
-struct InflightGuard {
-    inflight: Arc<Inflight>,
-    id: u64,
-}
-
-impl Drop for InflightGuard {
-    fn drop(&mut self) {
-        self.inflight.ids.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
-        self.inflight.changed.notify_waiters();
-    }
-}
-
-impl Inflight {
-    fn enter(self: &Arc<Self>, id: u64) -> InflightGuard {
-        self.ids.lock().unwrap_or_else(|p| p.into_inner()).insert(id, ());
-        InflightGuard { inflight: self.clone(), id }
-    }
-
-    fn wait(self: &Arc<Self>, id: Option<u64>) -> BoxFuture<'static, ()> {
-        let me = self.clone();
-        Box::pin(async move {
-            loop {
-                let n = me.changed.notified();
-                let done = {
-                    let ids = me.ids.lock().unwrap_or_else(|p| p.into_inner());
-                    id.map_or(ids.is_empty(), |i| !ids.contains_key(&i))
-                };
-                if done {
-                    return;
-                }
-                n.await;
-            }
-        })
-    }
-}
-
 /// A live gRPC connection to one worker (plus its stdio control channel).
 pub struct GrpcConnection {
     worker: WorkerId,
-    control: StdioConnection,
+    control: ControlChannel,
     client: WorkerClient<Channel>,
     token: String,
     max_frame: usize,
     next_id: AtomicU64,
-    inflight: Arc<Inflight>,
+    /// Calls sent over gRPC and not yet answered (for `idle` / `answered`).
+    inflight: InFlight,
     /// Dropping it stops this worker's `Host` service.
     _stop_host: tokio::sync::oneshot::Sender<()>,
     _dir: SocketDir,
@@ -363,7 +340,11 @@ impl GrpcConnection {
         if self.control.is_closed() {
             return Error::Disconnected { worker: self.worker };
         }
-        Error::Protocol { worker: self.worker, detail: format!("gRPC {}: {}", s.code(), s.message()) }
+        Error::Protocol {
+            worker: self.worker,
+            detail: format!("gRPC {}: {}", s.code(), s.message()),
+            source: None,
+        }
     }
 }
 
@@ -372,7 +353,7 @@ impl Connection for GrpcConnection {
     async fn call(&self, req: Request) -> Result<Payload, Error> {
         let id = req.id.map_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed), |i| i.0);
         let msg = self.call_request(&req, id)?;
-        let _guard = self.inflight.enter(id);
+        let _guard = self.inflight.enter(RequestId(id));
         let reply = match self.client.clone().execute(self.request(msg, req.deadline)).await {
             Ok(r) => r.into_inner(),
             Err(s) => return Err(self.status_error(&req.command, s).await),
@@ -384,7 +365,9 @@ impl Connection for GrpcConnection {
                 command: req.command.to_string(),
                 error: worker_error(e),
             }),
-            None => Err(Error::Protocol { worker: self.worker, detail: "empty CallReply".into() }),
+            None => {
+                Err(Error::Protocol { worker: self.worker, detail: "empty CallReply".into(), source: None })
+            }
         }
     }
 
@@ -395,7 +378,7 @@ impl Connection for GrpcConnection {
     ) -> Result<BoxStream<'static, Result<Payload, Error>>, Error> {
         let id = req.id.map_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed), |i| i.0);
         let msg = self.call_request(&req, id)?;
-        let guard = self.inflight.enter(id);
+        let guard = self.inflight.enter(RequestId(id));
         let stream = match self.client.clone().stream(self.request(msg, req.deadline)).await {
             Ok(r) => r.into_inner(),
             Err(s) => return Err(self.status_error(&req.command, s).await),
@@ -413,11 +396,13 @@ impl Connection for GrpcConnection {
                     Err(Error::Worker { worker, command: command.to_string(), error: worker_error(e) })
                 }
                 Ok(proto::StreamItem { item: None }) => {
-                    Err(Error::Protocol { worker, detail: "empty StreamItem".into() })
+                    Err(Error::Protocol { worker, detail: "empty StreamItem".into(), source: None })
                 }
-                Err(s) => {
-                    Err(Error::Protocol { worker, detail: format!("gRPC {}: {}", s.code(), s.message()) })
-                }
+                Err(s) => Err(Error::Protocol {
+                    worker,
+                    detail: format!("gRPC {}: {}", s.code(), s.message()),
+                    source: None,
+                }),
             }
         });
         Ok(Box::pin(items))
@@ -452,14 +437,84 @@ impl Connection for GrpcConnection {
     }
 
     fn idle(&self) -> BoxFuture<'static, ()> {
-        self.inflight.wait(None)
+        Box::pin(self.inflight.idle())
     }
 
     fn answered(&self, id: RequestId) -> BoxFuture<'static, ()> {
-        self.inflight.wait(Some(id.0))
+        Box::pin(self.inflight.answered(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    /// Pipes to nobody: every failure tested here happens before the handshake.
+    fn io() -> WorkerIo {
+        let (host_in, _) = tokio::io::duplex(64);
+        let (_, host_out) = tokio::io::duplex(64);
+        WorkerIo {
+            worker: WorkerId { slot: 3, generation: 1 },
+            input: Box::new(host_in),
+            output: Box::new(host_out),
+        }
     }
 
-    fn in_flight(&self) -> usize {
-        self.inflight.ids.lock().unwrap_or_else(|p| p.into_inner()).len()
+    fn hello() -> Hello {
+        Hello::new(WorkerId { slot: 3, generation: 1 }, 1 << 20, serde_json::Value::Null)
+    }
+
+    /// A scratch directory under the temp dir, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("snakepit-grpc-test-{name}-{:x}", fastrand::u64(..)));
+            std::fs::create_dir_all(&p).expect("scratch dir");
+            Scratch(p)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn setup_error(r: Result<(Arc<dyn Connection>, Ready), Error>) -> (String, std::io::ErrorKind) {
+        match r {
+            Err(e @ Error::TransportSetup { transport: "grpc", .. }) => {
+                assert_eq!(e.kind(), "transport_setup");
+                assert_eq!(e.worker(), Some(WorkerId { slot: 3, generation: 1 }));
+                let io = e.source().and_then(|s| s.downcast_ref::<std::io::Error>()).expect("io source");
+                (e.to_string(), io.kind())
+            }
+            Err(other) => panic!("unexpected {other:?}"),
+            Ok(_) => panic!("connected to nobody"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_socket_path_too_long_is_a_transport_setup_error() {
+        let scratch = Scratch::new("long");
+        let root = scratch.0.join("x".repeat(MAX_SOCKET_PATH));
+        let r = Grpc::default().socket_root(&root).connect(io(), hello()).await;
+        let (msg, kind) = setup_error(r);
+        assert_eq!(kind, std::io::ErrorKind::InvalidInput);
+        assert!(msg.contains("too long"), "{msg}");
+        // The worker's private directory is gone again.
+        assert_eq!(std::fs::read_dir(&root).expect("root").count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_unusable_socket_root_is_a_transport_setup_error() {
+        let scratch = Scratch::new("file");
+        let file = scratch.0.join("not-a-dir");
+        std::fs::write(&file, b"").expect("file");
+        let r = Grpc::default().socket_root(file.join("sub")).connect(io(), hello()).await;
+        let (msg, _) = setup_error(r);
+        assert!(msg.contains("socket directory") && msg.contains("not-a-dir"), "{msg}");
     }
 }

@@ -15,6 +15,12 @@
 //! * a dropped `call` future forgets its id; a frame is written whole (by its caller when the
 //!   pipe has room and nothing is queued, else by the writer task), so a caller that goes away
 //!   can never leave half a frame on the pipe.
+//!
+//! The handshake is [`snakepit_core::handshake`]'s, in frames. Another transport can keep the
+//! worker's pipe for the handshake, heartbeats, shutdown and crash detection only: see
+//! [`control`].
+
+#![deny(unsafe_code)]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,15 +31,17 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use snakepit_core::wire::{self, HelloMsg, Inbound};
+use snakepit_core::wire::{self, Inbound};
 use snakepit_core::{
-    CloseReason, Codec, Connection, Error, Hello, HostCall, HostHandler, Payload, Ready, ReplyFuture,
-    ReplySlot, Request, RequestId, SlotOwner, Transport, WorkerError, WorkerId, WorkerIo, DEFAULT_MAX_FRAME,
+    handshake, CloseReason, Codec, Connection, Error, Hello, HostCall, HostHandler, Payload, Ready,
+    ReplyFuture, ReplySlot, Request, RequestId, SlotOwner, Transport, WorkerError, WorkerId, WorkerIo,
+    DEFAULT_MAX_FRAME,
 };
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
+pub mod control;
 mod outbox;
 use outbox::Outbox;
 
@@ -179,7 +187,9 @@ impl Shared {
 
     fn error_for(&self, reason: &CloseReason) -> Error {
         match reason {
-            CloseReason::Protocol(detail) => Error::Protocol { worker: self.worker, detail: detail.clone() },
+            CloseReason::Protocol(detail) => {
+                Error::Protocol { worker: self.worker, detail: detail.clone(), source: None }
+            }
             _ => Error::Disconnected { worker: self.worker },
         }
     }
@@ -466,7 +476,11 @@ fn dispatch(shared: &Arc<Shared>, frame: Bytes) -> Result<(), String> {
                 slot.fill(match tag {
                     "result" => Ok(payload(msg.ok)),
                     "error" => Err(Error::Worker { worker, command: command.to_string(), error: error() }),
-                    _ => Err(Error::Protocol { worker, detail: format!("`pong` sent for call id {id}") }),
+                    _ => Err(Error::Protocol {
+                        worker,
+                        detail: format!("`pong` sent for call id {id}"),
+                        source: None,
+                    }),
                 });
                 shared.idle.notify_waiters();
                 return Ok(());
@@ -622,7 +636,15 @@ impl Drop for ReplyStream {
 }
 
 impl StdioConnection {
-    /// Performs the handshake on `io` and returns the connection and the worker's `ready`.
+    /// Performs the handshake on `io` ([`handshake::encode_hello`], then
+    /// [`handshake::parse_ready`] on the first frame) and returns the connection and the
+    /// worker's `ready`. A frame whose body stalls for `frame_timeout` once its header has
+    /// arrived breaks the connection ([`DEFAULT_FRAME_TIMEOUT`] is the transport's default).
+    ///
+    /// Fails with what [`handshake::parse_ready`] reports, with [`Error::Disconnected`] when the
+    /// worker's output ends first, and with [`Error::Protocol`] when its first frame is broken;
+    /// the worker's stdin is then closed. To use the pipe only as another transport's control
+    /// channel, see [`control::connect`].
     pub async fn connect(
         io: WorkerIo,
         hello: Hello,
@@ -641,53 +663,24 @@ impl StdioConnection {
             outbox: Outbox::new(io.input),
             free_slots: Mutex::new(Vec::new()),
         });
-        let hello_frame = frame(256, max_frame, |out| {
-            let msg = HelloMsg {
-                t: "hello",
-                versions: &hello.versions,
-                codecs: &[Codec::Json.name()],
-                worker: worker.to_string(),
-                max_frame,
-                config: &hello.config,
-                max_in_flight: hello.max_in_flight,
-                transport: &hello.transport,
-                busy_poll_us: (!hello.busy_poll.is_zero())
-                    .then(|| hello.busy_poll.as_micros().min(u128::from(u64::MAX)) as u64),
-            };
-            // Serialising a struct of strings, numbers and a Value into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut *out, &msg);
-        })?;
+        let hello_frame = frame(256, max_frame, |out| handshake::encode_hello(out, &hello))?;
         let _ = shared.outbox.push(hello_frame);
         let writer = tokio::spawn(write_loop(shared.clone()));
         // Until the handshake succeeds, any return closes the worker's stdin and stops the writer.
         let guard = Abandon { shared: &shared, writer: Some(writer) };
         let mut reader = FrameReader::new(io.output, max_frame, frame_timeout);
-        let protocol = |detail: String| Error::Protocol { worker, detail };
         let first = match reader.next().await {
             ReadOutcome::Frame(f) => f,
             ReadOutcome::Eof => return Err(Error::Disconnected { worker }),
-            ReadOutcome::Broken(d) => return Err(protocol(format!("during handshake: {d}"))),
-        };
-        let msg: Inbound<'_> = serde_json::from_slice(&first)
-            .map_err(|e| protocol(format!("handshake: expected `ready`, got a malformed message: {e}")))?;
-        let ready = match &*msg.t {
-            "ready" => msg.ready().ok_or_else(|| protocol("`ready` without `version` and `pid`".into()))?,
-            "refuse" => {
-                return Err(Error::VersionMismatch {
+            ReadOutcome::Broken(d) => {
+                return Err(Error::Protocol {
                     worker,
-                    offered: hello.versions.clone(),
-                    reason: msg.reason.unwrap_or_else(|| "no reason given".into()),
+                    detail: format!("during handshake: {d}"),
+                    source: None,
                 })
             }
-            other => return Err(protocol(format!("handshake: expected `ready`, got `{other}`"))),
         };
-        if !hello.versions.contains(&ready.version) {
-            return Err(Error::VersionMismatch {
-                worker,
-                offered: hello.versions.clone(),
-                reason: format!("the worker chose version {}, which was not offered", ready.version),
-            });
-        }
+        let ready = handshake::parse_ready(&hello, &first)?;
         guard.disarm();
         let reader = tokio::spawn(read_loop(reader, shared.clone()));
         let conn = StdioConnection {
@@ -857,6 +850,7 @@ impl Connection for StdioConnection {
             Reply::NotPong(tag) => Err(Error::Protocol {
                 worker: self.shared.worker,
                 detail: format!("ping {id} answered by `{tag}`"),
+                source: None,
             }),
             Reply::Closed(reason) => Err(self.shared.error_for(&reason)),
         }
@@ -910,10 +904,6 @@ impl Connection for StdioConnection {
                 notified.await;
             }
         })
-    }
-
-    fn in_flight(&self) -> usize {
-        self.shared.pending().len()
     }
 }
 

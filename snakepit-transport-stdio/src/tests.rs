@@ -8,6 +8,13 @@ fn wid() -> WorkerId {
     WorkerId { slot: 0, generation: 0 }
 }
 
+impl StdioConnection {
+    /// How many calls wait for a reply, abandoned ones included (what `idle` waits for).
+    fn in_flight(&self) -> usize {
+        self.shared.pending().len()
+    }
+}
+
 struct Peer {
     rd: DuplexStream,
     wr: DuplexStream,
@@ -212,4 +219,60 @@ async fn reply_slots_are_reused_and_never_shared_with_a_dropped_call() {
     assert_eq!(r.expect("ok").decode::<String>().expect("decode"), "mine");
     assert_eq!(conn.in_flight(), 0);
     assert_eq!(free(&conn), 1);
+}
+
+/// The host end and the worker end of an unconnected pipe pair.
+fn pipes() -> (WorkerIo, Peer) {
+    let (host_in, worker_rd) = duplex(4096);
+    let (worker_wr, host_out) = duplex(4096);
+    let io = WorkerIo { worker: wid(), input: Box::new(host_in), output: Box::new(host_out) };
+    (io, Peer { rd: worker_rd, wr: worker_wr })
+}
+
+#[tokio::test]
+async fn handshake_failures_are_reported() {
+    // A malformed first frame: a protocol error that keeps the parse error.
+    let (io, mut peer) = pipes();
+    let hello = Hello::new(wid(), 1024, serde_json::Value::Null);
+    let (r, _) = tokio::join!(StdioConnection::connect(io, hello.clone(), DEFAULT_FRAME_TIMEOUT), async {
+        let _ = peer.read_msg().await;
+        peer.send_raw(b"\x00\x00\x00\x03{{{").await;
+    });
+    match r {
+        Err(e @ Error::Protocol { .. }) => {
+            assert!(std::error::Error::source(&e).is_some(), "{e}");
+        }
+        other => panic!("unexpected {:?}", other.map(|_| ())),
+    }
+    // The worker exits before answering.
+    let (io, mut peer) = pipes();
+    let (r, _) = tokio::join!(StdioConnection::connect(io, hello, DEFAULT_FRAME_TIMEOUT), async move {
+        let _ = peer.read_msg().await;
+        drop(peer);
+    });
+    assert!(matches!(r, Err(Error::Disconnected { .. })), "{:?}", r.map(|_| ()));
+}
+
+#[tokio::test]
+async fn control_channel_pings_shuts_down_and_sees_the_worker_go() {
+    let (io, mut peer) = pipes();
+    let hello = Hello::new(wid(), 1024, serde_json::Value::Null);
+    let (r, _) = tokio::join!(control::connect(io, hello, DEFAULT_FRAME_TIMEOUT), async {
+        assert_eq!(peer.read_msg().await["t"], "hello");
+        peer.send(serde_json::json!({"t":"ready","version":1,"pid":7,"address":"unix:/s"})).await;
+    });
+    let (control, ready) = r.expect("handshake");
+    assert_eq!((control.worker(), ready.address.as_deref()), (wid(), Some("unix:/s")));
+    let (rtt, _) = tokio::join!(control.ping(), async {
+        let m = peer.read_msg().await;
+        assert_eq!(m["t"], "ping");
+        peer.send(serde_json::json!({"t":"pong","id":m["id"]})).await;
+    });
+    rtt.expect("pong");
+    assert!(!control.is_closed());
+    control.shutdown().await;
+    assert_eq!(peer.read_msg().await["t"], "shutdown");
+    drop(peer);
+    assert_eq!(control.closed().await, CloseReason::Eof);
+    assert!(control.is_closed());
 }

@@ -1,0 +1,191 @@
+//! The `hello` / `ready` handshake of protocol v1, for any transport (see `docs/protocol.md`).
+//!
+//! The host speaks first: it sends `hello` (the versions it offers, the frame limit, the
+//! adapter's configuration...); the worker answers with one message, `ready` (the version it
+//! chose, its pid and tools) or `refuse` (it speaks none of the versions offered). This module
+//! holds the transport-independent halves of that exchange: [`encode_hello`] writes the message
+//! body, [`parse_ready`] reads the answer's body and checks it. A transport adds only its framing
+//! and its I/O:
+//!
+//! ```
+//! use snakepit_core::handshake::{encode_hello, parse_ready};
+//! use snakepit_core::{Hello, WorkerId};
+//!
+//! let hello = Hello::new(WorkerId { slot: 0, generation: 0 }, 1 << 20, serde_json::Value::Null);
+//! let mut body = Vec::new();
+//! encode_hello(&mut body, &hello);
+//! // ... frame `body`, send it, read the worker's first message ...
+//! let answer = br#"{"t":"ready","version":1,"pid":4242,"tools":[{"name":"echo"}]}"#;
+//! let ready = parse_ready(&hello, answer)?;
+//! assert_eq!(ready.pid, 4242);
+//! # Ok::<(), snakepit_core::Error>(())
+//! ```
+//!
+//! End-of-file or a broken frame before the answer are the transport's to report
+//! ([`Error::Disconnected`], [`Error::Protocol`]); the caller bounds the whole exchange with the
+//! adapter's handshake timeout.
+
+use crate::wire::{HelloMsg, Inbound};
+use crate::{Codec, Error, Hello, Ready};
+
+/// Appends the JSON body of the `hello` message for `hello` to `out` (no framing: the transport
+/// adds its own).
+///
+/// The body names `hello.worker`, the versions offered, the JSON codec, the frame limit, the
+/// adapter configuration, how many calls the host may send at once, the transport settings
+/// (omitted when `null`) and the busy-poll window (omitted when zero).
+pub fn encode_hello(out: &mut Vec<u8>, hello: &Hello) {
+    let msg = HelloMsg {
+        t: "hello",
+        versions: &hello.versions,
+        codecs: &[Codec::Json.name()],
+        worker: hello.worker.to_string(),
+        max_frame: hello.max_frame,
+        config: &hello.config,
+        max_in_flight: hello.max_in_flight,
+        transport: &hello.transport,
+        busy_poll_us: (!hello.busy_poll.is_zero())
+            .then(|| u64::try_from(hello.busy_poll.as_micros()).unwrap_or(u64::MAX)),
+    };
+    // Serialising a struct of strings, numbers and a `Value` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *out, &msg);
+}
+
+/// Interprets `body`, the worker's answer to `hello`, and returns its [`Ready`].
+///
+/// Errors, all naming `hello.worker`:
+/// * [`Error::VersionMismatch`]: the worker sent `refuse` (with its reason, or "no reason
+///   given"), or it chose a version `hello` did not offer;
+/// * [`Error::Protocol`]: the body is not a JSON message (the parse error is the error's
+///   source), it is not `ready` or `refuse`, or a `ready` lacks `version` or `pid`.
+pub fn parse_ready(hello: &Hello, body: &[u8]) -> Result<Ready, Error> {
+    let worker = hello.worker;
+    let protocol = |detail: String| Error::Protocol { worker, detail, source: None };
+    let msg: Inbound<'_> = serde_json::from_slice(body).map_err(|e| Error::Protocol {
+        worker,
+        detail: "handshake: expected `ready`, got a malformed message".into(),
+        source: Some(Box::new(e)),
+    })?;
+    let ready = match &*msg.t {
+        "ready" => msg.ready().ok_or_else(|| protocol("`ready` without `version` and `pid`".into()))?,
+        "refuse" => {
+            return Err(Error::VersionMismatch {
+                worker,
+                offered: hello.versions.clone(),
+                reason: msg.reason.unwrap_or_else(|| "no reason given".into()),
+            })
+        }
+        other => return Err(protocol(format!("handshake: expected `ready`, got `{other}`"))),
+    };
+    if !hello.versions.contains(&ready.version) {
+        return Err(Error::VersionMismatch {
+            worker,
+            offered: hello.versions.clone(),
+            reason: format!("the worker chose version {}, which was not offered", ready.version),
+        });
+    }
+    Ok(ready)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ToolInfo, WorkerId};
+
+    fn hello() -> Hello {
+        Hello::new(WorkerId { slot: 2, generation: 5 }, 4096, serde_json::json!({"k": "v"}))
+    }
+
+    #[test]
+    fn hello_body_carries_the_offer() {
+        let mut out = b"prefix".to_vec();
+        let h = hello()
+            .with_max_in_flight(4)
+            .with_busy_poll(std::time::Duration::from_micros(50))
+            .with_transport(serde_json::json!({"kind": "test"}));
+        encode_hello(&mut out, &h);
+        assert!(out.starts_with(b"prefix"), "appends");
+        let v: serde_json::Value = serde_json::from_slice(&out[6..]).expect("json");
+        assert_eq!(v["t"], "hello");
+        assert_eq!(v["versions"], serde_json::json!(crate::PROTOCOL_VERSIONS));
+        assert_eq!(v["codecs"], serde_json::json!(["json"]));
+        assert_eq!(v["worker"], "worker 2.5");
+        assert_eq!(v["max_frame"], 4096);
+        assert_eq!(v["config"]["k"], "v");
+        assert_eq!(v["max_in_flight"], 4);
+        assert_eq!(v["transport"]["kind"], "test");
+        assert_eq!(v["busy_poll_us"], 50);
+        // Defaults: no transport settings, no busy-poll window.
+        let mut out = Vec::new();
+        encode_hello(&mut out, &hello());
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert!(v.get("transport").is_none() && v.get("busy_poll_us").is_none(), "{v}");
+    }
+
+    #[test]
+    fn ready_is_parsed() {
+        let body = br#"{"t":"ready","version":1,"pid":9,"tools":[{"name":"a"},{"name":"s","stream":true}],
+            "max_in_flight":3,"bridge":"py","cancel_signal":10,"address":"unix:/x"}"#;
+        let r = parse_ready(&hello(), body).expect("ready");
+        let want = Ready::new(1, 9)
+            .with_tools(vec![ToolInfo::new("a"), ToolInfo::stream("s")])
+            .with_max_in_flight(3)
+            .with_bridge("py")
+            .with_cancel_signal(Some(10))
+            .with_address(Some("unix:/x".into()));
+        assert_eq!(r, want);
+        // Absent fields take their defaults.
+        let r = parse_ready(&hello(), br#"{"t":"ready","version":1,"pid":9}"#).expect("ready");
+        assert_eq!(r, Ready::new(1, 9));
+    }
+
+    #[test]
+    fn refuse_is_a_version_mismatch() {
+        let h = hello();
+        match parse_ready(&h, br#"{"t":"refuse","reason":"I speak v7 only"}"#) {
+            Err(Error::VersionMismatch { worker, offered, reason }) => {
+                assert_eq!(worker, h.worker);
+                assert_eq!(offered, h.versions);
+                assert_eq!(reason, "I speak v7 only");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match parse_ready(&h, br#"{"t":"refuse"}"#) {
+            Err(Error::VersionMismatch { reason, .. }) => assert_eq!(reason, "no reason given"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_version_not_offered_is_a_version_mismatch() {
+        match parse_ready(&hello(), br#"{"t":"ready","version":99,"pid":9}"#) {
+            Err(Error::VersionMismatch { reason, offered, .. }) => {
+                assert!(reason.contains("99") && reason.contains("not offered"), "{reason}");
+                assert_eq!(offered, crate::PROTOCOL_VERSIONS);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_answers_are_protocol_errors() {
+        use std::error::Error as _;
+        let h = hello();
+        let e = parse_ready(&h, b"{not json").expect_err("malformed");
+        assert_eq!(e.kind(), "protocol");
+        assert_eq!(e.worker(), Some(h.worker));
+        assert!(e.to_string().contains("malformed message"), "{e}");
+        assert!(e.source().is_some_and(|s| s.is::<serde_json::Error>()), "keeps the parse error");
+        for (body, want) in [
+            (&br#"{"t":"ready","pid":9}"#[..], "without `version`"),
+            (br#"{"t":"ready","version":1}"#, "without `version` and `pid`"),
+            (br#"{"t":"result","id":1,"ok":1}"#, "got `result`"),
+            (br#"{"version":1,"pid":9}"#, "malformed"),
+        ] {
+            match parse_ready(&h, body) {
+                Err(Error::Protocol { detail, .. }) => assert!(detail.contains(want), "{detail}"),
+                other => panic!("{}: unexpected {other:?}", String::from_utf8_lossy(body)),
+            }
+        }
+    }
+}
