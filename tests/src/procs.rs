@@ -1,5 +1,5 @@
 //! Finding, killing and waiting for the processes a test started, by a marker in their
-//! environment. Shared (via `#[path]`) with the facade crate's CLI tests.
+//! environment. Shared (via `#[path]`) with the CLI tests of `snakepit-cli`.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
