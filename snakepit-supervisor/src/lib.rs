@@ -25,6 +25,13 @@
 
 #![deny(unsafe_code)]
 
+#[cfg(target_os = "macos")]
+compile_error!("snakepit-supervisor supports only Linux: it needs PR_SET_PDEATHSIG, pidfd and PR_SET_CHILD_SUBREAPER; macOS is not supported yet");
+#[cfg(target_os = "windows")]
+compile_error!("snakepit-supervisor supports only Linux: it needs PR_SET_PDEATHSIG, pidfd and PR_SET_CHILD_SUBREAPER; Windows is not supported yet");
+#[cfg(not(any(target_os = "linux", target_os = "macos", target_os = "windows")))]
+compile_error!("snakepit-supervisor supports only Linux: it needs PR_SET_PDEATHSIG, pidfd and PR_SET_CHILD_SUBREAPER; this target OS is not supported yet");
+
 mod backoff;
 mod member;
 mod memory;

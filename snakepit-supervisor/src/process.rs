@@ -503,6 +503,7 @@ fn spawn_monitor(mut proc: Proc, conn: Arc<dyn Connection>, shared: Arc<Shared>)
 /// Spawns a process for `spec` under its own shepherd (see the `shepherd` module), with the
 /// given stdin and stdout and a piped stderr. The returned [`Shared`] owns the lifeline.
 #[allow(unsafe_code)] // pre_exec: the shepherd runs between fork and exec
+#[allow(clippy::disallowed_methods)] // the spawner: the one place that starts worker processes
 pub(crate) fn spawn_shepherded(
     spec: &SpawnSpec,
     opts: &StartOptions,

@@ -12,8 +12,8 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use snakepit_core::{
-    CloseReason, Connection, Error, ExitInfo, InFlight, Payload, Ready, Request, RequestId, WorkerError, WorkerHandle,
-    WorkerId,
+    CloseReason, Connection, Error, ExitInfo, InFlight, Payload, Ready, Request, RequestId, WorkerError,
+    WorkerHandle, WorkerId,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
@@ -275,7 +275,6 @@ impl Connection for FakeConnection {
     fn answered(&self, id: RequestId) -> BoxFuture<'static, ()> {
         Box::pin(self.0.in_flight.answered(id))
     }
-
 }
 
 /// A started fake worker, as the pool holds it. Dropping it ends the worker.

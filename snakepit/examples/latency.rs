@@ -1,8 +1,8 @@
 //! Sequential round-trip latency of a trivial call through a 1-worker pool.
 //!
-//! `cargo run --release -p snakepit --example latency [CALLS] [stdio|grpc] [BUSY_POLL_US]` (gRPC
-//! uses the repository's `.venv/bin/python`: run `cargo xtask setup` first; BUSY_POLL_US sets
-//! `PoolBuilder::busy_poll`).
+//! `cargo run --release -p snakepit --example latency --features grpc -- [CALLS] [stdio|grpc]
+//! [BUSY_POLL_US]` (gRPC uses the repository's `.venv/bin/python`: run `cargo xtask setup` first;
+//! BUSY_POLL_US sets `PoolBuilder::busy_poll`).
 
 use std::time::{Duration, Instant};
 

@@ -2,6 +2,7 @@
 //! environment, and a [`Reaper`] guard proves none of them outlives the test (and kills them if
 //! a test fails before it can clean up).
 
+#![deny(unsafe_code)]
 #![allow(missing_docs)]
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,5 @@
 //! Finding, killing and waiting for the processes a test started, by a marker in their
-//! environment. Shared (via `#[path]`) with the facade crate's CLI tests.
+//! environment. Shared (via `#[path]`) with the CLI tests of `snakepit-cli`.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -38,6 +38,7 @@ fn is_zombie(pid: i32) -> bool {
 
 /// Waits until `pid` has exited (or `deadline` passes), on a pidfd: no polling loop.
 /// Returns whether it exited.
+#[allow(unsafe_code)] // pidfd_open and poll(2): no safe wrapper in the test dependencies
 pub fn wait_exit(pid: i32, deadline: Instant) -> bool {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -90,6 +91,7 @@ pub fn wait_none_left(marker: &str, within: Duration) -> Vec<i32> {
 }
 
 /// SIGKILLs every marked process.
+#[allow(unsafe_code)] // kill(2) on pids this test tagged
 pub fn kill_marked(marker: &str) {
     for pid in marked_pids(marker) {
         // SAFETY: plain kill(2).

@@ -242,6 +242,7 @@ async fn a_worker_offering_only_unknown_versions_is_refused() {
 }
 
 #[test]
+#[allow(clippy::disallowed_methods)] // runs the bridge by hand, without a host
 fn the_bridge_exits_by_itself_on_stdin_eof() {
     let r = Reaper::new();
     let script = r.script("w.py", ADD_SCRIPT);

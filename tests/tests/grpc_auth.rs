@@ -9,6 +9,7 @@ use snakepit::grpc::proto::{worker_client::WorkerClient, CallRequest};
 use snakepit_tests::Reaper;
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // runs the bridge by hand, as an intruder would
 async fn a_call_without_the_token_is_rejected() {
     let r = Reaper::new();
     let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");

@@ -125,6 +125,7 @@ async fn unknown_command_fails_in_the_host() {
 }
 
 #[tokio::test]
+#[allow(clippy::disallowed_methods)] // prepares a fake interpreter for the test
 async fn interpreter_env_cwd_and_args_are_configurable() {
     let r = Reaper::new();
     let venv = r.dir().join("venv");

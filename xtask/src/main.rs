@@ -1,13 +1,19 @@
 //! `cargo xtask <task>`: project automation.
 //!
-//! * `ci`: format check, clippy with `-D warnings`, then every test (cargo-nextest when it is
-//!   installed, else `cargo test`). What `.ci/run` runs.
+//! * `ci`: format check, clippy with `-D warnings` (the workspace, then the `snakepit` facade
+//!   alone with no default features, `stdio`, `grpc` and all features), then every test
+//!   (cargo-nextest when it is installed, else `cargo test`). What `.ci/run` runs.
 //! * `test`: only the tests.
-//! * `bench [--quick]`: `snakepit bench` in release mode (table, `target/bench/bench.json`).
+//! * `bench [--quick]`: `snakepit bench` (the `snakepit-cli` package) in release mode (table,
+//!   `target/bench/bench.json`).
 //! * `setup`: creates `.venv` (the repository's Python virtualenv) with the gRPC transport's
 //!   Python dependencies (grpcio, protobuf; grpcio-tools for `proto`), from PyPI. Idempotent.
 //! * `proto [--check]`: regenerates the Python stubs of `proto/` into the bridge (the Rust side
 //!   is generated at build time by protox); `--check` fails if the committed ones are stale.
+
+#![deny(unsafe_code)]
+// xtask drives cargo, python and pip: starting processes is its whole job.
+#![allow(clippy::disallowed_methods)]
 
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -134,12 +140,21 @@ fn bench(extra: Vec<String>) -> Result<(), String> {
     for args in runs {
         let mut c = cargo();
         c.current_dir(root())
-            .args(["run", "--release", "--quiet", "-p", "snakepit", "--", "bench"])
+            .args(["run", "--release", "--quiet", "-p", "snakepit-cli", "--", "bench"])
             .args(&args);
         run("bench", c)?;
     }
     Ok(())
 }
+
+/// Feature combinations of the `snakepit` facade that `ci` lints on their own.
+const FACADE_FEATURE_SETS: &[&[&str]] = &[
+    &["--no-default-features"],
+    &["--no-default-features", "--features", "stdio"],
+    // gRPC without the Python adapter.
+    &["--no-default-features", "--features", "grpc"],
+    &["--all-features"],
+];
 
 fn ci() -> Result<(), String> {
     let start = Instant::now();
@@ -151,9 +166,13 @@ fn ci() -> Result<(), String> {
     let mut c = cargo();
     c.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
     run("clippy", c)?;
-    let mut c = cargo();
-    c.args(["clippy", "-p", "snakepit", "--no-default-features", "--", "-D", "warnings"]);
-    run("clippy (facade, no default features)", c)?;
+    // The facade's documented feature combinations: the workspace run above checks the facade
+    // only once, with the union of the features its dependents enable.
+    for features in FACADE_FEATURE_SETS {
+        let mut c = cargo();
+        c.args(["clippy", "-p", "snakepit"]).args(*features).args(["--", "-D", "warnings"]);
+        run(&format!("clippy (facade, {})", features.join(" ")), c)?;
+    }
     // A smoke run of the benchmarks (quick mode only), before the tests so that the test
     // runner's summary closes the log.
     bench(vec!["--quick".into()])?;

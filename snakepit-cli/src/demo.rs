@@ -11,9 +11,17 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use snakepit::{Pool, Python};
 
+/// The demo's log filter unless `$SNAKEPIT_LOG` is set: warnings, except the pool's and the
+/// supervisor's, which would report each planned worker crash in the middle of the progress bar.
+/// The summary reports those crashes and their restarts instead; errors still show.
+pub(crate) const DEFAULT_LOG_FILTER: &str = "warn,snakepit=error,snakepit_supervisor=error";
+
+/// How long the summary waits for the pool to replace the crashed workers.
+const RESTART_BOUND: Duration = Duration::from_secs(30);
+
 /// Options of `snakepit demo`.
 #[derive(Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Number of workers.
     #[arg(long, default_value_t = 4)]
     size: usize,
@@ -50,10 +58,15 @@ impl Kind {
     }
 }
 
+/// Whether the i-th call of the workload crashes its worker (one call in 1000).
+fn crashes(i: usize) -> bool {
+    i % 1000 == 500
+}
+
 /// The i-th call of the workload: mostly echo and add, some CPU work, a few raising tools,
 /// a print to stdout, and a worker crash every 1000 calls.
 fn plan(i: usize) -> (Kind, serde_json::Value) {
-    if i % 1000 == 500 {
+    if crashes(i) {
         return (Kind::Crash, json!({"code": 3}));
     }
     match i % 20 {
@@ -65,7 +78,9 @@ fn plan(i: usize) -> (Kind, serde_json::Value) {
     }
 }
 
-pub async fn run(args: DemoArgs) -> std::process::ExitCode {
+/// Runs the demo: starts the pool, runs the workload with a progress bar, waits for the crashed
+/// workers to be replaced and prints a summary table.
+pub(crate) async fn run(args: DemoArgs) -> std::process::ExitCode {
     let t0 = Instant::now();
     eprintln!(
         "starting {} Python workers (snakepit_bridge.showcase, {:?})...",
@@ -156,7 +171,15 @@ pub async fn run(args: DemoArgs) -> std::process::ExitCode {
     }
     let elapsed = started.elapsed();
     bar.finish_and_clear();
-    let stats = pool.stats();
+    // A crashed worker is counted as restarted once its replacement is ready, which may be after
+    // the last call returned: wait (bounded) until the pool is whole again.
+    let planned = (0..args.calls).filter(|i| crashes(*i)).count();
+    let crashed = outcomes.get("worker_crashed").copied().unwrap_or(0);
+    let whole = |s: &snakepit::PoolStats| s.ready == s.size && s.restarts >= crashed as u64;
+    let (stats, restored) = match pool.wait_stats(whole, RESTART_BOUND).await {
+        Ok(s) => (s, true),
+        Err(s) => (s, false),
+    };
     let (p50, p99, max) = hist
         .as_ref()
         .map(|h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max()))
@@ -171,7 +194,13 @@ pub async fn run(args: DemoArgs) -> std::process::ExitCode {
         println!("  {:<22} {:>10}", format!("  {k}"), v);
     }
     println!("  {:<22} {:>10}", "wrong results", wrong);
+    println!("  {:<22} {:>10}", "planned crashes", planned);
     println!("  {:<22} {:>10}", "worker restarts", stats.restarts);
+    if !restored {
+        // Honest about the bound: the pool was not whole again in time.
+        let late = format!("{} of {} ready after {} s", stats.ready, stats.size, RESTART_BOUND.as_secs());
+        println!("  {:<22} {:>10}", "  NOT all restarted", late);
+    }
     println!("  {:<22} {:>10}", "latency p50", format!("{p50} µs"));
     println!("  {:<22} {:>10}", "latency p99", format!("{p99} µs"));
     println!("  {:<22} {:>10}", "latency max", format!("{max} µs"));
@@ -187,6 +216,21 @@ pub async fn run(args: DemoArgs) -> std::process::ExitCode {
     println!("  {:<22} {:>10}", "shutdown", format!("{:.0} ms", t.elapsed().as_secs_f64() * 1e3));
     if wrong > 0 || unexpected {
         eprintln!("snakepit demo: unexpected outcomes ({expected_errors} errors)");
+        return std::process::ExitCode::FAILURE;
+    }
+    if crashed != planned {
+        eprintln!("snakepit demo: {planned} planned crash(es) but {crashed} worker(s) crashed");
+        return std::process::ExitCode::FAILURE;
+    }
+    if !restored {
+        eprintln!(
+            "snakepit demo: {crashed} worker(s) crashed but only {} restart(s) and {} of {} workers ready \
+             {} s after the last call",
+            stats.restarts,
+            stats.ready,
+            stats.size,
+            RESTART_BOUND.as_secs()
+        );
         return std::process::ExitCode::FAILURE;
     }
     std::process::ExitCode::SUCCESS

@@ -1,4 +1,4 @@
-//! The `snakepit` binary: `serve`, `call` and `demo`, with real python3 workers.
+//! The `snakepit` binary: `serve`, `call`, `demo` and `reap`, with real python3 workers.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -50,10 +50,16 @@ impl Drop for Guard {
     }
 }
 
+#[allow(clippy::disallowed_methods)] // runs the CLI binary under test
 fn snakepit(marker: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_snakepit"));
     c.env(procs::MARKER_VAR, marker).env("SNAKEPIT_LOG", "warn");
     c
+}
+
+/// The value of a `snakepit demo` summary row (`  name   value`).
+fn summary_row<'a>(stdout: &'a str, name: &str) -> Option<&'a str> {
+    stdout.lines().find_map(|l| l.trim_start().strip_prefix(name)).map(str::trim)
 }
 
 #[test]
@@ -158,6 +164,23 @@ fn demo_runs_a_mixed_workload() {
     assert!(stdout.contains("worker_crashed") && stdout.contains("latency p99"), "{stdout}");
 }
 
+/// As a new user runs it (no `SNAKEPIT_LOG`): the planned crashes are in the summary, each one
+/// restarted before it is printed, and no warning about them interleaves with the progress output.
+#[test]
+fn demo_reports_planned_crashes_and_their_restarts_without_warnings() {
+    let g = Guard::new();
+    let mut c = g.snakepit();
+    c.env_remove("SNAKEPIT_LOG").args(["demo", "--calls", "2600"]);
+    let out = c.output().expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(summary_row(&stdout, "worker_crashed"), Some("3"), "{stdout}");
+    assert_eq!(summary_row(&stdout, "planned crashes"), Some("3"), "{stdout}");
+    assert_eq!(summary_row(&stdout, "worker restarts"), Some("3"), "{stdout}");
+    assert!(!stderr.contains("WARN"), "warnings on stderr:\n{stderr}");
+}
+
 /// The host is SIGKILLed while 8 busy workers each have a grandchild (half of them `setsid()`
 /// and all ignoring SIGTERM/SIGHUP): within a second nothing it started is alive.
 #[test]
@@ -208,6 +231,7 @@ fn stat_fields(pid: u32) -> Option<(u64, u32)> {
 }
 
 /// A plain long-lived process (not a shim that spawns helpers) carrying a run id.
+#[allow(clippy::disallowed_methods)] // a test helper: a tagged stand-in process for the reaper to find
 fn idle_process(g: &Guard, run_id: &str) -> std::process::Child {
     Command::new("sleep")
         .arg("1000")
@@ -218,6 +242,7 @@ fn idle_process(g: &Guard, run_id: &str) -> std::process::Child {
 }
 
 #[test]
+#[allow(clippy::disallowed_methods)] // runs the CLI binary under test
 fn reap_kills_only_what_dead_hosts_left_behind() {
     let g = Guard::new();
     std::fs::create_dir_all(g.run_dir()).expect("run dir");

@@ -20,7 +20,7 @@ use snakepit::{Payload, Pool, Python};
 
 /// Options of `snakepit bench`.
 #[derive(Args, Debug)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// A short run for CI smoke tests (fewer calls, sizes and repetitions).
     #[arg(long)]
     quick: bool,
@@ -101,6 +101,7 @@ fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<()> {
 }
 
 /// A plain blocking loop over a pipe to one Python process; `k` calls in flight.
+#[allow(clippy::disallowed_methods)] // the raw-pipe floor: a bare python3 child, measured without snakepit
 fn floor(python: &str, peer: Peer, payload: usize, calls: u64, k: usize) -> std::io::Result<Sample> {
     let mut cmd = Command::new(python);
     match peer {
@@ -154,6 +155,7 @@ fn floor(python: &str, peer: Peer, payload: usize, calls: u64, k: usize) -> std:
 
 /// The gRPC floor: a bare tonic client calling the bridge's `Worker.Execute` on its socket
 /// (no pool, no supervisor); the bridge is started and greeted by hand.
+#[allow(clippy::disallowed_methods)] // the gRPC floor: a bare bridge process, measured without snakepit
 async fn grpc_floor(python: &std::path::Path, payload: usize, calls: u64) -> Result<Sample, String> {
     use snakepit::grpc::proto::{worker_client::WorkerClient, CallRequest};
     let dir = std::env::temp_dir().join(format!("spb{:x}", std::process::id()));
@@ -273,6 +275,7 @@ async fn pool_ready(python: &str, n: usize, script: Option<&std::path::Path>, zy
 
 /// Time of `n` bare concurrent spawns of the same interpreter and bootstrap (which import
 /// everything, then exit at stdin EOF): what a pool's cold start is compared with.
+#[allow(clippy::disallowed_methods)] // the start-up floor: bare spawns to compare against
 fn bare_spawns(python: &str, n: usize, script: Option<&std::path::Path>) -> Duration {
     let bridge = snakepit::adapters::bridge_dir().unwrap_or_default();
     let t = Instant::now();
@@ -387,7 +390,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-pub async fn run(args: BenchArgs) -> std::process::ExitCode {
+pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
     let python = std::env::var("SNAKEPIT_PYTHON").unwrap_or_else(|_| "python3".into());
     let grpc_python = args.grpc_python.clone().or_else(|| {
         let p = PathBuf::from(".venv/bin/python");
@@ -666,7 +669,7 @@ pub async fn run(args: BenchArgs) -> std::process::ExitCode {
 }
 
 /// Pins the calling thread (and so every thread and process it creates later) to CPU 0.
-pub fn pin_to_cpu0() -> Result<(), String> {
+pub(crate) fn pin_to_cpu0() -> Result<(), String> {
     let mut set = nix::sched::CpuSet::new();
     set.set(0).map_err(|e| e.to_string())?;
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(|e| e.to_string())
@@ -675,9 +678,10 @@ pub fn pin_to_cpu0() -> Result<(), String> {
 static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The system allocator, counting allocations.
-pub struct CountingAlloc;
+pub(crate) struct CountingAlloc;
 
 // SAFETY: every method forwards to the system allocator unchanged; the counter is a side effect.
+#[allow(unsafe_code)] // a GlobalAlloc impl is unsafe by definition; it only forwards to System
 unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

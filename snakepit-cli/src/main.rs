@@ -1,4 +1,7 @@
-//! The `snakepit` command-line tool: `demo`, `serve`, `call`.
+//! The `snakepit` command-line tool (the `snakepit-cli` package): `demo`, `serve`, `call`, `reap`
+//! and `bench`, built on the `snakepit` library.
+
+#![deny(unsafe_code)]
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -138,15 +141,21 @@ impl WorkerArgs {
     }
 }
 
-fn init_tracing() {
+/// Logs to stderr, filtered by `$SNAKEPIT_LOG` (a `tracing` filter) or else by `default`.
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SNAKEPIT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(match cli.cmd {
+        // The demo crashes workers on purpose and reports them in its summary: the pool's
+        // warning for each planned exit would only interleave with the progress bar.
+        Cmd::Demo(_) => demo::DEFAULT_LOG_FILTER,
+        _ => "warn",
+    });
     if let Cmd::Bench(b) = &cli.cmd {
         // Before the runtime exists: its threads and the workers inherit the affinity.
         if b.pin {
