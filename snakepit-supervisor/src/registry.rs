@@ -88,11 +88,13 @@ fn sanitize(name: &str) -> String {
         .collect()
 }
 
-/// The registry file of one running pool. Dropping it removes the file.
+/// The registry file of one running pool. Dropping (or [closing](RunFile::close)) it removes the
+/// file; updates after that are ignored, so a late one cannot bring the file back.
 #[derive(Debug)]
 pub struct RunFile {
     path: PathBuf,
-    record: Mutex<RunRecord>,
+    /// The record, and whether the file is closed; every write happens under this lock.
+    record: Mutex<(RunRecord, bool)>,
 }
 
 impl RunFile {
@@ -108,32 +110,38 @@ impl RunFile {
             workers: Vec::new(),
         };
         let path = dir.join(format!("{}.{}.run.json", sanitize(instance), sanitize(run_id)));
-        let f = RunFile { path, record: Mutex::new(record) };
-        f.write()?;
-        Ok(f)
+        write(&path, &record)?;
+        Ok(RunFile { path, record: Mutex::new((record, false)) })
     }
 
-    fn write(&self) -> std::io::Result<()> {
-        let rec = self.record.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&rec).map_err(std::io::Error::other)?)?;
-        std::fs::rename(&tmp, &self.path)
+    /// Applies `change` to the record and rewrites the file, unless it is closed.
+    fn update(&self, change: impl FnOnce(&mut RunRecord)) {
+        let mut rec = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        if rec.1 {
+            return;
+        }
+        change(&mut rec.0);
+        if let Err(e) = write(&self.path, &rec.0) {
+            tracing::warn!("cannot update the run registry {}: {e}", self.path.display());
+        }
     }
 
     /// Records a started worker process.
     pub fn add_worker(&self, pid: u32) {
         let Some(start) = start_time(pid) else { return };
-        self.record.lock().unwrap_or_else(|p| p.into_inner()).workers.push((pid, start));
-        if let Err(e) = self.write() {
-            tracing::warn!("cannot update the run registry {}: {e}", self.path.display());
-        }
+        self.update(|r| r.workers.push((pid, start)));
     }
 
     /// Forgets a worker process that has exited.
     pub fn remove_worker(&self, pid: u32) {
-        self.record.lock().unwrap_or_else(|p| p.into_inner()).workers.retain(|(p, _)| *p != pid);
-        if let Err(e) = self.write() {
-            tracing::warn!("cannot update the run registry {}: {e}", self.path.display());
+        self.update(|r| r.workers.retain(|(p, _)| *p != pid));
+    }
+
+    /// Removes the file (the pool is gone); later updates are ignored.
+    pub fn close(&self) {
+        let mut rec = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        if !std::mem::replace(&mut rec.1, true) {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 
@@ -143,9 +151,16 @@ impl RunFile {
     }
 }
 
+/// Writes `rec` to `path` atomically (a temporary file, then a rename).
+fn write(path: &Path, rec: &RunRecord) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(rec).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&tmp, path)
+}
+
 impl Drop for RunFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.close();
     }
 }
 
@@ -234,6 +249,20 @@ mod tests {
         assert!(path.exists());
         drop(f);
         assert!(!path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_closed_file_stays_gone_whatever_updates_come_late() {
+        let dir = std::env::temp_dir().join(format!("snakepit-reg-close-{}", std::process::id()));
+        let f = std::sync::Arc::new(RunFile::create(&dir, "inst", "run-2").expect("create"));
+        let path = f.path().to_owned();
+        let late = f.clone(); // a worker's exit watcher, still holding the file
+        f.close();
+        assert!(!path.exists());
+        late.remove_worker(std::process::id());
+        late.add_worker(std::process::id());
+        assert!(!path.exists(), "an update after close must not bring the file back");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

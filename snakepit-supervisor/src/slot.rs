@@ -233,6 +233,8 @@ pub struct Slot {
     index: usize,
     current: Mutex<Option<Arc<Member>>>,
     state: AtomicU8,
+    /// Recycled workers still draining (they belong to the pool until they have stopped).
+    retiring: Mutex<Vec<Arc<Member>>>,
 }
 
 /// Resolves once the pool is shutting down.
@@ -249,7 +251,12 @@ enum Next {
 impl Slot {
     /// Slot number `index`, with no worker yet.
     pub fn new(index: usize) -> Self {
-        Slot { index, current: Mutex::new(None), state: AtomicU8::new(SlotState::Starting as u8) }
+        Slot {
+            index,
+            current: Mutex::new(None),
+            state: AtomicU8::new(SlotState::Starting as u8),
+            retiring: Mutex::new(Vec::new()),
+        }
     }
 
     /// The slot's number.
@@ -272,6 +279,12 @@ impl Slot {
         self.current.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
+    /// Takes the recycled workers that are still draining (at shutdown: the pool stops them
+    /// with the others, so none outlives it).
+    pub fn take_retiring(&self) -> Vec<Arc<Member>> {
+        std::mem::take(&mut *self.retiring.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn set_state(&self, mgr: &impl SlotManager, s: SlotState) {
         self.state.store(s as u8, Ordering::Release);
         mgr.event(self.index, SlotEvent::State(s));
@@ -285,11 +298,22 @@ impl Slot {
     }
 
     /// Supervises the slot until `shutdown` turns true, starting from `first` (already
-    /// [installed](Slot::install)).
+    /// [installed](Slot::install)); the slot is then `Stopped`.
     pub async fn run<M: SlotManager>(
         self: Arc<Self>,
         mgr: Arc<M>,
         cfg: Arc<SlotConfig>,
+        first: Arc<Member>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        self.supervise(&*mgr, &cfg, first, shutdown).await;
+        self.set_state(&*mgr, SlotState::Stopped);
+    }
+
+    async fn supervise(
+        self: &Arc<Self>,
+        mgr: &impl SlotManager,
+        cfg: &SlotConfig,
         first: Arc<Member>,
         mut shutdown: watch::Receiver<bool>,
     ) {
@@ -299,27 +323,30 @@ impl Slot {
         let mut member = first;
         let mut generation = member.id().generation + 1;
         loop {
-            match self.serve(&*mgr, &cfg, &member, &mut shutdown).await {
-                Next::Shutdown => {
-                    self.set_state(&*mgr, SlotState::Stopped);
-                    return;
-                }
+            match self.serve(mgr, cfg, &member, &mut shutdown).await {
+                Next::Shutdown => return,
                 Next::Recycle(reason) => {
                     // A worker serving a session call keeps it to the end before it is recycled
                     // (bounded by the drain timeout): its pinned sessions lose it only afterwards.
-                    member.sessions_quiet(cfg.drain_timeout).await;
+                    tokio::select! {
+                        _ = member.sessions_quiet(cfg.drain_timeout) => {}
+                        _ = stopped(&mut shutdown) => return,
+                    }
                     tracing::info!(worker = %member.id(), "recycling ({reason}); starting its replacement first");
+                    // While the replacement starts, the old worker serves: the slot stays Ready
+                    // (a failed start is reported, but it does not open the circuit).
                     let attempt =
-                        self.start(&*mgr, &mut generation, &mut backoff, None, &mut shutdown, false);
+                        self.start(mgr, &mut generation, &mut backoff, None, &mut shutdown, Start::Recycle);
                     let Some(next) = attempt.await else { return };
                     // The replacement is ready: only now does the old worker leave the pool.
                     member.set_retiring();
                     mgr.dismiss(&member);
                     mgr.event(self.index, SlotEvent::Recycled { worker: member.id(), reason });
-                    self.install(&*mgr, &next);
+                    self.install(mgr, &next);
                     mgr.event(self.index, SlotEvent::Started { worker: next.id(), restart: false });
                     let old = std::mem::replace(&mut member, next);
-                    tokio::spawn(retire(old, cfg.drain_timeout, cfg.shutdown_grace));
+                    self.retiring.lock().unwrap_or_else(|p| p.into_inner()).push(old.clone());
+                    tokio::spawn(retire(self.clone(), old, cfg.drain_timeout, cfg.shutdown_grace));
                 }
                 Next::Exited(exit) => {
                     mgr.dismiss(&member);
@@ -339,7 +366,7 @@ impl Slot {
                             window = ?cfg.restart_window,
                             "worker keeps crashing; slot paused for one restart window (pool degraded)"
                         );
-                        self.set_state(&*mgr, SlotState::Failed);
+                        self.set_state(mgr, SlotState::Failed);
                         tokio::select! {
                             _ = tokio::time::sleep(cfg.restart_window) => {}
                             _ = stopped(&mut shutdown) => return,
@@ -347,14 +374,20 @@ impl Slot {
                         crashes.clear();
                     } else {
                         tracing::warn!(worker = %member.id(), "worker exited ({exit}); restarting");
-                        self.set_state(&*mgr, SlotState::Backoff);
+                        self.set_state(mgr, SlotState::Backoff);
                     }
                     let started = Some(member.started());
-                    let attempt =
-                        self.start(&*mgr, &mut generation, &mut backoff, started, &mut shutdown, true);
+                    let attempt = self.start(
+                        mgr,
+                        &mut generation,
+                        &mut backoff,
+                        started,
+                        &mut shutdown,
+                        Start::Restart,
+                    );
                     let Some(next) = attempt.await else { return };
                     member = next;
-                    self.install(&*mgr, &member);
+                    self.install(mgr, &member);
                     mgr.event(self.index, SlotEvent::Started { worker: member.id(), restart: true });
                 }
             }
@@ -377,13 +410,15 @@ impl Slot {
             tokio::time::Instant::now() + age.saturating_sub(lived)
         });
         let hb = cfg.heartbeat;
-        let mut ticker = tokio::time::interval(hb.map_or(Duration::from_secs(3600), |h| h.interval));
+        // A zero period would make `interval` panic: at least a millisecond.
+        let min = Duration::from_millis(1);
+        let mut ticker = tokio::time::interval(hb.map_or(Duration::from_secs(3600), |h| h.interval).max(min));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await; // the first tick is immediate
         let mut missed = 0u32;
         let mut hb_on = hb.is_some();
         let mem_limit = cfg.max_memory.map(|b| jittered(b as f64, cfg.recycle_jitter) as u64);
-        let mut mem_ticker = tokio::time::interval(cfg.memory_check);
+        let mut mem_ticker = tokio::time::interval(cfg.memory_check.max(min));
         mem_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         mem_ticker.tick().await;
         loop {
@@ -436,8 +471,10 @@ impl Slot {
         backoff: &mut RestartBackoff,
         mut last_started: Option<Instant>,
         shutdown: &mut watch::Receiver<bool>,
-        mut first_delay: bool,
+        why: Start,
     ) -> Option<Arc<Member>> {
+        // A restart waits before its first attempt; a recycle starts the replacement at once.
+        let mut first_delay = why == Start::Restart;
         loop {
             if first_delay {
                 let delay = backoff.next_delay(last_started.take());
@@ -458,17 +495,29 @@ impl Slot {
                 Err(e) => {
                     tracing::error!(%id, "start failed: {e}");
                     mgr.event(self.index, SlotEvent::StartFailed { worker: id, error: &e });
-                    self.set_state(mgr, SlotState::Failing);
+                    if why == Start::Restart {
+                        self.set_state(mgr, SlotState::Failing);
+                    }
                 }
             }
         }
     }
 }
 
-/// Lets `old` finish its calls, then stops it gracefully.
-async fn retire(old: Arc<Member>, drain: Duration, grace: Duration) {
+/// Why a slot starts a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// The last one ended: back off first; failures make the slot `Failing`.
+    Restart,
+    /// The current one is due for recycling and still serves: start at once, stay `Ready`.
+    Recycle,
+}
+
+/// Lets `old` finish its calls, then stops it gracefully and forgets it.
+async fn retire(slot: Arc<Slot>, old: Arc<Member>, drain: Duration, grace: Duration) {
     if !old.drained(drain).await {
         tracing::warn!(worker = %old.id(), "still busy after the drain timeout; stopping it anyway");
     }
     old.shutdown(grace).await;
+    slot.retiring.lock().unwrap_or_else(|p| p.into_inner()).retain(|m| !Arc::ptr_eq(m, &old));
 }

@@ -74,6 +74,16 @@ impl ProcessLauncher {
     }
 }
 
+impl Drop for ProcessLauncher {
+    fn drop(&mut self) {
+        // The pool is gone: its run file goes now, even if a worker's exit watcher still holds
+        // it for a moment (the process may exit before that watcher runs again).
+        if let Some(f) = &self.run_file {
+            f.close();
+        }
+    }
+}
+
 #[async_trait]
 impl Launcher for ProcessLauncher {
     async fn launch(&self, opts: StartOptions) -> Result<Box<dyn WorkerHandle>, Error> {

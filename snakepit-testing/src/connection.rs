@@ -30,8 +30,8 @@ pub(crate) struct Link {
     exit: watch::Sender<Option<ExitInfo>>,
     /// Calls and streams running (each task holds its guard, so an aborted one leaves too).
     in_flight: InFlight,
-    /// How to cancel each running call (`None` while its task is being spawned).
-    pending: Mutex<HashMap<u64, Option<AbortHandle>>>,
+    /// How to cancel each running call.
+    pending: Mutex<HashMap<u64, AbortHandle>>,
     next_id: AtomicU64,
 }
 
@@ -48,7 +48,7 @@ impl Link {
         })
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Option<AbortHandle>>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, AbortHandle>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -67,7 +67,7 @@ impl Link {
             }
         });
         let running: Vec<_> = self.pending().drain().collect();
-        for h in running.into_iter().filter_map(|(_, h)| h) {
+        for (_, h) in running {
             h.abort();
         }
     }
@@ -84,15 +84,19 @@ impl Link {
 
     /// Runs `task` as call `id`: registered until it ends (or is aborted by `cancel`/`end`).
     fn spawn(self: &Arc<Self>, id: u64, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.pending().insert(id, None);
         let done = Done(self.clone(), id);
         let guard = self.in_flight.enter(RequestId(id));
+        // Spawned and registered under the lock: `end` (which takes the lock after setting the
+        // exit) either finds the task registered and aborts it, or ran before and is seen below.
+        let mut pending = self.pending();
         let handle = tokio::spawn(async move {
             let _done = (done, guard);
             task.await;
         });
-        if let Some(slot) = self.pending().get_mut(&id) {
-            *slot = Some(handle.abort_handle());
+        pending.insert(id, handle.abort_handle());
+        drop(pending);
+        if self.exit().is_some() {
+            handle.abort();
         }
     }
 }
@@ -116,7 +120,9 @@ async fn run_tool(link: &Arc<Link>, command: &str, args: Value) -> Outcome {
         tokio::time::sleep(*d).await;
     }
     match link.spec.tools.get(command) {
-        Some(Tool::Call(f)) => match AssertUnwindSafe(f(args)).catch_unwind().await {
+        // The closure is called inside the guarded future, so a panic before its first await is
+        // caught too.
+        Some(Tool::Call(f)) => match AssertUnwindSafe(async move { f(args).await }).catch_unwind().await {
             Ok(Ok(v)) => Ok(Payload::from(v)),
             Ok(Err(e)) => Err(err(e)),
             Err(panic) => Err(err(raise("panic", panic_message(&*panic)))),
@@ -194,7 +200,13 @@ impl Connection for FakeConnection {
         let cmd = command.clone();
         link.spawn(id, async move {
             let items = match task_link.spec.tools.get(&cmd) {
-                Some(Tool::Stream(f)) => f(args),
+                Some(Tool::Stream(f)) => match std::panic::catch_unwind(AssertUnwindSafe(|| f(args))) {
+                    Ok(items) => items,
+                    Err(panic) => {
+                        let e = raise("panic", panic_message(&*panic));
+                        futures::stream::once(async move { Err(e) }).boxed()
+                    }
+                },
                 _ => {
                     let one = run_tool(&task_link, &cmd, args).await;
                     let item = match one {
@@ -263,7 +275,9 @@ impl Connection for FakeConnection {
     }
 
     fn cancel(&self, id: RequestId) {
-        if let Some(Some(h)) = self.0.pending().get(&id.0) {
+        // Cloned out first: the aborted task's guard takes the same lock when it is dropped.
+        let handle = self.0.pending().get(&id.0).cloned();
+        if let Some(h) = handle {
             h.abort();
         }
     }

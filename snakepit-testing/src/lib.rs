@@ -29,9 +29,11 @@
 //! It is written only against the public plug-in traits of `snakepit-core`
 //! ([`Adapter`](snakepit_core::Adapter), [`Launcher`](snakepit_core::Launcher),
 //! [`WorkerHandle`](snakepit_core::WorkerHandle), [`Connection`](snakepit_core::Connection)), so
-//! it also shows what an outside worker kind has to provide. It runs on tokio's clock only (no
-//! pipes, no processes, no blocking threads), so tests may pause time
-//! (`#[tokio::test(start_paused = true)]`).
+//! it also shows what an outside worker kind has to provide. It runs on tokio tasks and timers
+//! only (no pipes, no processes, no blocking threads), so tests may pause time
+//! (`#[tokio::test(start_paused = true)]`). One wall-clock reading remains:
+//! [`WorkerHandle::started`](snakepit_core::WorkerHandle::started) is a `std::time::Instant`, so
+//! the restart backoff's reset after healthy uptime does not happen on a paused clock.
 //!
 //! What it does not model: host calls from tools (`ctx.call_host`), codecs other than JSON, and
 //! the wire protocol itself (use the stdio transport's tests and the conformance kit for those).

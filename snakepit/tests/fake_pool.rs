@@ -5,11 +5,25 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::json;
-use snakepit::{CallOptions, Error, Payload, Pool};
+use snakepit::{CallOptions, Error, Payload, Pool, WorkerError};
 use snakepit_testing::{raise, FakeWorker};
+
+fn panics_before_any_await(
+    _: serde_json::Value,
+) -> std::future::Ready<Result<serde_json::Value, WorkerError>> {
+    panic!("a bug before the first await")
+}
+
+fn stream_panics_at_once(
+    _: serde_json::Value,
+) -> futures::stream::Empty<Result<serde_json::Value, WorkerError>> {
+    panic!("a bug in the generator")
+}
 
 fn worker() -> FakeWorker {
     FakeWorker::new()
+        .tool("panics_early", panics_before_any_await)
+        .stream_tool("stream_panics", stream_panics_at_once)
         .tool("add", |args| async move {
             match (args["a"].as_i64(), args["b"].as_i64()) {
                 (Some(a), Some(b)) => Ok(json!(a + b)),
@@ -54,6 +68,13 @@ async fn results_worker_errors_panics_and_crashes_are_typed() {
         matches!(&e, Error::Worker { error, .. } if error.kind == "panic" && error.message.contains("a bug")),
         "{e:?}"
     );
+    let e = pool.execute("panics_early", json!({})).await.expect_err("panics");
+    assert!(matches!(&e, Error::Worker { error, .. } if error.kind == "panic"), "{e:?}");
+    let mut s = pool.execute_stream("stream_panics", json!({})).await.expect("stream");
+    let e = s.next().await.expect("an item").expect_err("the panic");
+    assert!(matches!(&e, Error::Worker { error, .. } if error.kind == "panic"), "{e:?}");
+    assert!(s.next().await.is_none());
+    drop(s);
     assert_eq!(control.starts(), 2, "no worker was replaced");
     // An unregistered tool is refused host-side: no round trip.
     let e = pool.execute("nope", json!({})).await.expect_err("unknown");
@@ -66,7 +87,7 @@ async fn results_worker_errors_panics_and_crashes_are_typed() {
         .wait_stats(|s| s.restarts == 1 && s.ready == 2, Duration::from_secs(10))
         .await
         .expect("restarted");
-    assert_eq!((s.crashes, s.restarts, s.calls_ok, s.calls_failed), (1, 1, 1, 4));
+    assert_eq!((s.crashes, s.restarts, s.calls_ok, s.calls_failed), (1, 1, 1, 6));
     assert_eq!(control.starts(), 3);
     assert_eq!(pool.execute("add", json!({"a": 2, "b": 2})).await.expect("serves again"), json!(4));
     pool.shutdown().await;

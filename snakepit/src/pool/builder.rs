@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures::stream::{FuturesUnordered, StreamExt};
 use snakepit_core::{
     Adapter, Error, Launcher, Payload, SessionStore, StartMode, StartOptions, Transport, WorkerId,
+    DEFAULT_MAX_FRAME,
 };
 use snakepit_supervisor::{registry, Heartbeat, Member, ProcessLauncher, Slot, SlotConfig};
 use tokio::sync::watch;
@@ -98,7 +99,8 @@ impl PoolBuilder {
         self
     }
 
-    /// The transport (default: framed stdio).
+    /// The transport (default: framed stdio). Unused when the adapter supplies its own
+    /// launcher ([`Adapter::launcher`]), except for its frame limit.
     pub fn transport(mut self, transport: impl Transport) -> Self {
         self.transport = Some(Arc::new(transport));
         self
@@ -252,7 +254,9 @@ impl PoolBuilder {
         self
     }
 
-    /// Where run files live (default: `snakepit_supervisor::registry::run_dir()`).
+    /// Where run files live (default: `snakepit_supervisor::registry::run_dir()`). The run
+    /// registry, the instance name and the start mode apply to process workers only (not to an
+    /// adapter that supplies its own launcher).
     pub fn run_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.cfg.run_dir = Some(dir.into());
         self
@@ -324,21 +328,21 @@ impl PoolBuilder {
     /// error (with every started worker stopped).
     pub async fn build(self) -> Result<Pool, Error> {
         let adapter = self.adapter.ok_or_else(|| Error::BadRequest("PoolBuilder: no adapter set".into()))?;
-        let transport = match self.transport {
-            Some(t) => t,
-            None => default_transport()?,
-        };
         let cfg = self.cfg;
         let run_id = new_run_id();
-        let launcher: Arc<dyn Launcher> = match adapter.launcher() {
-            Some(l) => l,
+        // An adapter that supplies its own launcher needs no transport and keeps no run file.
+        let (launcher, max_frame): (Arc<dyn Launcher>, usize) = match adapter.launcher() {
+            Some(l) => (l, self.transport.map_or(DEFAULT_MAX_FRAME, |t| t.max_frame())),
             None => {
+                let transport = match self.transport {
+                    Some(t) => t,
+                    None => default_transport()?,
+                };
                 let instance = cfg.instance.clone().unwrap_or_else(|| adapter.name());
                 let run_file = cfg.registry.then(|| run_file(&cfg, &instance, &run_id)).flatten();
-                Arc::new(
-                    ProcessLauncher::new(adapter.clone(), transport.clone(), cfg.start_mode)
-                        .with_run_file(run_file),
-                )
+                let max_frame = transport.max_frame();
+                let launcher = ProcessLauncher::new(adapter.clone(), transport, cfg.start_mode);
+                (Arc::new(launcher.with_run_file(run_file)), max_frame)
             }
         };
         let (store, sweeper) = match self.store {
@@ -352,12 +356,11 @@ impl PoolBuilder {
         };
         let host = Arc::new(crate::host::PoolHost::new(store.clone()));
         let host_handler: Arc<dyn snakepit_core::HostHandler> = host.clone();
-        let start_opts =
-            StartOptions::new(WorkerId { slot: 0, generation: 0 }, run_id.clone(), transport.max_frame())
-                .with_env(cfg.env.clone())
-                .with_host(Some(host_handler))
-                .with_max_in_flight(cfg.slot.max_in_flight)
-                .with_busy_poll(cfg.busy_poll);
+        let start_opts = StartOptions::new(WorkerId { slot: 0, generation: 0 }, run_id.clone(), max_frame)
+            .with_env(cfg.env.clone())
+            .with_host(Some(host_handler))
+            .with_max_in_flight(cfg.slot.max_in_flight)
+            .with_busy_poll(cfg.busy_poll);
         #[cfg(feature = "chaos")]
         let start_opts =
             start_opts.with_handshake_delay(cfg.chaos.as_ref().and_then(|c| c.handshake_delay()));

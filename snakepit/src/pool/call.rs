@@ -135,7 +135,11 @@ impl Inner {
                 },
                 None => call.await,
             };
-            self.settle(&mut lease, &cmd, r).await?;
+            // On success the lease stays in its call (busy, not counted as a served request):
+            // the session's own call follows on the same worker.
+            if let Err(e) = r {
+                return Err(self.failed(&mut lease, &cmd, e).await);
+            }
         }
         Ok(Acquired { lease, session_call })
     }

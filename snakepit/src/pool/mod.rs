@@ -272,7 +272,9 @@ impl Pool {
         for t in tasks {
             let _ = t.await;
         }
-        let workers: Vec<Arc<Member>> = inner.slots.iter().filter_map(|s| s.take_current()).collect();
+        // The current workers, and recycled ones still draining: none outlives the pool.
+        let workers: Vec<Arc<Member>> =
+            inner.slots.iter().flat_map(|s| s.take_current().into_iter().chain(s.take_retiring())).collect();
         inner.drain_idle();
         futures::future::join_all(workers.iter().map(|w| w.shutdown(grace))).await;
         inner.launcher.shutdown(grace).await;
@@ -292,7 +294,7 @@ impl Drop for Pool {
             t.abort();
         }
         for s in &inner.slots {
-            if let Some(w) = s.take_current() {
+            for w in s.take_current().into_iter().chain(s.take_retiring()) {
                 w.kill();
             }
         }

@@ -139,7 +139,8 @@ impl Inner {
         let waiters = {
             let mut st = self.queue.lock();
             st.closed = true;
-            (std::mem::take(&mut st.waiters), std::mem::take(&mut st.pinned))
+            let pinned: Vec<_> = st.pinned.iter_mut().map(std::mem::take).collect();
+            (std::mem::take(&mut st.waiters), pinned)
         };
         drop(waiters);
     }

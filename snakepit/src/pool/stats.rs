@@ -21,7 +21,8 @@ pub struct PoolStats {
     pub busy: usize,
     /// Calls waiting for a worker.
     pub queued: usize,
-    /// Workers that ended on their own (crashed, were killed, or exited) since the pool started.
+    /// Workers that ended without being recycled or shut down — crashed, exited, or killed (by
+    /// the OS, a missed heartbeat, an unanswered cancel) — since the pool started.
     pub crashes: u64,
     /// Workers restarted after such an end (counted once the replacement is ready).
     pub restarts: u64,

@@ -78,28 +78,24 @@ impl futures::Stream for CallStream {
                 return Poll::Ready(Some(Err(e)));
             }
         }
-        let item = match this.stream.as_mut().poll_next(cx) {
+        let e = match this.stream.as_mut().poll_next(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Some(Ok(p))) => return Poll::Ready(Some(Ok(p))),
-            Poll::Ready(item) => item,
-        };
-        let e = match item {
-            None => {
+            Poll::Ready(None) => {
                 this.lease.completed();
                 this.finish(Ok(()));
                 return Poll::Ready(None);
             }
-            Some(Ok(_)) => return Poll::Pending, // handled above
-            Some(Err(e @ Error::Worker { .. })) => {
+            Poll::Ready(Some(Err(e @ Error::Worker { .. }))) => {
                 this.lease.completed();
                 e
             }
-            Some(Err(Error::Disconnected { .. })) => {
+            Poll::Ready(Some(Err(Error::Disconnected { .. }))) => {
                 this.lease.lost();
                 let worker = this.lease.worker();
                 crashed(worker, &this.adm.name, worker.exit_info().unwrap_or(ExitInfo::Unknown))
             }
-            Some(Err(e)) => {
+            Poll::Ready(Some(Err(e))) => {
                 this.lease.lost();
                 e
             }
