@@ -10,6 +10,7 @@
 //! cancellation, sessions and streams all take the pool's real code paths.
 //!
 //! ```ignore
+//! // (a complete, compiled and tested version: `snakepit/tests/readme.rs`)
 //! use snakepit::Pool;
 //! use snakepit_testing::FakeWorker;
 //! use serde_json::json;
