@@ -202,13 +202,7 @@ impl Pool {
         opts: CallOptions,
     ) -> Result<Payload, Error> {
         let inner = &self.inner;
-        let adm = match inner.admit(command, &args, &opts) {
-            Ok(a) => a,
-            Err(e) => {
-                inner.finish(None, Err(&e));
-                return Err(e);
-            }
-        };
+        let adm = inner.admit(command, &args, &opts)?;
         let r = self.round_trip(session, &adm, args, &opts).await;
         inner.finish(adm.poison, r.as_ref().map(|_| ()));
         r

@@ -115,13 +115,7 @@ impl Pool {
         opts: CallOptions,
     ) -> Result<CallStream, Error> {
         let inner = &self.inner;
-        let adm = match inner.admit(command, &args, &opts) {
-            Ok(a) => a,
-            Err(e) => {
-                inner.finish(None, Err(&e));
-                return Err(e);
-            }
-        };
+        let adm = inner.admit(command, &args, &opts)?;
         match self.open_stream(session, adm, args, &opts).await {
             Ok(s) => Ok(s),
             Err((poison, e)) => {
