@@ -40,13 +40,18 @@ fn request_key(command: &str, args: &Payload) -> u64 {
 }
 
 impl Inner {
-    /// Checks a call before it may take a worker. Refusals cost no round trip.
+    /// Checks a call before it may take a worker. Refusals cost no round trip and count as
+    /// failed calls.
     pub(crate) fn admit(
         &self,
         command: &str,
         args: &Payload,
         opts: &CallOptions,
     ) -> Result<Admission, Error> {
+        self.check(command, args, opts).inspect_err(|e| self.finish(None, Err(e)))
+    }
+
+    fn check(&self, command: &str, args: &Payload, opts: &CallOptions) -> Result<Admission, Error> {
         let name = self.known_tool(command)?;
         self.adapter.validate(command, args)?;
         let poison = match self.cfg.quarantine {
