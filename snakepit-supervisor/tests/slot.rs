@@ -469,3 +469,46 @@ async fn a_draining_worker_belongs_to_the_slot_until_it_stops() {
     assert!(Arc::ptr_eq(&retiring[0], &old), "the pool can stop it at shutdown");
     h.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_circuit_opens_while_every_slot_fails_to_start_and_closes_when_one_recovers() {
+    // Two slots of one pool (one manager); the pool's circuit is "every slot is failing".
+    let w = worker();
+    let control = w.control();
+    let cfg = Arc::new(config());
+    let mgr = Arc::new(TestManager {
+        launcher: w.launcher().expect("in-process launcher"),
+        cfg: cfg.clone(),
+        idle: Mutex::new(Vec::new()),
+        log: Mutex::new(Vec::new()),
+        changed: Notify::new(),
+    });
+    let (stop, rx) = watch::channel(false);
+    let mut slots = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..2 {
+        let slot = Arc::new(Slot::new(i));
+        let first = mgr.start(WorkerId { slot: i, generation: 0 }).await.expect("first start");
+        slot.install(&*mgr, &first);
+        tasks.push(tokio::spawn(slot.clone().run(mgr.clone(), cfg.clone(), first, rx.clone())));
+        slots.push(slot);
+    }
+    let circuit_open = |slots: &[Arc<Slot>]| slots.iter().all(|s| s.state().is_failing());
+    control.fail_starts(u32::MAX);
+    control.crash_all();
+    mgr.until("both slots failing", |e| e.iter().filter(|e| **e == Ev::StartFailed).count() >= 2).await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert!(circuit_open(&slots), "{:?}", slots.iter().map(|s| s.state()).collect::<Vec<_>>());
+    assert!(mgr.idle_ids().is_empty());
+    control.fail_starts(0);
+    mgr.until("a recovery", |e| e.iter().any(|e| matches!(e, Ev::Started { restart: true, .. }))).await;
+    assert!(!circuit_open(&slots), "one ready slot closes the circuit");
+    mgr.until("both recover", |e| {
+        e.iter().filter(|e| matches!(e, Ev::Started { restart: true, .. })).count() == 2
+    })
+    .await;
+    stop.send_replace(true);
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t).await.expect("slot stops").expect("no panic");
+    }
+}
