@@ -23,12 +23,12 @@
 #![deny(unsafe_code)]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use snakepit_core::wire::{self, Inbound};
@@ -39,7 +39,6 @@ use snakepit_core::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
 pub mod control;
 mod outbox;
@@ -97,7 +96,57 @@ impl Transport for StdioTransport {
 enum Waiter {
     Slot { slot: Arc<ReplySlot>, command: Arc<str> },
     Call(oneshot::Sender<Reply>),
-    Stream(mpsc::Sender<StreamItem>),
+    Stream { tx: mpsc::Sender<StreamItem>, credit: Arc<Credit>, received: u64 },
+}
+
+/// The chunks a stream's consumer has allowed so far: the initial window plus every `credit`
+/// granted. The reader counts chunks against the credit granted *before the read that brought
+/// them in* (a worker cannot have seen a later grant), so a worker that overruns its credit is
+/// caught whatever the speed of the consumer.
+#[derive(Debug)]
+struct Credit(Mutex<CreditState>);
+
+#[derive(Debug)]
+struct CreditState {
+    /// Granted before the reads numbered above `recent_read`.
+    visible: u64,
+    /// Granted while `recent_read` was the last completed read: visible to later reads only.
+    recent: u64,
+    recent_read: u64,
+}
+
+impl Credit {
+    fn new(window: u32) -> Self {
+        Credit(Mutex::new(CreditState { visible: u64::from(window), recent: 0, recent_read: 0 }))
+    }
+
+    fn state(&self) -> MutexGuard<'_, CreditState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The consumer grants `n` more chunks; `reads` is the number of completed reads now.
+    fn grant(&self, n: u32, reads: u64) {
+        let mut st = self.state();
+        st.settle(reads);
+        st.recent += u64::from(n);
+        st.recent_read = reads;
+    }
+
+    /// The credit a chunk brought in by read number `read` may use.
+    fn allowed(&self, read: u64) -> u64 {
+        let mut st = self.state();
+        st.settle(read);
+        st.visible
+    }
+}
+
+impl CreditState {
+    /// Credit granted before read `read` completed becomes visible to it.
+    fn settle(&mut self, read: u64) {
+        if self.recent_read < read {
+            self.visible += std::mem::take(&mut self.recent);
+        }
+    }
 }
 
 /// How many idle reply slots a connection keeps for reuse (one per call it runs at once is
@@ -138,6 +187,49 @@ struct Shared {
     outbox: Outbox,
     /// Reply slots of finished calls, reused by the next ones.
     free_slots: Mutex<Vec<Arc<ReplySlot>>>,
+    /// The worker's `host_call`s whose `host_result` is not yet written to its stdin.
+    host_calls: Arc<AtomicUsize>,
+    /// Completed reads from the worker's output (numbers them for stream credit checks).
+    reads: Arc<AtomicU64>,
+    /// Replies for ids nobody waits for, logged at most once a second.
+    unknown_replies: Mutex<LogLimit>,
+}
+
+/// The most `host_call`s a worker may have outstanding on one connection (received, and their
+/// `host_result` not yet written to its stdin); one more is a protocol violation.
+pub const MAX_HOST_CALLS: usize = 64;
+
+/// One outstanding `host_call`: released once its `host_result` is written to the worker's
+/// stdin (or dropped).
+struct HostCallPermit(Arc<AtomicUsize>);
+
+impl Drop for HostCallPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// At most one log line a second for a repeated event, with the number left out meanwhile.
+#[derive(Debug, Default)]
+struct LogLimit {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    /// Whether to log now; if so, with how many were suppressed since the last line.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < Duration::from_secs(1) => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -172,7 +264,7 @@ impl Shared {
                 Some(Waiter::Call(tx)) => {
                     let _ = tx.send(Reply::Closed(reason.clone()));
                 }
-                Some(Waiter::Stream(tx)) => {
+                Some(Waiter::Stream { tx, .. }) => {
                     let _ = tx.try_send(StreamItem::Closed(reason.clone()));
                 }
                 None => {}
@@ -289,12 +381,16 @@ impl Drop for PendingGuard<'_> {
 }
 
 /// Reads length-delimited frames, failing a frame whose body stalls past `frame_timeout`.
+///
+/// A frame's header stays at the front of the buffer until its whole body has arrived, so what
+/// a stalled or oversized frame announced is always read from its own header.
 struct FrameReader {
     output: Box<dyn AsyncRead + Send + Unpin>,
     buf: BytesMut,
-    codec: LengthDelimitedCodec,
     max_frame: usize,
     frame_timeout: Duration,
+    /// Counts completed reads (see [`Credit`]).
+    reads: Arc<AtomicU64>,
 }
 
 enum ReadOutcome {
@@ -303,31 +399,46 @@ enum ReadOutcome {
     Broken(String),
 }
 
+/// The length of a frame header.
+const HEADER: usize = 4;
+
 impl FrameReader {
-    fn new(output: Box<dyn AsyncRead + Send + Unpin>, max_frame: usize, frame_timeout: Duration) -> Self {
-        let codec = LengthDelimitedCodec::builder()
-            .big_endian()
-            .length_field_length(4)
-            .max_frame_length(max_frame)
-            .new_codec();
-        FrameReader { output, buf: BytesMut::with_capacity(64 * 1024), codec, max_frame, frame_timeout }
+    fn new(
+        output: Box<dyn AsyncRead + Send + Unpin>,
+        max_frame: usize,
+        frame_timeout: Duration,
+        reads: Arc<AtomicU64>,
+    ) -> Self {
+        FrameReader { output, buf: BytesMut::with_capacity(64 * 1024), max_frame, frame_timeout, reads }
+    }
+
+    /// A whole frame from the front of the buffer, if one is there; an error for a header
+    /// announcing more than `max_frame`.
+    fn decode(&mut self) -> Result<Option<Bytes>, String> {
+        let Some(n) = self.announced() else { return Ok(None) };
+        if n > self.max_frame {
+            return Err(format!(
+                "inbound frame announces {n} bytes, over max_frame ({} bytes)",
+                self.max_frame
+            ));
+        }
+        if self.buf.len() < HEADER + n {
+            return Ok(None);
+        }
+        self.buf.advance(HEADER);
+        Ok(Some(self.buf.split_to(n).freeze()))
     }
 
     async fn next(&mut self) -> ReadOutcome {
         loop {
-            match self.codec.decode(&mut self.buf) {
-                Ok(Some(frame)) => return ReadOutcome::Frame(frame.freeze()),
+            match self.decode() {
+                Ok(Some(frame)) => return ReadOutcome::Frame(frame),
                 Ok(None) => {}
-                Err(_) => {
-                    let announced = self.announced().unwrap_or(0);
-                    return ReadOutcome::Broken(format!(
-                        "inbound frame announces {announced} bytes, over max_frame ({} bytes)",
-                        self.max_frame
-                    ));
-                }
+                Err(detail) => return ReadOutcome::Broken(detail),
             }
             if self.buf.capacity() - self.buf.len() < 8 * 1024 {
-                let want = self.announced().map_or(64 * 1024, |n| n + 4).clamp(8 * 1024, 4 * 1024 * 1024);
+                let want =
+                    self.announced().map_or(64 * 1024, |n| n + HEADER).clamp(8 * 1024, 4 * 1024 * 1024);
                 self.buf.reserve(want);
             }
             let read = if self.buf.is_empty() {
@@ -339,7 +450,7 @@ impl FrameReader {
                         return ReadOutcome::Broken(match self.announced() {
                             Some(n) => format!(
                             "frame stalled: header announced {n} bytes, {} arrived, then nothing for {:?}",
-                            self.buf.len().saturating_sub(4),
+                            self.buf.len().saturating_sub(HEADER),
                             self.frame_timeout
                         ),
                             None => format!(
@@ -353,15 +464,17 @@ impl FrameReader {
             };
             match read {
                 Ok(0) => return ReadOutcome::Eof,
-                Ok(_) => {}
+                Ok(_) => {
+                    self.reads.fetch_add(1, Ordering::AcqRel);
+                }
                 Err(e) => return ReadOutcome::Broken(format!("read error: {e}")),
             }
         }
     }
 
-    /// The length announced by a header at the front of the buffer, if one is there.
+    /// The length announced by the header at the front of the buffer, once all of it is there.
     fn announced(&self) -> Option<usize> {
-        let h: [u8; 4] = self.buf.get(..4)?.try_into().ok()?;
+        let h: [u8; HEADER] = self.buf.get(..HEADER)?.try_into().ok()?;
         Some(u32::from_be_bytes(h) as usize)
     }
 }
@@ -435,8 +548,19 @@ fn dispatch(shared: &Arc<Shared>, frame: Bytes) -> Result<(), String> {
         })
     };
     let mut pending = shared.pending();
-    match pending.get(&id) {
-        Some(Some(Waiter::Stream(tx))) => {
+    match pending.get_mut(&id) {
+        Some(Some(Waiter::Stream { tx, credit, received })) => {
+            if matches!(tag, "chunk" | "result") {
+                // Granted credit is added before the `credit` frame is sent, so a worker that
+                // keeps to its credit never gets here.
+                *received += 1;
+                let allowed = credit.allowed(shared.reads.load(Ordering::Acquire));
+                if *received > allowed {
+                    return Err(format!(
+                        "stream {id}: the worker sent more chunks than its credit ({allowed} granted)"
+                    ));
+                }
+            }
             let item = match tag {
                 "chunk" => StreamItem::Chunk(payload(msg.data)),
                 // A plain result for a stream: one chunk, then the end.
@@ -458,7 +582,7 @@ fn dispatch(shared: &Arc<Shared>, frame: Bytes) -> Result<(), String> {
             }
             if tag == "result" {
                 let _ = match pending.get(&id) {
-                    Some(Some(Waiter::Stream(tx))) => tx.try_send(StreamItem::End),
+                    Some(Some(Waiter::Stream { tx, .. })) => tx.try_send(StreamItem::End),
                     _ => Ok(()),
                 };
             }
@@ -507,7 +631,18 @@ fn dispatch(shared: &Arc<Shared>, frame: Bytes) -> Result<(), String> {
             }
         }
         None => {
-            tracing::warn!(worker = %shared.worker, id, tag, "message for a request nobody waits for; dropped")
+            let admitted =
+                shared.unknown_replies.lock().unwrap_or_else(|p| p.into_inner()).admit(Instant::now());
+            if let Some(suppressed) = admitted {
+                tracing::warn!(
+                    worker = %shared.worker,
+                    id,
+                    tag,
+                    suppressed,
+                    "message for a request nobody waits for; dropped ({suppressed} more like it in the last second \
+                     not logged)"
+                )
+            }
         }
     }
     drop(pending);
@@ -522,6 +657,13 @@ fn dispatch(shared: &Arc<Shared>, frame: Bytes) -> Result<(), String> {
 /// its request is in flight, so the reader must not), then sends `host_result`.
 fn host_call(shared: &Arc<Shared>, frame: &Bytes, msg: Inbound<'_>) -> Result<(), String> {
     let Some(id) = msg.id else { return Err("`host_call` without an id".into()) };
+    let permit = HostCallPermit(shared.host_calls.clone());
+    if shared.host_calls.fetch_add(1, Ordering::AcqRel) >= MAX_HOST_CALLS {
+        return Err(format!(
+            "the worker has more than {MAX_HOST_CALLS} `host_call`s outstanding (sent, their `host_result` not \
+             yet taken)"
+        ));
+    }
     let args = match msg.args {
         Some(raw) => Payload::from_trusted(Codec::Json, frame.slice_ref(raw.get().as_bytes())),
         None => Payload::null(),
@@ -547,7 +689,9 @@ fn host_call(shared: &Arc<Shared>, frame: &Bytes, msg: Inbound<'_>) -> Result<()
             f = frame_result(shared.max_frame, id, Err(&e));
         }
         if let Ok(f) = f {
-            let _ = shared.outbox.push(f);
+            // Outstanding until written: a worker that does not read its stdin cannot make the
+            // host queue answers without bound.
+            let _ = shared.outbox.push_held(f, Some(Box::new(permit)));
         }
     });
     Ok(())
@@ -563,6 +707,8 @@ fn frame_result(max_frame: usize, id: u64, r: Result<&[u8], &WorkerError>) -> Re
 struct ReplyStream {
     rx: mpsc::Receiver<StreamItem>,
     shared: Arc<Shared>,
+    /// What the reader checks the worker's chunks against.
+    credit: Arc<Credit>,
     id: u64,
     command: String,
     refill: u32,
@@ -591,6 +737,8 @@ impl futures::Stream for ReplyStream {
                 this.taken += 1;
                 if this.taken >= this.refill {
                     let n = std::mem::take(&mut this.taken);
+                    // Granted before it is sent: the worker may use it once it reads the frame.
+                    this.credit.grant(n, this.shared.reads.load(Ordering::Acquire));
                     if let Ok(f) =
                         frame(48, this.shared.max_frame, |out| wire::encode_credit(out, this.id, n))
                     {
@@ -662,13 +810,16 @@ impl StdioConnection {
             host: hello.host.clone(),
             outbox: Outbox::new(io.input),
             free_slots: Mutex::new(Vec::new()),
+            host_calls: Arc::new(AtomicUsize::new(0)),
+            reads: Arc::new(AtomicU64::new(0)),
+            unknown_replies: Mutex::new(LogLimit::default()),
         });
         let hello_frame = frame(256, max_frame, |out| handshake::encode_hello(out, &hello))?;
         let _ = shared.outbox.push(hello_frame);
         let writer = tokio::spawn(write_loop(shared.clone()));
         // Until the handshake succeeds, any return closes the worker's stdin and stops the writer.
         let guard = Abandon { shared: &shared, writer: Some(writer) };
-        let mut reader = FrameReader::new(io.output, max_frame, frame_timeout);
+        let mut reader = FrameReader::new(io.output, max_frame, frame_timeout, shared.reads.clone());
         let first = match reader.next().await {
             ReadOutcome::Frame(f) => f,
             ReadOutcome::Eof => return Err(Error::Disconnected { worker }),
@@ -826,10 +977,12 @@ impl Connection for StdioConnection {
         }
         // Room for a full window of chunks plus the end (or an error, or a close).
         let (tx, rx) = mpsc::channel(window as usize + 2);
-        self.shared.pending().insert(id, Some(Waiter::Stream(tx)));
+        let credit = Arc::new(Credit::new(window));
+        self.shared.pending().insert(id, Some(Waiter::Stream { tx, credit: credit.clone(), received: 0 }));
         let stream = ReplyStream {
             rx,
             shared: self.shared.clone(),
+            credit,
             id,
             command: req.command.to_string(),
             refill: (window / 2).max(1),

@@ -21,7 +21,7 @@ struct State {
     /// `None` once shut down.
     input: Option<Box<dyn AsyncWrite + Send + Unpin>>,
     /// Frames not yet fully written; the first has `offset` bytes written.
-    queue: VecDeque<Vec<u8>>,
+    queue: VecDeque<Queued>,
     offset: usize,
     /// Written but not yet flushed.
     dirty: bool,
@@ -29,6 +29,12 @@ struct State {
     closing: bool,
     /// The writer task, waiting for work.
     waker: Option<Waker>,
+}
+
+/// A frame waiting for the pipe, with what is released once it is written (or dropped).
+struct Queued {
+    frame: Vec<u8>,
+    _until_written: Option<Box<dyn Send>>,
 }
 
 /// Why a frame was not taken.
@@ -57,6 +63,16 @@ impl Outbox {
     /// Takes one whole frame: written at once if the pipe has room and nothing is queued,
     /// otherwise queued for the writer task. Fails once the outbox is closing.
     pub(crate) fn push(&self, frame: Vec<u8>) -> Result<(), Closed> {
+        self.push_held(frame, None)
+    }
+
+    /// Like [`push`](Self::push), and keeps `until_written` until the frame has been written
+    /// whole (or dropped with the queue): a count of frames not yet on the pipe.
+    pub(crate) fn push_held(
+        &self,
+        frame: Vec<u8>,
+        until_written: Option<Box<dyn Send>>,
+    ) -> Result<(), Closed> {
         let mut st = self.state();
         if st.closing {
             return Err(Closed);
@@ -81,11 +97,11 @@ impl Outbox {
                     _ => *dirty = true,
                 }
             } else {
-                queue.push_back(frame);
+                queue.push_back(Queued { frame, _until_written: until_written });
                 *offset = done;
             }
         } else {
-            queue.push_back(frame);
+            queue.push_back(Queued { frame, _until_written: until_written });
         }
         let waker = st.waker.take();
         drop(st);
@@ -123,11 +139,11 @@ impl Outbox {
         let State { input, queue, offset, dirty, closing, waker } = st;
         let Some(out) = input.as_mut() else { return Poll::Ready(Ok(())) };
         while let Some(front) = queue.front() {
-            match Pin::new(&mut **out).poll_write(cx, &front[*offset..]) {
+            match Pin::new(&mut **out).poll_write(cx, &front.frame[*offset..]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => {
                     *offset += n;
-                    if *offset == front.len() {
+                    if *offset == front.frame.len() {
                         queue.pop_front();
                         *offset = 0;
                         *dirty = true;

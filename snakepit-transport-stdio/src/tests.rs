@@ -2,6 +2,9 @@
 //! workspace's integration tests).
 
 use super::*;
+use std::sync::atomic::AtomicUsize;
+
+use futures::StreamExt;
 use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
 
 fn wid() -> WorkerId {
@@ -141,9 +144,169 @@ async fn stalled_frame_is_a_protocol_error() {
         peer.send_raw(b"\x00\x00\x00\x64only ten!").await;
     });
     match a {
-        Err(Error::Protocol { detail, .. }) => assert!(detail.contains("stalled"), "{detail}"),
+        // What the frame's own header announced (100), not its body read as a header.
+        Err(Error::Protocol { detail, .. }) => {
+            assert!(detail.contains("stalled: header announced 100 bytes, 9 arrived"), "{detail}")
+        }
         other => panic!("unexpected {other:?}"),
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_frame_after_whole_frames_reports_its_own_header() {
+    let (conn, mut peer) = connected(1024, Duration::from_millis(200)).await;
+    let (a, _) = tokio::join!(conn.call(Request::new("echo", Payload::null())), async {
+        let m = peer.read_msg().await;
+        // An unrelated whole frame (a pong for nobody), then a header and part of a body, in one
+        // write.
+        let mut bytes = Vec::new();
+        let pong = br#"{"t":"pong","id":999}"#;
+        bytes.extend_from_slice(&(pong.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(pong);
+        bytes.extend_from_slice(&300u32.to_be_bytes());
+        bytes.extend_from_slice(format!(r#"{{"t":"result","id":{},"ok":"#, m["id"]).as_bytes());
+        peer.send_raw(&bytes).await;
+    });
+    match a {
+        Err(Error::Protocol { detail, .. }) => {
+            assert!(detail.contains("header announced 300 bytes"), "{detail}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_beyond_the_credit_are_caught_whatever_the_consumers_speed() {
+    // A consumer on another thread that takes every chunk the moment it arrives (and grants
+    // credit as it goes): only counting chunks against the credit the worker could have seen
+    // catches the overrun every time.
+    for round in 0..50 {
+        let (conn, mut peer) = connected(1 << 16, DEFAULT_FRAME_TIMEOUT).await;
+        let mut stream = conn.stream(Request::new("gen", Payload::null()), 32).await.expect("stream");
+        let m = peer.read_msg().await;
+        assert_eq!(m["stream"], 32);
+        let consume = async {
+            let mut got = 0usize;
+            loop {
+                match stream.next().await {
+                    Some(Ok(_)) => got += 1,
+                    Some(Err(e)) => return (got, Some(e)),
+                    None => return (got, None),
+                }
+            }
+        };
+        let flood = async {
+            // A worker that ignores its credit: 2000 chunks and the end in one write.
+            let mut bytes = Vec::new();
+            for i in 0..2001 {
+                let m = match i {
+                    2000 => serde_json::json!({"t":"end","id":m["id"]}),
+                    i => serde_json::json!({"t":"chunk","id":m["id"],"data":i}),
+                };
+                let b = m.to_string().into_bytes();
+                bytes.extend_from_slice(&(b.len() as u32).to_be_bytes());
+                bytes.extend_from_slice(&b);
+            }
+            peer.send_raw(&bytes).await;
+        };
+        let ((got, err), ()) = tokio::join!(consume, flood);
+        match err {
+            Some(Error::Protocol { detail, .. }) => {
+                assert!(detail.contains("credit"), "round {round}: {detail}")
+            }
+            other => panic!("round {round}: {got} chunks accepted, then {other:?}"),
+        }
+        // The credit granted as the consumer went never exceeds the window plus what it took.
+        assert!(got <= 32 + 32, "round {round}: {got} chunks accepted");
+    }
+}
+
+#[tokio::test]
+async fn the_65th_outstanding_host_call_is_a_protocol_error() {
+    // The worker never reads its stdin after the call: answers cannot be written, so the host
+    // calls stay outstanding.
+    let (host_in, worker_rd) = duplex(64);
+    let (worker_wr, host_out) = duplex(1 << 20);
+    let io = WorkerIo { worker: wid(), input: Box::new(host_in), output: Box::new(host_out) };
+    let mut peer = Peer { rd: worker_rd, wr: worker_wr };
+    let hello = Hello::new(wid(), 1 << 16, serde_json::Value::Null);
+    let (conn, ()) = tokio::join!(StdioConnection::connect(io, hello, DEFAULT_FRAME_TIMEOUT), async {
+        let _ = peer.read_msg().await;
+        peer.send(serde_json::json!({"t":"ready","version":1,"pid":42,"tools":[{"name":"echo"}]})).await;
+    });
+    let (conn, _) = conn.expect("handshake");
+    let call =
+        tokio::time::timeout(Duration::from_secs(10), conn.call(Request::new("echo", Payload::null())));
+    let (a, ()) = tokio::join!(call, async {
+        let m = peer.read_msg().await;
+        for i in 0..(MAX_HOST_CALLS as u64 + 1) {
+            peer.send(serde_json::json!({"t":"host_call","id":i,"call":m["id"],"name":"x","args":null}))
+                .await;
+        }
+    });
+    match a {
+        Ok(Err(Error::Protocol { detail, .. })) => assert!(detail.contains("host_call"), "{detail}"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn host_calls_answered_in_turn_are_not_limited() {
+    let (conn, mut peer) = connected(1 << 16, DEFAULT_FRAME_TIMEOUT).await;
+    let (a, ()) = tokio::join!(conn.call(Request::new("echo", Payload::null())), async {
+        let m = peer.read_msg().await;
+        for i in 0..(3 * MAX_HOST_CALLS as u64) {
+            peer.send(serde_json::json!({"t":"host_call","id":i,"call":m["id"],"name":"x","args":null}))
+                .await;
+            let r = peer.read_msg().await;
+            assert_eq!(r["t"], "host_result");
+            assert_eq!(r["id"], i);
+        }
+        peer.send(serde_json::json!({"t":"result","id":m["id"],"ok":1})).await;
+    });
+    assert_eq!(a.expect("served").decode::<i64>().expect("int"), 1);
+}
+
+/// Counts WARN events on this thread.
+struct WarnCounter(Arc<AtomicUsize>);
+
+impl tracing::Subscriber for WarnCounter {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        if *event.metadata().level() == tracing::Level::WARN {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test]
+async fn replies_for_unknown_ids_log_at_most_one_warning_a_second() {
+    let warns = Arc::new(AtomicUsize::new(0));
+    // The current-thread test runtime runs the reader on this thread.
+    let _log = tracing::subscriber::set_default(WarnCounter(warns.clone()));
+    let (conn, mut peer) = connected(1 << 16, DEFAULT_FRAME_TIMEOUT).await;
+    let t = Instant::now();
+    for i in 0..2000 {
+        peer.send(serde_json::json!({"t":"result","id":100_000 + i,"ok":null})).await;
+    }
+    // Still served afterwards, and so every stray reply has been read.
+    let (a, ()) = tokio::join!(conn.call(Request::new("echo", Payload::null())), async {
+        let m = peer.read_msg().await;
+        peer.send(serde_json::json!({"t":"result","id":m["id"],"ok":1})).await;
+    });
+    a.expect("served");
+    let seconds = t.elapsed().as_secs() as usize + 1;
+    let n = warns.load(Ordering::Relaxed);
+    assert!(n >= 1 && n <= seconds, "{n} warnings for 2000 stray replies in {seconds} s");
 }
 
 #[tokio::test]
