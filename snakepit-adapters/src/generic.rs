@@ -14,6 +14,8 @@ pub struct Generic {
     program: PathBuf,
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
+    env_clear: bool,
+    env_allow: Vec<OsString>,
     cwd: Option<PathBuf>,
     handshake_timeout: Duration,
     timeouts: HashMap<String, Duration>,
@@ -27,6 +29,8 @@ impl Generic {
             program: program.into(),
             args: Vec::new(),
             env: Vec::new(),
+            env_clear: false,
+            env_allow: Vec::new(),
             cwd: None,
             handshake_timeout: Duration::from_secs(30),
             timeouts: HashMap::new(),
@@ -43,6 +47,26 @@ impl Generic {
     /// Sets an environment variable for the worker.
     pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Self {
         self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Starts the worker from an empty environment instead of the host's (by default it
+    /// inherits the host's whole environment, secrets included): it then gets only `PATH`, the
+    /// variables allowed with [`env_allow`](Self::env_allow), those set with
+    /// [`env`](Self::env) or on the pool, and `SNAKEPIT_RUN_ID` / `SNAKEPIT_WORKER_ID`.
+    pub fn env_clear(mut self) -> Self {
+        self.env_clear = true;
+        self
+    }
+
+    /// With [`env_clear`](Self::env_clear): host variables the worker still gets (`HOME`,
+    /// `LANG`, ...), when the host has them.
+    pub fn env_allow<I, K>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = K>,
+        K: Into<OsString>,
+    {
+        self.env_allow.extend(names.into_iter().map(Into::into));
         self
     }
 
@@ -80,6 +104,8 @@ impl Adapter for Generic {
         let mut spec = SpawnSpec::new(&self.program);
         spec.args = self.args.clone();
         spec.env = self.env.clone();
+        spec.env_clear = self.env_clear;
+        spec.env_allow = self.env_allow.clone();
         spec.cwd = self.cwd.clone();
         Ok(spec)
     }

@@ -103,6 +103,17 @@ pub fn bridge_dir() -> Result<PathBuf, crate::Error> {
     Ok(DIR.get_or_init(|| dir).clone())
 }
 
+/// Runs the bridge like `python -m snakepit_bridge`, but without the working directory on
+/// `sys.path`: `-m` (and `-c`) put it first, so a `snakepit_bridge/`, `runpy.py` or `json.py`
+/// in the directory snakepit runs from would be imported instead of the real ones. `-c` puts it
+/// there as `''` on every Python 3 version; the first statement drops it before anything is
+/// imported from it (`sys` is built in). When `-P`/`PYTHONSAFEPATH` already left it out,
+/// `sys.path[0]` is the bridge's `PYTHONPATH` entry and stays. (One form for every version: no
+/// probe of the interpreter's version at spawn time. Not `-I`: it ignores `PYTHONPATH`, which is
+/// how the bridge is found.) The arguments after it land in `sys.argv[1:]` as with `-m`.
+const BOOTSTRAP: &str = "import sys\nif sys.path and sys.path[0] == '':\n    del sys.path[0]\n\
+                         import runpy\nrunpy.run_module('snakepit_bridge', run_name='__main__', alter_sys=True)\n";
+
 #[derive(Debug, Clone)]
 enum Entry {
     Script(PathBuf),
@@ -127,6 +138,8 @@ pub struct Python {
     adapter_class: Option<String>,
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
+    env_clear: bool,
+    env_allow: Vec<OsString>,
     cwd: Option<PathBuf>,
     handshake_timeout: Duration,
     timeouts: HashMap<String, Duration>,
@@ -146,6 +159,8 @@ impl Python {
             adapter_class: None,
             args: Vec::new(),
             env: Vec::new(),
+            env_clear: false,
+            env_allow: Vec::new(),
             cwd: None,
             handshake_timeout: Duration::from_secs(30),
             timeouts: HashMap::new(),
@@ -190,6 +205,28 @@ impl Python {
     /// Sets an environment variable for the worker.
     pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Self {
         self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Starts the worker from an empty environment instead of the host's (by default it
+    /// inherits the host's whole environment, secrets included): it then gets only `PATH`, the
+    /// variables allowed with [`env_allow`](Self::env_allow), those set with
+    /// [`env`](Self::env) or on the pool, the bridge's `PYTHONPATH` (the host's own entries
+    /// only if `PYTHONPATH` is allowed), `PYTHONUNBUFFERED`, and `SNAKEPIT_RUN_ID` /
+    /// `SNAKEPIT_WORKER_ID`.
+    pub fn env_clear(mut self) -> Self {
+        self.env_clear = true;
+        self
+    }
+
+    /// With [`env_clear`](Self::env_clear): host variables the worker still gets (`HOME`,
+    /// `LANG`, `VIRTUAL_ENV`, ...), when the host has them.
+    pub fn env_allow<I, K>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = K>,
+        K: Into<OsString>,
+    {
+        self.env_allow.extend(names.into_iter().map(Into::into));
         self
     }
 
@@ -268,7 +305,9 @@ impl Python {
                 }
             })?,
         };
-        let mut spec = SpawnSpec::new(&self.interpreter).arg("-m").arg("snakepit_bridge");
+        let mut spec = SpawnSpec::new(&self.interpreter).arg("-c").arg(BOOTSTRAP);
+        spec.env_clear = self.env_clear;
+        spec.env_allow = self.env_allow.clone();
         if zygote {
             spec = spec.arg("--zygote");
         }
@@ -290,7 +329,7 @@ impl Python {
             .rev()
             .find(|(k, _)| k == "PYTHONPATH")
             .map(|(_, v)| v.clone())
-            .or_else(|| std::env::var_os("PYTHONPATH"));
+            .or_else(|| spec.inherited("PYTHONPATH"));
         let mut pythonpath = bridge.into_os_string();
         if let Some(p) = user_path.filter(|p| !p.is_empty()) {
             pythonpath.push(":");
@@ -327,6 +366,6 @@ mod tests {
         let pp = spec.env.iter().find(|(k, _)| k == "PYTHONPATH").map(|(_, v)| v.clone());
         assert_eq!(pp, Some("/b:/user".into()));
         let args: Vec<_> = spec.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
-        assert_eq!(args, ["-m", "snakepit_bridge", "--script", "w.py", "--", "x"]);
+        assert_eq!(args, ["-c", BOOTSTRAP, "--script", "w.py", "--", "x"]);
     }
 }

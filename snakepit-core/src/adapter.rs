@@ -31,10 +31,19 @@ pub struct SpawnSpec {
     pub program: PathBuf,
     /// Its arguments.
     pub args: Vec<OsString>,
-    /// Extra environment variables (set on top of the host's environment).
+    /// Extra environment variables (set on top of the host's environment, or of what
+    /// [`env_clear`](Self::env_clear) keeps of it).
     pub env: Vec<(OsString, OsString)>,
     /// Environment variables to remove.
     pub env_remove: Vec<OsString>,
+    /// Start from an empty environment instead of the host's: the worker then gets only
+    /// `PATH` and the variables named in [`env_allow`](Self::env_allow) from the host (those
+    /// it has), plus [`env`](Self::env), the pool's own variables and what snakepit sets itself
+    /// (`SNAKEPIT_RUN_ID`, `SNAKEPIT_WORKER_ID`). Off by default: a worker inherits the host's
+    /// whole environment, secrets included.
+    pub env_clear: bool,
+    /// With [`env_clear`](Self::env_clear): the host's variables the worker still gets.
+    pub env_allow: Vec<OsString>,
     /// The working directory (the host's when `None`).
     pub cwd: Option<PathBuf>,
 }
@@ -61,6 +70,32 @@ impl SpawnSpec {
     pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cwd = Some(dir.into());
         self
+    }
+
+    /// Starts the worker from an empty environment (see [`env_clear`](Self::env_clear)).
+    pub fn env_clear(mut self) -> Self {
+        self.env_clear = true;
+        self
+    }
+
+    /// Keeps these host variables when the environment is cleared.
+    pub fn env_allow<I, K>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = K>,
+        K: Into<OsString>,
+    {
+        self.env_allow.extend(names.into_iter().map(Into::into));
+        self
+    }
+
+    /// The value a host variable has for the worker before [`env`](Self::env) and the pool's
+    /// variables are applied: the host's own, unless the environment is cleared and `name`
+    /// is neither `PATH` nor allowed.
+    pub fn inherited(&self, name: &str) -> Option<OsString> {
+        if self.env_clear && name != "PATH" && !self.env_allow.iter().any(|k| k == name) {
+            return None;
+        }
+        std::env::var_os(name)
     }
 }
 

@@ -15,12 +15,18 @@ use snakepit_core::{
     WorkerHandle, WorkerId, WorkerIo,
 };
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
 const TAIL_LINES: usize = 40;
+/// The most the stderr tail keeps (the end of its last lines).
 const TAIL_BYTES: usize = 8 * 1024;
+/// The longest stderr line kept (logged, and put in the tail); the rest of a longer line is
+/// dropped as it is read, and [`TRUNCATED`] appended.
+const MAX_LINE: usize = 16 * 1024;
+/// Marks a stderr line cut at [`MAX_LINE`].
+const TRUNCATED: &str = "…[truncated]";
 /// How long to wait for a dead worker's stderr to drain before reporting its tail.
 const STDERR_DRAIN: Duration = Duration::from_millis(300);
 /// How long to wait for the frames a worker wrote before it exited during the handshake.
@@ -34,12 +40,30 @@ struct Tail {
 }
 
 impl Tail {
+    /// Keeps the last [`TAIL_LINES`] lines, and of them the last [`TAIL_BYTES`] bytes (the
+    /// oldest line kept may lose its beginning).
     fn push(&mut self, line: String) {
         self.bytes += line.len();
         self.lines.push_back(line);
-        while self.lines.len() > TAIL_LINES || (self.bytes > TAIL_BYTES && self.lines.len() > 1) {
+        while self.lines.len() > TAIL_LINES {
             if let Some(l) = self.lines.pop_front() {
                 self.bytes -= l.len();
+            }
+        }
+        while self.bytes > TAIL_BYTES {
+            let Some(front) = self.lines.front_mut() else { break };
+            let over = self.bytes - TAIL_BYTES;
+            if over >= front.len() {
+                self.bytes -= front.len();
+                self.lines.pop_front();
+            } else {
+                // Only its end fits: cut on a character boundary.
+                let mut cut = over;
+                while !front.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                front.drain(..cut);
+                self.bytes -= cut;
             }
         }
     }
@@ -391,26 +415,67 @@ impl WorkerHandle for Worker {
     }
 }
 
+/// Reads one stderr line into `buf` (without its `\n`), keeping at most [`MAX_LINE`] bytes: the
+/// rest of a longer line is consumed and dropped as it arrives. Returns `None` at the end of
+/// the stream (or on a read error) when nothing was read, else whether the line was cut.
+async fn read_capped_line(reader: &mut (impl AsyncBufRead + Unpin), buf: &mut Vec<u8>) -> Option<bool> {
+    let mut cut = false;
+    let mut any = false;
+    loop {
+        let Ok(avail) = reader.fill_buf().await else { break };
+        if avail.is_empty() {
+            break;
+        }
+        any = true;
+        let (chunk, used, done) = match avail.iter().position(|b| *b == b'\n') {
+            Some(i) => (&avail[..i], i + 1, true),
+            None => (avail, avail.len(), false),
+        };
+        let room = MAX_LINE.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        cut |= chunk.len() > room;
+        reader.consume(used);
+        if done {
+            return Some(cut);
+        }
+    }
+    any.then_some(cut)
+}
+
+/// A stderr line as it is logged and kept: invalid UTF-8 replaced, control characters (but
+/// tabs) escaped, so that a worker cannot forge log lines or drive the terminal.
+fn clean_line(raw: &[u8], cut: bool) -> String {
+    let text = String::from_utf8_lossy(raw);
+    let text = text.strip_suffix('\r').unwrap_or(&text);
+    let mut line = String::with_capacity(text.len() + if cut { TRUNCATED.len() } else { 0 });
+    for c in text.chars() {
+        if c.is_control() && c != '\t' {
+            line.extend(c.escape_default());
+        } else {
+            line.push(c);
+        }
+    }
+    if cut {
+        line.push_str(TRUNCATED);
+    }
+    line
+}
+
 pub(crate) fn spawn_stderr_pump(stderr: impl AsyncRead + Send + Unpin + 'static, shared: Arc<Shared>) {
     tokio::spawn(async move {
         let mut reader = BufReader::new(stderr);
         let mut buf = Vec::with_capacity(256);
         loop {
             buf.clear();
-            match reader.read_until(b'\n', &mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf);
-                    let line = line.trim_end_matches(['\n', '\r']);
-                    match shared.log_target {
-                        LogTarget::Worker => {
-                            tracing::info!(target: "snakepit::worker", worker = %shared.id, "{line}")
-                        }
-                        LogTarget::Zygote => tracing::info!(target: "snakepit::zygote", "{line}"),
-                    }
-                    shared.tail.lock().unwrap_or_else(|p| p.into_inner()).push(line.to_owned());
+            let Some(cut) = read_capped_line(&mut reader, &mut buf).await else { break };
+            let line = clean_line(&buf, cut);
+            match shared.log_target {
+                LogTarget::Worker => {
+                    tracing::info!(target: "snakepit::worker", worker = %shared.id, "{line}")
                 }
+                LogTarget::Zygote => tracing::info!(target: "snakepit::zygote", "{line}"),
             }
+            shared.tail.lock().unwrap_or_else(|p| p.into_inner()).push(line);
         }
         let _ = shared.stderr_done.send_replace(true);
     });
@@ -521,6 +586,17 @@ pub(crate) fn spawn_shepherded(
         // leave no one to clean up the worker's descendants.
         .kill_on_drop(false)
         .process_group(0);
+    if spec.env_clear {
+        // Only PATH and the allowed variables come from the host.
+        cmd.env_clear();
+        for k in
+            std::iter::once(std::ffi::OsStr::new("PATH")).chain(spec.env_allow.iter().map(|k| k.as_os_str()))
+        {
+            if let Some(v) = std::env::var_os(k) {
+                cmd.env(k, v);
+            }
+        }
+    }
     for k in &spec.env_remove {
         cmd.env_remove(k);
     }

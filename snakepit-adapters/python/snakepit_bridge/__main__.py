@@ -36,8 +36,10 @@ def main():
         namespace = runpy.run_path(path, run_name="__main__")
     else:
         sys.argv = [ns.module] + ns.rest
+        # The working directory is searched for the module, but last: it must not shadow the
+        # standard library or installed packages (the host starts the bridge without it).
         if "" not in sys.path and os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
+            sys.path.append(os.getcwd())
         namespace = vars(importlib.import_module(ns.module))
     if not _core.served():
         _core.serve(adapter=ns.adapter, namespace=namespace)
