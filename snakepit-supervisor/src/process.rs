@@ -40,21 +40,22 @@ struct Tail {
 }
 
 impl Tail {
-    /// Keeps the last [`TAIL_LINES`] lines, and of them the last [`TAIL_BYTES`] bytes (the
-    /// oldest line kept may lose its beginning).
+    /// Keeps the last [`TAIL_LINES`] lines, and of them the last [`TAIL_BYTES`] bytes of text
+    /// (the oldest line kept may lose its beginning).
     fn push(&mut self, line: String) {
-        self.bytes += line.len();
+        // Each line counts with its newline.
+        self.bytes += line.len() + 1;
         self.lines.push_back(line);
         while self.lines.len() > TAIL_LINES {
             if let Some(l) = self.lines.pop_front() {
-                self.bytes -= l.len();
+                self.bytes -= l.len() + 1;
             }
         }
         while self.bytes > TAIL_BYTES {
             let Some(front) = self.lines.front_mut() else { break };
             let over = self.bytes - TAIL_BYTES;
-            if over >= front.len() {
-                self.bytes -= front.len();
+            if over > front.len() {
+                self.bytes -= front.len() + 1;
                 self.lines.pop_front();
             } else {
                 // Only its end fits: cut on a character boundary.
@@ -69,7 +70,7 @@ impl Tail {
     }
 
     fn text(&self) -> String {
-        let mut s = String::with_capacity(self.bytes + self.lines.len());
+        let mut s = String::with_capacity(self.bytes);
         for l in &self.lines {
             s.push_str(l);
             s.push('\n');
