@@ -81,19 +81,20 @@ def ok():
     pool.shutdown().await;
 }
 
-async fn garbage_case(kind: &str, transport: StdioTransport) {
+async fn garbage_case(kind: &str, transport: StdioTransport) -> String {
     let r = Reaper::new();
     let pool =
         r.builder().adapter(Python::showcase()).transport(transport).size(1).build().await.expect("pool");
     let pid = pool.execute("pid", json!(null)).await.expect("pid");
-    match pool.execute("garbage", json!({"kind": kind})).await {
-        Err(Error::Protocol { detail, .. }) => eprintln!("{kind}: {detail}"),
+    let detail = match pool.execute("garbage", json!({"kind": kind})).await {
+        Err(Error::Protocol { detail, .. }) => detail,
         other => panic!("{kind}: unexpected {other:?}"),
-    }
+    };
     // The worker is replaced and the pool serves again.
     let new_pid = pool.execute("pid", json!(null)).await.expect("served again");
     assert_ne!(new_pid, pid, "{kind}: the broken worker must be replaced");
     pool.shutdown().await;
+    detail
 }
 
 #[tokio::test]
@@ -108,12 +109,17 @@ async fn a_frame_that_is_not_json_is_a_protocol_error() {
 
 #[tokio::test]
 async fn an_oversized_inbound_frame_is_a_protocol_error() {
-    garbage_case("oversize", StdioTransport::new()).await;
+    let detail = garbage_case("oversize", StdioTransport::new()).await;
+    assert!(detail.contains("announces 1073741824 bytes"), "{detail}");
 }
 
 #[tokio::test]
 async fn a_stalled_frame_is_a_protocol_error() {
-    garbage_case("partial", StdioTransport::new().frame_timeout(Duration::from_millis(300))).await;
+    let detail =
+        garbage_case("partial", StdioTransport::new().frame_timeout(Duration::from_millis(300))).await;
+    // The length its own header announced (100), not the body's first bytes read as a header
+    // ("0123" = 808530483).
+    assert!(detail.contains("header announced 100 bytes"), "{detail}");
 }
 
 #[tokio::test]
