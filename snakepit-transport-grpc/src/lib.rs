@@ -18,8 +18,8 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -29,8 +29,8 @@ use snakepit_core::{
     CloseReason, Codec, Connection, Error, Hello, InFlight, Payload, Ready, Request, RequestId, Transport,
     WorkerError, WorkerId, WorkerIo, DEFAULT_MAX_FRAME,
 };
-use snakepit_transport_stdio::control::{self, ControlChannel};
-use snakepit_transport_stdio::DEFAULT_FRAME_TIMEOUT;
+use snakepit_transport_stdio::control::{self, Breaker, ControlChannel};
+use snakepit_transport_stdio::{DEFAULT_FRAME_TIMEOUT, MAX_HOST_CALLS};
 use tonic::transport::{Channel, Endpoint};
 
 /// The `snakepit.v1` protocol, generated from `proto/snakepit/v1/snakepit.proto`.
@@ -48,6 +48,20 @@ struct HostService {
     worker: WorkerId,
     token: String,
     handler: Option<Arc<dyn snakepit_core::HostHandler>>,
+    /// `Host.Call`s being answered; more than [`MAX_HOST_CALLS`] at once is a protocol
+    /// violation.
+    in_flight: Arc<AtomicUsize>,
+    /// Breaks the worker's control channel on a violation (set once the handshake is done).
+    breaker: Arc<OnceLock<Breaker>>,
+}
+
+/// One `Host.Call` being answered.
+struct HostCallGuard(Arc<AtomicUsize>);
+
+impl Drop for HostCallGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[tonic::async_trait]
@@ -59,6 +73,14 @@ impl Host for HostService {
         let r = request.into_inner();
         if r.token != self.token {
             return Err(tonic::Status::unauthenticated("missing or wrong snakepit token"));
+        }
+        let _guard = HostCallGuard(self.in_flight.clone());
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_HOST_CALLS {
+            let detail = format!("the worker has more than {MAX_HOST_CALLS} `Host.Call`s in flight");
+            if let Some(b) = self.breaker.get() {
+                b.protocol_error(detail.clone());
+            }
+            return Err(tonic::Status::resource_exhausted(detail));
         }
         let args =
             if r.args.is_empty() { Payload::null() } else { Payload::from_encoded(Codec::Json, r.args) };
@@ -201,7 +223,14 @@ impl Transport for Grpc {
         let host_socket = dir.0.join("h.sock");
         let listener = tokio::net::UnixListener::bind(&host_socket)
             .map_err(|e| setup(format!("cannot listen on the host socket {}", host_socket.display()), e))?;
-        let service = HostService { worker, token: token.clone(), handler: hello.host.clone() };
+        let breaker = Arc::new(OnceLock::new());
+        let service = HostService {
+            worker,
+            token: token.clone(),
+            handler: hello.host.clone(),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            breaker: breaker.clone(),
+        };
         let (stop_host, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
@@ -223,6 +252,7 @@ impl Transport for Grpc {
             "token": token,
         }));
         let (control, ready) = control::connect(io, hello, DEFAULT_FRAME_TIMEOUT).await?;
+        let _ = breaker.set(control.breaker());
         let Some(address) = ready.address.clone() else {
             return Err(protocol("the worker did not announce a gRPC address in `ready`".into()));
         };
@@ -285,6 +315,19 @@ fn worker_error(e: proto::WorkerError) -> WorkerError {
     }
 }
 
+/// Checks that bytes the worker sent as a JSON payload are JSON: as on stdio, anything else is
+/// a protocol violation that breaks the connection (the worker is replaced).
+fn json_payload(breaker: &Breaker, worker: WorkerId, bytes: Vec<u8>, what: &str) -> Result<Payload, Error> {
+    match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+        Ok(_) => Ok(Payload::from_trusted(Codec::Json, bytes)),
+        Err(e) => {
+            let detail = format!("{what} is not valid JSON: {e}");
+            breaker.protocol_error(detail.clone());
+            Err(Error::Protocol { worker, detail, source: None })
+        }
+    }
+}
+
 impl GrpcConnection {
     fn request<T>(&self, msg: T, deadline: Option<Instant>) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
@@ -337,8 +380,13 @@ impl GrpcConnection {
             // Give the control channel a moment to notice the exit.
             let _ = tokio::time::timeout(Duration::from_millis(500), self.control.closed()).await;
         }
-        if self.control.is_closed() {
-            return Error::Disconnected { worker: self.worker };
+        match self.control.close_reason() {
+            // The worker broke the protocol (here or on the pipe): its calls fail with that.
+            Some(CloseReason::Protocol(detail)) => {
+                return Error::Protocol { worker: self.worker, detail, source: None }
+            }
+            Some(_) => return Error::Disconnected { worker: self.worker },
+            None => {}
         }
         Error::Protocol {
             worker: self.worker,
@@ -359,7 +407,9 @@ impl Connection for GrpcConnection {
             Err(s) => return Err(self.status_error(&req.command, s).await),
         };
         match reply.outcome {
-            Some(proto::call_reply::Outcome::Ok(b)) => Ok(Payload::from_trusted(Codec::Json, b)),
+            Some(proto::call_reply::Outcome::Ok(b)) => {
+                json_payload(&self.control.breaker(), self.worker, b, "the `ok` of a CallReply")
+            }
             Some(proto::call_reply::Outcome::Error(e)) => Err(Error::Worker {
                 worker: self.worker,
                 command: req.command.to_string(),
@@ -385,12 +435,13 @@ impl Connection for GrpcConnection {
         };
         let worker = self.worker;
         let command = req.command;
+        let breaker = self.control.breaker();
         // HTTP/2 flow control holds a fast producer back; the guard lives as long as the stream.
         let items = stream.map(move |item| {
             let _keep = &guard;
             match item {
                 Ok(proto::StreamItem { item: Some(proto::stream_item::Item::Chunk(b)) }) => {
-                    Ok(Payload::from_trusted(Codec::Json, b))
+                    json_payload(&breaker, worker, b, "a StreamItem chunk")
                 }
                 Ok(proto::StreamItem { item: Some(proto::stream_item::Item::Error(e)) }) => {
                     Err(Error::Worker { worker, command: command.to_string(), error: worker_error(e) })

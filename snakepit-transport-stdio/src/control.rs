@@ -22,12 +22,13 @@
 //! `hello.host`. Calls and streams are not offered here: a worker that serves its calls on
 //! another transport need not serve them on the pipe.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use snakepit_core::{CloseReason, Connection, Error, Hello, Ready, WorkerId, WorkerIo};
 
-use crate::StdioConnection;
+use crate::{Shared, StdioConnection};
 
 /// Performs the framed-stdio handshake on `io` (exactly as [`StdioConnection::connect`] does:
 /// the same `hello`, the same checks of `ready`, the same errors) and returns the pipe as a
@@ -73,5 +74,37 @@ impl ControlChannel {
     /// Whether the pipe is gone.
     pub fn is_closed(&self) -> bool {
         self.conn.is_closed()
+    }
+
+    /// The reason the pipe is gone, once it is.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.conn.shared.close_reason()
+    }
+
+    /// A handle that reports protocol violations seen elsewhere (see [`Breaker`]).
+    pub fn breaker(&self) -> Breaker {
+        Breaker { shared: self.conn.shared.clone() }
+    }
+}
+
+/// Breaks a [`ControlChannel`] when the worker violated the protocol on another transport:
+/// the channel closes with [`CloseReason::Protocol`] (so the supervisor kills and replaces
+/// the worker) and its waiters fail with [`Error::Protocol`]. Cheap to clone.
+#[derive(Clone)]
+pub struct Breaker {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Breaker").field("worker", &self.shared.worker).finish()
+    }
+}
+
+impl Breaker {
+    /// Closes the channel as a protocol violation described by `detail` (the first reason
+    /// given wins).
+    pub fn protocol_error(&self, detail: impl Into<String>) {
+        self.shared.close(CloseReason::Protocol(detail.into()));
     }
 }

@@ -315,3 +315,110 @@ async fn env_clear_keeps_only_path_the_allowed_and_the_explicit_variables() {
     }
     r.assert_none_left(Duration::from_secs(5));
 }
+
+fn venv_python() -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(p.exists(), "{} is missing: run `cargo xtask setup` (cargo xtask ci does)", p.display());
+    p
+}
+
+/// A gRPC worker (the Python bridge) whose JSON encoder sends `not json` for the value "BAD".
+const BAD_JSON_GRPC: &str = r#"
+import os, threading
+from snakepit_bridge import tool, _core
+
+_real = _core._dumps
+_core._dumps = lambda v: b"not json" if v == "BAD" else _real(v)
+
+@tool
+def pid():
+    return os.getpid()
+
+@tool
+def bad():
+    return "BAD"
+
+@tool
+def bad_stream():
+    yield 1
+    yield "BAD"
+    yield 3
+
+@tool
+def flood_host(n, ctx=None):
+    errors = []
+    def one():
+        try:
+            ctx.call_host("slow", None)
+        except Exception as e:
+            errors.append(repr(e))
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+"#;
+
+fn grpc_pool(r: &Reaper) -> snakepit::PoolBuilder {
+    let script = r.script("grpc_bad.py", BAD_JSON_GRPC);
+    r.builder()
+        .adapter(Python::script(script).interpreter(venv_python()))
+        .transport(snakepit::Grpc::default().socket_root(r.dir().join("s")))
+        .size(1)
+}
+
+/// Item 7 (gRPC): an `ok` or a chunk that is not JSON fails that call with `protocol` and the
+/// worker is replaced, as on stdio.
+#[tokio::test]
+async fn grpc_results_and_chunks_that_are_not_json_are_a_protocol_error() {
+    let r = Reaper::new();
+    let pool = grpc_pool(&r).build().await.expect("pool");
+    let pid = pool.execute("pid", json!(null)).await.expect("pid");
+    match pool.execute("bad", json!(null)).await {
+        Err(Error::Protocol { detail, .. }) => assert!(detail.contains("not valid JSON"), "{detail}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    pool.wait_stats(|s| s.ready == 1 && s.restarts == 1, Duration::from_secs(20)).await.expect("replaced");
+    let pid2 = pool.execute("pid", json!(null)).await.expect("served again");
+    assert_ne!(pid2, pid, "the worker must be replaced");
+    let mut s = pool.execute_stream("bad_stream", json!(null)).await.expect("stream");
+    assert_eq!(s.next_json().await.map(|r| r.expect("first chunk")), Some(json!(1)));
+    match s.next_json().await {
+        Some(Err(Error::Protocol { detail, .. })) => assert!(detail.contains("not valid JSON"), "{detail}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    drop(s);
+    pool.wait_stats(|s| s.ready == 1 && s.restarts == 2, Duration::from_secs(20)).await.expect("replaced");
+    assert_ne!(pool.execute("pid", json!(null)).await.expect("served again"), pid2);
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}
+
+/// Item 9 (gRPC): more than 64 `Host.Call`s in flight from one worker is a protocol
+/// violation: its call fails with `protocol` and it is replaced.
+#[tokio::test]
+async fn grpc_host_calls_beyond_64_in_flight_are_a_protocol_error() {
+    let r = Reaper::new();
+    let pool = grpc_pool(&r).build().await.expect("pool");
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let rel = release.clone();
+    pool.register_host_tool("slow", move |_| {
+        let rel = rel.clone();
+        async move {
+            let _ = tokio::time::timeout(Duration::from_secs(30), rel.notified()).await;
+            Ok(json!(null))
+        }
+    });
+    let pid = pool.execute("pid", json!(null)).await.expect("pid");
+    let outcome = pool.execute_timeout("flood_host", json!({"n": 100}), Duration::from_secs(30)).await;
+    release.notify_waiters();
+    match outcome {
+        Err(Error::Protocol { detail, .. }) => assert!(detail.contains("Host.Call"), "{detail}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    pool.wait_stats(|s| s.ready == 1 && s.restarts == 1, Duration::from_secs(20)).await.expect("replaced");
+    assert_ne!(pool.execute("pid", json!(null)).await.expect("served again"), pid);
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}
