@@ -422,8 +422,7 @@ impl WorkerHandle for Worker {
 async fn read_capped_line(reader: &mut (impl AsyncBufRead + Unpin), buf: &mut Vec<u8>) -> Option<bool> {
     let mut cut = false;
     let mut any = false;
-    loop {
-        let Ok(avail) = reader.fill_buf().await else { break };
+    while let Ok(avail) = reader.fill_buf().await {
         if avail.is_empty() {
             break;
         }
