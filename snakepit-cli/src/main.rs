@@ -3,17 +3,16 @@
 
 #![deny(unsafe_code)]
 
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use snakepit::{CallOptions, Payload, Pool, Python};
 
 mod bench;
 mod demo;
+mod serve;
 
 /// Counts allocations (for `snakepit bench`'s allocations-per-call figure); one relaxed atomic
 /// add per allocation otherwise.
@@ -36,18 +35,7 @@ enum Cmd {
     /// Start 4 showcase workers and run a mixed workload (the main job).
     Demo(demo::DemoArgs),
     /// Serve JSON requests, one per line on stdin, replies one per line on stdout.
-    Serve {
-        #[command(flatten)]
-        worker: WorkerArgs,
-        #[command(flatten)]
-        transport: TransportArgs,
-        /// Number of workers (default: CPU count).
-        #[arg(long)]
-        size: Option<usize>,
-        /// Pool instance name: a restart reaps what a SIGKILLed previous run of it left behind.
-        #[arg(long)]
-        instance: Option<String>,
-    },
+    Serve(serve::ServeArgs),
     /// Measure snakepit against the raw-pipe floor (also `cargo xtask bench`).
     Bench(bench::BenchArgs),
     /// Kill what SIGKILLed hosts left behind (per the run registry); never touches live hosts.
@@ -145,7 +133,12 @@ impl WorkerArgs {
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SNAKEPIT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    use std::io::IsTerminal as _;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -176,9 +169,7 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Demo(args) => demo::run(args).await,
             Cmd::Bench(args) => bench::run(args).await,
-            Cmd::Serve { worker, transport, size, instance } => {
-                serve(worker, transport, size, instance).await
-            }
+            Cmd::Serve(args) => serve::run(args).await,
             Cmd::Reap { dry_run, instance } => reap(dry_run, instance),
             Cmd::Call { worker, transport, command, args, timeout_ms } => {
                 call(worker, transport, command, args, timeout_ms).await
@@ -228,55 +219,6 @@ async fn call(
     }
 }
 
-/// One request line of `snakepit serve`.
-#[derive(serde::Deserialize)]
-struct LineRequest {
-    #[serde(default)]
-    id: serde_json::Value,
-    command: String,
-    #[serde(default)]
-    args: serde_json::Value,
-    #[serde(default)]
-    timeout_ms: Option<u64>,
-    #[serde(default)]
-    stream: bool,
-}
-
-fn error_line(id: &serde_json::Value, e: &serde_json::Value) -> String {
-    serde_json::json!({"id": id, "error": e}).to_string()
-}
-
-/// One line per chunk `{"id":..,"chunk":..}`, then `{"id":..,"end":true}`, or an error line.
-async fn serve_stream(
-    pool: &Pool,
-    req: LineRequest,
-    opts: CallOptions,
-    tx: &tokio::sync::mpsc::UnboundedSender<String>,
-) {
-    use futures::StreamExt;
-    let id = req.id.to_string();
-    let mut stream = match pool.execute_stream_with(None, &req.command, Payload::from(req.args), opts).await {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = tx.send(error_line(&req.id, &e.to_json()));
-            return;
-        }
-    };
-    while let Some(item) = stream.next().await {
-        let line = match item {
-            Ok(p) => format!("{{\"id\":{id},\"chunk\":{}}}", String::from_utf8_lossy(p.bytes())),
-            Err(e) => {
-                let _ = tx.send(error_line(&req.id, &e.to_json()));
-                return;
-            }
-        };
-        if tx.send(line).is_err() {
-            return;
-        }
-    }
-    let _ = tx.send(format!("{{\"id\":{id},\"end\":true}}"));
-}
-
 fn reap(dry_run: bool, instance: Option<String>) -> ExitCode {
     let dir = snakepit::supervisor::registry::run_dir();
     let r = snakepit::supervisor::registry::reap(&dir, instance.as_deref(), dry_run);
@@ -288,109 +230,5 @@ fn reap(dry_run: bool, instance: Option<String>) -> ExitCode {
         println!("{verb} {pid}");
     }
     println!("{} dead run(s) in {}, {} process(es) {verb}", r.runs.len(), dir.display(), r.pids.len());
-    ExitCode::SUCCESS
-}
-
-async fn serve(
-    worker: WorkerArgs,
-    transport: TransportArgs,
-    size: Option<usize>,
-    instance: Option<String>,
-) -> ExitCode {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    let mut b = transport.apply(Pool::builder(), worker.adapter());
-    if let Some(n) = size {
-        b = b.size(n);
-    }
-    if let Some(i) = instance {
-        b = b.instance(i);
-    }
-    let pool = match b.build().await {
-        Ok(p) => Arc::new(p),
-        Err(e) => {
-            eprintln!("snakepit serve: the pool could not start: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    // One writer: each reply is a whole line, flushed at once.
-    let writer = std::thread::spawn(move || {
-        let stdout = std::io::stdout();
-        while let Some(line) = rx.blocking_recv() {
-            let mut out = stdout.lock();
-            if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("snakepit serve: cannot install the SIGTERM handler: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    loop {
-        let line = tokio::select! {
-            l = lines.next_line() => l,
-            _ = term.recv() => { tracing::info!("SIGTERM: finishing in-flight calls"); break }
-            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: finishing in-flight calls"); break }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-        };
-        let line = match line {
-            Ok(Some(l)) => l,
-            Ok(None) => break,
-            Err(e) => {
-                let _ = tx.send(error_line(
-                    &serde_json::Value::Null,
-                    &serde_json::json!({"kind": "bad_request", "message": format!("unreadable input: {e}")}),
-                ));
-                continue;
-            }
-        };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let received = Instant::now();
-        let req: LineRequest = match serde_json::from_str(&line) {
-            Ok(r) => r,
-            Err(e) => {
-                let id = serde_json::from_str::<serde_json::Value>(&line)
-                    .ok()
-                    .and_then(|v| v.get("id").cloned())
-                    .unwrap_or(serde_json::Value::Null);
-                let _ = tx.send(error_line(
-                    &id,
-                    &serde_json::json!({"kind": "bad_request", "message": format!("malformed request: {e}")}),
-                ));
-                continue;
-            }
-        };
-        let pool = pool.clone();
-        let tx = tx.clone();
-        tasks.spawn(async move {
-            let opts = CallOptions::default()
-                .with_deadline(req.timeout_ms.map(|ms| received + Duration::from_millis(ms)));
-            if req.stream || pool.is_stream_tool(&req.command) {
-                serve_stream(&pool, req, opts, &tx).await;
-                return;
-            }
-            let line = match pool.execute_with(&req.command, Payload::from(req.args), opts).await {
-                Ok(p) => {
-                    let id = req.id.to_string();
-                    let ok = String::from_utf8_lossy(p.bytes());
-                    format!("{{\"id\":{id},\"ok\":{ok}}}")
-                }
-                Err(e) => error_line(&req.id, &e.to_json()),
-            };
-            let _ = tx.send(line);
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-    drop(tx);
-    pool.shutdown().await;
-    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
     ExitCode::SUCCESS
 }

@@ -50,9 +50,12 @@ impl Drop for Guard {
     }
 }
 
+/// The binary under test: this package's, or `$SNAKEPIT_CLI_BIN` (to show that a regression
+/// test fails on an older build).
 #[allow(clippy::disallowed_methods)] // runs the CLI binary under test
 fn snakepit(marker: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_snakepit"));
+    let bin = std::env::var_os("SNAKEPIT_CLI_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_snakepit").into());
+    let mut c = Command::new(bin);
     c.env(procs::MARKER_VAR, marker).env("SNAKEPIT_LOG", "warn");
     c
 }
@@ -390,4 +393,509 @@ fn call_and_demo_run_over_grpc() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("over Grpc") && stdout.contains("worker_crashed"), "{stdout}");
+}
+
+// ---- serve: bounded memory, its own line format, shutdown ----
+
+/// The ceiling on `serve`'s peak RSS under every flood below.
+const PEAK_LIMIT: u64 = 150 << 20;
+
+/// The peak resident memory (`VmHWM`) of a live process, in bytes.
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    Some(line.trim().trim_end_matches("kB").trim().parse::<u64>().ok()? * 1024)
+}
+
+/// Asserts `serve`'s peak RSS so far is under [`PEAK_LIMIT`] and returns it.
+#[track_caller]
+fn assert_peak(pid: u32, what: &str) -> u64 {
+    let peak = peak_rss(pid).expect("serve is alive");
+    assert!(peak < PEAK_LIMIT, "{what}: serve's peak RSS is {} MiB", peak >> 20);
+    peak
+}
+
+/// Reads `stdout` line by line on a thread, so the test can wait with a bound: after `hold`,
+/// as fast as it can, but pausing `pause` after every `every` lines (a slow reader).
+fn read_lines(
+    stdout: std::process::ChildStdout,
+    hold: Duration,
+    every: usize,
+    pause: Duration,
+) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        std::thread::sleep(hold);
+        for (i, line) in BufReader::new(stdout).lines().enumerate() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+            if every > 0 && i % every == every - 1 {
+                std::thread::sleep(pause);
+            }
+        }
+    });
+    rx
+}
+
+/// The next line, within `within`.
+#[track_caller]
+fn next_line(rx: &std::sync::mpsc::Receiver<String>, within: Duration) -> String {
+    rx.recv_timeout(within).unwrap_or_else(|e| panic!("no reply line within {within:?}: {e}"))
+}
+
+fn json_line(line: &str) -> Value {
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not one JSON value: {line:?}: {e}"));
+    assert!(v.is_object(), "{line}");
+    v
+}
+
+fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("kill");
+}
+
+/// Waits up to `within` for the child to exit and returns its status.
+#[track_caller]
+fn exit_within(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let until = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s;
+        }
+        assert!(Instant::now() < until, "serve did not exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// CPU time (user + system, clock ticks) a process has used.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Item 4: one `count` stream of 4 KiB chunks with stdout unread for 10 s. Before, `serve`
+/// queued every chunk (923 MB in 28 s); now its peak RSS stays under 150 MiB, the worker stops
+/// (no CPU while nothing is read: the stream's credit reached it), and once stdout is read the
+/// chunks resume in order, none lost, until the request's own deadline ends the stream.
+#[test]
+fn serve_stream_backpressure_reaches_the_worker_when_stdout_is_unread() {
+    let g = Guard::new();
+    let mut child = g.serve("1", &[]);
+    let pid = child.id();
+    let mut stdin = child.stdin.take().expect("stdin");
+    let t0 = Instant::now();
+    let req = r#"{"id":"g","command":"count","args":{"n":1000000000,"size":4096},"timeout_ms":13000}"#;
+    writeln!(stdin, "{req}").expect("write");
+    stdin.flush().expect("flush");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut peak = 0;
+    while t0.elapsed() < Duration::from_secs(10) {
+        peak = assert_peak(pid, "a stream with stdout unread");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let worker = worker_pids_of(pid).into_iter().next().expect("the worker");
+    let before = cpu_ticks(worker).expect("worker stat");
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(worker).expect("worker stat") - before;
+    assert!(used <= 5, "the worker kept producing with nobody reading: {used} ticks in 1 s");
+    eprintln!("serve peak RSS after 10 s of an unread stream: {} MiB", peak >> 20);
+    let rx = read_lines(stdout, Duration::ZERO, 0, Duration::ZERO);
+    let mut i = 0;
+    let last = loop {
+        let v = json_line(&next_line(&rx, Duration::from_secs(10)));
+        if v.get("chunk").is_none() {
+            break v;
+        }
+        assert_eq!(v["chunk"]["i"], i, "chunks in order, none lost");
+        i += 1;
+    };
+    assert_eq!(last["error"]["kind"], "timeout", "{last}");
+    assert!(i > 1000, "only {i} chunks");
+    drop(stdin);
+    assert!(exit_within(&mut child, Duration::from_secs(10)).success());
+}
+
+/// Item 5: 200,000 pipelined requests, stdout read slowly (nothing for 2 s, then with a pause
+/// every 50 lines). Before, `serve` read stdin without bound (1.1 GB for 1 M requests) and
+/// refused most with `pool_saturated`; now it reads only what the pool can take: no
+/// `pool_saturated`, every id answered once, peak RSS under 150 MiB.
+#[test]
+fn serve_reads_no_more_than_the_pool_takes_under_a_pipelined_flood() {
+    const N: usize = 200_000;
+    let g = Guard::new();
+    let mut child = g.serve("2", &[]);
+    let pid = child.id();
+    let stdin = child.stdin.take().expect("stdin");
+    let feeder = std::thread::spawn(move || {
+        let mut w = std::io::BufWriter::new(stdin);
+        for i in 0..N {
+            if writeln!(w, r#"{{"id":{i},"command":"echo","args":{{"i":{i}}}}}"#).is_err() {
+                return;
+            }
+        }
+        let _ = w.flush();
+    });
+    let rx = read_lines(
+        child.stdout.take().expect("stdout"),
+        Duration::from_secs(2),
+        50,
+        Duration::from_millis(1),
+    );
+    let t0 = Instant::now();
+    let mut seen = vec![false; N];
+    let mut saturated = 0;
+    for n in 0..N {
+        let line = next_line(&rx, Duration::from_secs(20));
+        let v = json_line(&line);
+        if v["error"]["kind"] == "pool_saturated" {
+            saturated += 1;
+        }
+        let id = v["id"].as_u64().and_then(|i| usize::try_from(i).ok()).filter(|&i| i < N);
+        let id = id.unwrap_or_else(|| panic!("unknown id: {line}"));
+        assert!(!std::mem::replace(&mut seen[id], true), "answered twice: {line}");
+        assert_eq!(v["ok"]["i"], id, "{line}");
+        if n % 1000 == 0 {
+            assert_peak(pid, &format!("{n} replies read, {saturated} refused"));
+        }
+    }
+    let peak = assert_peak(pid, "all replies read");
+    eprintln!("serve peak RSS: {} MiB; {N} replies in {:?}", peak >> 20, t0.elapsed());
+    assert_eq!(saturated, 0);
+    feeder.join().expect("feeder");
+    assert!(exit_within(&mut child, Duration::from_secs(10)).success());
+}
+
+/// Item 6: a 200 MiB request line. Before, `serve` buffered it whole (417 MB peak); now a line
+/// longer than the frame limit + 64 KiB is answered `bad_request` (with its id when it is in the
+/// line's first 64 KiB, else `null`), discarded as it is read, and the next line is served.
+#[test]
+fn serve_discards_an_overlong_line_without_buffering_it() {
+    let g = Guard::new();
+    let mut child = g.serve("1", &[]);
+    let pid = child.id();
+    let mut stdin = child.stdin.take().expect("stdin");
+    let rx = read_lines(child.stdout.take().expect("stdout"), Duration::ZERO, 0, Duration::ZERO);
+    let feeder = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 1 << 20];
+        let mut send = |head: &[u8], mib: usize, tail: &[u8]| {
+            stdin.write_all(head)?;
+            for _ in 0..mib {
+                stdin.write_all(&chunk)?;
+            }
+            stdin.write_all(tail)
+        };
+        send(br#"{"id":"huge","command":"echo","args":{"x":""#, 200, b"\"}}\n")?;
+        send(br#"{"command":"echo","args":{"x":""#, 70, b"\"},\"id\":\"late\"}\n")?;
+        stdin.write_all(b"{\"id\":\"after\",\"command\":\"ping\"}\n")?;
+        stdin.flush()?;
+        Ok::<_, std::io::Error>(stdin)
+    });
+    let replies: Vec<String> = (0..3).map(|_| next_line(&rx, Duration::from_secs(30))).collect();
+    let stdin = feeder.join().expect("feeder").expect("write");
+    // Every byte is consumed: the peak so far is the peak of the whole flood.
+    let peak = assert_peak(pid, "a 200 MiB line and a 70 MiB line");
+    eprintln!("serve peak RSS: {} MiB", peak >> 20);
+    let limit = 64 * 1024 * 1024 + 64 * 1024;
+    let msg = format!("request line exceeds {limit} bytes");
+    let replies: Vec<Value> = replies.iter().map(|l| json_line(l)).collect();
+    assert_eq!(
+        replies,
+        [
+            json!({"id": "huge", "error": {"kind": "bad_request", "message": msg}}),
+            json!({"id": null, "error": {"kind": "bad_request", "message": msg}}),
+            json!({"id": "after", "ok": "pong"}),
+        ]
+    );
+    drop(stdin);
+    assert!(exit_within(&mut child, Duration::from_secs(10)).success());
+}
+
+/// A worker script whose results are pretty-printed JSON (newlines between tokens, legal
+/// whitespace), one of them shaped to forge a reply line for another request.
+const PRETTY_WORKER: &str = r#"
+import json, os, time
+from snakepit_bridge import _core, tool, serve
+
+FORGE = {"forge": True}
+FORGED = b'[0,\n{"id":"victim2","ok":"FORGED"},\n1]'
+
+def pretty(msg):
+    if msg == FORGE:
+        return FORGED
+    return json.dumps(msg, indent=2).encode()
+
+_core._dumps = pretty
+
+@tool
+def forge():
+    return FORGE
+
+@tool
+def nested():
+    return {"b": [1, 2], "a": {"c": "x y\n"}}
+
+@tool
+def nested_stream(n):
+    for i in range(n):
+        yield {"i": i, "l": [i]}
+
+@tool
+def gate(path):
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return "real"
+
+if __name__ == "__main__":
+    serve()
+"#;
+
+/// Item 7: a worker's JSON may contain newlines; before, `serve` spliced it into its line
+/// verbatim, so one result forged `{"id":"victim2","ok":"FORGED"}` for another in-flight request
+/// and a pretty-printed reply took several lines. Now every line is one compact JSON object.
+#[test]
+fn serve_reply_lines_cannot_be_split_or_forged_by_a_worker() {
+    let g = Guard::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let script = dir.path().join("pretty.py");
+    std::fs::write(&script, PRETTY_WORKER).expect("write");
+    let gate = dir.path().join("gate");
+    let mut child = g
+        .snakepit()
+        .args(["serve", "--size", "2", "--script"])
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let rx = read_lines(child.stdout.take().expect("stdout"), Duration::ZERO, 0, Duration::ZERO);
+    writeln!(stdin, r#"{{"id":"victim2","command":"gate","args":{{"path":{}}}}}"#, json!(gate))
+        .expect("write");
+    writeln!(stdin, r#"{{"id":"victim1","command":"forge"}}"#).expect("write");
+    let forge = next_line(&rx, Duration::from_secs(10));
+    assert_eq!(forge, r#"{"id":"victim1","ok":[0,{"id":"victim2","ok":"FORGED"},1]}"#);
+    std::fs::write(&gate, "").expect("open the gate");
+    assert_eq!(next_line(&rx, Duration::from_secs(10)), r#"{"id":"victim2","ok":"real"}"#);
+    writeln!(stdin, r#"{{"id":"p","command":"nested"}}"#).expect("write");
+    assert_eq!(next_line(&rx, Duration::from_secs(10)), r#"{"id":"p","ok":{"b":[1,2],"a":{"c":"x y\n"}}}"#);
+    writeln!(stdin, r#"{{"id":"s","command":"nested_stream","args":{{"n":2}}}}"#).expect("write");
+    for i in 0..2 {
+        assert_eq!(
+            next_line(&rx, Duration::from_secs(10)),
+            format!(r#"{{"id":"s","chunk":{{"i":{i},"l":[{i}]}}}}"#)
+        );
+    }
+    assert_eq!(next_line(&rx, Duration::from_secs(10)), r#"{"id":"s","end":true}"#);
+    drop(stdin);
+    assert!(exit_within(&mut child, Duration::from_secs(10)).success());
+    assert!(rx.recv_timeout(Duration::from_secs(1)).is_err(), "no other line");
+}
+
+/// Item 14: ids are echoed verbatim (an integer above u64 was echoed as a float), compacted;
+/// a request nested deeper than serde_json's limit keeps its id, and a malformed one too (found
+/// by a shallow scan; it was `null`).
+#[test]
+fn serve_echoes_ids_verbatim_even_in_deep_or_malformed_lines() {
+    let g = Guard::new();
+    let mut child = g.serve("1", &[]);
+    let mut stdin = child.stdin.take().expect("stdin");
+    let rx = read_lines(child.stdout.take().expect("stdout"), Duration::ZERO, 0, Duration::ZERO);
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let deeper = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let cases = [
+        (
+            r#"{"id":123456789012345678901234567890,"command":"ping"}"#.to_owned(),
+            r#"{"id":123456789012345678901234567890,"ok":"pong"}"#.to_owned(),
+        ),
+        (
+            r#"{"id" : {"a" : [1, 2.50]} ,"command":"ping"}"#.to_owned(),
+            r#"{"id":{"a":[1,2.50]},"ok":"pong"}"#.to_owned(),
+        ),
+        (
+            format!(r#"{{"id":"deep","command":"echo","args":{{"x":{deep}}}}}"#),
+            format!(r#"{{"id":"deep","ok":{{"x":{deep}}}}}"#),
+        ),
+    ];
+    for (req, reply) in &cases {
+        writeln!(stdin, "{req}").expect("write");
+        assert_eq!(&next_line(&rx, Duration::from_secs(10)), reply);
+    }
+    writeln!(stdin, r#"{{"pad":{deeper},"id":99999999999999999999999,"command":5}}"#).expect("write");
+    let bad = next_line(&rx, Duration::from_secs(10));
+    assert!(bad.starts_with(r#"{"id":99999999999999999999999,"error":{"kind":"bad_request""#), "{bad}");
+    drop(stdin);
+    assert!(exit_within(&mut child, Duration::from_secs(10)).success());
+}
+
+/// Waits (bounded) for a file a worker creates.
+#[track_caller]
+fn wait_file(path: &std::path::Path, within: Duration) {
+    let until = Instant::now() + within;
+    while !path.exists() {
+        assert!(Instant::now() < until, "{} not created within {within:?}", path.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Item 10: on SIGTERM, a running call with no deadline (before: waited for ever) and one
+/// queued behind it get `--shutdown-grace-ms`, then fail with `shutting_down`; `serve` stops
+/// its workers and exits 0.
+#[test]
+fn serve_fails_hung_calls_with_shutting_down_after_the_grace_on_sigterm() {
+    let g = Guard::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let started = dir.path().join("started");
+    let mut child = g.serve("1", &["--shutdown-grace-ms", "300"]);
+    let mut stdin = child.stdin.take().expect("stdin");
+    let rx = read_lines(child.stdout.take().expect("stdout"), Duration::ZERO, 0, Duration::ZERO);
+    let args = json!({"ms": 600_000, "path": dir.path().join("ended"), "started": started});
+    writeln!(stdin, r#"{{"id":"hung","command":"sleep_then_touch","args":{args}}}"#).expect("write");
+    writeln!(stdin, r#"{{"id":"queued","command":"ping"}}"#).expect("write");
+    stdin.flush().expect("flush");
+    wait_file(&started, Duration::from_secs(10));
+    let t0 = Instant::now();
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let status = exit_within(&mut child, Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    eprintln!("SIGTERM to exit: {:?}", t0.elapsed());
+    let mut replies: Vec<(String, Value)> = rx
+        .try_iter()
+        .map(|l| json_line(&l))
+        .map(|v| (v["id"].to_string(), v["error"]["kind"].clone()))
+        .collect();
+    replies.sort_by(|a, b| a.0.cmp(&b.0));
+    let shutting_down = json!("shutting_down");
+    assert_eq!(
+        replies,
+        [("\"hung\"".to_owned(), shutting_down.clone()), ("\"queued\"".to_owned(), shutting_down)]
+    );
+}
+
+/// Item 10: a second signal (before: swallowed) kills the workers at once, even ones that
+/// ignore cancellation and SIGTERM's grace, and exits 130 for SIGINT within 1 s, leaving no
+/// process behind.
+#[test]
+fn serve_exits_at_once_on_a_second_signal_leaving_no_process() {
+    let g = Guard::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut child = g
+        .snakepit()
+        .env("SNAKEPIT_LOG", "info")
+        .args(["serve", "--module", "snakepit_bridge.showcase", "--size", "2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let _rx = read_lines(child.stdout.take().expect("stdout"), Duration::ZERO, 0, Duration::ZERO);
+    let log = read_lines_of(child.stderr.take().expect("stderr"));
+    for i in 0..2 {
+        let started = dir.path().join(format!("started{i}"));
+        let args = json!({"ms": 600_000, "started": started});
+        writeln!(stdin, r#"{{"id":{i},"command":"stubborn_sleep","args":{args}}}"#).expect("write");
+        stdin.flush().expect("flush");
+        wait_file(&started, Duration::from_secs(10));
+    }
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let until = Instant::now() + Duration::from_secs(10);
+    while !log
+        .recv_timeout(until.saturating_duration_since(Instant::now()))
+        .expect("log line")
+        .contains("SIGTERM")
+    {}
+    signal(&child, nix::sys::signal::Signal::SIGINT);
+    let status = exit_within(&mut child, Duration::from_secs(1));
+    assert_eq!(std::os::unix::process::ExitStatusExt::into_raw(status) >> 8, 130, "{status}");
+    let left = procs::wait_none_left(&g.0, Duration::from_secs(1));
+    assert!(left.is_empty(), "alive 1 s after the second signal: {left:?}");
+}
+
+fn read_lines_of(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Item 10: at the end of stdin, `serve` drains: each call finishes or reaches its own deadline
+/// (`timeout_ms`, else `--default-timeout-ms`), then it exits 0.
+#[test]
+fn serve_drains_on_eof_until_each_call_reaches_its_deadline() {
+    let g = Guard::new();
+    let mut child = g.serve("1", &["--default-timeout-ms", "500"]);
+    let mut stdin = child.stdin.take().expect("stdin");
+    let rx = read_lines(child.stdout.take().expect("stdout"), Duration::ZERO, 0, Duration::ZERO);
+    writeln!(stdin, r#"{{"id":"default","command":"sleep","args":{{"ms":600000}}}}"#).expect("write");
+    writeln!(stdin, r#"{{"id":"own","command":"sleep","args":{{"ms":600000}},"timeout_ms":200}}"#)
+        .expect("write");
+    writeln!(stdin, r#"{{"id":"long","command":"sleep","args":{{"ms":100}},"timeout_ms":20000}}"#)
+        .expect("write");
+    drop(stdin);
+    let t0 = Instant::now();
+    let status = exit_within(&mut child, Duration::from_secs(15));
+    assert!(status.success(), "{status}");
+    eprintln!("EOF to exit: {:?}", t0.elapsed());
+    let replies: std::collections::HashMap<String, Value> = rx
+        .try_iter()
+        .map(|l| json_line(&l))
+        .map(|v| (v["id"].as_str().unwrap_or("?").to_owned(), v))
+        .collect();
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert_eq!(replies["default"]["error"]["kind"], "timeout");
+    assert_eq!(replies["own"]["error"]["kind"], "timeout");
+    assert_eq!(replies["long"]["ok"], 100, "a longer own timeout is not cut by the default");
+}
+
+/// Item 10: `--max-call-time-ms` cancels a call that runs longer, whatever its own timeout; a
+/// worker that ignores the cancel is replaced after the cancel grace.
+#[test]
+fn serve_max_call_time_cancels_long_calls_and_replaces_a_stubborn_worker() {
+    let g = Guard::new();
+    let mut child = g.serve("1", &["--max-call-time-ms", "300"]);
+    let mut stdin = child.stdin.take().expect("stdin");
+    let rx = read_lines(child.stdout.take().expect("stdout"), Duration::ZERO, 0, Duration::ZERO);
+    writeln!(stdin, r#"{{"id":"pid","command":"pid"}}"#).expect("write");
+    stdin.flush().expect("flush");
+    let first = json_line(&next_line(&rx, Duration::from_secs(10)))["ok"].clone();
+    let t0 = Instant::now();
+    writeln!(
+        stdin,
+        r#"{{"id":"slow","command":"stubborn_sleep","args":{{"ms":600000}},"timeout_ms":600000}}"#
+    )
+    .expect("write");
+    stdin.flush().expect("flush");
+    let slow = json_line(&next_line(&rx, Duration::from_secs(10)));
+    assert_eq!(slow["error"]["kind"], "timeout", "{slow}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    writeln!(stdin, r#"{{"id":"pid","command":"pid","timeout_ms":20000}}"#).expect("write");
+    drop(stdin);
+    let second = json_line(&next_line(&rx, Duration::from_secs(20)))["ok"].clone();
+    assert!(first.is_u64() && second.is_u64() && first != second, "{first} then {second}");
+    assert!(exit_within(&mut child, Duration::from_secs(10)).success());
+}
+
+/// Item 15: no ANSI colours in logs when stderr is not a terminal.
+#[test]
+fn logs_have_no_colours_when_stderr_is_not_a_terminal() {
+    let g = Guard::new();
+    let out = g
+        .snakepit()
+        .env("SNAKEPIT_LOG", "info")
+        .args(["call", "--module", "snakepit_bridge.showcase", "ping"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("INFO"), "{err}");
+    assert!(!err.contains('\u{1b}'), "escape codes in {err:?}");
 }

@@ -243,3 +243,61 @@ async fn the_circuit_opens_when_every_slot_fails_to_start() {
     assert_eq!(pool.execute("add", json!({"a": 1, "b": 1})).await.expect("add"), json!(2));
     pool.shutdown().await;
 }
+
+/// `max_call_time` caps a call and a stream whatever their own deadline: each fails with
+/// `Timeout` once it has run that long on its worker (time queued does not count), the worker is
+/// sent `cancel`, answers it and serves the next call.
+#[tokio::test(start_paused = true)]
+async fn max_call_time_caps_calls_and_streams_whatever_their_deadline() {
+    let w = FakeWorker::new()
+        .tool("hang", |_| futures::future::pending::<Result<serde_json::Value, WorkerError>>())
+        .stream_tool("forever", |_| {
+            futures::stream::iter(vec![Ok(json!(0))]).chain(futures::stream::pending())
+        })
+        .delay("slow", Duration::from_secs(3))
+        .delay("half", Duration::from_millis(500));
+    let control = w.control();
+    let pool = Pool::builder()
+        .adapter(w)
+        .size(1)
+        .max_call_time(Duration::from_secs(1))
+        .build()
+        .await
+        .expect("a pool of fake workers");
+    for timeout in [None, Some(Duration::from_secs(3600))] {
+        let t0 = tokio::time::Instant::now();
+        let opts = CallOptions::default().with_timeout(timeout);
+        let e = pool.execute_with("hang", Payload::null(), opts).await.expect_err("capped");
+        assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+        assert_near(t0.elapsed(), Duration::from_secs(1));
+    }
+    // A shorter own deadline still wins.
+    let t0 = tokio::time::Instant::now();
+    let e =
+        pool.execute_with("hang", Payload::null(), CallOptions::timeout(Duration::from_millis(300))).await;
+    assert!(matches!(e, Err(Error::Timeout { .. })), "{e:?}");
+    assert_near(t0.elapsed(), Duration::from_millis(300));
+    // A stream: the first item arrives, then the cap ends it.
+    let t0 = tokio::time::Instant::now();
+    let mut s = pool.execute_stream("forever", json!({})).await.expect("stream");
+    assert_eq!(s.next_json().await.expect("item").expect("ok"), json!(0));
+    let e = s.next().await.expect("the cap").expect_err("timeout");
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    assert_near(t0.elapsed(), Duration::from_secs(1));
+    drop(s);
+    // Time queued does not count: `half` (0.5 s) waits 1 s behind `slow` (3 s, capped at 1 s)
+    // and still completes, 1.5 s after it was made.
+    let (a, b) = tokio::join!(pool.execute("slow", json!({})), async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        pool.execute("half", json!({})).await
+    });
+    assert!(matches!(a, Err(Error::Timeout { .. })), "{a:?}");
+    assert_eq!(b.expect("half"), json!(null));
+    assert_eq!(control.starts(), 1, "each capped call's worker answered its cancel and was kept");
+}
+
+/// `elapsed` is `d` up to the timer's millisecond granularity.
+#[track_caller]
+fn assert_near(elapsed: Duration, d: Duration) {
+    assert!(elapsed >= d && elapsed <= d + Duration::from_millis(5), "{elapsed:?}, expected {d:?}");
+}

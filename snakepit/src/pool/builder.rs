@@ -24,6 +24,7 @@ pub(crate) struct Config {
     pub(crate) max_queue: usize,
     pub(crate) queue_timeout: Duration,
     pub(crate) default_timeout: Option<Duration>,
+    pub(crate) max_call_time: Option<Duration>,
     startup_concurrency: usize,
     env: Vec<(OsString, OsString)>,
     pub(crate) cancel_grace: Duration,
@@ -70,6 +71,7 @@ impl Default for PoolBuilder {
                 max_queue: 1000,
                 queue_timeout: Duration::from_secs(5),
                 default_timeout: None,
+                max_call_time: None,
                 startup_concurrency: 0,
                 env: Vec::new(),
                 cancel_grace: Duration::from_secs(2),
@@ -125,9 +127,20 @@ impl PoolBuilder {
         self
     }
 
-    /// Timeout for calls that set none and whose command has no adapter default.
+    /// Timeout for calls that set none and whose command has no adapter default (default:
+    /// none, so such a call may wait for its worker for ever; see also
+    /// [`PoolBuilder::max_call_time`]).
     pub fn default_timeout(mut self, t: Duration) -> Self {
         self.cfg.default_timeout = Some(t);
+        self
+    }
+
+    /// The longest a call (or stream) may run on a worker, whatever its own deadline (default:
+    /// none). A call running longer fails with `Timeout`; its worker is sent `cancel` and is
+    /// replaced unless it answers within [`cancel_grace`](PoolBuilder::cancel_grace), as after
+    /// any timeout. Time spent queued for a worker does not count.
+    pub fn max_call_time(mut self, d: Duration) -> Self {
+        self.cfg.max_call_time = Some(d);
         self
     }
 

@@ -30,6 +30,12 @@ pub(crate) struct Acquired {
     pub(crate) session_call: Option<SessionCall>,
 }
 
+/// Now, on the runtime's clock: deadlines are awaited with tokio's timers, so they are taken
+/// from the same clock (the same as `Instant::now()` unless a test paused the clock).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// The default quarantine key: a hash of the command and the encoded arguments.
 fn request_key(command: &str, args: &Payload) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -66,13 +72,23 @@ impl Inner {
             }
             None => None,
         };
-        let started = Instant::now();
+        let started = now();
         let timeout = opts.timeout.or_else(|| self.adapter.timeout_for(command)).or(self.cfg.default_timeout);
         let deadline = match (timeout.map(|t| started + t), opts.deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         Ok(Admission { name, deadline, started, poison })
+    }
+
+    /// The deadline of a call sent to its worker now: its own, or `max_call_time` from now if
+    /// that comes first.
+    pub(crate) fn running_deadline(&self, adm: &Admission) -> Option<Instant> {
+        let cap = self.cfg.max_call_time.map(|m| now() + m);
+        match (adm.deadline, cap) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Counts a finished call (or stream) once, and a crash against its request.
@@ -225,9 +241,10 @@ impl Pool {
         let Acquired { mut lease, session_call: _session_call } = inner.acquire(session, adm, opts).await?;
         let worker = lease.worker().clone();
         let id = worker.connection().new_request_id();
-        lease.begin(id, adm.deadline);
+        let deadline = inner.running_deadline(adm);
+        lease.begin(id, deadline);
         let req = Request::new(adm.name.clone(), args)
-            .with_deadline(adm.deadline)
+            .with_deadline(deadline)
             .with_id(id)
             .with_session(session.map(str::to_owned));
         let _scope = session.map(|sid| inner.host.enter(worker.id(), id, sid));
@@ -245,7 +262,7 @@ impl Pool {
             None => None,
         };
         let call = worker.connection().start(req);
-        let result = match adm.deadline {
+        let result = match deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), call).await {
                 Ok(r) => r,
                 Err(_) => {

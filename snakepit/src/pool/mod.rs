@@ -114,6 +114,12 @@ impl Pool {
     }
 
     /// Runs `command` with JSON `args` and returns its JSON result.
+    ///
+    /// There is no call timeout by default: the call waits for its worker as long as the tool
+    /// runs (only the wait for a free worker is bounded, by the queue timeout). Set one per
+    /// call ([`Pool::execute_timeout`], [`CallOptions`]), for the whole pool
+    /// ([`PoolBuilder::default_timeout`]), or cap every call whatever its deadline
+    /// ([`PoolBuilder::max_call_time`]).
     pub async fn execute(&self, command: &str, args: serde_json::Value) -> Result<serde_json::Value, Error> {
         self.execute_with(command, Payload::from(args), CallOptions::default()).await?.to_value()
     }

@@ -138,9 +138,10 @@ impl Pool {
         let Acquired { mut lease, session_call } = inner.acquire(session, &adm, opts).await.map_err(fail)?;
         let worker = lease.worker().clone();
         let id = worker.connection().new_request_id();
-        lease.begin(id, adm.deadline);
+        let deadline = inner.running_deadline(&adm);
+        lease.begin(id, deadline);
         let req = Request::new(adm.name.clone(), args)
-            .with_deadline(adm.deadline)
+            .with_deadline(deadline)
             .with_id(id)
             .with_session(session.map(str::to_owned));
         let scope = session.map(|sid| inner.host.enter(worker.id(), id, sid));
@@ -157,7 +158,7 @@ impl Pool {
             stream,
             lease,
             inner: inner.clone(),
-            deadline: adm.deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
             adm,
             done: false,
             _session_call: session_call,

@@ -1,0 +1,321 @@
+//! `snakepit serve`: JSON requests one per line on stdin, replies one per line on stdout (in
+//! completion order).
+//!
+//! Everything it holds is bounded. At most `max_queue + size` requests (what the pool can run
+//! or queue) are admitted at once: without a free admission, stdin is not read, so `serve`
+//! never refuses a request with `pool_saturated` because it read ahead. A request line is at
+//! most the transport's frame limit plus 64 KiB; a longer one is answered `bad_request` and
+//! discarded as it is read ([`input`]). Replies wait for stdout in a bounded queue
+//! ([`output`]): when nobody reads stdout, the admitted requests wait to hand over their reply,
+//! and a stream stops pulling items, so its worker runs out of credit and waits too.
+//!
+//! Ending: at the end of stdin, every admitted request finishes or reaches its own deadline
+//! (`timeout_ms`, else `--default-timeout-ms`). On the first SIGTERM or SIGINT, `serve` stops
+//! reading, gives running requests `--shutdown-grace-ms`, fails the rest with `shutting_down`,
+//! stops the workers and exits 0; a second signal exits at once (143 or 130), and the workers'
+//! shepherds kill them as the host's lifelines close.
+
+mod input;
+mod json;
+mod output;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use snakepit::core::Transport;
+use snakepit::{CallOptions, Error, Payload, Pool};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use self::input::{Line, LineReader};
+use self::output::{Id, Out};
+use crate::{TransportArgs, TransportKind, WorkerArgs};
+
+/// The `serve` subcommand's options.
+#[derive(clap::Args)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    worker: WorkerArgs,
+    #[command(flatten)]
+    transport: TransportArgs,
+    /// Number of workers (default: CPU count).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Pool instance name: a restart reaps what a SIGKILLed previous run of it left behind.
+    #[arg(long)]
+    instance: Option<String>,
+    /// Most requests waiting for a worker; `serve` admits this many plus one per worker, and
+    /// reads no further until one is answered.
+    #[arg(long, default_value_t = 1000)]
+    max_queue: usize,
+    /// Timeout of a request without `timeout_ms` (default: none).
+    #[arg(long, value_name = "MS")]
+    default_timeout_ms: Option<u64>,
+    /// Longest a request may run on its worker, whatever its timeout: it then fails with
+    /// `timeout` and its worker is replaced unless it answers the cancel within 2 s (default:
+    /// none).
+    #[arg(long, value_name = "MS")]
+    max_call_time_ms: Option<u64>,
+    /// On SIGTERM/SIGINT: how long running requests may take to finish before they fail with
+    /// `shutting_down`.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    shutdown_grace_ms: u64,
+}
+
+/// How the read loop ended.
+enum End {
+    /// The end of stdin (or an unreadable stdin).
+    Eof,
+    /// The first SIGTERM or SIGINT.
+    Signal,
+}
+
+pub(crate) async fn run(a: ServeArgs) -> ExitCode {
+    // Installed first, so a signal during start-up already takes the graceful path.
+    let (stop_tx, mut stop) = watch::channel(false);
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(term), Ok(int)) => {
+            tokio::spawn(watch_signals(term, int, stop_tx));
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("snakepit serve: cannot install the signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let size = a.size.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).max(1);
+    let max_frame = match a.transport.transport {
+        TransportKind::Stdio => Transport::max_frame(&snakepit::StdioTransport::default()),
+        TransportKind::Grpc => Transport::max_frame(&snakepit::Grpc::default()),
+    };
+    let mut b = a.transport.apply(Pool::builder(), a.worker.adapter()).size(size).max_queue(a.max_queue);
+    if let Some(i) = a.instance {
+        b = b.instance(i);
+    }
+    if let Some(ms) = a.default_timeout_ms {
+        b = b.default_timeout(Duration::from_millis(ms));
+    }
+    if let Some(ms) = a.max_call_time_ms {
+        b = b.max_call_time(Duration::from_millis(ms));
+    }
+    let pool = match b.build().await {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            eprintln!("snakepit serve: the pool could not start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // What the pool runs or queues without refusing: `max_queue` plus one call per worker (the
+    // CLI's profiles run one call at a time per worker).
+    let admit = Arc::new(Semaphore::new(a.max_queue + size));
+    let (out, rx) = tokio::sync::mpsc::channel(output::QUEUED_LINES);
+    let writer = output::spawn_writer(rx);
+    let (cancel_tx, cancel) = watch::channel(false);
+    let max_line = max_frame + input::HEAD;
+    let mut input =
+        LineReader::new(tokio::io::BufReader::with_capacity(64 * 1024, tokio::io::stdin()), max_line);
+    let mut tasks = JoinSet::new();
+    let end = 'read: loop {
+        // An admission first: without one, stdin is not read.
+        let permit = loop {
+            tokio::select! {
+                biased;
+                Ok(()) = stop.changed() => break 'read End::Signal,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                p = admit.clone().acquire_owned() => match p {
+                    Ok(p) => break p,
+                    Err(_) => break 'read End::Eof,
+                },
+            }
+        };
+        let line = loop {
+            tokio::select! {
+                biased;
+                Ok(()) = stop.changed() => break 'read End::Signal,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                l = input.next() => break l,
+            }
+        };
+        let (pool, out, cancel) = (pool.clone(), out.clone(), cancel.clone());
+        match line {
+            Ok(None) => break End::Eof,
+            Ok(Some(Line::Whole(l))) if l.iter().all(u8::is_ascii_whitespace) => {}
+            Ok(Some(Line::Whole(l))) => {
+                tasks.spawn(async move {
+                    answer(&pool, l, &out, cancel).await;
+                    drop(permit);
+                });
+            }
+            Ok(Some(Line::TooLong(head))) => {
+                let id = json::shallow_id(&head).map_or_else(Id::null, |r| Id::new(Some(r)));
+                let line = output::bad_request(&id, format!("request line exceeds {max_line} bytes"));
+                tasks.spawn(async move {
+                    let _ = out.send(line).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                let line = output::bad_request(&Id::null(), format!("unreadable input: {e}"));
+                tasks.spawn(async move {
+                    let _ = out.send(line).await;
+                    drop(permit);
+                });
+                break End::Eof;
+            }
+        }
+    };
+    let signalled = match end {
+        End::Signal => true,
+        // Drain: every admitted request finishes or reaches its deadline, unless a signal comes.
+        End::Eof => loop {
+            tokio::select! {
+                r = tasks.join_next() => if r.is_none() { break false },
+                Ok(()) = stop.changed() => break true,
+            }
+        },
+    };
+    if signalled {
+        let grace = Duration::from_millis(a.shutdown_grace_ms);
+        let finished =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if finished.is_err() {
+            tracing::warn!(
+                left = tasks.len(),
+                "requests still running after the shutdown grace; failing them with shutting_down"
+            );
+            cancel_tx.send_replace(true);
+            // Their error lines go out if stdout is read; a stdout nobody reads holds up no exit.
+            let sent = tokio::time::timeout(Duration::from_secs(1), async {
+                while tasks.join_next().await.is_some() {}
+            });
+            if sent.await.is_err() {
+                tasks.abort_all();
+            }
+        }
+    }
+    drop(out);
+    pool.shutdown().await;
+    let writer = tokio::task::spawn_blocking(move || writer.join());
+    if signalled {
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    } else {
+        let _ = writer.await;
+    }
+    ExitCode::SUCCESS
+}
+
+/// The first SIGTERM/SIGINT starts the graceful stop; a second one exits at once with 128 + its
+/// number. Exiting closes the workers' lifelines, and their shepherds kill them.
+async fn watch_signals(mut term: Signal, mut int: Signal, stop: watch::Sender<bool>) {
+    async fn next(term: &mut Signal, int: &mut Signal) -> (&'static str, i32) {
+        tokio::select! {
+            _ = term.recv() => ("SIGTERM", 143),
+            _ = int.recv() => ("SIGINT", 130),
+        }
+    }
+    let (name, _) = next(&mut term, &mut int).await;
+    tracing::info!(
+        "{name}: no more requests are read; finishing the running ones (a second signal kills them)"
+    );
+    stop.send_replace(true);
+    let (name, code) = next(&mut term, &mut int).await;
+    eprintln!("snakepit serve: second signal ({name}): killing the workers");
+    std::process::exit(code);
+}
+
+/// A parsed request.
+struct Request {
+    id: Id,
+    command: String,
+    args: Payload,
+    timeout: Option<Duration>,
+    stream: bool,
+}
+
+/// Parses a request line, keeping `args` as the line's own bytes.
+fn parse(line: Vec<u8>) -> Result<Request, Vec<u8>> {
+    let line = bytes::Bytes::from(line);
+    match serde_json::from_slice::<json::LineRequest<'_>>(&line) {
+        Ok(r) => Ok(Request {
+            id: Id::new(r.id),
+            args: match r.args {
+                // Parsed whole (a `RawValue`), so well-formed.
+                Some(raw) => {
+                    Payload::from_trusted(snakepit::core::Codec::Json, line.slice_ref(raw.get().as_bytes()))
+                }
+                None => Payload::null(),
+            },
+            command: r.command,
+            timeout: r.timeout_ms.map(Duration::from_millis),
+            stream: r.stream,
+        }),
+        Err(e) => {
+            let id = json::shallow_id(&line).map_or_else(Id::null, |r| Id::new(Some(r)));
+            Err(output::bad_request(&id, format!("malformed request: {e}")))
+        }
+    }
+}
+
+/// Answers one request line; on shutdown after the grace, answers `shutting_down` instead.
+async fn answer(pool: &Pool, line: Vec<u8>, out: &Out, mut cancel: watch::Receiver<bool>) {
+    let req = match parse(line) {
+        Ok(r) => r,
+        Err(line) => {
+            let _ = out.send(line).await;
+            return;
+        }
+    };
+    let id = req.id.clone();
+    let cancelled = async move {
+        if cancel.wait_for(|c| *c).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        biased;
+        () = cancelled => {
+            let _ = out.send(output::error_line(&id, &Error::ShuttingDown.to_json())).await;
+        }
+        () = run_request(pool, req, out) => {}
+    }
+}
+
+async fn run_request(pool: &Pool, req: Request, out: &Out) {
+    let opts = CallOptions::default().with_timeout(req.timeout);
+    if req.stream || pool.is_stream_tool(&req.command) {
+        return run_stream(pool, req, opts, out).await;
+    }
+    let line = match pool.execute_with(&req.command, req.args, opts).await {
+        Ok(p) => output::value_line(&req.id, "ok", &p).unwrap_or_else(|e| e),
+        Err(e) => output::error_line(&req.id, &e.to_json()),
+    };
+    let _ = out.send(line).await;
+}
+
+/// One line per item `{"id":..,"chunk":..}`, then `{"id":..,"end":true}`, or an error line. The
+/// next item is pulled only once the last one is queued for stdout: a stdout nobody reads stops
+/// the stream's credit, and so its worker.
+async fn run_stream(pool: &Pool, req: Request, opts: CallOptions, out: &Out) {
+    let mut stream = match pool.execute_stream_with(None, &req.command, req.args, opts).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = out.send(output::error_line(&req.id, &e.to_json())).await;
+            return;
+        }
+    };
+    while let Some(item) = stream.next().await {
+        let (line, last) = match item {
+            Ok(p) => match output::value_line(&req.id, "chunk", &p) {
+                Ok(line) => (line, false),
+                Err(line) => (line, true),
+            },
+            Err(e) => (output::error_line(&req.id, &e.to_json()), true),
+        };
+        if out.send(line).await.is_err() || last {
+            return;
+        }
+    }
+    let _ = out.send(output::end_line(&req.id)).await;
+}
