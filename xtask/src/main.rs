@@ -1,7 +1,8 @@
 //! `cargo xtask <task>`: project automation.
 //!
 //! * `ci`: format check, clippy with `-D warnings` (the workspace, then the `snakepit` facade
-//!   alone with no default features, `stdio`, `grpc` and all features), then every test
+//!   alone with no default features, `stdio`, `grpc` and all features), rustdoc with
+//!   `-D warnings`, the quick bench, then every test
 //!   (cargo-nextest when it is installed, else `cargo test`). What `.ci/run` runs.
 //! * `test`: only the tests.
 //! * `bench [--quick]`: `snakepit bench` (the `snakepit-cli` package) in release mode (table,
@@ -173,6 +174,10 @@ fn ci() -> Result<(), String> {
         c.args(["clippy", "-p", "snakepit"]).args(*features).args(["--", "-D", "warnings"]);
         run(&format!("clippy (facade, {})", features.join(" ")), c)?;
     }
+    // Rustdoc: broken intra-doc links and other doc warnings fail the run.
+    let mut c = cargo();
+    c.args(["doc", "--workspace", "--no-deps", "--quiet"]).env("RUSTDOCFLAGS", "-D warnings");
+    run("rustdoc", c)?;
     // A smoke run of the benchmarks (quick mode only), before the tests so that the test
     // runner's summary closes the log.
     bench(vec!["--quick".into()])?;

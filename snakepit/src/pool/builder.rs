@@ -282,7 +282,7 @@ impl PoolBuilder {
     }
 
     /// Poison-request quarantine (off by default): a request (same command and arguments, or
-    /// same [`CallOptions::key`]) that has crashed `crashes` workers is refused with
+    /// same [`CallOptions::key`](crate::CallOptions::key)) that has crashed `crashes` workers is refused with
     /// `Quarantined` instead of killing more.
     pub fn quarantine(mut self, crashes: u32) -> Self {
         self.cfg.quarantine = Some(crashes.max(1));
