@@ -57,7 +57,7 @@ impl Host for HostService {
         request: tonic::Request<proto::HostCallRequest>,
     ) -> Result<tonic::Response<proto::HostCallReply>, tonic::Status> {
         let r = request.into_inner();
-        if r.token != self.token {
+        if !token_matches(&r.token, &self.token) {
             return Err(tonic::Status::unauthenticated("missing or wrong snakepit token"));
         }
         let args =
@@ -153,7 +153,8 @@ fn make_private_dir(root: Option<&Path>) -> Result<SocketDir, (PathBuf, std::io:
     };
     let private = |p: &Path| std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700));
     std::fs::create_dir_all(&base).and_then(|()| private(&base)).map_err(|e| (base.clone(), e))?;
-    let dir = base.join(format!("g{:x}", fastrand::u64(..)));
+    let name = random_hex(8).map_err(|e| (base.clone(), e))?;
+    let dir = base.join(format!("g{name}"));
     std::fs::create_dir(&dir).map_err(|e| (dir.clone(), e))?;
     // Owned from here: removed again if the permissions cannot be set.
     let dir = SocketDir(dir);
@@ -165,8 +166,23 @@ fn make_private_dir(root: Option<&Path>) -> Result<SocketDir, (PathBuf, std::io:
 /// NUL on Linux (103 on macOS); 100 leaves a margin.
 const MAX_SOCKET_PATH: usize = 100;
 
-fn token() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+/// `n` random bytes from the OS's CSPRNG, in hex.
+fn random_hex(n: usize) -> std::io::Result<String> {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).map_err(std::io::Error::from)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A per-worker token: 256 bits from the OS's CSPRNG.
+fn token() -> std::io::Result<String> {
+    random_hex(32)
+}
+
+/// Compares a presented token with the expected one in constant time (for equal lengths; the
+/// length of a token is no secret).
+fn token_matches(presented: &str, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
 }
 
 #[async_trait]
@@ -196,7 +212,7 @@ impl Transport for Grpc {
                 ),
             ));
         }
-        let token = token();
+        let token = token().map_err(|e| setup("cannot draw a token from the OS random source".into(), e))?;
         // The host's own `Host` service for this worker, on a socket next to the worker's.
         let host_socket = dir.0.join("h.sock");
         let listener = tokio::net::UnixListener::bind(&host_socket)
@@ -494,6 +510,31 @@ mod tests {
             Err(other) => panic!("unexpected {other:?}"),
             Ok(_) => panic!("connected to nobody"),
         }
+    }
+
+    #[test]
+    fn tokens_come_from_the_os_rng_whatever_the_thread_local_rng_was_seeded_with() {
+        // Any code in the host can seed fastrand's thread-local generator; a token drawn from
+        // it would then be predictable.
+        fastrand::seed(7);
+        let a = token().expect("token");
+        fastrand::seed(7);
+        let b = token().expect("token");
+        assert_ne!(a, b, "the token is predictable from the seed");
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+    }
+
+    #[test]
+    fn a_token_matches_only_itself() {
+        let t = token().expect("token");
+        assert!(token_matches(&t, &t));
+        assert!(!token_matches(&t[..63], &t));
+        assert!(!token_matches("", &t));
+        assert!(!token_matches(&format!("{t}0"), &t));
+        let mut wrong = t.clone().into_bytes();
+        wrong[63] = if wrong[63] == b'0' { b'1' } else { b'0' };
+        assert!(!token_matches(&String::from_utf8(wrong).expect("ascii"), &t));
     }
 
     #[tokio::test]
