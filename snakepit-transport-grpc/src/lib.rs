@@ -16,7 +16,7 @@
 
 #![deny(unsafe_code)]
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -144,22 +144,57 @@ impl Drop for SocketDir {
     }
 }
 
-/// Creates a private (0700) directory for one worker's sockets under `root` (default: a
-/// per-user directory in the temp dir). On failure, says which path failed.
+/// Creates a private (0700) directory for one worker's sockets under `root` (default:
+/// [`default_root`]). A caller's `root` is created (0700) if missing and must be a real
+/// directory owned by root or the effective uid and not writable by others unless sticky; it is
+/// never `chmod`ed. On failure, says which path failed.
 fn make_private_dir(root: Option<&Path>) -> Result<SocketDir, (PathBuf, std::io::Error)> {
     let base = match root {
-        Some(r) => r.to_path_buf(),
-        None => std::env::temp_dir().join(format!("snakepit-{}", nix::unistd::getuid())),
+        Some(r) => {
+            if std::fs::symlink_metadata(r).is_err() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(r)
+                    .map_err(|e| (r.to_path_buf(), e))?;
+            }
+            snakepit_fs::check_parent_dir(r).map_err(|e| (e.path.clone(), e.into()))?
+        }
+        None => default_root()?,
     };
-    let private = |p: &Path| std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700));
-    std::fs::create_dir_all(&base).and_then(|()| private(&base)).map_err(|e| (base.clone(), e))?;
     let name = random_hex(8).map_err(|e| (base.clone(), e))?;
-    let dir = base.join(format!("g{name}"));
-    std::fs::create_dir(&dir).map_err(|e| (dir.clone(), e))?;
-    // Owned from here: removed again if the permissions cannot be set.
-    let dir = SocketDir(dir);
-    private(&dir.0).map_err(|e| (dir.0.clone(), e))?;
-    Ok(dir)
+    let dir = snakepit_fs::create_private_dir(&base.join(format!("g{name}")))
+        .map_err(|e| (e.path.clone(), e.into()))?;
+    Ok(SocketDir(dir))
+}
+
+/// The default socket root: `$XDG_RUNTIME_DIR/snakepit`, else `$TMPDIR/snakepit-<euid>`,
+/// created 0700 if missing. One that fails `snakepit_fs::check_private_dir` (another user's,
+/// a symlink, open to others) is not used: a fresh `mkdtemp` directory under `$TMPDIR` is,
+/// with one warning, and is kept for this process's later workers.
+fn default_root() -> Result<PathBuf, (PathBuf, std::io::Error)> {
+    static FALLBACK: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut fallback = FALLBACK.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(f) = fallback.as_ref().and_then(|f| snakepit_fs::check_private_dir(f).ok()) {
+        return Ok(f);
+    }
+    let preferred = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d).join("snakepit"),
+        None => std::env::temp_dir().join(format!("snakepit-{}", snakepit_fs::euid())),
+    };
+    match snakepit_fs::ensure_private_dir(&preferred) {
+        Ok(p) => Ok(p),
+        Err(refused) => {
+            let fresh = snakepit_fs::private_tempdir(&std::env::temp_dir(), "snakepit-grpc-")
+                .map_err(|e| (e.path.clone(), e.into()))?;
+            tracing::warn!(
+                "gRPC socket root: {refused}; using the fresh private directory {} instead",
+                fresh.display()
+            );
+            *fallback = Some(fresh.clone());
+            Ok(fresh)
+        }
+    }
 }
 
 /// The longest socket path this transport uses: `sockaddr_un.sun_path` holds 107 bytes and a
@@ -458,6 +493,10 @@ impl Connection for GrpcConnection {
 
     fn answered(&self, id: RequestId) -> BoxFuture<'static, ()> {
         Box::pin(self.inflight.answered(id))
+    }
+
+    fn private_dir(&self) -> Option<&Path> {
+        Some(&self._dir.0)
     }
 }
 
