@@ -350,6 +350,183 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A `sleep 600` that is SIGKILLed and reaped when dropped, whatever the test did.
+    struct Bystander(std::process::Child);
+
+    impl Bystander {
+        #[allow(clippy::disallowed_methods)] // a bystander process for the test
+        fn spawn(configure: impl FnOnce(&mut std::process::Command)) -> Self {
+            let mut c = std::process::Command::new("sleep");
+            c.arg("600");
+            configure(&mut c);
+            Bystander(c.spawn().expect("spawn sleep"))
+        }
+
+        fn pid(&self) -> u32 {
+            self.0.id()
+        }
+
+        fn alive(&mut self) -> bool {
+            self.0.try_wait().expect("try_wait").is_none()
+        }
+    }
+
+    impl Drop for Bystander {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// A private scratch run dir, removed when dropped.
+    struct Scratch(tempfile::TempDir, PathBuf);
+
+    impl Scratch {
+        fn new() -> Self {
+            let t = tempfile::tempdir().expect("tempdir");
+            let runs = snakepit_fs::ensure_private_dir(&t.path().join("runs")).expect("runs");
+            Scratch(t, runs)
+        }
+
+        /// Writes a dead host's run file (pid `u32::MAX - 1` never runs) recording `workers`.
+        fn dead_run(&self, run_id: &str, workers: &[(u32, u64)]) -> PathBuf {
+            let rec = RunRecord {
+                instance: "x".into(),
+                run_id: run_id.into(),
+                host_pid: u32::MAX - 1,
+                host_start: 1,
+                workers: workers.to_vec(),
+                dirs: Vec::new(),
+            };
+            let path = self.1.join(format!("x.{run_id}.run.json"));
+            std::fs::write(&path, serde_json::to_vec(&rec).expect("json")).expect("write");
+            path
+        }
+    }
+
+    fn is_root() -> bool {
+        snakepit_fs::euid() == 0
+    }
+
+    #[test]
+    fn a_dead_runs_recorded_process_is_reaped_through_its_pidfd() {
+        let s = Scratch::new();
+        let mut b = Bystander::spawn(|_| {});
+        let start = start_time(b.pid()).expect("start");
+        s.dead_run("r1", &[(b.pid(), start)]);
+        let dry = reap(&s.1, None, true).expect("dry run");
+        assert_eq!(dry.pids, [b.pid()]);
+        assert!(b.alive(), "a dry run killed it");
+        let r = reap(&s.1, None, false).expect("reap");
+        assert_eq!(r.pids, [b.pid()]);
+        assert!(matches!(b.0.wait().map(|s| std::os::unix::process::ExitStatusExt::signal(&s)), Ok(Some(9))));
+    }
+
+    #[test]
+    fn remove_worker_forgets_only_the_entry_with_that_start_time() {
+        let s = Scratch::new();
+        let f = RunFile::create(&s.1, "inst", "run-3").expect("create");
+        f.add_worker(42, 7);
+        f.add_worker(42, 9);
+        f.remove_worker(42, 7);
+        let rec: RunRecord =
+            serde_json::from_slice(&std::fs::read(f.path()).expect("read")).expect("json");
+        assert_eq!(rec.workers, [(42, 9)]);
+    }
+
+    #[test]
+    fn a_run_dir_that_fails_the_ownership_check_is_refused_not_reaped() {
+        let s = Scratch::new();
+        let mut b = Bystander::spawn(|_| {});
+        let start = start_time(b.pid()).expect("start");
+        s.dead_run("r1", &[(b.pid(), start)]);
+        // A symlink to a run dir (anyone could plant one in a shared temp dir).
+        let link = s.0.path().join("link");
+        std::os::unix::fs::symlink(&s.1, &link).expect("symlink");
+        let e = reap(&link, None, false).expect_err("a symlinked run dir");
+        assert!(e.to_string().contains("link") && e.to_string().contains("symlink"), "{e}");
+        assert!(RunFile::create(&link, "x", "r2").is_err(), "a run file was created through a symlink");
+        assert!(b.alive(), "reaped through a symlinked run dir");
+        if !is_root() {
+            eprintln!("not root: cannot plant a run dir owned by another user; only the symlink case ran");
+            return;
+        }
+        std::os::unix::fs::chown(&s.1, Some(65534), Some(65534)).expect("chown");
+        let e = reap(&s.1, None, false).expect_err("another user's run dir");
+        assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+        assert!(b.alive(), "reaped what another user's run dir listed");
+    }
+
+    #[test]
+    fn a_run_file_that_is_a_symlink_or_another_users_is_skipped() {
+        let s = Scratch::new();
+        let mut b = Bystander::spawn(|_| {});
+        let start = start_time(b.pid()).expect("start");
+        let planted = s.dead_run("elsewhere", &[(b.pid(), start)]);
+        let other = s.0.path().join("planted.json");
+        std::fs::rename(&planted, &other).expect("move");
+        std::os::unix::fs::symlink(&other, &planted).expect("symlink");
+        let r = reap(&s.1, None, false).expect("reap");
+        assert!(r.pids.is_empty() && r.runs.is_empty(), "{r:?}");
+        assert!(b.alive(), "reaped through a symlinked run file");
+        if !is_root() {
+            eprintln!("not root: cannot plant a run file owned by another user; only the symlink case ran");
+            return;
+        }
+        let planted = s.dead_run("theirs", &[(b.pid(), start)]);
+        std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).expect("chown");
+        let r = reap(&s.1, None, false).expect("reap");
+        assert!(r.pids.is_empty() && r.runs.is_empty(), "{r:?}");
+        assert!(b.alive(), "reaped what another user's run file listed");
+        assert!(planted.exists(), "removed another user's run file");
+    }
+
+    #[test]
+    fn a_process_of_another_user_carrying_the_run_id_is_not_reaped() {
+        if !is_root() {
+            eprintln!("not root: cannot start a process as another user; skipped");
+            return;
+        }
+        let s = Scratch::new();
+        s.dead_run("marked", &[]);
+        let mut theirs = Bystander::spawn(|c| {
+            std::os::unix::process::CommandExt::uid(c.env("SNAKEPIT_RUN_ID", "marked"), 65534);
+        });
+        let mut mine = Bystander::spawn(|c| {
+            c.env("SNAKEPIT_RUN_ID", "marked");
+        });
+        // `spawn` may return before the new image's environment is readable (vfork).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        for p in [theirs.pid(), mine.pid()] {
+            while !environ_has(p, b"SNAKEPIT_RUN_ID=marked") {
+                assert!(std::time::Instant::now() < deadline, "no marker in {p}'s environment");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        let r = reap(&s.1, None, false).expect("reap");
+        assert_eq!(r.pids, [mine.pid()], "{r:?}");
+        assert!(theirs.alive(), "killed another user's process that carried the run id");
+        assert!(matches!(mine.0.wait().map(|s| std::os::unix::process::ExitStatusExt::signal(&s)), Ok(Some(9))));
+    }
+
+    #[test]
+    fn a_dead_runs_socket_dirs_are_removed_only_if_they_pass_the_check() {
+        let s = Scratch::new();
+        let ours = snakepit_fs::ensure_private_dir(&s.0.path().join("g1")).expect("dir");
+        std::fs::write(ours.join("w.sock"), b"").expect("file");
+        let open = s.0.path().join("g2");
+        std::fs::create_dir(&open).expect("dir");
+        std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let path = s.dead_run("dirs", &[]);
+        let mut rec: RunRecord = serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        rec.dirs = vec![ours.clone(), open.clone()];
+        std::fs::write(&path, serde_json::to_vec(&rec).expect("json")).expect("write");
+        let r = reap(&s.1, None, false).expect("reap");
+        assert_eq!(r.dirs, [ours.clone()]);
+        assert!(!ours.exists());
+        assert!(open.exists(), "removed a directory that failed the check");
+    }
+
     #[test]
     fn start_time_of_self_is_known() {
         assert!(start_time(std::process::id()).is_some());

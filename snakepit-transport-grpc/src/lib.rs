@@ -503,6 +503,7 @@ impl Connection for GrpcConnection {
 #[cfg(test)]
 mod tests {
     use std::error::Error as _;
+    use std::os::unix::fs::PermissionsExt;
 
     use super::*;
 
@@ -574,6 +575,80 @@ mod tests {
         let mut wrong = t.clone().into_bytes();
         wrong[63] = if wrong[63] == b'0' { b'1' } else { b'0' };
         assert!(!token_matches(&String::from_utf8(wrong).expect("ascii"), &t));
+    }
+
+    /// Points the default socket root at `$TMPDIR/snakepit-<euid>` (no runtime dir), with
+    /// `TMPDIR` a scratch directory. Each test runs in its own process under nextest.
+    fn shared_tmp_root(tmp: &Path) -> PathBuf {
+        std::env::remove_var("XDG_RUNTIME_DIR");
+        std::env::set_var("TMPDIR", tmp);
+        tmp.join(format!("snakepit-{}", snakepit_fs::euid()))
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::os::unix::fs::MetadataExt::mode(&std::fs::symlink_metadata(p).expect("stat")) & 0o7777
+    }
+
+    #[test]
+    fn a_symlinked_shared_socket_root_is_neither_used_nor_chmodded() {
+        let scratch = Scratch::new("symlink");
+        let root = shared_tmp_root(&scratch.0);
+        let theirs = scratch.0.join("theirs");
+        std::fs::create_dir(&theirs).expect("mkdir");
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::os::unix::fs::symlink(&theirs, &root).expect("symlink");
+        let dir = make_private_dir(None).expect("a private dir");
+        assert!(!dir.0.starts_with(&root) && !dir.0.starts_with(&theirs), "{:?}", dir.0);
+        assert_eq!(mode(&dir.0), 0o700);
+        assert_eq!(mode(&theirs), 0o755, "chmodded a directory snakepit did not create");
+        assert_eq!(std::fs::read_dir(&theirs).expect("ls").count(), 0, "created a socket dir in it");
+        // Later workers use the same fallback root.
+        let again = make_private_dir(None).expect("again");
+        assert_eq!(again.0.parent(), dir.0.parent());
+    }
+
+    #[test]
+    fn a_shared_socket_root_owned_by_another_user_is_neither_used_nor_chmodded() {
+        if snakepit_fs::euid() != 0 {
+            eprintln!("not root: cannot plant a directory owned by another user; the symlink case covers the rest");
+            return;
+        }
+        let scratch = Scratch::new("owner");
+        let root = shared_tmp_root(&scratch.0);
+        std::fs::create_dir(&root).expect("mkdir");
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        std::os::unix::fs::chown(&root, Some(65534), Some(65534)).expect("chown");
+        let dir = make_private_dir(None).expect("a private dir");
+        assert!(!dir.0.starts_with(&root), "{:?}", dir.0);
+        assert_eq!(mode(&root), 0o777, "chmodded a directory snakepit did not create");
+        assert_eq!(std::fs::read_dir(&root).expect("ls").count(), 0, "created a socket dir in it");
+    }
+
+    #[test]
+    fn the_default_socket_root_prefers_the_runtime_dir() {
+        let scratch = Scratch::new("runtime");
+        let run = scratch.0.join("run");
+        std::fs::create_dir(&run).expect("mkdir");
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        std::env::set_var("XDG_RUNTIME_DIR", &run);
+        let dir = make_private_dir(None).expect("a private dir");
+        assert_eq!(dir.0.parent(), Some(run.join("snakepit").as_path()));
+    }
+
+    #[test]
+    fn a_callers_socket_root_is_never_chmodded() {
+        let scratch = Scratch::new("caller");
+        let root = scratch.0.join("mine");
+        std::fs::create_dir(&root).expect("mkdir");
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let dir = make_private_dir(Some(&root)).expect("a private dir");
+        assert_eq!(mode(&root), 0o755, "chmodded the caller's directory");
+        assert_eq!(mode(&dir.0), 0o700);
+        // A symlink as the root is refused.
+        let link = scratch.0.join("link");
+        std::os::unix::fs::symlink(&root, &link).expect("symlink");
+        let (path, _) = make_private_dir(Some(&link)).expect_err("a symlinked root");
+        assert_eq!(path, link.canonicalize().expect("canon").parent().expect("parent").join("link"));
     }
 
     #[tokio::test]
