@@ -64,12 +64,16 @@ fn install_bridge(root: &Path) -> Result<PathBuf, snakepit_fs::Refused> {
     // Write into a fresh private directory, then rename it into place atomically, so a
     // concurrent host never sees half a package.
     let tmp = snakepit_fs::private_tempdir(&root, ".tmp-")?;
-    let io = |e: std::io::Error| snakepit_fs::Refused { path: tmp.clone(), reason: format!("cannot write it: {e}") };
+    let io = |e: std::io::Error| snakepit_fs::Refused {
+        path: tmp.clone(),
+        reason: format!("cannot write it: {e}"),
+    };
     write_bridge(&tmp).map_err(io)?;
     match std::fs::rename(&tmp, &dir) {
         Ok(()) => snakepit_fs::check_private_dir(&dir),
-        Err(_) if snakepit_fs::check_private_dir(&dir).is_ok()
-            && dir.join("snakepit_bridge").join("_core.py").is_file() =>
+        Err(_)
+            if snakepit_fs::check_private_dir(&dir).is_ok()
+                && dir.join("snakepit_bridge").join("_core.py").is_file() =>
         {
             // A concurrent host put its copy there first.
             let _ = std::fs::remove_dir_all(&tmp);
@@ -101,7 +105,8 @@ fn write_bridge(dir: &Path) -> std::io::Result<()> {
 /// the cache directory was refused.
 fn fresh_bridge() -> Result<PathBuf, snakepit_fs::Refused> {
     let dir = snakepit_fs::private_tempdir(&std::env::temp_dir(), "snakepit-bridge-")?;
-    write_bridge(&dir).map_err(|e| snakepit_fs::Refused { path: dir.clone(), reason: format!("cannot write it: {e}") })?;
+    write_bridge(&dir)
+        .map_err(|e| snakepit_fs::Refused { path: dir.clone(), reason: format!("cannot write it: {e}") })?;
     Ok(dir)
 }
 
@@ -130,7 +135,10 @@ pub fn bridge_dir() -> Result<PathBuf, crate::Error> {
         Ok(d) => d,
         Err(refused) => {
             let fresh = fresh_bridge().map_err(|e| crate::Error::Bridge(e.into()))?;
-            tracing::warn!("bridge cache: {refused}; using the fresh private directory {} instead", fresh.display());
+            tracing::warn!(
+                "bridge cache: {refused}; using the fresh private directory {} instead",
+                fresh.display()
+            );
             fresh
         }
     };
@@ -371,7 +379,8 @@ mod tests {
     fn plant(root: &Path) -> PathBuf {
         let dir = root.join(format!("bridge-{:016x}", bridge_hash()));
         std::fs::create_dir_all(dir.join("snakepit_bridge")).expect("plant");
-        std::fs::write(dir.join("snakepit_bridge").join("_core.py"), "raise SystemExit('planted')").expect("plant");
+        std::fs::write(dir.join("snakepit_bridge").join("_core.py"), "raise SystemExit('planted')")
+            .expect("plant");
         dir
     }
 
@@ -385,20 +394,26 @@ mod tests {
         let dir = bridge_dir().expect("bridge dir");
         assert!(!dir.starts_with(&evil) && !dir.starts_with(&root), "used the planted bridge: {dir:?}");
         assert!(dir.join("snakepit_bridge").join("_core.py").is_file());
-        assert_eq!(std::fs::read_to_string(planted.join("snakepit_bridge/_core.py")).expect("read"), "raise SystemExit('planted')");
+        assert_eq!(
+            std::fs::read_to_string(planted.join("snakepit_bridge/_core.py")).expect("read"),
+            "raise SystemExit('planted')"
+        );
     }
 
     #[test]
     fn a_bridge_planted_by_another_user_in_the_shared_cache_is_not_trusted() {
         if snakepit_fs::euid() != 0 {
-            eprintln!("not root: cannot plant a directory owned by another user; the symlink case covers the rest");
+            eprintln!(
+                "not root: cannot plant a directory owned by another user; the symlink case covers the rest"
+            );
             return;
         }
         let scratch = tempfile::tempdir().expect("tempdir");
         let root = shared_tmp_fallback(scratch.path());
         std::fs::create_dir(&root).expect("root");
         let planted = plant(&root);
-        for p in [planted.clone(), planted.join("snakepit_bridge"), planted.join("snakepit_bridge/_core.py")] {
+        for p in [planted.clone(), planted.join("snakepit_bridge"), planted.join("snakepit_bridge/_core.py")]
+        {
             std::os::unix::fs::chown(&p, Some(65534), Some(65534)).expect("chown");
         }
         std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");

@@ -125,14 +125,18 @@ pub fn ensure_private_dir(path: &Path) -> Result<PathBuf, Refused> {
 pub fn private_tempdir(parent: &Path, prefix: &str) -> Result<PathBuf, Refused> {
     let parent = check_parent_dir(parent)?;
     let template = parent.join(format!("{prefix}XXXXXX"));
-    let dir = nix::unistd::mkdtemp(&template).map_err(|e| refused(&template, format!("mkdtemp failed: {e}")))?;
+    let dir =
+        nix::unistd::mkdtemp(&template).map_err(|e| refused(&template, format!("mkdtemp failed: {e}")))?;
     check_private_dir(&dir)
 }
 
 /// Creates the directory `path` (its parent must exist) with mode 0700; fails if anything
 /// already exists there. Then [checks](check_private_dir) it.
 pub fn create_private_dir(path: &Path) -> Result<PathBuf, Refused> {
-    DirBuilder::new().mode(0o700).create(path).map_err(|e| refused(path, format!("cannot create it: {e}")))?;
+    DirBuilder::new()
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| refused(path, format!("cannot create it: {e}")))?;
     check_private_dir(path)
 }
 
@@ -162,12 +166,7 @@ pub fn write_private_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Resu
 
 /// Creates a new file at `path`: `O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600.
 pub fn create_new(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)
+    OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(nix::libc::O_NOFOLLOW).open(path)
 }
 
 /// Reads `path` if it is a regular file (not a symlink: opened `O_NOFOLLOW`) owned by the
@@ -205,8 +204,7 @@ fn resolve_parent(path: &Path) -> Result<PathBuf, Refused> {
     let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else {
         return Err(refused(&abs, "it has no parent directory"));
     };
-    let parent =
-        parent.canonicalize().map_err(|e| refused(parent, format!("cannot resolve it: {e}")))?;
+    let parent = parent.canonicalize().map_err(|e| refused(parent, format!("cannot resolve it: {e}")))?;
     for dir in parent.ancestors() {
         check_ancestor(dir, &lstat(dir)?)?;
     }

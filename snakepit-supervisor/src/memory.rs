@@ -31,7 +31,9 @@ pub(crate) fn subtree_rss(pid: u32, include_root: bool) -> Option<u64> {
         };
         let count = include_root || !root;
         root = false;
-        if let Some(rss) = statm.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).filter(|_| count) {
+        if let Some(rss) =
+            statm.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).filter(|_| count)
+        {
             total += rss * page;
         }
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };

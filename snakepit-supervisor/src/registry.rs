@@ -276,7 +276,9 @@ pub fn reap(dir: &Path, instance: Option<&str>, dry_run: bool) -> std::io::Resul
     victims.dedup_by_key(|(pid, _)| *pid);
     let holds = |pid: u32, claim: Claim| match claim {
         Claim::Recorded(start) => start_time(pid) == Some(start),
-        Claim::Marked(i) => start_time(pid).is_some() && owned_by(pid, owner) && environ_has(pid, &markers[i]),
+        Claim::Marked(i) => {
+            start_time(pid).is_some() && owned_by(pid, owner) && environ_has(pid, &markers[i])
+        }
     };
     for (pid, claim) in victims {
         if dry_run {
@@ -429,8 +431,7 @@ mod tests {
         f.add_worker(42, 7);
         f.add_worker(42, 9);
         f.remove_worker(42, 7);
-        let rec: RunRecord =
-            serde_json::from_slice(&std::fs::read(f.path()).expect("read")).expect("json");
+        let rec: RunRecord = serde_json::from_slice(&std::fs::read(f.path()).expect("read")).expect("json");
         assert_eq!(rec.workers, [(42, 9)]);
     }
 
@@ -506,7 +507,10 @@ mod tests {
         let r = reap(&s.1, None, false).expect("reap");
         assert_eq!(r.pids, [mine.pid()], "{r:?}");
         assert!(theirs.alive(), "killed another user's process that carried the run id");
-        assert!(matches!(mine.0.wait().map(|s| std::os::unix::process::ExitStatusExt::signal(&s)), Ok(Some(9))));
+        assert!(matches!(
+            mine.0.wait().map(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
+            Ok(Some(9))
+        ));
     }
 
     #[test]
@@ -522,7 +526,7 @@ mod tests {
         rec.dirs = vec![ours.clone(), open.clone()];
         std::fs::write(&path, serde_json::to_vec(&rec).expect("json")).expect("write");
         let r = reap(&s.1, None, false).expect("reap");
-        assert_eq!(r.dirs, [ours.clone()]);
+        assert_eq!(r.dirs, std::slice::from_ref(&ours));
         assert!(!ours.exists());
         assert!(open.exists(), "removed a directory that failed the check");
     }

@@ -610,7 +610,9 @@ mod tests {
     #[test]
     fn a_shared_socket_root_owned_by_another_user_is_neither_used_nor_chmodded() {
         if snakepit_fs::euid() != 0 {
-            eprintln!("not root: cannot plant a directory owned by another user; the symlink case covers the rest");
+            eprintln!(
+                "not root: cannot plant a directory owned by another user; the symlink case covers the rest"
+            );
             return;
         }
         let scratch = Scratch::new("owner");

@@ -396,9 +396,8 @@ async fn a_worker_claiming_another_processs_pid_is_not_taken_at_its_word() {
         snakepit::core::DEFAULT_MAX_FRAME,
     )
     .with_env(vec![(snakepit_tests::procs::MARKER_VAR.into(), r.marker.clone().into())]);
-    let w = snakepit::supervisor::start_worker(&adapter, &StdioTransport::default(), opts)
-        .await
-        .expect("worker");
+    let w =
+        snakepit::supervisor::start_worker(&adapter, &StdioTransport::default(), opts).await.expect("worker");
     assert_eq!(w.ready().pid, decoy_pid, "the worker did not lie as planned");
     assert_ne!(WorkerHandle::pid(&w), Some(decoy_pid), "the claimed pid was trusted");
     let memory = WorkerHandle::memory(&w).expect("the worker's memory");
