@@ -48,12 +48,19 @@ fn cache_root() -> PathBuf {
     std::env::temp_dir().join(format!("snakepit-{}", snakepit_fs::euid()))
 }
 
-/// A usable copy of the bridge under `root`: the existing `bridge-<hash>/` if it and `root`
-/// pass `snakepit_fs::check_private_dir`, else a fresh one written there. Refuses (without
-/// touching them) a `root` or `bridge-<hash>/` that is a symlink, another user's, or open to
+/// A usable copy of the bridge under `root`: the existing `bridge-<hash>/` if it passes
+/// `snakepit_fs::check_private_dir`, else a fresh one written there. `root` (created 0700 if
+/// missing) is the bridge directory's parent and is checked as one
+/// (`snakepit_fs::check_parent_dir`: a real directory owned by root or the effective uid, not
+/// writable by others unless sticky), so a `~/.cache/snakepit` an older version created 0755
+/// still serves. Refuses (without touching them) a `root` or `bridge-<hash>/` that is a
+/// symlink or another user's, a `root` others may write to, or a `bridge-<hash>/` open to
 /// others.
 fn install_bridge(root: &Path) -> Result<PathBuf, snakepit_fs::Refused> {
-    let root = snakepit_fs::ensure_private_dir(root)?;
+    if std::fs::symlink_metadata(root).is_err() {
+        snakepit_fs::ensure_private_dir(root)?;
+    }
+    let root = snakepit_fs::check_parent_dir(root)?;
     let dir = root.join(format!("bridge-{:016x}", bridge_hash()));
     if std::fs::symlink_metadata(&dir).is_ok() {
         let dir = snakepit_fs::check_private_dir(&dir)?;
@@ -422,6 +429,40 @@ mod tests {
         assert!(dir.join("snakepit_bridge").join("_core.py").is_file());
         // And a failed cache did not poison the process: the next call answers the same.
         assert_eq!(bridge_dir().expect("again"), dir);
+    }
+
+    #[test]
+    fn a_shared_cache_root_of_another_user_is_not_used() {
+        if snakepit_fs::euid() != 0 {
+            eprintln!(
+                "not root: cannot plant a directory owned by another user; the symlink case covers the rest"
+            );
+            return;
+        }
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let root = shared_tmp_fallback(scratch.path());
+        std::fs::create_dir(&root).expect("root");
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        std::os::unix::fs::chown(&root, Some(65534), Some(65534)).expect("chown");
+        let dir = bridge_dir().expect("bridge dir");
+        assert!(!dir.starts_with(&root), "used another user's cache root: {dir:?}");
+        assert_eq!(std::fs::read_dir(&root).expect("ls").count(), 0, "wrote into another user's directory");
+    }
+
+    #[test]
+    fn an_open_bridge_dir_is_not_reused_but_an_open_cache_root_of_ours_serves() {
+        use std::os::unix::fs::PermissionsExt;
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let root = scratch.path().join("cache");
+        std::fs::create_dir(&root).expect("root");
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let planted = plant(&root);
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let e = install_bridge(&root).expect_err("a bridge dir open to others");
+        assert!(e.reason.contains("755"), "{e}");
+        std::fs::remove_dir_all(&planted).expect("rm");
+        let dir = install_bridge(&root).expect("a 0755 cache root of ours");
+        assert_eq!(std::fs::metadata(&dir).expect("stat").permissions().mode() & 0o777, 0o700);
     }
 
     #[test]
