@@ -45,48 +45,87 @@ fn cache_root() -> PathBuf {
     if let Some(h) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(h).join(".cache").join("snakepit");
     }
-    std::env::temp_dir().join(format!("snakepit-{}", nix_uid()))
+    std::env::temp_dir().join(format!("snakepit-{}", snakepit_fs::euid()))
 }
 
-fn nix_uid() -> u32 {
-    // Only used to keep users apart in a shared temp dir.
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap_or(0)
-}
-
-fn install_bridge(root: &Path) -> std::io::Result<PathBuf> {
+/// A usable copy of the bridge under `root`: the existing `bridge-<hash>/` if it passes
+/// `snakepit_fs::check_private_dir`, else a fresh one written there. `root` (created 0700 if
+/// missing) is the bridge directory's parent and is checked as one
+/// (`snakepit_fs::check_parent_dir`: a real directory owned by root or the effective uid, not
+/// writable by others unless sticky), so a `~/.cache/snakepit` an older version created 0755
+/// still serves. Refuses (without touching them) a `root` or `bridge-<hash>/` that is a
+/// symlink or another user's, a `root` others may write to, or a `bridge-<hash>/` open to
+/// others.
+fn install_bridge(root: &Path) -> Result<PathBuf, snakepit_fs::Refused> {
+    if std::fs::symlink_metadata(root).is_err() {
+        snakepit_fs::ensure_private_dir(root)?;
+    }
+    let root = snakepit_fs::check_parent_dir(root)?;
     let dir = root.join(format!("bridge-{:016x}", bridge_hash()));
-    if dir.join("snakepit_bridge").join("_core.py").is_file() {
-        return Ok(dir);
-    }
-    std::fs::create_dir_all(root)?;
-    // Write into a private temporary directory, then rename it into place atomically, so a
-    // concurrent host never sees half a package.
-    let tmp = root.join(format!(".tmp-{}-{:x}", std::process::id(), bridge_hash()));
-    let pkg = tmp.join("snakepit_bridge");
-    std::fs::create_dir_all(&pkg)?;
-    for (name, text) in BRIDGE_FILES {
-        let path = pkg.join(name);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
+    if std::fs::symlink_metadata(&dir).is_ok() {
+        let dir = snakepit_fs::check_private_dir(&dir)?;
+        if dir.join("snakepit_bridge").join("_core.py").is_file() {
+            return Ok(dir);
         }
-        std::fs::write(path, text)?;
     }
+    // Write into a fresh private directory, then rename it into place atomically, so a
+    // concurrent host never sees half a package.
+    let tmp = snakepit_fs::private_tempdir(&root, ".tmp-")?;
+    let io = |e: std::io::Error| snakepit_fs::Refused {
+        path: tmp.clone(),
+        reason: format!("cannot write it: {e}"),
+    };
+    write_bridge(&tmp).map_err(io)?;
     match std::fs::rename(&tmp, &dir) {
-        Ok(()) => Ok(dir),
-        Err(_) if dir.join("snakepit_bridge").join("_core.py").is_file() => {
+        Ok(()) => snakepit_fs::check_private_dir(&dir),
+        Err(_)
+            if snakepit_fs::check_private_dir(&dir).is_ok()
+                && dir.join("snakepit_bridge").join("_core.py").is_file() =>
+        {
+            // A concurrent host put its copy there first.
             let _ = std::fs::remove_dir_all(&tmp);
-            Ok(dir)
+            snakepit_fs::check_private_dir(&dir)
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
+            Err(snakepit_fs::Refused { path: dir, reason: format!("cannot move the bridge into place: {e}") })
         }
     }
+}
+
+/// Writes the embedded sources under `dir` (a fresh private directory): directories 0700,
+/// files created `O_EXCL|O_NOFOLLOW` with mode 0600.
+fn write_bridge(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::DirBuilderExt;
+    for (name, text) in BRIDGE_FILES {
+        let path = dir.join("snakepit_bridge").join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
+        }
+        snakepit_fs::create_new(&path)?.write_all(text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// A fresh private copy of the bridge in a new `mkdtemp` directory under `$TMPDIR`, for when
+/// the cache directory was refused.
+fn fresh_bridge() -> Result<PathBuf, snakepit_fs::Refused> {
+    let dir = snakepit_fs::private_tempdir(&std::env::temp_dir(), "snakepit-bridge-")?;
+    write_bridge(&dir)
+        .map_err(|e| snakepit_fs::Refused { path: dir.clone(), reason: format!("cannot write it: {e}") })?;
+    Ok(dir)
 }
 
 /// The directory to put on `PYTHONPATH` so that `import snakepit_bridge` works: the
 /// `SNAKEPIT_BRIDGE_PATH` environment variable if set, else the embedded sources written out
-/// once to `$XDG_CACHE_HOME/snakepit/bridge-<hash>/`.
+/// once to `$XDG_CACHE_HOME/snakepit/bridge-<hash>/` (or `~/.cache/snakepit/...`, or
+/// `$TMPDIR/snakepit-<euid>/...`).
+///
+/// The cache directory is trusted only if it passes `snakepit_fs::check_private_dir` (a real
+/// directory owned by the effective uid, with no group or other access, under safe
+/// ancestors): otherwise the bridge goes to a fresh `mkdtemp` directory under `$TMPDIR`, with
+/// one warning naming the refused path.
 ///
 /// A failed write-out is not remembered: the next call tries again.
 pub fn bridge_dir() -> Result<PathBuf, crate::Error> {
@@ -99,7 +138,17 @@ pub fn bridge_dir() -> Result<PathBuf, crate::Error> {
     }
     // Concurrent first calls may both write the sources out; `install_bridge` lets the second
     // one find the first one's copy.
-    let dir = install_bridge(&cache_root()).map_err(crate::Error::Bridge)?;
+    let dir = match install_bridge(&cache_root()) {
+        Ok(d) => d,
+        Err(refused) => {
+            let fresh = fresh_bridge().map_err(|e| crate::Error::Bridge(e.into()))?;
+            tracing::warn!(
+                "bridge cache: {refused}; using the fresh private directory {} instead",
+                fresh.display()
+            );
+            fresh
+        }
+    };
     Ok(DIR.get_or_init(|| dir).clone())
 }
 
@@ -350,13 +399,109 @@ mod tests {
 
     #[test]
     fn bridge_installs_once_and_is_complete() {
-        let root = tempfile::tempdir().expect("tempdir");
-        let a = install_bridge(root.path()).expect("install");
-        let b = install_bridge(root.path()).expect("install again");
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let root = scratch.path().join("cache");
+        let a = install_bridge(&root).expect("install");
+        let b = install_bridge(&root).expect("install again");
         assert_eq!(a, b);
         for (name, text) in BRIDGE_FILES {
             assert_eq!(std::fs::read_to_string(a.join("snakepit_bridge").join(name)).expect("read"), *text);
         }
+    }
+
+    /// Points the bridge cache at `$TMPDIR/snakepit-<euid>` (HOME and XDG unset), with
+    /// `TMPDIR` a scratch directory. Each test runs in its own process under nextest.
+    fn shared_tmp_fallback(tmp: &Path) -> PathBuf {
+        std::env::remove_var("SNAKEPIT_BRIDGE_PATH");
+        std::env::remove_var("XDG_CACHE_HOME");
+        std::env::remove_var("HOME");
+        std::env::set_var("TMPDIR", tmp);
+        let root = tmp.join(format!("snakepit-{}", snakepit_fs::euid()));
+        assert_eq!(cache_root(), root);
+        root
+    }
+
+    /// A bridge planted by someone else: `root/bridge-<hash>/snakepit_bridge/_core.py`.
+    fn plant(root: &Path) -> PathBuf {
+        let dir = root.join(format!("bridge-{:016x}", bridge_hash()));
+        std::fs::create_dir_all(dir.join("snakepit_bridge")).expect("plant");
+        std::fs::write(dir.join("snakepit_bridge").join("_core.py"), "raise SystemExit('planted')")
+            .expect("plant");
+        dir
+    }
+
+    #[test]
+    fn a_symlinked_shared_cache_is_not_trusted() {
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let root = shared_tmp_fallback(scratch.path());
+        let evil = scratch.path().join("evil");
+        let planted = plant(&evil);
+        std::os::unix::fs::symlink(&evil, &root).expect("symlink");
+        let dir = bridge_dir().expect("bridge dir");
+        assert!(!dir.starts_with(&evil) && !dir.starts_with(&root), "used the planted bridge: {dir:?}");
+        assert!(dir.join("snakepit_bridge").join("_core.py").is_file());
+        assert_eq!(
+            std::fs::read_to_string(planted.join("snakepit_bridge/_core.py")).expect("read"),
+            "raise SystemExit('planted')"
+        );
+    }
+
+    #[test]
+    fn a_bridge_planted_by_another_user_in_the_shared_cache_is_not_trusted() {
+        if snakepit_fs::euid() != 0 {
+            eprintln!(
+                "not root: cannot plant a directory owned by another user; the symlink case covers the rest"
+            );
+            return;
+        }
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let root = shared_tmp_fallback(scratch.path());
+        std::fs::create_dir(&root).expect("root");
+        let planted = plant(&root);
+        for p in [planted.clone(), planted.join("snakepit_bridge"), planted.join("snakepit_bridge/_core.py")]
+        {
+            std::os::unix::fs::chown(&p, Some(65534), Some(65534)).expect("chown");
+        }
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
+        let dir = bridge_dir().expect("bridge dir");
+        assert!(!dir.starts_with(&root), "used the bridge another user planted: {dir:?}");
+        assert!(dir.join("snakepit_bridge").join("_core.py").is_file());
+        // And a failed cache did not poison the process: the next call answers the same.
+        assert_eq!(bridge_dir().expect("again"), dir);
+    }
+
+    #[test]
+    fn a_shared_cache_root_of_another_user_is_not_used() {
+        if snakepit_fs::euid() != 0 {
+            eprintln!(
+                "not root: cannot plant a directory owned by another user; the symlink case covers the rest"
+            );
+            return;
+        }
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let root = shared_tmp_fallback(scratch.path());
+        std::fs::create_dir(&root).expect("root");
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        std::os::unix::fs::chown(&root, Some(65534), Some(65534)).expect("chown");
+        let dir = bridge_dir().expect("bridge dir");
+        assert!(!dir.starts_with(&root), "used another user's cache root: {dir:?}");
+        assert_eq!(std::fs::read_dir(&root).expect("ls").count(), 0, "wrote into another user's directory");
+    }
+
+    #[test]
+    fn an_open_bridge_dir_is_not_reused_but_an_open_cache_root_of_ours_serves() {
+        use std::os::unix::fs::PermissionsExt;
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let root = scratch.path().join("cache");
+        std::fs::create_dir(&root).expect("root");
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let planted = plant(&root);
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let e = install_bridge(&root).expect_err("a bridge dir open to others");
+        assert!(e.reason.contains("755"), "{e}");
+        std::fs::remove_dir_all(&planted).expect("rm");
+        let dir = install_bridge(&root).expect("a 0755 cache root of ours");
+        assert_eq!(std::fs::metadata(&dir).expect("stat").permissions().mode() & 0o777, 0o700);
     }
 
     #[test]

@@ -221,13 +221,22 @@ async fn call(
 
 fn reap(dry_run: bool, instance: Option<String>) -> ExitCode {
     let dir = snakepit::supervisor::registry::run_dir();
-    let r = snakepit::supervisor::registry::reap(&dir, instance.as_deref(), dry_run);
+    let r = match snakepit::supervisor::registry::reap(&dir, instance.as_deref(), dry_run) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("snakepit reap: cannot use the run directory {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
     let verb = if dry_run { "would kill" } else { "killed" };
     for run in &r.runs {
         println!("dead host {} (instance {:?}, run {})", run.host_pid, run.instance, run.run_id);
     }
     for pid in &r.pids {
         println!("{verb} {pid}");
+    }
+    for d in &r.dirs {
+        println!("{} {}", if dry_run { "would remove" } else { "removed" }, d.display());
     }
     println!("{} dead run(s) in {}, {} process(es) {verb}", r.runs.len(), dir.display(), r.pids.len());
     ExitCode::SUCCESS

@@ -248,7 +248,9 @@ fn idle_process(g: &Guard, run_id: &str) -> std::process::Child {
 #[allow(clippy::disallowed_methods)] // runs the CLI binary under test
 fn reap_kills_only_what_dead_hosts_left_behind() {
     let g = Guard::new();
-    std::fs::create_dir_all(g.run_dir()).expect("run dir");
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(g.run_dir())
+        .expect("run dir");
     // A host that is dead: a finished child's pid.
     let mut gone = Command::new("true").spawn().expect("spawn");
     let dead_pid = gone.id();
@@ -898,4 +900,138 @@ fn logs_have_no_colours_when_stderr_is_not_a_terminal() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.contains("INFO"), "{err}");
     assert!(!err.contains('\u{1b}'), "escape codes in {err:?}");
+}
+
+/// A child that is SIGKILLed and reaped when dropped, whatever the test did.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// SIGKILLs a `serve` host and waits (bounded) until every marked process but `keep` is gone:
+/// the shepherds have killed its workers.
+fn sigkill_host(g: &Guard, host: &mut std::process::Child, keep: &[u32]) {
+    host.kill().expect("SIGKILL the host");
+    host.wait().expect("reap the host");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for pid in procs::marked_pids(&g.0) {
+        if !keep.contains(&(pid as u32)) {
+            procs::wait_exit(pid, deadline);
+        }
+    }
+}
+
+/// A worker's `ready` names an unrelated process (a `sleep` of this test): after its host is
+/// SIGKILLed, neither `snakepit reap` nor its dry run touches that process, because the run
+/// file records only the pids the host verified.
+#[test]
+#[allow(clippy::disallowed_methods)] // runs the CLI binary under test and a bystander process
+fn reap_never_kills_a_process_a_worker_only_claimed_to_be() {
+    let g = Guard::new();
+    let mut decoy = KillOnDrop(
+        Command::new("sleep").arg("600").env(procs::MARKER_VAR, &g.0).spawn().expect("spawn sleep"),
+    );
+    let decoy_pid = decoy.0.id();
+    let script = g.1.path().join("liar.py");
+    std::fs::write(
+        &script,
+        format!(
+            "import os\nos.getpid = lambda: {decoy_pid}\n\
+             from snakepit_bridge import tool, serve\n\n\
+             @tool\ndef ping():\n    return 'pong'\n\n\
+             if __name__ == '__main__':\n    serve()\n"
+        ),
+    )
+    .expect("script");
+    let mut host = KillOnDrop(
+        g.snakepit()
+            .args(["serve", "--script"])
+            .arg(&script)
+            .args(["--size", "1", "--instance", "liar"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn serve"),
+    );
+    let mut stdin = host.0.stdin.take().expect("stdin");
+    let mut out = BufReader::new(host.0.stdout.take().expect("stdout"));
+    writeln!(stdin, r#"{{"id":0,"command":"ping"}}"#).expect("write");
+    let mut line = String::new();
+    out.read_line(&mut line).expect("reply");
+    assert!(line.contains("pong"), "{line}");
+    let run_file = std::fs::read_dir(g.run_dir())
+        .expect("run dir")
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".run.json"))
+        .expect("a run file");
+    let rec: Value = serde_json::from_slice(&std::fs::read(run_file.path()).expect("read")).expect("json");
+    sigkill_host(&g, &mut host.0, &[decoy_pid]);
+    let out = g.snakepit().args(["reap", "--dry-run"]).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains(&format!("would kill {decoy_pid}\n")), "{text}\nrun file: {rec}");
+    let out = g.snakepit().args(["reap"]).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("1 dead run(s)"), "{text}");
+    assert!(!text.contains(&format!("killed {decoy_pid}\n")), "{text}\nrun file: {rec}");
+    assert!(decoy.0.try_wait().expect("try_wait").is_none(), "the claimed process was killed: {text}");
+}
+
+/// A run directory that fails the ownership check (here: open to group and others) makes
+/// `snakepit reap` exit 1 naming it, and kill nothing.
+#[test]
+fn reap_exits_1_naming_a_run_dir_it_refuses() {
+    let g = Guard::new();
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o755)
+        .create(g.run_dir())
+        .expect("run dir");
+    let out = g.snakepit().args(["reap"]).output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&g.run_dir().display().to_string()) && err.contains("755"), "{err}");
+}
+
+/// A gRPC host killed by SIGKILL leaves its workers' socket directories behind; they are in
+/// its run file, and `snakepit reap` removes them.
+#[test]
+fn reap_removes_the_socket_dirs_a_sigkilled_grpc_host_left() {
+    let g = Guard::new();
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(venv.exists(), "run `cargo xtask setup` (cargo xtask ci does)");
+    let xdg = g.1.path().join("xdg");
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&xdg).expect("xdg");
+    let mut host = KillOnDrop(
+        g.snakepit()
+            .env("XDG_RUNTIME_DIR", &xdg)
+            .args(["serve", "--module", "snakepit_bridge.showcase", "--size", "2", "--transport", "grpc"])
+            .arg("--python")
+            .arg(&venv)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn serve"),
+    );
+    let mut stdin = host.0.stdin.take().expect("stdin");
+    let mut out = BufReader::new(host.0.stdout.take().expect("stdout"));
+    writeln!(stdin, r#"{{"id":0,"command":"ping"}}"#).expect("write");
+    let mut line = String::new();
+    out.read_line(&mut line).expect("reply");
+    assert!(line.contains("pong"), "{line}");
+    let socket_dirs = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(xdg.join("snakepit"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(socket_dirs().len(), 2, "{:?}", socket_dirs());
+    sigkill_host(&g, &mut host.0, &[]);
+    assert_eq!(socket_dirs().len(), 2, "the dead host's socket dirs");
+    let out = g.snakepit().args(["reap"]).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(socket_dirs().is_empty(), "left behind: {:?}\n{text}", socket_dirs());
+    assert_eq!(text.matches("removed ").count(), 2, "{text}");
 }

@@ -424,4 +424,11 @@ pub trait Connection: Send + Sync + 'static {
 
     /// Resolves when the worker has answered call `id` (or the connection is gone).
     fn answered(&self, id: RequestId) -> BoxFuture<'static, ()>;
+
+    /// A private directory this connection created (the gRPC transport's socket directory)
+    /// and removes when dropped. A host killed by SIGKILL cannot remove it, so the process
+    /// launcher records it in the run registry, whose `reap` removes it. Default: none.
+    fn private_dir(&self) -> Option<&std::path::Path> {
+        None
+    }
 }

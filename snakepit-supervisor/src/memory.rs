@@ -2,8 +2,14 @@
 
 /// The resident set size, in bytes, of `pid` and all its descendants (threads' children
 /// included). `None` if `pid` is gone. Processes that vanish during the walk are skipped.
-#[allow(unsafe_code)] // sysconf(_SC_PAGESIZE) has no preconditions
 pub fn tree_rss(pid: u32) -> Option<u64> {
+    subtree_rss(pid, true)
+}
+
+/// The resident set size, in bytes, of `pid`'s descendants, and of `pid` itself when
+/// `include_root`. `None` if `pid` is gone.
+#[allow(unsafe_code)] // sysconf(_SC_PAGESIZE) has no preconditions
+pub(crate) fn subtree_rss(pid: u32, include_root: bool) -> Option<u64> {
     // SAFETY: sysconf has no preconditions.
     let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
         p if p > 0 => p as u64,
@@ -23,8 +29,11 @@ pub fn tree_rss(pid: u32) -> Option<u64> {
             Err(_) if root => return None,
             Err(_) => continue,
         };
+        let count = include_root || !root;
         root = false;
-        if let Some(rss) = statm.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()) {
+        if let Some(rss) =
+            statm.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).filter(|_| count)
+        {
             total += rss * page;
         }
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };

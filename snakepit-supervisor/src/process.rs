@@ -144,15 +144,16 @@ impl Shared {
     }
 
     /// Whether the shepherd has exited (it may not be reaped yet).
-    #[allow(unsafe_code)] // poll(2) on a pidfd we own, with a zero timeout
-    fn has_exited(&self) -> bool {
+    pub(crate) fn has_exited(&self) -> bool {
         if self.exit.borrow().is_some() {
             return true;
         }
-        let Some(fd) = &self.pidfd else { return false };
-        let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd, zero timeout.
-        unsafe { libc::poll(&mut p, 1, 0) > 0 }
+        self.pidfd.as_ref().is_some_and(pidfd_exited)
+    }
+
+    /// Whether the group leader is a shepherd (a cold worker), not the worker itself.
+    fn shepherded(&self) -> bool {
+        matches!(self.killer, Killer::Lifeline(_))
     }
 
     /// Sends `sig` to the worker's process group (the shepherd ignores the catchable ones).
@@ -208,6 +209,8 @@ pub struct Worker {
     /// A pidfd for the worker process itself (verified to be the shepherd's child), used to
     /// deliver the cancel signal without ever hitting a reused pid.
     worker_pidfd: Option<OwnedFd>,
+    /// The pid the worker claimed in `ready`, if the host verified it (`worker_pidfd` names it).
+    verified_pid: Option<u32>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -245,6 +248,22 @@ pub(crate) fn pidfd_send_signal(fd: &OwnedFd, sig: i32) -> std::io::Result<()> {
     }
 }
 
+/// Whether the process behind a pidfd has exited (it may not be reaped yet).
+#[allow(unsafe_code)] // poll(2) on a pidfd we own, with a zero timeout
+pub(crate) fn pidfd_exited(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
+}
+
+/// `pid`'s start time, read while `pidfd` (a descriptor for that very process) says it has not
+/// exited: checked after reading, so the value belongs to the process the pidfd names and not to
+/// a process that reused its pid.
+pub(crate) fn pinned_start_time(pid: u32, pidfd: &OwnedFd) -> Option<u64> {
+    let start = crate::registry::start_time(pid)?;
+    (!pidfd_exited(pidfd)).then_some(start)
+}
+
 /// Registers a descriptor we own with the runtime's reactor.
 #[allow(unsafe_code)] // AsyncFd registration of a descriptor we own
 pub(crate) fn async_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
@@ -276,9 +295,42 @@ impl Worker {
         self.shared.id
     }
 
-    /// The worker process's id (as it reported it in `ready`).
-    pub fn pid(&self) -> u32 {
-        self.ready.pid
+    /// The worker process's id, if the host verified the pid the worker reported in `ready`
+    /// (a child of its shepherd, or the forked process the zygote reported and the host
+    /// checked). `None` when the claim did not check out: a worker names no other process.
+    pub fn pid(&self) -> Option<u32> {
+        self.verified_pid
+    }
+
+    /// The processes this worker is known by, each as (pid, start time), as far as the host
+    /// verified them: the group leader (a cold worker's shepherd, the host's own child; a forked
+    /// worker, checked as the zygote's child through a pidfd) and the worker process when its
+    /// claimed pid checked out. Each start time is read while a pidfd says that process lives.
+    pub(crate) fn verified_processes(&self) -> Vec<(u32, u64)> {
+        let mut out = Vec::with_capacity(2);
+        if let Some(fd) = &self.shared.pidfd {
+            if let Some(start) = pinned_start_time(self.shared.pid, fd) {
+                out.push((self.shared.pid, start));
+            }
+        }
+        if let (Some(pid), Some(fd)) = (self.verified_pid, &self.worker_pidfd) {
+            if pid != self.shared.pid {
+                if let Some(start) = pinned_start_time(pid, fd) {
+                    out.push((pid, start));
+                }
+            }
+        }
+        out
+    }
+
+    /// Resident memory of the worker's whole subtree, found from the process the host knows
+    /// (its shepherd, whose own pages are left out, or the forked worker), never from the pid
+    /// the worker claimed.
+    pub fn memory(&self) -> Option<u64> {
+        let shepherded = self.shared.shepherded();
+        let rss = crate::memory::subtree_rss(self.shared.pid, shepherded)?;
+        // Read while the leader is unreaped (checked after): its pid named it throughout.
+        (!self.shared.has_exited()).then_some(rss)
     }
 
     /// The worker's process group id: its shepherd's pid for a cold worker, its own pid for one
@@ -408,11 +460,11 @@ impl WorkerHandle for Worker {
     }
 
     fn pid(&self) -> Option<u32> {
-        Some(Worker::pid(self))
+        Worker::pid(self)
     }
 
     fn memory(&self) -> Option<u64> {
-        crate::tree_rss(Worker::pid(self))
+        Worker::memory(self)
     }
 }
 
@@ -717,10 +769,20 @@ pub(crate) async fn handshake(
     match outcome {
         Handshake::Done(Ok((conn, ready))) => {
             tracing::debug!(worker = %worker, pid, bridge = %ready.bridge, "ready");
-            let worker_pidfd = ready.cancel_signal.and_then(|_| proc.worker_pidfd(ready.pid, pid));
+            // The pid in `ready` is the worker's word only: trusted once the process tree
+            // confirms it, through a pidfd that then pins it.
+            let worker_pidfd = proc.worker_pidfd(ready.pid, pid);
+            let verified_pid = worker_pidfd.as_ref().map(|_| ready.pid);
+            if verified_pid.is_none() {
+                tracing::warn!(
+                    worker = %worker,
+                    claimed = ready.pid,
+                    "the pid in the worker's `ready` is not its process; not trusting it"
+                );
+            }
             spawn_monitor(proc, conn.clone(), shared.clone());
             guard.0 = None;
-            Ok(Worker { shared, conn, ready, started: Instant::now(), worker_pidfd })
+            Ok(Worker { shared, conn, ready, started: Instant::now(), worker_pidfd, verified_pid })
         }
         Handshake::Done(Err(e)) => {
             // EOF during the handshake means the process is exiting: report how it ended.

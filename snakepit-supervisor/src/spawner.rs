@@ -57,18 +57,30 @@ impl ProcessLauncher {
         Ok(fresh)
     }
 
-    /// Keeps `w` in the run file until it is reaped.
+    /// Keeps `w`'s verified processes (and its connection's private directory) in the run file
+    /// until it is reaped.
     fn register(&self, w: &Worker) {
         let Some(file) = &self.run_file else { return };
-        let pid = w.pid();
-        file.add_worker(pid);
+        let procs = w.verified_processes();
+        for &(pid, start) in &procs {
+            file.add_worker(pid, start);
+        }
+        let dir = w.connection().private_dir().map(std::path::Path::to_path_buf);
+        if let Some(d) = &dir {
+            file.add_dir(d);
+        }
         let mut exit = w.exit_watch();
         // Weak: the run file goes away with the launcher (the pool), not with the last watcher.
         let file = Arc::downgrade(file);
         tokio::spawn(async move {
             let _ = exit.wait_for(|e| e.is_some()).await;
             if let Some(file) = file.upgrade() {
-                file.remove_worker(pid);
+                for (pid, start) in procs {
+                    file.remove_worker(pid, start);
+                }
+                if let Some(d) = &dir {
+                    file.remove_dir(d);
+                }
             }
         });
     }

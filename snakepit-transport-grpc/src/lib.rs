@@ -16,7 +16,7 @@
 
 #![deny(unsafe_code)]
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -71,7 +71,7 @@ impl Host for HostService {
         request: tonic::Request<proto::HostCallRequest>,
     ) -> Result<tonic::Response<proto::HostCallReply>, tonic::Status> {
         let r = request.into_inner();
-        if r.token != self.token {
+        if !token_matches(&r.token, &self.token) {
             return Err(tonic::Status::unauthenticated("missing or wrong snakepit token"));
         }
         let _guard = HostCallGuard(self.in_flight.clone());
@@ -166,29 +166,80 @@ impl Drop for SocketDir {
     }
 }
 
-/// Creates a private (0700) directory for one worker's sockets under `root` (default: a
-/// per-user directory in the temp dir). On failure, says which path failed.
+/// Creates a private (0700) directory for one worker's sockets under `root` (default:
+/// [`default_root`]). A caller's `root` is created (0700) if missing and must be a real
+/// directory owned by root or the effective uid and not writable by others unless sticky; it is
+/// never `chmod`ed. On failure, says which path failed.
 fn make_private_dir(root: Option<&Path>) -> Result<SocketDir, (PathBuf, std::io::Error)> {
     let base = match root {
-        Some(r) => r.to_path_buf(),
-        None => std::env::temp_dir().join(format!("snakepit-{}", nix::unistd::getuid())),
+        Some(r) => {
+            if std::fs::symlink_metadata(r).is_err() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(r)
+                    .map_err(|e| (r.to_path_buf(), e))?;
+            }
+            snakepit_fs::check_parent_dir(r).map_err(|e| (e.path.clone(), e.into()))?
+        }
+        None => default_root()?,
     };
-    let private = |p: &Path| std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700));
-    std::fs::create_dir_all(&base).and_then(|()| private(&base)).map_err(|e| (base.clone(), e))?;
-    let dir = base.join(format!("g{:x}", fastrand::u64(..)));
-    std::fs::create_dir(&dir).map_err(|e| (dir.clone(), e))?;
-    // Owned from here: removed again if the permissions cannot be set.
-    let dir = SocketDir(dir);
-    private(&dir.0).map_err(|e| (dir.0.clone(), e))?;
-    Ok(dir)
+    let name = random_hex(8).map_err(|e| (base.clone(), e))?;
+    let dir = snakepit_fs::create_private_dir(&base.join(format!("g{name}")))
+        .map_err(|e| (e.path.clone(), e.into()))?;
+    Ok(SocketDir(dir))
+}
+
+/// The default socket root: `$XDG_RUNTIME_DIR/snakepit`, else `$TMPDIR/snakepit-<euid>`,
+/// created 0700 if missing. One that fails `snakepit_fs::check_private_dir` (another user's,
+/// a symlink, open to others) is not used: a fresh `mkdtemp` directory under `$TMPDIR` is,
+/// with one warning, and is kept for this process's later workers.
+fn default_root() -> Result<PathBuf, (PathBuf, std::io::Error)> {
+    static FALLBACK: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut fallback = FALLBACK.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(f) = fallback.as_ref().and_then(|f| snakepit_fs::check_private_dir(f).ok()) {
+        return Ok(f);
+    }
+    let preferred = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d).join("snakepit"),
+        None => std::env::temp_dir().join(format!("snakepit-{}", snakepit_fs::euid())),
+    };
+    match snakepit_fs::ensure_private_dir(&preferred) {
+        Ok(p) => Ok(p),
+        Err(refused) => {
+            let fresh = snakepit_fs::private_tempdir(&std::env::temp_dir(), "snakepit-grpc-")
+                .map_err(|e| (e.path.clone(), e.into()))?;
+            tracing::warn!(
+                "gRPC socket root: {refused}; using the fresh private directory {} instead",
+                fresh.display()
+            );
+            *fallback = Some(fresh.clone());
+            Ok(fresh)
+        }
+    }
 }
 
 /// The longest socket path this transport uses: `sockaddr_un.sun_path` holds 107 bytes and a
 /// NUL on Linux (103 on macOS); 100 leaves a margin.
 const MAX_SOCKET_PATH: usize = 100;
 
-fn token() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+/// `n` random bytes from the OS's CSPRNG, in hex.
+fn random_hex(n: usize) -> std::io::Result<String> {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).map_err(std::io::Error::from)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A per-worker token: 256 bits from the OS's CSPRNG.
+fn token() -> std::io::Result<String> {
+    random_hex(32)
+}
+
+/// Compares a presented token with the expected one in constant time (for equal lengths; the
+/// length of a token is no secret).
+fn token_matches(presented: &str, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
 }
 
 #[async_trait]
@@ -218,7 +269,7 @@ impl Transport for Grpc {
                 ),
             ));
         }
-        let token = token();
+        let token = token().map_err(|e| setup("cannot draw a token from the OS random source".into(), e))?;
         // The host's own `Host` service for this worker, on a socket next to the worker's.
         let host_socket = dir.0.join("h.sock");
         let listener = tokio::net::UnixListener::bind(&host_socket)
@@ -494,11 +545,16 @@ impl Connection for GrpcConnection {
     fn answered(&self, id: RequestId) -> BoxFuture<'static, ()> {
         Box::pin(self.inflight.answered(id))
     }
+
+    fn private_dir(&self) -> Option<&Path> {
+        Some(&self._dir.0)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::error::Error as _;
+    use std::os::unix::fs::PermissionsExt;
 
     use super::*;
 
@@ -545,6 +601,107 @@ mod tests {
             Err(other) => panic!("unexpected {other:?}"),
             Ok(_) => panic!("connected to nobody"),
         }
+    }
+
+    #[test]
+    fn tokens_come_from_the_os_rng_whatever_the_thread_local_rng_was_seeded_with() {
+        // Any code in the host can seed fastrand's thread-local generator; a token drawn from
+        // it would then be predictable.
+        fastrand::seed(7);
+        let a = token().expect("token");
+        fastrand::seed(7);
+        let b = token().expect("token");
+        assert_ne!(a, b, "the token is predictable from the seed");
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+    }
+
+    #[test]
+    fn a_token_matches_only_itself() {
+        let t = token().expect("token");
+        assert!(token_matches(&t, &t));
+        assert!(!token_matches(&t[..63], &t));
+        assert!(!token_matches("", &t));
+        assert!(!token_matches(&format!("{t}0"), &t));
+        let mut wrong = t.clone().into_bytes();
+        wrong[63] = if wrong[63] == b'0' { b'1' } else { b'0' };
+        assert!(!token_matches(&String::from_utf8(wrong).expect("ascii"), &t));
+    }
+
+    /// Points the default socket root at `$TMPDIR/snakepit-<euid>` (no runtime dir), with
+    /// `TMPDIR` a scratch directory. Each test runs in its own process under nextest.
+    fn shared_tmp_root(tmp: &Path) -> PathBuf {
+        std::env::remove_var("XDG_RUNTIME_DIR");
+        std::env::set_var("TMPDIR", tmp);
+        tmp.join(format!("snakepit-{}", snakepit_fs::euid()))
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::os::unix::fs::MetadataExt::mode(&std::fs::symlink_metadata(p).expect("stat")) & 0o7777
+    }
+
+    #[test]
+    fn a_symlinked_shared_socket_root_is_neither_used_nor_chmodded() {
+        let scratch = Scratch::new("symlink");
+        let root = shared_tmp_root(&scratch.0);
+        let theirs = scratch.0.join("theirs");
+        std::fs::create_dir(&theirs).expect("mkdir");
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::os::unix::fs::symlink(&theirs, &root).expect("symlink");
+        let dir = make_private_dir(None).expect("a private dir");
+        assert!(!dir.0.starts_with(&root) && !dir.0.starts_with(&theirs), "{:?}", dir.0);
+        assert_eq!(mode(&dir.0), 0o700);
+        assert_eq!(mode(&theirs), 0o755, "chmodded a directory snakepit did not create");
+        assert_eq!(std::fs::read_dir(&theirs).expect("ls").count(), 0, "created a socket dir in it");
+        // Later workers use the same fallback root.
+        let again = make_private_dir(None).expect("again");
+        assert_eq!(again.0.parent(), dir.0.parent());
+    }
+
+    #[test]
+    fn a_shared_socket_root_owned_by_another_user_is_neither_used_nor_chmodded() {
+        if snakepit_fs::euid() != 0 {
+            eprintln!(
+                "not root: cannot plant a directory owned by another user; the symlink case covers the rest"
+            );
+            return;
+        }
+        let scratch = Scratch::new("owner");
+        let root = shared_tmp_root(&scratch.0);
+        std::fs::create_dir(&root).expect("mkdir");
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        std::os::unix::fs::chown(&root, Some(65534), Some(65534)).expect("chown");
+        let dir = make_private_dir(None).expect("a private dir");
+        assert!(!dir.0.starts_with(&root), "{:?}", dir.0);
+        assert_eq!(mode(&root), 0o777, "chmodded a directory snakepit did not create");
+        assert_eq!(std::fs::read_dir(&root).expect("ls").count(), 0, "created a socket dir in it");
+    }
+
+    #[test]
+    fn the_default_socket_root_prefers_the_runtime_dir() {
+        let scratch = Scratch::new("runtime");
+        let run = scratch.0.join("run");
+        std::fs::create_dir(&run).expect("mkdir");
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        std::env::set_var("XDG_RUNTIME_DIR", &run);
+        let dir = make_private_dir(None).expect("a private dir");
+        assert_eq!(dir.0.parent(), Some(run.join("snakepit").as_path()));
+    }
+
+    #[test]
+    fn a_callers_socket_root_is_never_chmodded() {
+        let scratch = Scratch::new("caller");
+        let root = scratch.0.join("mine");
+        std::fs::create_dir(&root).expect("mkdir");
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let dir = make_private_dir(Some(&root)).expect("a private dir");
+        assert_eq!(mode(&root), 0o755, "chmodded the caller's directory");
+        assert_eq!(mode(&dir.0), 0o700);
+        // A symlink as the root is refused.
+        let link = scratch.0.join("link");
+        std::os::unix::fs::symlink(&root, &link).expect("symlink");
+        let (path, _) = make_private_dir(Some(&link)).expect_err("a symlinked root");
+        assert_eq!(path, link.canonicalize().expect("canon").parent().expect("parent").join("link"));
     }
 
     #[tokio::test]

@@ -345,3 +345,74 @@ async fn killing_the_shepherd_takes_the_worker_down_via_pdeathsig() {
     assert_ne!(pool.execute("pid", json!(null)).await.expect("pid"), json!(pid));
     pool.shutdown().await;
 }
+
+/// A process of this test holding `mib` MiB resident, killed and reaped when dropped; waits
+/// (bounded) until its memory is resident.
+struct Decoy(std::process::Child);
+
+impl Decoy {
+    #[allow(clippy::disallowed_methods)] // a bystander process for the test
+    fn spawn(r: &Reaper, mib: u64) -> Decoy {
+        let code = format!("import sys\nb = b'x' * ({mib} << 20)\nsys.stdin.read()\n");
+        let child = std::process::Command::new("python3")
+            .args(["-c", &code])
+            .env(snakepit_tests::procs::MARKER_VAR, &r.marker)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("spawn decoy");
+        let d = Decoy(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while snakepit::supervisor::tree_rss(d.0.id()).unwrap_or(0) < mib << 20 {
+            assert!(Instant::now() < deadline, "the decoy never held {mib} MiB");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        d
+    }
+}
+
+impl Drop for Decoy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A worker whose `ready` names another process (a 96 MiB python of this test) is known by the
+/// pid the host verified, not by its claim: `pid()` is not the claimed one, and `memory()`
+/// measures the worker's own subtree, not the claimed process's.
+#[tokio::test]
+async fn a_worker_claiming_another_processs_pid_is_not_taken_at_its_word() {
+    use snakepit::core::WorkerHandle;
+    let r = Reaper::new();
+    let decoy = Decoy::spawn(&r, 96);
+    let decoy_pid = decoy.0.id();
+    let script = r.script(
+        "liar.py",
+        &format!(
+            "import os\n_real = os.getpid\nos.getpid = lambda: {decoy_pid}\n\
+             from snakepit_bridge import tool, serve\n\n\
+             @tool\ndef real_pid():\n    return _real()\n\n\
+             if __name__ == '__main__':\n    serve()\n"
+        ),
+    );
+    let adapter = Python::script(&script);
+    let opts = snakepit::supervisor::StartOptions::new(
+        snakepit::WorkerId { slot: 0, generation: 0 },
+        "liar-run",
+        snakepit::core::DEFAULT_MAX_FRAME,
+    )
+    .with_env(vec![(snakepit_tests::procs::MARKER_VAR.into(), r.marker.clone().into())]);
+    let w =
+        snakepit::supervisor::start_worker(&adapter, &StdioTransport::default(), opts).await.expect("worker");
+    assert_eq!(w.ready().pid, decoy_pid, "the worker did not lie as planned");
+    assert_ne!(WorkerHandle::pid(&w), Some(decoy_pid), "the claimed pid was trusted");
+    let memory = WorkerHandle::memory(&w).expect("the worker's memory");
+    assert!(memory < 64 << 20, "measured {memory} bytes: the claimed process's, not the worker's");
+    assert!(memory > 0);
+    // The pool reports no pid it did not verify either.
+    let pool = r.builder().adapter(adapter).size(1).build().await.expect("pool");
+    assert!(!pool.worker_pids().contains(&Some(decoy_pid)), "{:?}", pool.worker_pids());
+    pool.shutdown().await;
+    w.shutdown(Duration::from_secs(5)).await;
+    drop(decoy);
+}

@@ -195,3 +195,34 @@ async fn a_worker_over_its_memory_limit_is_recycled() {
     assert_eq!(pool.stats().calls_failed, 0);
     pool.shutdown().await;
 }
+
+/// A run directory that fails the ownership check (here: a symlink to a private directory, as
+/// anyone could plant in a shared temp dir; as root also one owned by another user) disables the
+/// run registry for the pool, and only that: the pool starts and serves, and no run file is
+/// written through it.
+#[tokio::test]
+async fn a_refused_run_dir_disables_the_registry_not_the_pool() {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let r = Reaper::new();
+    let target = r.dir().join("target");
+    std::fs::DirBuilder::new().mode(0o700).create(&target).expect("dir");
+    let link = r.dir().join("link");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    let mut refused = vec![link];
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("stat")) == 0 {
+        let theirs = r.dir().join("theirs");
+        std::fs::DirBuilder::new().mode(0o700).create(&theirs).expect("dir");
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+        refused.push(theirs);
+    } else {
+        eprintln!("not root: cannot plant a run dir owned by another user; only the symlink case runs");
+    }
+    for dir in refused {
+        let pool = r.builder().adapter(Python::showcase()).size(1).run_dir(&dir).build().await.expect("pool");
+        assert_eq!(pool.execute("add", json!({"a": 1, "b": 2})).await.expect("call"), json!(3));
+        let files: Vec<_> = std::fs::read_dir(&dir).expect("ls").flatten().map(|e| e.path()).collect();
+        assert!(files.is_empty(), "a run file was written into the refused {dir:?}: {files:?}");
+        pool.shutdown().await;
+    }
+}

@@ -4,6 +4,7 @@ Needs ``grpcio`` and ``protobuf`` (``cargo xtask setup`` installs them into the 
 ``.venv``). The stdio pipe stays the control channel (handshake, ping, shutdown, host calls).
 """
 
+import hmac
 import json
 import os
 import sys
@@ -34,11 +35,15 @@ def _werr(d):
 class _Servicer(pbg.WorkerServicer):
     def __init__(self, tools, token, threaded):
         self.tools = tools
-        self.token = token
+        self.token = token.encode("utf-8")
         self.T = threaded
 
     def _auth(self, context):
-        if dict(context.invocation_metadata()).get(TOKEN_HEADER) != self.token:
+        presented = dict(context.invocation_metadata()).get(TOKEN_HEADER)
+        if isinstance(presented, str):
+            presented = presented.encode("utf-8", "surrogateescape")
+        # Constant time: a wrong guess must not tell how many leading characters were right.
+        if not isinstance(presented, bytes) or not hmac.compare_digest(presented, self.token):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong snakepit token")
 
     def _enter(self, rid):

@@ -422,19 +422,28 @@ impl PoolBuilder {
 /// Reaps what a SIGKILLed previous host of `instance` left behind, then opens this run's file.
 fn run_file(cfg: &Config, instance: &str, run_id: &str) -> Option<registry::RunFile> {
     let dir = cfg.run_dir.clone().unwrap_or_else(registry::run_dir);
-    let reaped = registry::reap(&dir, Some(instance), false);
+    let reaped = match registry::reap(&dir, Some(instance), false) {
+        Ok(r) => r,
+        Err(e) => {
+            // The directory failed its ownership check: nothing in it is trusted, and this
+            // pool keeps no run file.
+            tracing::warn!("run registry disabled for this pool: {e}");
+            return None;
+        }
+    };
     if !reaped.runs.is_empty() {
         tracing::warn!(
             instance,
             runs = reaped.runs.len(),
             killed = ?reaped.pids,
+            removed = ?reaped.dirs,
             "reaped what a previous host of this pool instance left behind"
         );
     }
     match registry::RunFile::create(&dir, instance, run_id) {
         Ok(f) => Some(f),
         Err(e) => {
-            tracing::warn!("run registry unavailable in {}: {e}", dir.display());
+            tracing::warn!("run registry disabled for this pool: cannot use {}: {e}", dir.display());
             None
         }
     }
