@@ -35,11 +35,13 @@ compile_error!("snakepit-supervisor supports only Linux: it needs PR_SET_PDEATHS
 mod backoff;
 mod member;
 mod memory;
+mod pidfd;
 mod process;
 pub mod registry;
 mod shepherd;
 mod slot;
 mod spawner;
+mod stderr;
 mod zygote;
 
 pub use backoff::RestartBackoff;

@@ -1,7 +1,6 @@
 //! Spawning, watching and stopping one worker process.
 
-use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -15,69 +14,16 @@ use snakepit_core::{
     WorkerHandle, WorkerId, WorkerIo,
 };
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
+
+pub(crate) use crate::pidfd::{async_fd, pidfd_exited, pidfd_open, pidfd_send_signal, pinned_start_time};
+pub(crate) use crate::stderr::{spawn_stderr_pump, Tail};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-const TAIL_LINES: usize = 40;
-/// The most the stderr tail keeps (the end of its last lines).
-const TAIL_BYTES: usize = 8 * 1024;
-/// The longest stderr line kept (logged, and put in the tail); the rest of a longer line is
-/// dropped as it is read, and [`TRUNCATED`] appended.
-const MAX_LINE: usize = 16 * 1024;
-/// Marks a stderr line cut at [`MAX_LINE`].
-const TRUNCATED: &str = "…[truncated]";
 /// How long to wait for a dead worker's stderr to drain before reporting its tail.
 const STDERR_DRAIN: Duration = Duration::from_millis(300);
 /// How long to wait for the frames a worker wrote before it exited during the handshake.
 const EXIT_FRAMES: Duration = Duration::from_millis(500);
-
-/// The last lines a worker wrote to stderr.
-#[derive(Debug, Default)]
-struct Tail {
-    lines: VecDeque<String>,
-    bytes: usize,
-}
-
-impl Tail {
-    /// Keeps the last [`TAIL_LINES`] lines, and of them the last [`TAIL_BYTES`] bytes of text
-    /// (the oldest line kept may lose its beginning).
-    fn push(&mut self, line: String) {
-        // Each line counts with its newline.
-        self.bytes += line.len() + 1;
-        self.lines.push_back(line);
-        while self.lines.len() > TAIL_LINES {
-            if let Some(l) = self.lines.pop_front() {
-                self.bytes -= l.len() + 1;
-            }
-        }
-        while self.bytes > TAIL_BYTES {
-            let Some(front) = self.lines.front_mut() else { break };
-            let over = self.bytes - TAIL_BYTES;
-            if over > front.len() {
-                self.bytes -= front.len() + 1;
-                self.lines.pop_front();
-            } else {
-                // Only its end fits: cut on a character boundary.
-                let mut cut = over;
-                while !front.is_char_boundary(cut) {
-                    cut += 1;
-                }
-                front.drain(..cut);
-                self.bytes -= cut;
-            }
-        }
-    }
-
-    fn text(&self) -> String {
-        let mut s = String::with_capacity(self.bytes);
-        for l in &self.lines {
-            s.push_str(l);
-            s.push('\n');
-        }
-        s
-    }
-}
 
 /// Shared between the worker handle, its stderr pump and its monitor.
 #[derive(Debug)]
@@ -88,9 +34,9 @@ pub(crate) struct Shared {
     /// The process group id: the shepherd's pid for a cold worker (it leads the group), the
     /// worker's own pid for a forked one.
     pub(crate) pid: u32,
-    tail: Mutex<Tail>,
+    pub(crate) tail: Mutex<Tail>,
     exit: watch::Sender<Option<ExitInfo>>,
-    stderr_done: watch::Sender<bool>,
+    pub(crate) stderr_done: watch::Sender<bool>,
     /// How a kill is delivered.
     killer: Killer,
     /// A pidfd for the group leader (shepherd or forked worker): tells whether it has exited
@@ -226,59 +172,6 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.shared.kill();
     }
-}
-
-/// Sends `sig` through a pidfd (a dead process yields ESRCH, never another process).
-#[allow(unsafe_code)] // the pidfd_send_signal syscall: no safe wrapper in nix
-pub(crate) fn pidfd_send_signal(fd: &OwnedFd, sig: i32) -> std::io::Result<()> {
-    // SAFETY: pidfd_send_signal on a descriptor we own, with no siginfo.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            sig,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Whether the process behind a pidfd has exited (it may not be reaped yet).
-#[allow(unsafe_code)] // poll(2) on a pidfd we own, with a zero timeout
-pub(crate) fn pidfd_exited(fd: &OwnedFd) -> bool {
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd, zero timeout.
-    unsafe { libc::poll(&mut p, 1, 0) > 0 }
-}
-
-/// `pid`'s start time, read while `pidfd` (a descriptor for that very process) says it has not
-/// exited: checked after reading, so the value belongs to the process the pidfd names and not to
-/// a process that reused its pid.
-pub(crate) fn pinned_start_time(pid: u32, pidfd: &OwnedFd) -> Option<u64> {
-    let start = crate::registry::start_time(pid)?;
-    (!pidfd_exited(pidfd)).then_some(start)
-}
-
-/// Registers a descriptor we own with the runtime's reactor.
-#[allow(unsafe_code)] // AsyncFd registration of a descriptor we own
-pub(crate) fn async_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: an `OwnedFd` stays open and keeps naming the same file description until the
-    // `AsyncFd` that owns it is dropped.
-    unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
-}
-
-/// A pidfd for `pid`, or `None`.
-#[allow(unsafe_code)] // the pidfd_open syscall: no safe wrapper in nix
-pub(crate) fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    // SAFETY: a fresh descriptor we own.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 pub(crate) fn exit_info(status: ExitStatus) -> ExitInfo {
@@ -466,71 +359,6 @@ impl WorkerHandle for Worker {
     fn memory(&self) -> Option<u64> {
         Worker::memory(self)
     }
-}
-
-/// Reads one stderr line into `buf` (without its `\n`), keeping at most [`MAX_LINE`] bytes: the
-/// rest of a longer line is consumed and dropped as it arrives. Returns `None` at the end of
-/// the stream (or on a read error) when nothing was read, else whether the line was cut.
-async fn read_capped_line(reader: &mut (impl AsyncBufRead + Unpin), buf: &mut Vec<u8>) -> Option<bool> {
-    let mut cut = false;
-    let mut any = false;
-    while let Ok(avail) = reader.fill_buf().await {
-        if avail.is_empty() {
-            break;
-        }
-        any = true;
-        let (chunk, used, done) = match avail.iter().position(|b| *b == b'\n') {
-            Some(i) => (&avail[..i], i + 1, true),
-            None => (avail, avail.len(), false),
-        };
-        let room = MAX_LINE.saturating_sub(buf.len());
-        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        cut |= chunk.len() > room;
-        reader.consume(used);
-        if done {
-            return Some(cut);
-        }
-    }
-    any.then_some(cut)
-}
-
-/// A stderr line as it is logged and kept: invalid UTF-8 replaced, control characters (but
-/// tabs) escaped, so that a worker cannot forge log lines or drive the terminal.
-fn clean_line(raw: &[u8], cut: bool) -> String {
-    let text = String::from_utf8_lossy(raw);
-    let text = text.strip_suffix('\r').unwrap_or(&text);
-    let mut line = String::with_capacity(text.len() + if cut { TRUNCATED.len() } else { 0 });
-    for c in text.chars() {
-        if c.is_control() && c != '\t' {
-            line.extend(c.escape_default());
-        } else {
-            line.push(c);
-        }
-    }
-    if cut {
-        line.push_str(TRUNCATED);
-    }
-    line
-}
-
-pub(crate) fn spawn_stderr_pump(stderr: impl AsyncRead + Send + Unpin + 'static, shared: Arc<Shared>) {
-    tokio::spawn(async move {
-        let mut reader = BufReader::new(stderr);
-        let mut buf = Vec::with_capacity(256);
-        loop {
-            buf.clear();
-            let Some(cut) = read_capped_line(&mut reader, &mut buf).await else { break };
-            let line = clean_line(&buf, cut);
-            match shared.log_target {
-                LogTarget::Worker => {
-                    tracing::info!(target: "snakepit::worker", worker = %shared.id, "{line}")
-                }
-                LogTarget::Zygote => tracing::info!(target: "snakepit::zygote", "{line}"),
-            }
-            shared.tail.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-        }
-        let _ = shared.stderr_done.send_replace(true);
-    });
 }
 
 /// How the host learns that a worker process ended.

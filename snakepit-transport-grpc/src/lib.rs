@@ -428,8 +428,9 @@ impl GrpcConnection {
             };
         }
         if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown {
-            // Give the control channel a moment to notice the exit.
-            let _ = tokio::time::timeout(Duration::from_millis(500), self.control.closed()).await;
+            // Give the control channel a moment to notice the exit (it returns as soon as it
+            // does; 2 s so that a loaded machine still reports a crash as a crash).
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.control.closed()).await;
         }
         match self.control.close_reason() {
             // The worker broke the protocol (here or on the pipe): its calls fail with that.

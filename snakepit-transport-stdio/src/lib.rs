@@ -41,8 +41,18 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub mod control;
+mod frame;
+mod host;
 mod outbox;
+mod reader;
+mod stream;
+
+use frame::{frame, FrameReader, ReadOutcome};
+use host::host_call;
+pub use host::MAX_HOST_CALLS;
 use outbox::Outbox;
+use reader::{read_loop, LogLimit};
+use stream::{Credit, ReplyStream, StreamItem};
 
 /// The default time a frame's body may stall once its header has arrived.
 pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -99,68 +109,9 @@ enum Waiter {
     Stream { tx: mpsc::Sender<StreamItem>, credit: Arc<Credit>, received: u64 },
 }
 
-/// The chunks a stream's consumer has allowed so far: the initial window plus every `credit`
-/// granted. The reader counts chunks against the credit granted *before the read that brought
-/// them in* (a worker cannot have seen a later grant), so a worker that overruns its credit is
-/// caught whatever the speed of the consumer.
-#[derive(Debug)]
-struct Credit(Mutex<CreditState>);
-
-#[derive(Debug)]
-struct CreditState {
-    /// Granted before the reads numbered above `recent_read`.
-    visible: u64,
-    /// Granted while `recent_read` was the last completed read: visible to later reads only.
-    recent: u64,
-    recent_read: u64,
-}
-
-impl Credit {
-    fn new(window: u32) -> Self {
-        Credit(Mutex::new(CreditState { visible: u64::from(window), recent: 0, recent_read: 0 }))
-    }
-
-    fn state(&self) -> MutexGuard<'_, CreditState> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The consumer grants `n` more chunks; `reads` is the number of completed reads now.
-    fn grant(&self, n: u32, reads: u64) {
-        let mut st = self.state();
-        st.settle(reads);
-        st.recent += u64::from(n);
-        st.recent_read = reads;
-    }
-
-    /// The credit a chunk brought in by read number `read` may use.
-    fn allowed(&self, read: u64) -> u64 {
-        let mut st = self.state();
-        st.settle(read);
-        st.visible
-    }
-}
-
-impl CreditState {
-    /// Credit granted before read `read` completed becomes visible to it.
-    fn settle(&mut self, read: u64) {
-        if self.recent_read < read {
-            self.visible += std::mem::take(&mut self.recent);
-        }
-    }
-}
-
 /// How many idle reply slots a connection keeps for reuse (one per call it runs at once is
 /// enough; more are freed).
 const MAX_FREE_SLOTS: usize = 64;
-
-/// What the reader hands a stream's consumer.
-#[derive(Debug)]
-enum StreamItem {
-    Chunk(Payload),
-    End,
-    Err(WorkerError),
-    Closed(CloseReason),
-}
 
 /// What the reader hands a waiting `ping`.
 #[derive(Debug)]
@@ -193,43 +144,6 @@ struct Shared {
     reads: Arc<AtomicU64>,
     /// Replies for ids nobody waits for, logged at most once a second.
     unknown_replies: Mutex<LogLimit>,
-}
-
-/// The most `host_call`s a worker may have outstanding on one connection (received, and their
-/// `host_result` not yet written to its stdin); one more is a protocol violation.
-pub const MAX_HOST_CALLS: usize = 64;
-
-/// One outstanding `host_call`: released once its `host_result` is written to the worker's
-/// stdin (or dropped).
-struct HostCallPermit(Arc<AtomicUsize>);
-
-impl Drop for HostCallPermit {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// At most one log line a second for a repeated event, with the number left out meanwhile.
-#[derive(Debug, Default)]
-struct LogLimit {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogLimit {
-    /// Whether to log now; if so, with how many were suppressed since the last line.
-    fn admit(&mut self, now: Instant) -> Option<u64> {
-        match self.last {
-            Some(t) if now.saturating_duration_since(t) < Duration::from_secs(1) => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
 }
 
 impl Shared {
@@ -380,406 +294,12 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-/// Reads length-delimited frames, failing a frame whose body stalls past `frame_timeout`.
-///
-/// A frame's header stays at the front of the buffer until its whole body has arrived, so what
-/// a stalled or oversized frame announced is always read from its own header.
-struct FrameReader {
-    output: Box<dyn AsyncRead + Send + Unpin>,
-    buf: BytesMut,
-    max_frame: usize,
-    frame_timeout: Duration,
-    /// Counts completed reads (see [`Credit`]).
-    reads: Arc<AtomicU64>,
-}
-
-enum ReadOutcome {
-    Frame(Bytes),
-    Eof,
-    Broken(String),
-}
-
-/// The length of a frame header.
-const HEADER: usize = 4;
-
-impl FrameReader {
-    fn new(
-        output: Box<dyn AsyncRead + Send + Unpin>,
-        max_frame: usize,
-        frame_timeout: Duration,
-        reads: Arc<AtomicU64>,
-    ) -> Self {
-        FrameReader { output, buf: BytesMut::with_capacity(64 * 1024), max_frame, frame_timeout, reads }
-    }
-
-    /// A whole frame from the front of the buffer, if one is there; an error for a header
-    /// announcing more than `max_frame`.
-    fn decode(&mut self) -> Result<Option<Bytes>, String> {
-        let Some(n) = self.announced() else { return Ok(None) };
-        if n > self.max_frame {
-            return Err(format!(
-                "inbound frame announces {n} bytes, over max_frame ({} bytes)",
-                self.max_frame
-            ));
-        }
-        if self.buf.len() < HEADER + n {
-            return Ok(None);
-        }
-        self.buf.advance(HEADER);
-        Ok(Some(self.buf.split_to(n).freeze()))
-    }
-
-    async fn next(&mut self) -> ReadOutcome {
-        loop {
-            match self.decode() {
-                Ok(Some(frame)) => return ReadOutcome::Frame(frame),
-                Ok(None) => {}
-                Err(detail) => return ReadOutcome::Broken(detail),
-            }
-            if self.buf.capacity() - self.buf.len() < 8 * 1024 {
-                let want =
-                    self.announced().map_or(64 * 1024, |n| n + HEADER).clamp(8 * 1024, 4 * 1024 * 1024);
-                self.buf.reserve(want);
-            }
-            let read = if self.buf.is_empty() {
-                self.output.read_buf(&mut self.buf).await
-            } else {
-                match tokio::time::timeout(self.frame_timeout, self.output.read_buf(&mut self.buf)).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        return ReadOutcome::Broken(match self.announced() {
-                            Some(n) => format!(
-                            "frame stalled: header announced {n} bytes, {} arrived, then nothing for {:?}",
-                            self.buf.len().saturating_sub(HEADER),
-                            self.frame_timeout
-                        ),
-                            None => format!(
-                                "{} stray bytes, then nothing for {:?}",
-                                self.buf.len(),
-                                self.frame_timeout
-                            ),
-                        })
-                    }
-                }
-            };
-            match read {
-                Ok(0) => return ReadOutcome::Eof,
-                Ok(_) => {
-                    self.reads.fetch_add(1, Ordering::AcqRel);
-                }
-                Err(e) => return ReadOutcome::Broken(format!("read error: {e}")),
-            }
-        }
-    }
-
-    /// The length announced by the header at the front of the buffer, once all of it is there.
-    fn announced(&self) -> Option<usize> {
-        let h: [u8; HEADER] = self.buf.get(..HEADER)?.try_into().ok()?;
-        Some(u32::from_be_bytes(h) as usize)
-    }
-}
-
-/// Frames `body_fn`'s output: reserves 4 header bytes, appends the body, patches the length.
-fn frame(capacity: usize, max_frame: usize, body_fn: impl FnOnce(&mut Vec<u8>)) -> Result<Vec<u8>, Error> {
-    let mut out = Vec::with_capacity(capacity + 4);
-    out.extend_from_slice(&[0; 4]);
-    body_fn(&mut out);
-    let len = out.len() - 4;
-    if len > max_frame {
-        return Err(Error::FrameTooLarge { size: len, max: max_frame });
-    }
-    let len32 = u32::try_from(len).map_err(|_| Error::FrameTooLarge { size: len, max: max_frame })?;
-    out[..4].copy_from_slice(&len32.to_be_bytes());
-    Ok(out)
-}
-
 /// The writer task: writes what callers queued when the pipe was full, and closes the worker's
 /// stdin once the connection is done with it.
 async fn write_loop(shared: Arc<Shared>) {
     if let Err(e) = std::future::poll_fn(|cx| shared.outbox.poll_drive(cx)).await {
         tracing::debug!(worker = %shared.worker, "write to worker failed: {e}");
         shared.close(CloseReason::Eof);
-    }
-}
-
-async fn read_loop(mut reader: FrameReader, shared: Arc<Shared>) {
-    loop {
-        match reader.next().await {
-            ReadOutcome::Frame(f) => {
-                if let Err(detail) = dispatch(&shared, f) {
-                    shared.close(CloseReason::Protocol(detail));
-                    return;
-                }
-            }
-            ReadOutcome::Eof => {
-                shared.close(CloseReason::Eof);
-                return;
-            }
-            ReadOutcome::Broken(detail) => {
-                shared.close(CloseReason::Protocol(detail));
-                return;
-            }
-        }
-    }
-}
-
-fn dispatch(shared: &Arc<Shared>, frame: Bytes) -> Result<(), String> {
-    let msg: Inbound<'_> = serde_json::from_slice(&frame).map_err(|e| format!("malformed message: {e}"))?;
-    let payload = |raw: Option<&serde_json::value::RawValue>| match raw {
-        Some(raw) => Payload::from_trusted(Codec::Json, frame.slice_ref(raw.get().as_bytes())),
-        None => Payload::null(),
-    };
-    let tag = &*msg.t;
-    if tag == "host_call" {
-        return host_call(shared, &frame, msg);
-    }
-    if !matches!(tag, "result" | "error" | "pong" | "chunk" | "end") {
-        tracing::debug!(worker = %shared.worker, tag, "ignoring message of unknown type");
-        return Ok(());
-    }
-    let Some(id) = msg.id else {
-        return Err(format!("`{tag}` message without an id"));
-    };
-    let error = || {
-        msg.error.clone().unwrap_or_else(|| WorkerError {
-            kind: "UnknownError".into(),
-            message: "the worker sent an error without details".into(),
-            traceback: None,
-        })
-    };
-    let mut pending = shared.pending();
-    match pending.get_mut(&id) {
-        Some(Some(Waiter::Stream { tx, credit, received })) => {
-            if matches!(tag, "chunk" | "result") {
-                // Granted credit is added before the `credit` frame is sent, so a worker that
-                // keeps to its credit never gets here.
-                *received += 1;
-                let allowed = credit.allowed(shared.reads.load(Ordering::Acquire));
-                if *received > allowed {
-                    return Err(format!(
-                        "stream {id}: the worker sent more chunks than its credit ({allowed} granted)"
-                    ));
-                }
-            }
-            let item = match tag {
-                "chunk" => StreamItem::Chunk(payload(msg.data)),
-                // A plain result for a stream: one chunk, then the end.
-                "result" => StreamItem::Chunk(payload(msg.ok)),
-                "end" => StreamItem::End,
-                "error" => StreamItem::Err(error()),
-                _ => return Err(format!("`{tag}` sent for stream {id}")),
-            };
-            let last = !matches!(item, StreamItem::Chunk(_)) || tag == "result";
-            match tx.try_send(item) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    return Err(format!("stream {id}: the worker sent more chunks than its credit"));
-                }
-                // The consumer is gone: keep a tombstone until the stream ends.
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    pending.insert(id, None);
-                }
-            }
-            if tag == "result" {
-                let _ = match pending.get(&id) {
-                    Some(Some(Waiter::Stream { tx, .. })) => tx.try_send(StreamItem::End),
-                    _ => Ok(()),
-                };
-            }
-            if last {
-                pending.remove(&id);
-            }
-        }
-        Some(Some(Waiter::Slot { .. })) => {
-            if !matches!(tag, "result" | "error" | "pong") {
-                return Err(format!("`{tag}` sent for call {id}"));
-            }
-            if let Some(Some(Waiter::Slot { slot, command })) = pending.remove(&id) {
-                drop(pending);
-                let worker = shared.worker;
-                slot.fill(match tag {
-                    "result" => Ok(payload(msg.ok)),
-                    "error" => Err(Error::Worker { worker, command: command.to_string(), error: error() }),
-                    _ => Err(Error::Protocol {
-                        worker,
-                        detail: format!("`pong` sent for call id {id}"),
-                        source: None,
-                    }),
-                });
-                shared.idle.notify_waiters();
-                return Ok(());
-            }
-        }
-        Some(Some(Waiter::Call(_))) => {
-            let reply = match tag {
-                "result" => Reply::NotPong("result"),
-                "error" => Reply::NotPong("error"),
-                "pong" => Reply::Pong,
-                _ => return Err(format!("`{tag}` sent for call {id}")),
-            };
-            if let Some(Some(Waiter::Call(tx))) = pending.remove(&id) {
-                if tx.send(reply).is_err() {
-                    tracing::debug!(worker = %shared.worker, id, "caller went away; reply dropped");
-                }
-            }
-        }
-        Some(None) => {
-            // An abandoned call or stream: drop what it sends; forget it at its last message.
-            if tag != "chunk" {
-                pending.remove(&id);
-                tracing::debug!(worker = %shared.worker, id, "late reply for an abandoned call; dropped");
-            }
-        }
-        None => {
-            let admitted =
-                shared.unknown_replies.lock().unwrap_or_else(|p| p.into_inner()).admit(Instant::now());
-            if let Some(suppressed) = admitted {
-                tracing::warn!(
-                    worker = %shared.worker,
-                    id,
-                    tag,
-                    suppressed,
-                    "message for a request nobody waits for; dropped ({suppressed} more like it in the last second \
-                     not logged)"
-                )
-            }
-        }
-    }
-    drop(pending);
-    // Wakes `idle()` and `answered()` waiters, who re-check the map.
-    if tag != "chunk" {
-        shared.idle.notify_waiters();
-    }
-    Ok(())
-}
-
-/// Runs a worker's call to the host on its own task (the worker waits for the answer while
-/// its request is in flight, so the reader must not), then sends `host_result`.
-fn host_call(shared: &Arc<Shared>, frame: &Bytes, msg: Inbound<'_>) -> Result<(), String> {
-    let Some(id) = msg.id else { return Err("`host_call` without an id".into()) };
-    let permit = HostCallPermit(shared.host_calls.clone());
-    if shared.host_calls.fetch_add(1, Ordering::AcqRel) >= MAX_HOST_CALLS {
-        return Err(format!(
-            "the worker has more than {MAX_HOST_CALLS} `host_call`s outstanding (sent, their `host_result` not \
-             yet taken)"
-        ));
-    }
-    let args = match msg.args {
-        Some(raw) => Payload::from_trusted(Codec::Json, frame.slice_ref(raw.get().as_bytes())),
-        None => Payload::null(),
-    };
-    let call = HostCall::new(shared.worker, msg.call.map(RequestId), msg.name.unwrap_or_default(), args);
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        let result = match &shared.host {
-            Some(h) => h.host_call(call).await,
-            None => Err(WorkerError {
-                kind: "UnknownHostTool".into(),
-                message: "this pool has no host tools".into(),
-                traceback: None,
-            }),
-        };
-        let mut f = frame_result(shared.max_frame, id, result.as_ref().map(|p| p.bytes().as_ref()));
-        if let Err(Error::FrameTooLarge { size, max }) = &f {
-            let e = WorkerError {
-                kind: "FrameTooLarge".into(),
-                message: format!("host result of {size} bytes exceeds max_frame {max}"),
-                traceback: None,
-            };
-            f = frame_result(shared.max_frame, id, Err(&e));
-        }
-        if let Ok(f) = f {
-            // Outstanding until written: a worker that does not read its stdin cannot make the
-            // host queue answers without bound.
-            let _ = shared.outbox.push_held(f, Some(Box::new(permit)));
-        }
-    });
-    Ok(())
-}
-
-fn frame_result(max_frame: usize, id: u64, r: Result<&[u8], &WorkerError>) -> Result<Vec<u8>, Error> {
-    let len = r.as_ref().map_or(256, |b| b.len() + 48);
-    frame(len, max_frame, |out| wire::encode_host_result(out, id, r))
-}
-
-/// The consumer side of a streamed call: yields chunks, grants credit as it goes, and leaves a
-/// tombstone for the id when dropped early.
-struct ReplyStream {
-    rx: mpsc::Receiver<StreamItem>,
-    shared: Arc<Shared>,
-    /// What the reader checks the worker's chunks against.
-    credit: Arc<Credit>,
-    id: u64,
-    command: String,
-    refill: u32,
-    taken: u32,
-    done: bool,
-}
-
-impl futures::Stream for ReplyStream {
-    type Item = Result<Payload, Error>;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        use std::task::Poll;
-        if self.done {
-            return Poll::Ready(None);
-        }
-        let item = match self.rx.poll_recv(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(i) => i,
-        };
-        let this = &mut *self;
-        match item {
-            Some(StreamItem::Chunk(p)) => {
-                this.taken += 1;
-                if this.taken >= this.refill {
-                    let n = std::mem::take(&mut this.taken);
-                    // Granted before it is sent: the worker may use it once it reads the frame.
-                    this.credit.grant(n, this.shared.reads.load(Ordering::Acquire));
-                    if let Ok(f) =
-                        frame(48, this.shared.max_frame, |out| wire::encode_credit(out, this.id, n))
-                    {
-                        let _ = this.shared.outbox.push(f);
-                    }
-                }
-                Poll::Ready(Some(Ok(p)))
-            }
-            Some(StreamItem::End) => {
-                this.done = true;
-                Poll::Ready(None)
-            }
-            Some(StreamItem::Err(error)) => {
-                this.done = true;
-                Poll::Ready(Some(Err(Error::Worker {
-                    worker: this.shared.worker,
-                    command: std::mem::take(&mut this.command),
-                    error,
-                })))
-            }
-            Some(StreamItem::Closed(reason)) => {
-                this.done = true;
-                Poll::Ready(Some(Err(this.shared.error_for(&reason))))
-            }
-            None => {
-                this.done = true;
-                let reason = this.shared.close_reason().unwrap_or(CloseReason::Closed);
-                Poll::Ready(Some(Err(this.shared.error_for(&reason))))
-            }
-        }
-    }
-}
-
-impl Drop for ReplyStream {
-    fn drop(&mut self) {
-        if !self.done {
-            let mut pending = self.shared.pending();
-            if let Some(w) = pending.get_mut(&self.id) {
-                *w = None;
-            }
-        }
     }
 }
 
@@ -979,16 +499,7 @@ impl Connection for StdioConnection {
         let (tx, rx) = mpsc::channel(window as usize + 2);
         let credit = Arc::new(Credit::new(window));
         self.shared.pending().insert(id, Some(Waiter::Stream { tx, credit: credit.clone(), received: 0 }));
-        let stream = ReplyStream {
-            rx,
-            shared: self.shared.clone(),
-            credit,
-            id,
-            command: req.command.to_string(),
-            refill: (window / 2).max(1),
-            taken: 0,
-            done: false,
-        };
+        let stream = ReplyStream::new(rx, self.shared.clone(), credit, id, req.command.to_string(), window);
         // If the send fails, the stream's drop leaves a tombstone; the close drains it.
         self.send(f)?;
         Ok(Box::pin(stream))
