@@ -90,7 +90,11 @@ pub(crate) async fn run(a: ServeArgs) -> ExitCode {
         TransportKind::Stdio => Transport::max_frame(&snakepit::StdioTransport::default()),
         TransportKind::Grpc => Transport::max_frame(&snakepit::Grpc::default()),
     };
-    let mut b = a.transport.apply(Pool::builder(), a.worker.adapter()).size(size).max_queue(a.max_queue);
+    // `serve`'s own admission (below) bounds what it holds; the pool's queue may take every
+    // admitted request, so that a worker being restarted, recycled or still answering a cancel
+    // never turns `serve`'s read-ahead into a `pool_saturated` refusal.
+    let admitted = a.max_queue + size;
+    let mut b = a.transport.apply(Pool::builder(), a.worker.adapter()).size(size).max_queue(admitted);
     if let Some(i) = a.instance {
         b = b.instance(i);
     }
@@ -109,7 +113,7 @@ pub(crate) async fn run(a: ServeArgs) -> ExitCode {
     };
     // What the pool runs or queues without refusing: `max_queue` plus one call per worker (the
     // CLI's profiles run one call at a time per worker).
-    let admit = Arc::new(Semaphore::new(a.max_queue + size));
+    let admit = Arc::new(Semaphore::new(admitted));
     let (out, rx) = tokio::sync::mpsc::channel(output::QUEUED_LINES);
     let writer = output::spawn_writer(rx);
     let (cancel_tx, cancel) = watch::channel(false);

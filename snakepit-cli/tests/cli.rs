@@ -1035,3 +1035,31 @@ fn reap_removes_the_socket_dirs_a_sigkilled_grpc_host_left() {
     assert!(socket_dirs().is_empty(), "left behind: {:?}\n{text}", socket_dirs());
     assert_eq!(text.matches("removed ").count(), 2, "{text}");
 }
+
+/// Item 5, the restart window: while a worker is being replaced the pool has fewer free
+/// workers than `--size`, and what `serve` admitted must still fit the pool's queue.
+#[test]
+fn serve_never_refuses_what_it_admitted_while_a_worker_restarts() {
+    const N: usize = 20;
+    let g = Guard::new();
+    let mut child = g.serve("1", &["--max-queue", "2"]);
+    let mut stdin = child.stdin.take().expect("stdin");
+    let rx = read_lines_of(child.stdout.take().expect("stdout"));
+    let mut lines = String::new();
+    for i in 0..N {
+        // Every fifth call crashes its worker; the others queue behind the restart.
+        let cmd = if i % 5 == 0 { r#""crash","args":{}"# } else { r#""echo","args":{"x":1}"# };
+        lines.push_str(&format!("{{\"id\":{i},\"command\":{cmd}}}\n"));
+    }
+    stdin.write_all(lines.as_bytes()).expect("write");
+    drop(stdin);
+    let mut kinds = std::collections::BTreeMap::new();
+    for _ in 0..N {
+        let v = json_line(&next_line(&rx, Duration::from_secs(30)));
+        let kind = v["error"]["kind"].as_str().unwrap_or("ok").to_owned();
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    assert_eq!(kinds.get("pool_saturated"), None, "{kinds:?}");
+    assert_eq!(kinds.get("ok"), Some(&(N - N / 5)), "{kinds:?}");
+    assert!(exit_within(&mut child, Duration::from_secs(20)).success());
+}

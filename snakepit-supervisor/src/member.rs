@@ -148,7 +148,9 @@ impl Member {
     }
 
     async fn wait_until(&self, limit: Duration, done: impl Fn() -> bool) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
+        // A limit past what an `Instant` holds means no limit (a year is as good).
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(limit).unwrap_or(now + Duration::from_secs(365 * 86_400));
         loop {
             let released = self.released.notified();
             if done() {

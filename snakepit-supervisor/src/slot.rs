@@ -405,9 +405,10 @@ impl Slot {
     ) -> Next {
         let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         let age_due = cfg.max_age.map_or(far, |age| {
-            let age = Duration::from_secs_f64(jittered(age.as_secs_f64(), cfg.recycle_jitter));
+            let age = Duration::try_from_secs_f64(jittered(age.as_secs_f64(), cfg.recycle_jitter))
+                .unwrap_or(Duration::MAX);
             let lived = member.started().elapsed();
-            tokio::time::Instant::now() + age.saturating_sub(lived)
+            tokio::time::Instant::now().checked_add(age.saturating_sub(lived)).unwrap_or(far)
         });
         let hb = cfg.heartbeat;
         // A zero period would make `interval` panic: at least a millisecond.

@@ -31,16 +31,30 @@ pub(crate) fn host_call(shared: &Arc<Shared>, frame: &Bytes, msg: Inbound<'_>) -
         Some(raw) => Payload::from_trusted(Codec::Json, frame.slice_ref(raw.get().as_bytes())),
         None => Payload::null(),
     };
-    let call = HostCall::new(shared.worker, msg.call.map(RequestId), msg.name.unwrap_or_default(), args);
+    let request = msg.call;
+    let call = HostCall::new(shared.worker, request.map(RequestId), msg.name.unwrap_or_default(), args);
     let shared = shared.clone();
     tokio::spawn(async move {
-        let result = match &shared.host {
-            Some(h) => h.host_call(call).await,
-            None => Err(WorkerError {
-                kind: "UnknownHostTool".into(),
-                message: "this pool has no host tools".into(),
-                traceback: None,
-            }),
+        let answer = async {
+            match &shared.host {
+                Some(h) => h.host_call(call).await,
+                None => Err(WorkerError {
+                    kind: "UnknownHostTool".into(),
+                    message: "this pool has no host tools".into(),
+                    traceback: None,
+                }),
+            }
+        };
+        // A host call lives no longer than the request it serves: once the worker has answered
+        // (or the host has forgotten) that request, nobody waits for this answer, so it is
+        // dropped and its permit released (a cancelled request's slow host tool must not pin
+        // one of the worker's `MAX_HOST_CALLS` for long).
+        let result = match request {
+            Some(rid) => tokio::select! {
+                r = answer => r,
+                () = request_over(&shared, rid) => return,
+            },
+            None => answer.await,
         };
         let mut f = frame_result(shared.max_frame, id, result.as_ref().map(|p| p.bytes().as_ref()));
         if let Err(Error::FrameTooLarge { size, max }) = &f {
@@ -58,6 +72,18 @@ pub(crate) fn host_call(shared: &Arc<Shared>, frame: &Bytes, msg: Inbound<'_>) -
         }
     });
     Ok(())
+}
+
+/// Resolves once request `id` is no longer pending (answered, forgotten) or the connection is
+/// closed.
+async fn request_over(shared: &Shared, id: u64) {
+    loop {
+        let changed = shared.idle.notified();
+        if !shared.pending().contains_key(&id) || shared.close_reason().is_some() {
+            return;
+        }
+        changed.await;
+    }
 }
 
 pub(crate) fn frame_result(

@@ -301,3 +301,22 @@ async fn max_call_time_caps_calls_and_streams_whatever_their_deadline() {
 fn assert_near(elapsed: Duration, d: Duration) {
     assert!(elapsed >= d && elapsed <= d + Duration::from_millis(5), "{elapsed:?}, expected {d:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_absurd_timeout_is_no_deadline_not_a_panic() {
+    let pool = Pool::builder()
+        .adapter(worker())
+        .size(1)
+        .default_timeout(Duration::MAX)
+        .max_call_time(Duration::MAX)
+        .build()
+        .await
+        .expect("pool");
+    let opts = CallOptions::timeout(Duration::from_millis(u64::MAX));
+    let r = pool.execute_with("add", Payload::from(json!({"a": 1, "b": 2})), opts).await;
+    assert_eq!(r.expect("answered").to_value().expect("json"), json!(3));
+    let mut s = pool.execute_stream("count", json!({"n": 2})).await.expect("stream");
+    assert_eq!(s.next_json().await.expect("item").expect("ok"), json!(0));
+    drop(s);
+    pool.shutdown().await;
+}

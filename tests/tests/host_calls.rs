@@ -81,3 +81,29 @@ async fn session_variables_are_reachable_from_the_worker() {
     }
     pool.shutdown().await;
 }
+
+/// A cancelled request's host calls end with it: a slow host tool behind many timed-out calls
+/// never adds up to the 64 outstanding host calls a worker may have (the 65th would be a
+/// protocol violation and cost the worker).
+#[tokio::test]
+async fn host_calls_of_cancelled_requests_do_not_count_against_the_limit() {
+    let r = Reaper::new();
+    let pool = r.builder().adapter(Python::showcase()).size(1).build().await.expect("pool");
+    pool.register_host_tool("slow", |_| async {
+        tokio::time::sleep(std::time::Duration::from_secs(600)).await; // the workload: never answers in time
+        Ok(json!(null))
+    });
+    let timeout = std::time::Duration::from_millis(100);
+    for i in 0..80 {
+        let e =
+            pool.execute_timeout("ask_host", json!({"name": "slow"}), timeout).await.expect_err("too slow");
+        assert_eq!(e.kind(), "timeout", "call {i}: {e}");
+    }
+    let s = pool.stats();
+    assert_eq!((s.crashes, s.restarts), (0, 0), "the worker was never replaced: {s:?}");
+    assert_eq!(
+        pool.execute("ask_host", json!({"name": "nope"})).await.expect("serves")["error"],
+        "UnknownHostTool"
+    );
+    pool.shutdown().await;
+}

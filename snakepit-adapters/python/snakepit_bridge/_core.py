@@ -175,6 +175,10 @@ def _wants_ctx(fn):
 _threaded = [None]
 
 
+# The most host calls the host lets one worker have outstanding (docs/protocol.md).
+MAX_HOST_CALLS = 64
+
+
 class _Threaded:
     """Thread profile: the main thread reads frames and dispatches; calls run on a thread pool
     (sync tools) or on one event loop thread (async tools)."""
@@ -191,6 +195,9 @@ class _Threaded:
         self.cancelled = set()
         self.loop = None
         self.grpc_host = None  # gRPC mode: calls to the host go to its Host service
+        # The host allows at most 64 outstanding host calls per worker (a 65th is a protocol
+        # violation): threads beyond that wait here for their turn.
+        self.host_slots = threading.BoundedSemaphore(MAX_HOST_CALLS)
 
     def event_loop(self):
         with self.lock:
@@ -220,8 +227,12 @@ class _Threaded:
                 self.async_futs.pop(rid, None)
 
     def host_call(self, rid, name, args):
-        if self.grpc_host is not None:
-            return self.grpc_host(rid, name, args)
+        with self.host_slots:
+            if self.grpc_host is not None:
+                return self.grpc_host(rid, name, args)
+            return self._host_call_on_pipe(rid, name, args)
+
+    def _host_call_on_pipe(self, rid, name, args):
         ev = threading.Event()
         with self.lock:
             if rid in self.cancelled:

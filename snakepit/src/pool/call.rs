@@ -74,7 +74,8 @@ impl Inner {
         };
         let started = now();
         let timeout = opts.timeout.or_else(|| self.adapter.timeout_for(command)).or(self.cfg.default_timeout);
-        let deadline = match (timeout.map(|t| started + t), opts.deadline) {
+        // An absurd timeout (past what an `Instant` holds) is no deadline, not a panic.
+        let deadline = match (timeout.and_then(|t| started.checked_add(t)), opts.deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -84,7 +85,7 @@ impl Inner {
     /// The deadline of a call sent to its worker now: its own, or `max_call_time` from now if
     /// that comes first.
     pub(crate) fn running_deadline(&self, adm: &Admission) -> Option<Instant> {
-        let cap = self.cfg.max_call_time.map(|m| now() + m);
+        let cap = self.cfg.max_call_time.and_then(|m| now().checked_add(m));
         match (adm.deadline, cap) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

@@ -32,6 +32,11 @@ pub use options::{Affinity, CallOptions, DropPolicy, RehydrateHook};
 pub use stats::PoolStats;
 pub use stream::CallStream;
 
+/// A time far enough ahead to mean "never" (a year), for waits given an absurd bound.
+pub(crate) fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(365 * 86_400)
+}
+
 /// The commands the workers announced.
 struct ToolSet {
     /// Shared names: a call's request takes a clone of its tool's name, not a copy.
@@ -259,7 +264,7 @@ impl Pool {
         inner.close_queue();
         let grace = inner.cfg.slot.shutdown_grace;
         // Let running calls finish, within the grace period.
-        let until = tokio::time::Instant::now() + grace;
+        let until = tokio::time::Instant::now().checked_add(grace).unwrap_or_else(far_future);
         loop {
             let idle = inner.counters.all_idle.notified();
             if inner.counters.busy.load(std::sync::atomic::Ordering::Acquire) == 0 {

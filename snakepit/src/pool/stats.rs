@@ -144,7 +144,7 @@ impl Pool {
         timeout: Duration,
     ) -> Result<PoolStats, PoolStats> {
         let mut rx = self.inner.counters.changes.subscribe();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now().checked_add(timeout).unwrap_or_else(super::far_future);
         loop {
             rx.borrow_and_update();
             let stats = self.stats();
