@@ -346,10 +346,29 @@ def bad_stream():
 
 @tool
 def flood_host(n, ctx=None):
+    # A misbehaving worker: straight to the gRPC Host caller, past the bridge's own bound of
+    # 64 host calls in flight.
+    T = _core._threaded[0]
     errors = []
     def one():
         try:
-            ctx.call_host("slow", None)
+            T.grpc_host(ctx.request_id, "slow", None)
+        except Exception as e:
+            errors.append(repr(e))
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+@tool
+def flood_host_politely(n, ctx=None):
+    # The same flood through the bridge's API: it keeps at most 64 in flight.
+    errors = []
+    def one():
+        try:
+            ctx.call_host("quick", None)
         except Exception as e:
             errors.append(repr(e))
     threads = [threading.Thread(target=one) for _ in range(n)]
@@ -366,6 +385,24 @@ fn grpc_pool(r: &Reaper) -> snakepit::PoolBuilder {
         .adapter(Python::script(script).interpreter(venv_python()))
         .transport(snakepit::Grpc::default().socket_root(r.dir().join("s")))
         .size(1)
+}
+
+/// Item 9, the other side: a worker using the bridge's API never exceeds the limit, however
+/// many of its threads call the host at once (the bridge keeps 64 in flight; the rest wait).
+#[tokio::test]
+async fn a_threaded_bridge_keeps_its_host_calls_within_the_limit() {
+    let r = Reaper::new();
+    let pool = grpc_pool(&r).build().await.expect("pool");
+    pool.register_host_tool("quick", |_| async {
+        tokio::time::sleep(Duration::from_millis(20)).await; // the workload: calls overlap
+        Ok(json!(null))
+    });
+    let errors =
+        pool.execute_timeout("flood_host_politely", json!({"n": 150}), Duration::from_secs(30)).await;
+    assert_eq!(errors.expect("no protocol error"), json!([]));
+    assert_eq!(pool.stats().restarts, 0);
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
 }
 
 /// Item 7 (gRPC): an `ok` or a chunk that is not JSON fails that call with `protocol` and the
