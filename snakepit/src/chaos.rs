@@ -63,6 +63,12 @@ impl Chaos {
         self
     }
 
+    /// How many calls the pool has numbered so far (the `nth` of the next call is this plus
+    /// one), so a long-running driver can aim a fault at a call still to come.
+    pub fn calls(&self) -> u64 {
+        self.state.calls.load(Ordering::Relaxed)
+    }
+
     /// Numbers a new call; returns whether its worker must die before it is sent.
     pub(crate) fn before_call(&self) -> (u64, bool) {
         let n = self.state.calls.fetch_add(1, Ordering::Relaxed) + 1;

@@ -2,9 +2,15 @@
 //!
 //! * `ci`: format check, clippy with `-D warnings` (the workspace, then the `snakepit` facade
 //!   alone with no default features, `stdio`, `grpc` and all features), rustdoc with
-//!   `-D warnings`, the quick bench, then every test
-//!   (cargo-nextest when it is installed, else `cargo test`). What `.ci/run` runs.
+//!   `-D warnings`, the quick bench, every test (cargo-nextest when it is installed, else
+//!   `cargo test`), then a one-minute soak. What `.ci/run` runs.
 //! * `test`: only the tests.
+//! * `soak [--minutes N] [--size N]`: the soak driver (`snakepit-tests`' `soak` binary, in
+//!   release mode): a pool of real Python workers under mixed load (sequential and concurrent
+//!   calls, streams, host calls, sessions) while crashes, hangs, garbage frames, SIGSTOPs,
+//!   chaos kills and recycling by count and memory are injected; fails, naming the violation, if
+//!   host RSS or fds grow, a reply is lost, duplicated or misrouted, or a process survives.
+//!   `ci` runs it for one minute after the tests.
 //! * `bench [--quick]`: `snakepit bench` (the `snakepit-cli` package) in release mode (table,
 //!   `target/bench/bench.json`).
 //! * `setup`: creates `.venv` (the repository's Python virtualenv) with the gRPC transport's
@@ -148,6 +154,15 @@ fn bench(extra: Vec<String>) -> Result<(), String> {
     Ok(())
 }
 
+/// Runs the soak driver in release mode with `args` (`--minutes N`, `--size N`).
+fn soak(args: Vec<String>) -> Result<(), String> {
+    let mut c = cargo();
+    c.current_dir(root())
+        .args(["run", "--release", "--quiet", "-p", "snakepit-tests", "--bin", "soak", "--"])
+        .args(&args);
+    run("soak", c)
+}
+
 /// Feature combinations of the `snakepit` facade that `ci` lints on their own.
 const FACADE_FEATURE_SETS: &[&[&str]] = &[
     &["--no-default-features"],
@@ -182,6 +197,9 @@ fn ci() -> Result<(), String> {
     // runner's summary closes the log.
     bench(vec!["--quick".into()])?;
     test()?;
+    // The soak is its own step, not a test: it needs the machine to itself for its RSS and fd
+    // checks, and a release build.
+    soak(vec!["--minutes".into(), "1".into()])?;
     eprintln!("ci: all green in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
 }
@@ -193,9 +211,12 @@ fn main() -> ExitCode {
         "test" => test(),
         "setup" => setup(),
         "bench" => bench(std::env::args().skip(2).collect()),
+        "soak" => soak(std::env::args().skip(2).collect()),
         "proto" => proto(std::env::args().any(|a| a == "--check")),
         _ => {
-            eprintln!("usage: cargo xtask <ci|test|setup|proto [--check]|bench [--quick]>");
+            eprintln!(
+                "usage: cargo xtask <ci|test|setup|proto [--check]|bench [--quick]|soak [--minutes N]>"
+            );
             return ExitCode::from(2);
         }
     };
