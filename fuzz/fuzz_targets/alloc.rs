@@ -12,7 +12,7 @@ thread_local! {
 }
 
 /// Counts the bytes allocated and freed by the current thread.
-pub struct Counting;
+pub(crate) struct Counting;
 
 fn add(n: isize) {
     let _ = LIVE.try_with(|live| {
@@ -52,7 +52,7 @@ unsafe impl GlobalAlloc for Counting {
 }
 
 /// Runs `f` and returns its result with the peak of live heap bytes this thread added during it.
-pub fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
+pub(crate) fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
     let base = LIVE.with(Cell::get);
     PEAK.with(|p| p.set(base));
     let out = f();
