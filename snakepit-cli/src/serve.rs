@@ -25,12 +25,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use snakepit::core::Transport;
-use snakepit::{CallOptions, Error, Payload, Pool};
+use snakepit::{CallOptions, Error, Pool};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use self::input::{Line, LineReader};
+use self::json::{parse, Request};
 use self::output::{Id, Out};
 use crate::{TransportArgs, TransportKind, WorkerArgs};
 
@@ -227,39 +228,6 @@ async fn watch_signals(mut term: Signal, mut int: Signal, stop: watch::Sender<bo
     let (name, code) = next(&mut term, &mut int).await;
     eprintln!("snakepit serve: second signal ({name}): killing the workers");
     std::process::exit(code);
-}
-
-/// A parsed request.
-struct Request {
-    id: Id,
-    command: String,
-    args: Payload,
-    timeout: Option<Duration>,
-    stream: bool,
-}
-
-/// Parses a request line, keeping `args` as the line's own bytes.
-fn parse(line: Vec<u8>) -> Result<Request, Vec<u8>> {
-    let line = bytes::Bytes::from(line);
-    match serde_json::from_slice::<json::LineRequest<'_>>(&line) {
-        Ok(r) => Ok(Request {
-            id: Id::new(r.id),
-            args: match r.args {
-                // Parsed whole (a `RawValue`), so well-formed.
-                Some(raw) => {
-                    Payload::from_trusted(snakepit::core::Codec::Json, line.slice_ref(raw.get().as_bytes()))
-                }
-                None => Payload::null(),
-            },
-            command: r.command,
-            timeout: r.timeout_ms.map(Duration::from_millis),
-            stream: r.stream,
-        }),
-        Err(e) => {
-            let id = json::shallow_id(&line).map_or_else(Id::null, |r| Id::new(Some(r)));
-            Err(output::bad_request(&id, format!("malformed request: {e}")))
-        }
-    }
 }
 
 /// Answers one request line; on shutdown after the grace, answers `shutting_down` instead.

@@ -52,6 +52,12 @@ pub use slot::{Heartbeat, RecycleReason, Slot, SlotConfig, SlotEvent, SlotManage
 pub use spawner::ProcessLauncher;
 pub use zygote::Zygote;
 
+/// Entry points for the fuzz targets (`fuzz/`) and their corpus replay test; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::zygote::{fuzz_zygote_packets, ZYGOTE_C, ZYGOTE_K};
+}
+
 /// Errors of the supervisor's own operations (spawn and handshake failures are
 /// [`snakepit_core::Error`]s, as callers see them).
 #[derive(Debug, thiserror::Error)]

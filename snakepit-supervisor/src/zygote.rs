@@ -50,6 +50,39 @@ struct Table {
     open: bool,
 }
 
+impl Table {
+    /// Routes one message from the zygote: a fork's answer to its waiting start, an exit report
+    /// to its worker; anything else is ignored.
+    fn apply(&mut self, msg: Msg) {
+        match (msg.op.as_str(), msg.pid) {
+            ("forked", Some(pid)) => {
+                let (tx, rx) = oneshot::channel();
+                self.exits.insert(pid, tx);
+                if let Some(w) = msg.worker.and_then(|w| self.forks.remove(&w)) {
+                    let _ = w.send(Ok((pid, rx)));
+                }
+                // An abandoned start: the worker sees EOF on its input and exits by itself.
+            }
+            ("exited", Some(pid)) => {
+                let info = match (msg.code, msg.signal) {
+                    (_, Some(s)) => ExitInfo::Signal(s),
+                    (Some(c), None) => ExitInfo::Code(c),
+                    _ => ExitInfo::Unknown,
+                };
+                if let Some(tx) = self.exits.remove(&pid) {
+                    let _ = tx.send(info);
+                }
+            }
+            ("fork_failed", _) => {
+                if let Some(w) = msg.worker.and_then(|w| self.forks.remove(&w)) {
+                    let _ = w.send(Err(msg.error.unwrap_or_else(|| "unknown reason".into())));
+                }
+            }
+            (op, _) => tracing::debug!(op, "ignoring an unknown zygote message"),
+        }
+    }
+}
+
 /// A message from the zygote.
 #[derive(Deserialize)]
 struct Msg {
@@ -64,6 +97,63 @@ struct Msg {
     signal: Option<i32>,
     #[serde(default)]
     error: Option<String>,
+}
+
+impl Msg {
+    /// Parses one control packet.
+    fn decode(packet: &[u8]) -> Result<Msg, serde_json::Error> {
+        serde_json::from_slice(packet)
+    }
+}
+
+/// The allocation bound of [`fuzz_zygote_packets`] per input byte.
+#[doc(hidden)]
+pub const ZYGOTE_K: usize = 16;
+
+/// The constant part of [`fuzz_zygote_packets`]' allocation bound.
+#[doc(hidden)]
+pub const ZYGOTE_C: usize = 128 * 1024;
+
+/// Entry point for the fuzz target `zygote_control` and its corpus replay test; not an API.
+///
+/// `bytes` is a sequence of control packets as the zygote would send them on its
+/// `SOCK_SEQPACKET` socket, each written here as a 2-byte big-endian length and that many bytes
+/// (a length past the end takes what is left; a packet is cut at the host's 64 KiB receive
+/// buffer, as the socket would). Each is parsed and routed exactly as the host's reader does,
+/// against a table with fork requests pending for workers `0.0` to `0.3`; the first malformed
+/// packet stops it (the host then stops the zygote) with its typed error.
+///
+/// Allocation bound: peak live heap `<= ZYGOTE_K * N + ZYGOTE_C` for `N` input bytes (each
+/// packet's message and table entry is within a small multiple of its own bytes; the constant is
+/// the 64 KiB receive buffer and the table). Returns how many packets were routed.
+#[doc(hidden)]
+pub fn fuzz_zygote_packets(bytes: &[u8]) -> Result<usize, serde_json::Error> {
+    let mut table = Table { open: true, ..Table::default() };
+    let mut waiting = Vec::new();
+    for slot in 0..4 {
+        let (tx, rx) = oneshot::channel();
+        table.forks.insert(key(WorkerId { slot, generation: 0 }), tx);
+        waiting.push(rx);
+    }
+    let mut buf = vec![0u8; MAX_PACKET];
+    let mut rest = bytes;
+    let mut routed = 0;
+    while let [hi, lo, tail @ ..] = rest {
+        let len = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
+        let (packet, next) = tail.split_at(len);
+        rest = next;
+        // The socket cuts a packet at the receive buffer's size.
+        let n = packet.len().min(MAX_PACKET);
+        buf[..n].copy_from_slice(&packet[..n]);
+        table.apply(Msg::decode(&buf[..n])?);
+        routed += 1;
+    }
+    for mut rx in waiting {
+        if let Ok(Ok((_pid, mut exit))) = rx.try_recv() {
+            let _ = exit.try_recv();
+        }
+    }
+    Ok(routed)
 }
 
 /// A running zygote. Dropping it kills the zygote and, with it, every worker it forked.
@@ -189,7 +279,7 @@ impl Zygote {
             }
             Ok(Ok(n)) => n,
         };
-        let msg: Msg = serde_json::from_slice(&buf[..n]).map_err(|e| {
+        let msg = Msg::decode(&buf[..n]).map_err(|e| {
             fail(
                 &shared,
                 Error::Protocol {
@@ -376,40 +466,14 @@ async fn read_loop(
             },
             _ = child.wait() => break,
         };
-        let msg: Msg = match serde_json::from_slice(&buf[..n]) {
+        let msg = match Msg::decode(&buf[..n]) {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!("zygote sent a malformed message ({e}); stopping it");
                 break;
             }
         };
-        let mut t = lock(&table);
-        match (msg.op.as_str(), msg.pid) {
-            ("forked", Some(pid)) => {
-                let (tx, rx) = oneshot::channel();
-                t.exits.insert(pid, tx);
-                if let Some(w) = msg.worker.and_then(|w| t.forks.remove(&w)) {
-                    let _ = w.send(Ok((pid, rx)));
-                }
-                // An abandoned start: the worker sees EOF on its input and exits by itself.
-            }
-            ("exited", Some(pid)) => {
-                let info = match (msg.code, msg.signal) {
-                    (_, Some(s)) => ExitInfo::Signal(s),
-                    (Some(c), None) => ExitInfo::Code(c),
-                    _ => ExitInfo::Unknown,
-                };
-                if let Some(tx) = t.exits.remove(&pid) {
-                    let _ = tx.send(info);
-                }
-            }
-            ("fork_failed", _) => {
-                if let Some(w) = msg.worker.and_then(|w| t.forks.remove(&w)) {
-                    let _ = w.send(Err(msg.error.unwrap_or_else(|| "unknown reason".into())));
-                }
-            }
-            (op, _) => tracing::debug!(op, "ignoring an unknown zygote message"),
-        }
+        lock(&table).apply(msg);
     }
     {
         let mut t = lock(&table);

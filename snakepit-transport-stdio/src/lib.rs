@@ -42,6 +42,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub mod control;
 mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 mod host;
 mod outbox;
 mod reader;

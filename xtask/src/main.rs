@@ -17,6 +17,17 @@
 //!   Python dependencies (grpcio, protobuf; grpcio-tools for `proto`), from PyPI. Idempotent.
 //! * `proto [--check]`: regenerates the Python stubs of `proto/` into the bridge (the Rust side
 //!   is generated at build time by protox); `--check` fails if the committed ones are stale.
+//! * `fuzz [--seconds N] [--target T]`: runs the cargo-fuzz targets of `fuzz/` (all of them, or
+//!   `T`) for `N` seconds each (default 60), one after the other, installing cargo-fuzz from
+//!   crates.io first if it is missing (`cargo install cargo-fuzz --locked`). On the stable
+//!   toolchain, without sanitizers (`-s none`: the targets check their own properties, and a
+//!   panic is a crash); if that build fails, it is retried with `RUSTC_BOOTSTRAP=1` for the fuzz
+//!   build only. libFuzzer grows a working corpus under `<target dir>/fuzz/corpus/<T>` from the
+//!   committed `fuzz/corpus/<T>` and `fuzz/regressions/<T>` (which it never writes to); a new
+//!   crash is minimised (`cargo fuzz tmin`) into `fuzz/regressions/<T>/`, and the task fails.
+//!   The fuzz build uses `<target dir>/fuzz` (`$CARGO_TARGET_DIR`, else `target/`), so its
+//!   instrumented artifacts never replace the workspace's. CI does not fuzz: the corpus and the
+//!   regressions are replayed by `tests/tests/fuzz_corpus.rs`.
 
 #![deny(unsafe_code)]
 // xtask drives cargo, python and pip: starting processes is its whole job.
@@ -204,6 +215,123 @@ fn ci() -> Result<(), String> {
     Ok(())
 }
 
+/// The cargo-fuzz targets of `fuzz/`.
+const FUZZ_TARGETS: &[&str] = &["worker_output", "serve_lines", "zygote_control"];
+
+fn fuzz_dir() -> std::path::PathBuf {
+    root().join("fuzz")
+}
+
+/// `cargo fuzz` with the fuzz build's own target directory (and `RUSTC_BOOTSTRAP=1` if asked).
+fn cargo_fuzz(bootstrap: bool) -> Command {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), Into::into);
+    let mut c = cargo();
+    c.current_dir(fuzz_dir()).arg("fuzz").env("CARGO_TARGET_DIR", target.join("fuzz"));
+    if bootstrap {
+        c.env("RUSTC_BOOTSTRAP", "1");
+    }
+    c
+}
+
+/// The files in `dir` (none if it does not exist).
+fn files_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn fuzz(args: Vec<String>) -> Result<(), String> {
+    let mut seconds = 60u64;
+    let mut only = None;
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--seconds" => {
+                seconds = it.next().and_then(|s| s.parse().ok()).ok_or("--seconds takes a number")?;
+            }
+            "--target" => only = Some(it.next().ok_or("--target takes a target name")?),
+            other => return Err(format!("fuzz: unknown argument `{other}`")),
+        }
+    }
+    let targets: Vec<&str> = match &only {
+        Some(t) if FUZZ_TARGETS.contains(&t.as_str()) => vec![t.as_str()],
+        Some(t) => return Err(format!("fuzz: unknown target `{t}` (targets: {})", FUZZ_TARGETS.join(", "))),
+        None => FUZZ_TARGETS.to_vec(),
+    };
+    let installed = cargo()
+        .args(["fuzz", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
+        let mut c = cargo();
+        c.args(["install", "cargo-fuzz", "--locked"]);
+        run("install cargo-fuzz", c)?;
+    }
+    // Sanitizer-free builds work on stable; nightly-only flags would need the bootstrap escape.
+    let mut bootstrap = false;
+    let mut c = cargo_fuzz(false);
+    c.args(["build", "-s", "none"]);
+    if let Err(e) = run("fuzz build", c) {
+        eprintln!("fuzz: {e}; retrying with RUSTC_BOOTSTRAP=1 (fuzz build only)");
+        bootstrap = true;
+        let mut c = cargo_fuzz(true);
+        c.args(["build", "-s", "none"]);
+        run("fuzz build (RUSTC_BOOTSTRAP=1)", c)?;
+    }
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), Into::into);
+    let mut crashed = Vec::new();
+    for t in targets {
+        let work = target_dir.join("fuzz").join("corpus").join(t);
+        std::fs::create_dir_all(&work).map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+        let artifacts = fuzz_dir().join("artifacts").join(t);
+        let before = files_in(&artifacts);
+        let mut c = cargo_fuzz(bootstrap);
+        c.args(["run", "-s", "none", t])
+            .arg(&work)
+            .arg(fuzz_dir().join("corpus").join(t))
+            .arg(fuzz_dir().join("regressions").join(t))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .args(["-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1"]);
+        if run(&format!("fuzz {t} ({seconds} s)"), c).is_ok() {
+            continue;
+        }
+        let new: Vec<_> = files_in(&artifacts).into_iter().filter(|p| !before.contains(p)).collect();
+        if new.is_empty() {
+            return Err(format!("fuzz {t}: cargo fuzz failed without leaving a crash"));
+        }
+        for crash in new {
+            let name = crash.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let before_tmin = files_in(&artifacts);
+            let mut c = cargo_fuzz(bootstrap);
+            c.args(["tmin", "-s", "none", t]).arg(&crash).args(["--", "-timeout=10", "-rss_limit_mb=2048"]);
+            // tmin exits non-zero when the input still crashes, which is what we want.
+            let _ = run(&format!("tmin {t} {name}"), c);
+            let minimised = files_in(&artifacts)
+                .into_iter()
+                .filter(|p| !before_tmin.contains(p))
+                .min_by_key(|p| std::fs::metadata(p).map_or(u64::MAX, |m| m.len()))
+                .unwrap_or_else(|| crash.clone());
+            let dest_dir = fuzz_dir().join("regressions").join(t);
+            std::fs::create_dir_all(&dest_dir).map_err(|e| e.to_string())?;
+            let dest = dest_dir.join(&name);
+            std::fs::copy(&minimised, &dest)
+                .map_err(|e| format!("cannot copy to {}: {e}", dest.display()))?;
+            eprintln!("fuzz {t}: crash minimised into {}", dest.display());
+            crashed.push(dest);
+        }
+    }
+    if crashed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("fuzz: new crashes (fix them; each stays as a regression input): {crashed:?}"))
+    }
+}
+
 fn main() -> ExitCode {
     let task = std::env::args().nth(1).unwrap_or_default();
     let r = match task.as_str() {
@@ -213,9 +341,10 @@ fn main() -> ExitCode {
         "bench" => bench(std::env::args().skip(2).collect()),
         "soak" => soak(std::env::args().skip(2).collect()),
         "proto" => proto(std::env::args().any(|a| a == "--check")),
+        "fuzz" => fuzz(std::env::args().skip(2).collect()),
         _ => {
             eprintln!(
-                "usage: cargo xtask <ci|test|setup|proto [--check]|bench [--quick]|soak [--minutes N]>"
+                "usage: cargo xtask <ci|test|setup|proto [--check]|bench [--quick]|soak [--minutes N]|fuzz [--seconds N] [--target T]>"
             );
             return ExitCode::from(2);
         }

@@ -3,7 +3,12 @@
 //! came), the `id` of a line that does not parse found by a shallow scan (no recursion, so no
 //! depth limit), and values re-emitted on one line without their insignificant whitespace.
 
+use std::time::Duration;
+
 use serde_json::value::RawValue;
+use snakepit::Payload;
+
+use super::output::{self, Id};
 
 /// One request line, borrowed from the line's bytes.
 #[derive(serde::Deserialize)]
@@ -182,6 +187,39 @@ pub(super) fn push_compact(out: &mut Vec<u8>, json: &[u8]) {
 /// Whether any byte is at most `max` (branch-free, so the compiler vectorises it).
 fn any_at_most(bytes: &[u8], max: u8) -> bool {
     bytes.chunks(64).any(|c| c.iter().fold(false, |a, &b| a | (b <= max)))
+}
+
+/// A parsed request.
+pub(super) struct Request {
+    pub(super) id: Id,
+    pub(super) command: String,
+    pub(super) args: Payload,
+    pub(super) timeout: Option<Duration>,
+    pub(super) stream: bool,
+}
+
+/// Parses a request line, keeping `args` as the line's own bytes.
+pub(super) fn parse(line: Vec<u8>) -> Result<Request, Vec<u8>> {
+    let line = bytes::Bytes::from(line);
+    match serde_json::from_slice::<LineRequest<'_>>(&line) {
+        Ok(r) => Ok(Request {
+            id: Id::new(r.id),
+            args: match r.args {
+                // Parsed whole (a `RawValue`), so well-formed.
+                Some(raw) => {
+                    Payload::from_trusted(snakepit::core::Codec::Json, line.slice_ref(raw.get().as_bytes()))
+                }
+                None => Payload::null(),
+            },
+            command: r.command,
+            timeout: r.timeout_ms.map(Duration::from_millis),
+            stream: r.stream,
+        }),
+        Err(e) => {
+            let id = shallow_id(&line).map_or_else(Id::null, |r| Id::new(Some(r)));
+            Err(output::bad_request(&id, format!("malformed request: {e}")))
+        }
+    }
 }
 
 #[cfg(test)]
