@@ -460,14 +460,10 @@ fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
 /// Waits up to `within` for the child to exit and returns its status.
 #[track_caller]
 fn exit_within(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
-    let until = Instant::now() + within;
-    loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            return s;
-        }
-        assert!(Instant::now() < until, "serve did not exit within {within:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // Waits on a pidfd (no polling), then collects the status.
+    let exited = procs::wait_exit(child.id() as i32, Instant::now() + within);
+    assert!(exited, "serve did not exit within {within:?}");
+    child.wait().expect("wait")
 }
 
 /// CPU time (user + system, clock ticks) a process has used.
