@@ -898,6 +898,21 @@ fn logs_have_no_colours_when_stderr_is_not_a_terminal() {
     assert!(!err.contains('\u{1b}'), "escape codes in {err:?}");
 }
 
+/// Starts `serve` from `cmd` (stdin and stdout piped) and checks it answers a ping: the host,
+/// its stdin and its stdout.
+fn serve_answering_a_ping(
+    cmd: &mut Command,
+) -> (KillOnDrop, std::process::ChildStdin, BufReader<std::process::ChildStdout>) {
+    let mut host = KillOnDrop(cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn serve"));
+    let mut stdin = host.0.stdin.take().expect("stdin");
+    let mut out = BufReader::new(host.0.stdout.take().expect("stdout"));
+    writeln!(stdin, r#"{{"id":0,"command":"ping"}}"#).expect("write");
+    let mut line = String::new();
+    out.read_line(&mut line).expect("reply");
+    assert!(line.contains("pong"), "{line}");
+    (host, stdin, out)
+}
+
 /// A child that is SIGKILLed and reaped when dropped, whatever the test did.
 struct KillOnDrop(std::process::Child);
 
@@ -943,22 +958,13 @@ fn reap_never_kills_a_process_a_worker_only_claimed_to_be() {
         ),
     )
     .expect("script");
-    let mut host = KillOnDrop(
-        g.snakepit()
-            .args(["serve", "--script"])
-            .arg(&script)
-            .args(["--size", "1", "--instance", "liar"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn serve"),
-    );
-    let mut stdin = host.0.stdin.take().expect("stdin");
-    let mut out = BufReader::new(host.0.stdout.take().expect("stdout"));
-    writeln!(stdin, r#"{{"id":0,"command":"ping"}}"#).expect("write");
-    let mut line = String::new();
-    out.read_line(&mut line).expect("reply");
-    assert!(line.contains("pong"), "{line}");
+    let (mut host, _stdin, _out) =
+        serve_answering_a_ping(g.snakepit().args(["serve", "--script"]).arg(&script).args([
+            "--size",
+            "1",
+            "--instance",
+            "liar",
+        ]));
     let run_file = std::fs::read_dir(g.run_dir())
         .expect("run dir")
         .flatten()
@@ -1000,23 +1006,13 @@ fn reap_removes_the_socket_dirs_a_sigkilled_grpc_host_left() {
     assert!(venv.exists(), "run `cargo xtask setup` (cargo xtask ci does)");
     let xdg = g.1.path().join("xdg");
     std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&xdg).expect("xdg");
-    let mut host = KillOnDrop(
+    let (mut host, _stdin, _out) = serve_answering_a_ping(
         g.snakepit()
             .env("XDG_RUNTIME_DIR", &xdg)
             .args(["serve", "--module", "snakepit_bridge.showcase", "--size", "2", "--transport", "grpc"])
             .arg("--python")
-            .arg(&venv)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn serve"),
+            .arg(&venv),
     );
-    let mut stdin = host.0.stdin.take().expect("stdin");
-    let mut out = BufReader::new(host.0.stdout.take().expect("stdout"));
-    writeln!(stdin, r#"{{"id":0,"command":"ping"}}"#).expect("write");
-    let mut line = String::new();
-    out.read_line(&mut line).expect("reply");
-    assert!(line.contains("pong"), "{line}");
     let socket_dirs = || -> Vec<std::path::PathBuf> {
         std::fs::read_dir(xdg.join("snakepit"))
             .map(|d| d.flatten().map(|e| e.path()).collect())
