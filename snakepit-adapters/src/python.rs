@@ -13,6 +13,9 @@ const BRIDGE_FILES: &[(&str, &str)] = &[
     ("__init__.py", include_str!("../python/snakepit_bridge/__init__.py")),
     ("__main__.py", include_str!("../python/snakepit_bridge/__main__.py")),
     ("_core.py", include_str!("../python/snakepit_bridge/_core.py")),
+    ("_version.py", include_str!("../python/snakepit_bridge/_version.py")),
+    ("testing.py", include_str!("../python/snakepit_bridge/testing.py")),
+    ("py.typed", include_str!("../python/snakepit_bridge/py.typed")),
     ("showcase.py", include_str!("../python/snakepit_bridge/showcase.py")),
     ("_zygote.py", include_str!("../python/snakepit_bridge/_zygote.py")),
     ("_grpc.py", include_str!("../python/snakepit_bridge/_grpc.py")),
@@ -163,6 +166,16 @@ pub fn bridge_dir() -> Result<PathBuf, crate::Error> {
 const BOOTSTRAP: &str = "import sys\nif sys.path and sys.path[0] == '':\n    del sys.path[0]\n\
                          import runpy\nrunpy.run_module('snakepit_bridge', run_name='__main__', alter_sys=True)\n";
 
+/// [`BOOTSTRAP`] for [`Python::installed_bridge`]: says plainly when the interpreter has no
+/// `snakepit_bridge` (instead of runpy's bare "No module named").
+const INSTALLED_BOOTSTRAP: &str = "import sys\nif sys.path and sys.path[0] == '':\n    del sys.path[0]\n\
+                                   import importlib.util\n\
+                                   if importlib.util.find_spec('snakepit_bridge') is None:\n    \
+                                   sys.exit('snakepit: %s has no snakepit_bridge package: pip install \
+                                   ./snakepit-adapters/python into it, or leave out \
+                                   Python::installed_bridge() to use the embedded copy' % sys.executable)\n\
+                                   import runpy\nrunpy.run_module('snakepit_bridge', run_name='__main__', alter_sys=True)\n";
+
 #[derive(Debug, Clone)]
 enum Entry {
     Script(PathBuf),
@@ -193,7 +206,18 @@ pub struct Python {
     handshake_timeout: Duration,
     timeouts: HashMap<String, Duration>,
     config: serde_json::Value,
-    bridge_dir: Option<PathBuf>,
+    bridge: Bridge,
+}
+
+/// Which `snakepit_bridge` package a worker runs.
+#[derive(Debug, Clone)]
+enum Bridge {
+    /// The copy embedded in this crate, first on `PYTHONPATH` (the default).
+    Embedded,
+    /// The package in this directory, first on `PYTHONPATH`.
+    Dir(PathBuf),
+    /// Whatever `import snakepit_bridge` finds in the interpreter (site-packages, `PYTHONPATH`).
+    Installed,
 }
 
 impl Python {
@@ -214,7 +238,7 @@ impl Python {
             handshake_timeout: Duration::from_secs(30),
             timeouts: HashMap::new(),
             config: serde_json::Value::Null,
-            bridge_dir: None,
+            bridge: Bridge::Embedded,
         }
     }
 
@@ -305,7 +329,22 @@ impl Python {
 
     /// Uses the `snakepit_bridge` package found in `dir` instead of the embedded one.
     pub fn bridge_path(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.bridge_dir = Some(dir.into());
+        self.bridge = Bridge::Dir(dir.into());
+        self
+    }
+
+    /// Uses the `snakepit_bridge` package the interpreter itself imports (one installed with
+    /// `pip install ./snakepit-adapters/python`, or on the worker's `PYTHONPATH`) instead of
+    /// the embedded copy.
+    ///
+    /// By default the embedded copy is put first on the worker's `PYTHONPATH`, so it wins over
+    /// any installed one and the bridge always matches this host. With this option the
+    /// installed package runs, whatever its version: the handshake negotiates the protocol
+    /// version, and a bridge that speaks none of the host's fails the start with
+    /// [`Error::VersionMismatch`] naming both sides' versions (`version_mismatch`). An
+    /// interpreter without the package fails the start with an error that says so.
+    pub fn installed_bridge(mut self) -> Self {
+        self.bridge = Bridge::Installed;
         self
     }
 }
@@ -342,9 +381,10 @@ impl Adapter for Python {
 impl Python {
     /// The bootstrap command line; `zygote` adds `--zygote`.
     fn spec(&self, ctx: &SpawnContext, zygote: bool) -> Result<SpawnSpec, Error> {
-        let bridge = match &self.bridge_dir {
-            Some(d) => d.clone(),
-            None => bridge_dir().map_err(|e| {
+        let bridge = match &self.bridge {
+            Bridge::Dir(d) => Some(d.clone()),
+            Bridge::Installed => None,
+            Bridge::Embedded => Some(bridge_dir().map_err(|e| {
                 let crate::Error::Bridge(source) = e;
                 Error::Spawn {
                     worker: ctx.worker,
@@ -352,9 +392,10 @@ impl Python {
                     reason: "cannot install the snakepit_bridge sources".into(),
                     source: Some(source),
                 }
-            })?,
+            })?),
         };
-        let mut spec = SpawnSpec::new(&self.interpreter).arg("-c").arg(BOOTSTRAP);
+        let bootstrap = if bridge.is_some() { BOOTSTRAP } else { INSTALLED_BOOTSTRAP };
+        let mut spec = SpawnSpec::new(&self.interpreter).arg("-c").arg(bootstrap);
         spec.env_clear = self.env_clear;
         spec.env_allow = self.env_allow.clone();
         if zygote {
@@ -379,13 +420,21 @@ impl Python {
             .find(|(k, _)| k == "PYTHONPATH")
             .map(|(_, v)| v.clone())
             .or_else(|| spec.inherited("PYTHONPATH"));
-        let mut pythonpath = bridge.into_os_string();
-        if let Some(p) = user_path.filter(|p| !p.is_empty()) {
-            pythonpath.push(":");
-            pythonpath.push(p);
-        }
+        let user_path = user_path.filter(|p| !p.is_empty());
+        let pythonpath = match (bridge, user_path) {
+            (Some(b), Some(p)) => {
+                let mut pp = b.into_os_string();
+                pp.push(":");
+                pp.push(p);
+                Some(pp)
+            }
+            (Some(b), None) => Some(b.into_os_string()),
+            (None, p) => p,
+        };
         spec.env = self.env.iter().filter(|(k, _)| k != "PYTHONPATH").cloned().collect();
-        spec.env.push(("PYTHONPATH".into(), pythonpath));
+        if let Some(pp) = pythonpath {
+            spec.env.push(("PYTHONPATH".into(), pp));
+        }
         spec.env.push(("PYTHONUNBUFFERED".into(), "1".into()));
         spec.cwd = self.cwd.clone();
         Ok(spec)
@@ -512,5 +561,31 @@ mod tests {
         assert_eq!(pp, Some("/b:/user".into()));
         let args: Vec<_> = spec.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
         assert_eq!(args, ["-c", BOOTSTRAP, "--script", "w.py", "--", "x"]);
+    }
+
+    #[test]
+    fn an_installed_bridge_is_not_shadowed() {
+        let ctx = SpawnContext::new(WorkerId { slot: 0, generation: 0 }, "r");
+        let p = Python::script("w.py").installed_bridge().env("PYTHONPATH", "/user");
+        let spec = p.spawn_spec(&ctx).expect("spec");
+        let pp = spec.env.iter().find(|(k, _)| k == "PYTHONPATH").map(|(_, v)| v.clone());
+        assert_eq!(pp, Some("/user".into()), "only the user's entries");
+        assert_eq!(spec.args[1], INSTALLED_BOOTSTRAP);
+        let spec = Python::script("w.py").installed_bridge().env_clear().spawn_spec(&ctx).expect("spec");
+        assert!(spec.env.iter().all(|(k, _)| k != "PYTHONPATH"), "no PYTHONPATH at all: {:?}", spec.env);
+    }
+
+    /// The Python package's version (`snakepit_bridge/_version.py`, which `pyproject.toml`
+    /// reads) is the crates' version.
+    #[test]
+    fn the_python_package_version_is_the_crates() {
+        let text = include_str!("../python/snakepit_bridge/_version.py");
+        let want = format!("__version__ = \"{}\"", env!("CARGO_PKG_VERSION"));
+        assert!(text.lines().any(|l| l.trim() == want), "_version.py does not say {want}:\n{text}");
+        let pyproject = include_str!("../python/pyproject.toml");
+        assert!(
+            pyproject.contains(r#"version = { attr = "snakepit_bridge._version.__version__" }"#),
+            "pyproject.toml must take its version from _version.py"
+        );
     }
 }

@@ -208,13 +208,21 @@ pub enum Error {
         /// The last lines it wrote to stderr.
         stderr_tail: String,
     },
-    /// The worker refused every protocol version the host offered.
-    #[error("{worker} refused protocol versions {offered:?}: {reason}")]
+    /// The worker refused every protocol version the host offered (or chose one it did not
+    /// offer). The message names both sides' versions: the host's protocol versions and crate
+    /// version, the worker's protocol versions and, in its reason, its bridge and version.
+    #[error(
+        "{worker} refused the handshake: the host (snakepit {}) offered protocol versions {offered:?}, the worker speaks {}: {reason}",
+        env!("CARGO_PKG_VERSION"),
+        versions_text(.speaks)
+    )]
     VersionMismatch {
         /// The worker.
         worker: WorkerId,
         /// The versions the host offered.
         offered: Vec<u32>,
+        /// The versions the worker speaks, as its `refuse` listed them (empty if it did not).
+        speaks: Vec<u32>,
         /// The worker's reason.
         reason: String,
     },
@@ -302,6 +310,15 @@ fn cause(source: &Option<impl fmt::Display>) -> String {
     match source {
         Some(s) => format!(": {s}"),
         None => String::new(),
+    }
+}
+
+/// `[1, 2]`, or words when the worker did not say which versions it speaks.
+fn versions_text(v: &[u32]) -> String {
+    if v.is_empty() {
+        "versions it did not list".into()
+    } else {
+        format!("{v:?}")
     }
 }
 

@@ -72,6 +72,7 @@ pub fn parse_ready(hello: &Hello, body: &[u8]) -> Result<Ready, Error> {
             return Err(Error::VersionMismatch {
                 worker,
                 offered: hello.versions.clone(),
+                speaks: msg.versions.unwrap_or_default(),
                 reason: msg.reason.unwrap_or_else(|| "no reason given".into()),
             })
         }
@@ -81,6 +82,7 @@ pub fn parse_ready(hello: &Hello, body: &[u8]) -> Result<Ready, Error> {
         return Err(Error::VersionMismatch {
             worker,
             offered: hello.versions.clone(),
+            speaks: vec![ready.version],
             reason: format!("the worker chose version {}, which was not offered", ready.version),
         });
     }
@@ -142,16 +144,31 @@ mod tests {
     #[test]
     fn refuse_is_a_version_mismatch() {
         let h = hello();
-        match parse_ready(&h, br#"{"t":"refuse","reason":"I speak v7 only"}"#) {
-            Err(Error::VersionMismatch { worker, offered, reason }) => {
-                assert_eq!(worker, h.worker);
-                assert_eq!(offered, h.versions);
+        let e = parse_ready(&h, br#"{"t":"refuse","reason":"I speak v7 only","versions":[7]}"#);
+        match &e {
+            Err(Error::VersionMismatch { worker, offered, speaks, reason }) => {
+                assert_eq!(*worker, h.worker);
+                assert_eq!(*offered, h.versions);
+                assert_eq!(*speaks, [7]);
                 assert_eq!(reason, "I speak v7 only");
             }
             other => panic!("unexpected {other:?}"),
         }
+        let text = e.expect_err("mismatch").to_string();
+        let want = format!(
+            "worker 2.5 refused the handshake: the host (snakepit {}) offered protocol versions [1], \
+             the worker speaks [7]: I speak v7 only",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(text, want);
         match parse_ready(&h, br#"{"t":"refuse"}"#) {
-            Err(Error::VersionMismatch { reason, .. }) => assert_eq!(reason, "no reason given"),
+            Err(e @ Error::VersionMismatch { .. }) => {
+                assert!(
+                    e.to_string().ends_with("the worker speaks versions it did not list: no reason given"),
+                    "{e}"
+                );
+                assert_eq!(e.kind(), "version_mismatch");
+            }
             other => panic!("unexpected {other:?}"),
         }
     }

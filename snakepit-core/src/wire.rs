@@ -65,6 +65,9 @@ pub struct Inbound<'a> {
     /// `refuse`: why.
     #[serde(default)]
     pub reason: Option<String>,
+    /// `refuse`: the protocol versions the worker speaks.
+    #[serde(default)]
+    pub versions: Option<Vec<u32>>,
     /// `ready`: the chosen version.
     #[serde(default)]
     pub version: Option<u32>,

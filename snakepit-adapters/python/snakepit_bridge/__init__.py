@@ -5,7 +5,7 @@ A worker script is::
     from snakepit_bridge import tool, serve
 
     @tool
-    def add(a, b):
+    def add(a: int, b: int) -> int:
         return a + b
 
     if __name__ == "__main__":
@@ -17,9 +17,40 @@ that runs before the worker reports ready; ``self.config`` holds the host's work
 The host starts workers through the bootstrap ``python -m snakepit_bridge --script PATH`` (or
 ``--module NAME``), which moves the protocol off fd 1 before any user code runs, so ``print()``
 goes to stderr and can never corrupt a frame. Only the standard library is used.
+
+Results that are not plain JSON (dataclasses, enums, datetimes, UUIDs, decimals, sets, numpy
+arrays, pydantic models, ...) are converted by :func:`default_encoder`; teach the bridge your
+own types with ``serve(encoder=...)`` or ``BaseAdapter.encode``.
+
+``snakepit_bridge.testing.FakeHost`` runs a worker in-process over a pipe pair, for tests.
 """
 
-from ._core import BaseAdapter, Cancelled, Context, HostCallError, ToolError, serve, tool
+from ._core import (
+    PROTOCOL_VERSIONS,
+    BaseAdapter,
+    Cancelled,
+    Context,
+    Encoder,
+    HostCallError,
+    Json,
+    ToolError,
+    default_encoder,
+    serve,
+    tool,
+)
+from ._version import __version__
 
-__all__ = ["BaseAdapter", "Cancelled", "Context", "HostCallError", "ToolError", "serve", "tool"]
-__version__ = "0.1.0"
+__all__ = [
+    "PROTOCOL_VERSIONS",
+    "BaseAdapter",
+    "Cancelled",
+    "Context",
+    "Encoder",
+    "HostCallError",
+    "Json",
+    "ToolError",
+    "__version__",
+    "default_encoder",
+    "serve",
+    "tool",
+]

@@ -17,7 +17,7 @@ import runpy  # noqa: E402
 import sys  # noqa: E402
 
 
-def main():
+def main() -> None:
     p = argparse.ArgumentParser(prog="python -m snakepit_bridge", description=__doc__)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--script", help="path of a worker script")

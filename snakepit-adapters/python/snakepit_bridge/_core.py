@@ -1,5 +1,8 @@
 """Protocol v1 over framed stdio: framing, handshake, dispatch. Standard library only."""
 
+from __future__ import annotations
+
+import enum
 import json
 import os
 import select
@@ -9,23 +12,42 @@ import sys
 import threading
 import time
 import types
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, TypeVar, Union, overload
+
+from ._version import __version__
+
+if TYPE_CHECKING:
+    import concurrent.futures
+    from asyncio import AbstractEventLoop
+    from collections.abc import Awaitable, Iterable, Iterator
+
+#: A JSON value as the bridge sends and receives it (``dict``, ``list``, ``str``, numbers,
+#: ``bool``, ``None``).
+Json = Any
+#: One protocol message (a JSON object with its type in ``"t"``).
+Message = Dict[str, Any]
+#: An encoder hook: returns a JSON-encodable replacement for an object the JSON encoder does
+#: not know, or ``NotImplemented`` to pass it on (see ``serve(encoder=...)``).
+Encoder = Callable[[Any], Any]
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 PROTOCOL_VERSIONS = (1,)
-BRIDGE = "python/0.1.0 (%s %s)" % (
+BRIDGE = "python/%s (%s %s)" % (
+    __version__,
     sys.implementation.name,
     ".".join(str(x) for x in sys.version_info[:3]),
 )
 
 _HDR = struct.Struct(">I")
-_TOOLS = {}
-_state = {"in_fd": None, "out_fd": None, "served": False}
+_TOOLS: dict[str, Callable[..., Any]] = {}
+_state: dict[str, Any] = {"in_fd": None, "out_fd": None, "served": False}
 _write_lock = threading.Lock()
 
 
 class ToolError(Exception):
     """Raise it from a tool to report an error with a chosen ``type`` name."""
 
-    def __init__(self, message, type_name=None):
+    def __init__(self, message: str, type_name: str | None = None) -> None:
         super().__init__(message)
         self.type_name = type_name
 
@@ -45,14 +67,14 @@ class Cancelled(BaseException):
 class HostCallError(Exception):
     """A call to the host failed; ``type_name`` is the host's error kind or exception type."""
 
-    def __init__(self, type_name, message):
+    def __init__(self, type_name: str | None, message: str) -> None:
         super().__init__(message)
         self.type_name = type_name
 
 
 _host_seq = [0]
-_stash = []  # frames read while waiting for a host result that belong to someone else
-_session_cache = {}
+_stash: list[Message] = []  # frames read while waiting for a host result that belong to someone else
+_session_cache: dict[Any, dict[str, tuple[Json, float]]] = {}
 SESSION_CACHE_TTL = 1.0
 
 
@@ -60,12 +82,14 @@ class Context:
     """What a tool that takes a ``ctx`` parameter receives: the request id, the session (if the
     call runs in one) and calls to the host."""
 
-    def __init__(self, chan, request_id, session_id):
+    def __init__(self, chan: _Channel, request_id: Any, session_id: str | None) -> None:
         self._chan = chan
+        #: The host's id of the call being served.
         self.request_id = request_id
+        #: The call's session (``None`` when the call runs in none).
         self.session = _SessionProxy(self, session_id) if session_id is not None else None
 
-    def call_host(self, name, args=None):
+    def call_host(self, name: str, args: Json = None) -> Json:
         """Calls the host tool ``name`` and returns its result; raises ``HostCallError``."""
         return _host_call(self._chan, self.request_id, name, args)
 
@@ -73,16 +97,16 @@ class Context:
 class _SessionProxy:
     """Session variables, read through a small TTL cache (writes go through at once)."""
 
-    def __init__(self, ctx, session_id):
+    def __init__(self, ctx: Context, session_id: str) -> None:
         self.id = session_id
         self._ctx = ctx
         if len(_session_cache) > 1000:
             _session_cache.clear()
         self._cache = _session_cache.setdefault(session_id, {})
 
-    def get(self, name, default=None):
-        import time
-
+    def get(self, name: str, default: Json = None) -> Json:
+        """The session variable ``name`` (``default`` when unset); cached for
+        ``SESSION_CACHE_TTL`` seconds."""
         now = time.monotonic()
         hit = self._cache.get(name)
         if hit is not None and hit[1] > now:
@@ -92,18 +116,18 @@ class _SessionProxy:
             self._cache[name] = (value, now + SESSION_CACHE_TTL)
         return default if value is None else value
 
-    def set(self, name, value):
-        import time
-
+    def set(self, name: str, value: Json) -> None:
+        """Sets the session variable ``name`` (written through to the host at once)."""
         self._ctx.call_host("session.set", {"name": name, "value": value})
         self._cache[name] = (value, time.monotonic() + SESSION_CACHE_TTL)
 
-    def delete(self, name):
+    def delete(self, name: str) -> Json:
+        """Deletes the session variable ``name``; returns what the host answered."""
         self._cache.pop(name, None)
         return self._ctx.call_host("session.delete", {"name": name})
 
 
-def _host_call(chan, rid, name, args):
+def _host_call(chan: _Channel, rid: Any, name: str, args: Json) -> Json:
     T = _threaded[0]
     if T is not None:
         return T.host_call(rid, name, args)
@@ -117,15 +141,14 @@ def _host_call(chan, rid, name, args):
     return m.get("ok")
 
 
-def _await_frame(chan, rid, wanted):
+def _await_frame(chan: _Channel, rid: Any, wanted: Callable[[Message], bool]) -> Message:
     """Reads frames while call `rid` runs (serial mode: nothing else reads the pipe) until one
     satisfies `wanted`, and returns it. Meanwhile answers pings, raises Cancelled on a cancel
     for `rid` (or EOF), and keeps `credit` frames for `_stashed_credit`."""
     while True:
-        body = chan.read()
-        if body is None:
+        m = _next_message(chan)
+        if m is None:
             raise Cancelled("the host went away")
-        m = _loads(body)
         if wanted(m):
             return m
         t = m.get("t")
@@ -139,22 +162,27 @@ def _await_frame(chan, rid, wanted):
             _log("ignoring %r while call %r runs" % (t, rid))
 
 
-def _stashed_credit(rid):
+def _stashed_credit(rid: Any) -> int:
     n = 0
     keep = []
     for m in _stash:
         if m.get("t") == "credit" and m.get("id") == rid:
-            n += int(m.get("n") or 0)
+            n += _count(m.get("n"))
         else:
             keep.append(m)
     _stash[:] = keep
     return n
 
 
-_WANTS_CTX = {}
+def _count(n: Any) -> int:
+    """A credit count from the host (an unsigned integer; anything else counts as none)."""
+    return n if type(n) is int and n > 0 else 0
 
 
-def _wants_ctx(fn):
+_WANTS_CTX: dict[Any, bool] = {}
+
+
+def _wants_ctx(fn: Callable[..., Any]) -> bool:
     """Whether a tool takes a `ctx` argument (cached per tool)."""
     try:
         return _WANTS_CTX[fn]
@@ -172,7 +200,7 @@ def _wants_ctx(fn):
     return wants
 
 
-_threaded = [None]
+_threaded: list[_Threaded | None] = [None]
 
 
 # The most host calls the host lets one worker have outstanding (docs/protocol.md).
@@ -183,23 +211,25 @@ class _Threaded:
     """Thread profile: the main thread reads frames and dispatches; calls run on a thread pool
     (sync tools) or on one event loop thread (async tools)."""
 
-    def __init__(self, chan, n):
+    def __init__(self, chan: _Channel, n: int) -> None:
         self.chan = chan
         self.n = n
         self.lock = threading.Lock()
         self.seq = 0
-        self.host_waiters = {}  # host call id -> [Event, reply, request id]
-        self.credit = {}  # stream request id -> [Condition, credit]
-        self.running = {}  # request id -> thread ident
-        self.async_futs = {}  # request id -> concurrent future of its coroutine
-        self.cancelled = set()
-        self.loop = None
-        self.grpc_host = None  # gRPC mode: calls to the host go to its Host service
+        self.host_waiters: dict[int, list[Any]] = {}  # host call id -> [Event, reply, request id]
+        self.credit: dict[Any, list[Any]] = {}  # stream request id -> [Condition, credit]
+        self.running: dict[Any, int] = {}  # request id -> thread ident
+        # request id -> concurrent future of its coroutine
+        self.async_futs: dict[Any, concurrent.futures.Future[Any]] = {}
+        self.cancelled: set[Any] = set()
+        self.loop: AbstractEventLoop | None = None
+        # gRPC mode: calls to the host go to its Host service
+        self.grpc_host: Callable[[Any, str, Json], Json] | None = None
         # The host allows at most 64 outstanding host calls per worker (a 65th is a protocol
         # violation): threads beyond that wait here for their turn.
         self.host_slots = threading.BoundedSemaphore(MAX_HOST_CALLS)
 
-    def event_loop(self):
+    def event_loop(self) -> AbstractEventLoop:
         with self.lock:
             if self.loop is None:
                 import asyncio
@@ -208,7 +238,14 @@ class _Threaded:
                 threading.Thread(target=self.loop.run_forever, name="snakepit-asyncio", daemon=True).start()
             return self.loop
 
-    def run_async(self, awaitable):
+    def stop(self) -> None:
+        """Stops the event loop thread, if one was started (an in-process bridge ends)."""
+        with self.lock:
+            loop, self.loop = self.loop, None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+
+    def run_async(self, awaitable: Awaitable[Any]) -> Any:
         import asyncio
         import concurrent.futures
 
@@ -226,20 +263,20 @@ class _Threaded:
             with self.lock:
                 self.async_futs.pop(rid, None)
 
-    def host_call(self, rid, name, args):
+    def host_call(self, rid: Any, name: str, args: Json) -> Json:
         with self.host_slots:
             if self.grpc_host is not None:
                 return self.grpc_host(rid, name, args)
             return self._host_call_on_pipe(rid, name, args)
 
-    def _host_call_on_pipe(self, rid, name, args):
+    def _host_call_on_pipe(self, rid: Any, name: str, args: Json) -> Json:
         ev = threading.Event()
         with self.lock:
             if rid in self.cancelled:
                 raise Cancelled("call cancelled by the host")
             self.seq += 1
             hid = self.seq
-            slot = [ev, None, rid]
+            slot: list[Any] = [ev, None, rid]
             self.host_waiters[hid] = slot
         try:
             self.chan.send({"t": "host_call", "id": hid, "call": rid, "name": name, "args": args})
@@ -255,14 +292,14 @@ class _Threaded:
             raise HostCallError(err.get("type"), err.get("message", ""))
         return m.get("ok")
 
-    def deliver_host(self, m):
+    def deliver_host(self, m: Message) -> None:
         with self.lock:
-            slot = self.host_waiters.get(m.get("id"))
+            slot = self.host_waiters.get(m.get("id"))  # type: ignore[arg-type]  # any id: no match
         if slot is not None:
             slot[1] = m
             slot[0].set()
 
-    def wait_credit(self, rid):
+    def wait_credit(self, rid: Any) -> int:
         """Blocks until stream `rid` has credit; returns it (and takes it)."""
         with self.lock:
             entry = self.credit.setdefault(rid, [threading.Condition(self.lock), 0])
@@ -270,16 +307,17 @@ class _Threaded:
                 entry[0].wait()
             if rid in self.cancelled:
                 raise Cancelled("stream cancelled by the host")
-            n, entry[1] = entry[1], 0
+            n: int = entry[1]
+            entry[1] = 0
             return n
 
-    def add_credit(self, rid, n):
+    def add_credit(self, rid: Any, n: int) -> None:
         with self.lock:
             entry = self.credit.setdefault(rid, [threading.Condition(self.lock), 0])
             entry[1] += n
             entry[0].notify_all()
 
-    def cancel(self, rid):
+    def cancel(self, rid: Any) -> None:
         with self.lock:
             if rid not in self.running:
                 return  # already answered
@@ -299,7 +337,14 @@ class _Threaded:
 
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(Cancelled))
 
-    def run_call(self, tools, msg):
+    def cancel_all(self) -> None:
+        """Cancels every running call."""
+        with self.lock:
+            running = list(self.running)
+        for rid in running:
+            self.cancel(rid)
+
+    def run_call(self, tools: dict[str, Callable[..., Any]], msg: Message) -> None:
         rid = msg.get("id")
         with self.lock:
             self.running[rid] = threading.get_ident()
@@ -321,30 +366,31 @@ class _Threaded:
 _tls = threading.local()
 
 
-async def _as_coro(awaitable):
+async def _as_coro(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
 
-def _format_exc():
+def _format_exc() -> str:
     import traceback
 
     return traceback.format_exc()
 
 
-def _next_message(chan):
+def _next_message(chan: _Channel) -> Message | None:
     """The next message from the host as a dict (with its type in "t"), or None at EOF."""
     body = chan.read()
     if body is None:
         return None
     try:
         msg = _loads(body)
-        msg["t"]
-    except (ValueError, KeyError, TypeError) as e:
+        if type(msg) is not dict or type(msg.get("t")) is not str:
+            raise ValueError("not a JSON object with a string `t`")
+    except ValueError as e:
         raise ProtocolError("malformed message from host: %s" % e)
     return msg
 
 
-def _loop_threaded(chan, tools, n, T=None):
+def _loop_threaded(chan: _Channel, tools: dict[str, Callable[..., Any]], n: int, T: _Threaded | None = None) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     if T is None:
@@ -355,6 +401,7 @@ def _loop_threaded(chan, tools, n, T=None):
         while True:
             msg = _next_message(chan)
             if msg is None:
+                T.cancel_all()  # the host went away: nobody waits for these results
                 return
             t = msg["t"]
             if t == "call":
@@ -364,7 +411,7 @@ def _loop_threaded(chan, tools, n, T=None):
             elif t == "host_result":
                 T.deliver_host(msg)
             elif t == "credit":
-                T.add_credit(msg.get("id"), int(msg.get("n") or 0))
+                T.add_credit(msg.get("id"), _count(msg.get("n")))
             elif t == "cancel":
                 T.cancel(msg.get("id"))
             elif t == "shutdown":
@@ -378,8 +425,8 @@ def _loop_threaded(chan, tools, n, T=None):
 class _Running:
     """Which call the main thread is running (for the cancel signal)."""
 
-    id = None
-    signum = None
+    id: Any = None
+    signum: int | None = None
     # > 0 while a frame is being read or written: a cancel then waits for the frame boundary,
     # so the protocol stream is never cut mid-frame.
     atomic = 0
@@ -389,7 +436,7 @@ class _Running:
 _run = _Running()
 
 
-def _on_cancel_signal(signum, frame):
+def _on_cancel_signal(signum: int, frame: types.FrameType | None) -> None:
     # The host sends the cancel signal only while a call it cancelled has not been answered,
     # and sends the next call only after that answer: so the running call is the cancelled one.
     if _run.id is None:
@@ -401,7 +448,7 @@ def _on_cancel_signal(signum, frame):
     raise Cancelled("call cancelled by the host")
 
 
-def _frame_boundary():
+def _frame_boundary() -> None:
     """Raises a cancel that arrived while a frame was in transit, now that it is whole."""
     if _run.pending and _run.id is not None and not _run.atomic:
         _run.pending = False
@@ -409,7 +456,7 @@ def _frame_boundary():
         raise Cancelled("call cancelled by the host")
 
 
-def _install_cancel_signal():
+def _install_cancel_signal() -> int | None:
     """Installs the cancel signal handler (SIGUSR1 unless SNAKEPIT_CANCEL_SIGNAL names another
     or 'none'), unless the user's code already handles that signal. Returns its number."""
     name = os.environ.get("SNAKEPIT_CANCEL_SIGNAL", "SIGUSR1")
@@ -422,16 +469,30 @@ def _install_cancel_signal():
     return int(signum)
 
 
-def tool(fn=None, *, name=None):
+@overload
+def tool(fn: _F, *, name: str | None = None) -> _F: ...
+
+
+@overload
+def tool(fn: None = None, *, name: str | None = None) -> Callable[[_F], _F]: ...
+
+
+def tool(fn: _F | None = None, *, name: str | None = None) -> _F | Callable[[_F], _F]:
     """Marks a function (or an adapter method) as a tool callable from the host.
 
     ``@tool`` or ``@tool(name="other_name")``. Module-level functions are registered at once;
-    methods are collected from their ``BaseAdapter`` subclass when it is served.
+    methods are collected from their ``BaseAdapter`` subclass when it is served. The function
+    is returned unchanged.
+
+    How a call's ``args`` reach it: a JSON object as keyword arguments, an array as positional
+    arguments, ``null`` as no argument, anything else as the one positional argument. A
+    parameter named ``ctx`` receives a :class:`Context`. A generator (sync or async) is a
+    streaming tool; a coroutine function runs on the bridge's event loop.
     """
 
-    def mark(f):
+    def mark(f: _F) -> _F:
         tool_name = name or f.__name__
-        f.__snakepit_tool__ = tool_name
+        setattr(f, "__snakepit_tool__", tool_name)
         parts = f.__qualname__.split(".")
         is_method = len(parts) > 1 and parts[-2] != "<locals>"
         if not is_method:
@@ -446,24 +507,32 @@ class BaseAdapter:
 
     ``setup()`` runs once before the worker reports ready (load models there; the host's
     handshake timeout bounds it). ``self.config`` is the worker config the host sent.
+    ``encode()`` teaches the bridge how to send the adapter's own result types.
     """
 
-    def __init__(self, config=None):
-        self.config = config if config is not None else {}
+    def __init__(self, config: Json = None) -> None:
+        #: The worker configuration the host sent in ``hello`` (``{}`` when it sent none).
+        self.config: Json = config if config is not None else {}
 
-    def setup(self):
+    def setup(self) -> None:
         """Called once, before ``ready``."""
 
-    def teardown(self):
+    def teardown(self) -> None:
         """Called once when the worker stops normally."""
 
+    def encode(self, obj: Any) -> Any:
+        """Returns a JSON-encodable stand-in for ``obj``, a result (or part of one) that the
+        JSON encoder does not know, or ``NotImplemented`` to leave it to ``serve(encoder=...)``
+        and then to :func:`default_encoder`. The stand-in may itself contain such objects."""
+        return NotImplemented
 
-def served():
+
+def served() -> bool:
     """Whether ``serve()`` has run in this process."""
-    return _state["served"]
+    return bool(_state["served"])
 
 
-def claim_stdio():
+def claim_stdio() -> None:
     """Moves the protocol to private fds and points fd 1 at stderr, fd 0 at /dev/null.
 
     Idempotent. Called by the bootstrap before any user code is imported.
@@ -481,14 +550,14 @@ def claim_stdio():
     os.close(devnull)
     os.dup2(2, 1)
     try:
-        sys.stdout.reconfigure(line_buffering=True)
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # may be replaced
     except Exception:
         pass
     _state["in_fd"] = in_fd
     _state["out_fd"] = out_fd
 
 
-def _log(msg):
+def _log(msg: str) -> None:
     try:
         sys.stderr.write("snakepit_bridge: %s\n" % msg)
         sys.stderr.flush()
@@ -497,14 +566,14 @@ def _log(msg):
 
 
 class _Channel:
-    def __init__(self, in_fd, out_fd):
+    def __init__(self, in_fd: int, out_fd: int) -> None:
         self.reader = os.fdopen(in_fd, "rb", buffering=1 << 16, closefd=False)
         self.out_fd = out_fd
         self.max_frame = 64 * 1024 * 1024
         self._spin = 0.0
-        self._poll = None
+        self._poll: select.poll | None = None
 
-    def read(self):
+    def read(self) -> bytes | None:
         """Returns the next frame body, or None at EOF. Never cut short by the cancel signal."""
         _run.atomic += 1
         try:
@@ -515,7 +584,7 @@ class _Channel:
             _frame_boundary()
         return body
 
-    def busy_poll(self, seconds):
+    def busy_poll(self, seconds: float) -> None:
         """Polls the input for up to `seconds` before each blocking read (hello's busy_poll_us):
         a process that sleeps between calls pays the CPU's wake-up latency on the next one. Off
         when this process may only run on one CPU (polling would keep the host off it)."""
@@ -528,10 +597,11 @@ class _Channel:
             self._poll.register(self.reader.fileno(), select.POLLIN)
             self._spin = seconds
 
-    def _read(self):
-        if self._spin and not self._poll.poll(0):
+    def _read(self) -> bytes | None:
+        poll = self._poll
+        if poll is not None and self._spin and not poll.poll(0):
             until = time.perf_counter() + self._spin
-            while not self._poll.poll(0) and time.perf_counter() < until:
+            while not poll.poll(0) and time.perf_counter() < until:
                 os.sched_yield()  # lets the host run first when both share a CPU
         hdr = self.reader.read(4)
         if not hdr or len(hdr) < 4:
@@ -544,7 +614,7 @@ class _Channel:
             return None
         return body
 
-    def write(self, body):
+    def write(self, body: bytes) -> None:
         """Writes one frame; never cut short by the cancel signal."""
         n = len(body)
         _run.atomic += 1
@@ -563,7 +633,7 @@ class _Channel:
         if _run.pending:
             _frame_boundary()
 
-    def _write_all(self, data):
+    def _write_all(self, data: bytes | memoryview) -> None:
         n = os.write(self.out_fd, data)
         if n == len(data):
             return
@@ -572,40 +642,136 @@ class _Channel:
             n = os.write(self.out_fd, view)
             view = view[n:]
 
-    def send(self, msg):
+    def send(self, msg: Message) -> None:
         self.write(_dumps(msg))
 
 
-def _not_serialisable(o):
-    raise TypeError("Object of type %s is not JSON serializable" % type(o).__name__)
+def default_encoder(obj: Any) -> Any:
+    """The bridge's built-in conversions for results the JSON encoder does not know; returns
+    ``NotImplemented`` for anything else. Applied after the adapter's ``encode()`` and
+    ``serve(encoder=...)``; call it from your own encoder to fall back on it.
+
+    ========================================  =============================================
+    type                                      sent as
+    ========================================  =============================================
+    dataclass instance                        object of its fields (``dataclasses.fields``)
+    ``enum.Enum`` member                      its ``value``
+    ``datetime``, ``date``, ``time``          ISO 8601 string (``isoformat()``)
+    ``timedelta``                             seconds (float)
+    ``uuid.UUID``                             string
+    ``decimal.Decimal``                       string (no precision lost)
+    ``set``, ``frozenset``                    array, sorted when the items can be
+    numpy array / numpy scalar                ``tolist()`` / ``item()``
+    pydantic model (v2)                       ``model_dump(mode="json")``
+    ``os.PathLike``                           ``os.fspath()``
+    other ``collections.abc.Mapping``         object
+    ========================================  =============================================
+
+    Tuples (and lists, dicts, str, int, float, bool, None) are JSON already. NaN and infinities
+    are refused wherever they occur, as JSON has no such numbers.
+    """
+    t = type(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    fields = getattr(t, "__dataclass_fields__", None)
+    if fields is not None:
+        import dataclasses
+
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (set, frozenset)):
+        try:
+            return sorted(obj)
+        except TypeError:
+            return list(obj)
+    mod = sys.modules
+    dt = mod.get("datetime")
+    if dt is not None:
+        if isinstance(obj, (dt.datetime, dt.date, dt.time)):
+            return obj.isoformat()
+        if isinstance(obj, dt.timedelta):
+            return obj.total_seconds()
+    uuid = mod.get("uuid")
+    if uuid is not None and isinstance(obj, uuid.UUID):
+        return str(obj)
+    decimal = mod.get("decimal")
+    if decimal is not None and isinstance(obj, decimal.Decimal):
+        return str(obj)
+    np = mod.get("numpy")
+    if np is not None:
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+        if isinstance(obj, np.generic):
+            return obj.item()
+    dump = getattr(obj, "model_dump", None)
+    if dump is not None and hasattr(t, "model_fields"):
+        return dump(mode="json")
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    import collections.abc
+
+    if isinstance(obj, collections.abc.Mapping):
+        return dict(obj)
+    return NotImplemented
+
+
+# The encoder hooks of the worker being served, most specific first (the adapter's `encode`,
+# then `serve(encoder=...)`); `default_encoder` comes after them.
+_hooks: list[Encoder] = []
+
+
+def _default(obj: Any) -> Any:
+    """The JSON encoder's fallback: the hooks, then `default_encoder`, else TypeError."""
+    for hook in _hooks:
+        value = hook(obj)
+        if value is not NotImplemented:
+            return value
+    value = default_encoder(obj)
+    if value is not NotImplemented:
+        return value
+    hint = ""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        hint = " (bytes are not JSON: send a str, e.g. base64, or a list of ints)"
+    raise TypeError(
+        "Object of type %s is not JSON serializable%s; convert it in the tool, or teach the bridge "
+        "with serve(encoder=...) or BaseAdapter.encode" % (_type_name(obj), hint)
+    )
+
+
+def _type_name(obj: Any) -> str:
+    """The qualified name of ``obj``'s type, as error messages show it."""
+    t = type(obj)
+    mod = getattr(t, "__module__", None)
+    return t.__qualname__ if mod in (None, "builtins") else "%s.%s" % (mod, t.__qualname__)
 
 
 # The C encoder and scanner, built once: `json.dumps` and `json.loads` rebuild them (and run
 # regexes) on every call, which costs more than the encoding itself for small messages.
 try:
-    from json.encoder import c_encode_basestring as _c_str
-    from json.encoder import c_make_encoder as _c_make_encoder
-    from json.scanner import c_make_scanner as _c_make_scanner
+    from json.encoder import c_encode_basestring as _c_str  # type: ignore[attr-defined]
+    from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-defined]
+    from json.scanner import c_make_scanner as _c_make_scanner  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - interpreters without the _json accelerator
     _c_make_encoder = _c_make_scanner = _c_str = None
 # NaN and infinities are refused (allow_nan=False): they are not JSON and the host rejects them.
 _encode = (
-    _c_make_encoder(None, _not_serialisable, _c_str, None, ":", ",", False, False, False)
+    _c_make_encoder(None, _default, _c_str, None, ":", ",", False, False, False)
     if _c_make_encoder is not None and _c_str is not None
     else None
 )
 _scan = _c_make_scanner(json.JSONDecoder()) if _c_make_scanner is not None else None
 
 
-def _dumps(msg):
+def _dumps(msg: Json) -> bytes:
     """Compact UTF-8 JSON. Raises TypeError/ValueError (incl. RecursionError for a cycle) when
     `msg` cannot be encoded."""
     if _encode is not None:
         return "".join(_encode(msg, 0)).encode("utf-8")
-    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_default).encode(
+        "utf-8"
+    )
 
 
-def _loads(body):
+def _loads(body: bytes) -> Json:
     """Parses one frame body (UTF-8 JSON, no surrounding whitespace); raises ValueError."""
     if _scan is not None:
         try:
@@ -618,7 +784,13 @@ def _loads(body):
     return json.loads(body)  # the slow path gives the precise error, or accepts odd whitespace
 
 
-def _find_adapter(adapter, namespace):
+#: What ``serve(adapter=...)`` takes: a ``BaseAdapter`` subclass, an instance, or a class name.
+AdapterSpec = Union["type[BaseAdapter]", BaseAdapter, str, None]
+
+
+def _find_adapter(
+    adapter: AdapterSpec, namespace: dict[str, Any] | None
+) -> type[BaseAdapter] | BaseAdapter | None:
     if adapter is None and namespace is not None:
         modname = namespace.get("__name__")
         found = [
@@ -638,12 +810,15 @@ def _find_adapter(adapter, namespace):
     if isinstance(adapter, str):
         if namespace is None or adapter not in namespace:
             raise RuntimeError("adapter class %r not found" % adapter)
-        return namespace[adapter]
+        found_cls: type[BaseAdapter] = namespace[adapter]
+        return found_cls
     return adapter
 
 
-def _collect_tools(instance):
-    tools = dict(_TOOLS)
+def _collect_tools(
+    instance: BaseAdapter | None, base: dict[str, Callable[..., Any]] | None = None
+) -> dict[str, Callable[..., Any]]:
+    tools = dict(_TOOLS if base is None else base)
     if instance is not None:
         for attr in dir(type(instance)):
             fn = getattr(type(instance), attr, None)
@@ -653,14 +828,14 @@ def _collect_tools(instance):
     return tools
 
 
-def _tool_info(name, fn):
+def _tool_info(name: str, fn: Callable[..., Any]) -> Message:
     code = getattr(getattr(fn, "__func__", fn), "__code__", None)
     flags = getattr(code, "co_flags", 0)
     # CO_GENERATOR = 0x20, CO_ASYNC_GENERATOR = 0x200
     return {"name": name, "doc": _doc(fn), "stream": bool(flags & 0x220)}
 
 
-def _doc(fn):
+def _doc(fn: Callable[..., Any]) -> str | None:
     """The cleaned docstring of `fn` (like inspect.getdoc, without importing inspect: it costs
     several milliseconds of every worker's start-up)."""
     doc = getattr(fn, "__doc__", None)
@@ -673,7 +848,7 @@ def _doc(fn):
     return "\n".join(out).strip() or None
 
 
-def _invoke(fn, args, ctx=None):
+def _invoke(fn: Callable[..., Any], args: Json, ctx: Context | None = None) -> Any:
     kw = {"ctx": ctx} if ctx is not None else {}
     if args is None:
         return fn(**kw)
@@ -681,12 +856,28 @@ def _invoke(fn, args, ctx=None):
         if kw:
             args = dict(args, **kw)
         return fn(**args)
-    if isinstance(args, list):
-        return fn(*args, **kw)
-    return fn(args, **kw)
+    if not isinstance(args, list):
+        args = [args]
+    if kw:
+        # A positional `ctx` parameter (`def f(ctx, x)`) takes its place among the arguments.
+        pos = _ctx_position(fn)
+        if 0 <= pos <= len(args):
+            return fn(*args[:pos], ctx, *args[pos:])
+    return fn(*args, **kw)
 
 
-def _error(exc):
+def _ctx_position(fn: Callable[..., Any]) -> int:
+    """The index of `fn`'s `ctx` among its positional parameters (past `self`), or -1."""
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    if code is None:
+        return -1
+    names: tuple[str, ...] = code.co_varnames[: code.co_argcount]
+    if "ctx" not in names:
+        return -1
+    return names.index("ctx") - (1 if hasattr(fn, "__self__") else 0)
+
+
+def _error(exc: BaseException) -> Message:
     import traceback  # only on the error path: it costs ~2 ms of start-up
 
     type_name = getattr(exc, "type_name", None) or type(exc).__name__
@@ -697,19 +888,34 @@ def _error(exc):
     }
 
 
-def _pick_version(offered):
+def _our_versions() -> tuple[int, ...]:
     override = os.environ.get("SNAKEPIT_BRIDGE_VERSIONS")
-    ours = tuple(int(v) for v in override.split(",")) if override else PROTOCOL_VERSIONS
+    return tuple(int(v) for v in override.split(",")) if override else PROTOCOL_VERSIONS
+
+
+def _pick_version(offered: list[Any]) -> tuple[int | None, tuple[int, ...]]:
+    ours = _our_versions()
     common = [v for v in offered if v in ours]
     return (max(common), ours) if common else (None, ours)
 
 
-def serve(adapter=None, namespace=None):
+def serve(
+    adapter: AdapterSpec = None,
+    namespace: dict[str, Any] | None = None,
+    *,
+    encoder: Encoder | None = None,
+) -> None:
     """Runs the worker loop until the host closes stdin or sends ``shutdown``.
 
     ``adapter`` may be a ``BaseAdapter`` subclass, an instance, or a class name in ``namespace``;
     by default the one subclass defined in the calling script is used, if any. Module-level
     ``@tool`` functions are always served.
+
+    ``encoder`` converts result types the JSON encoder does not know: it gets the object and
+    returns a JSON-encodable stand-in (which may itself hold such objects) or ``NotImplemented``.
+    The adapter's ``encode()`` is asked first, then ``encoder``, then :func:`default_encoder`;
+    what none of them converts is answered with a worker error of type ``TypeError`` naming the
+    object's type.
     """
     _state["served"] = True
     claim_stdio()
@@ -723,19 +929,19 @@ def serve(adapter=None, namespace=None):
         namespace = vars(main) if main is not None else None
     chan = _Channel(_state["in_fd"], _state["out_fd"])
     try:
-        _serve(chan, adapter, namespace)
+        _serve(chan, adapter, namespace, encoder=encoder)
     except ProtocolError as e:
         _log("protocol error: %s; exiting" % e)
         sys.exit(2)
 
 
-def _watch_parent():
+def _watch_parent() -> None:
     """Exits the worker if its parent changes (the host or its shepherd died): a fallback for
     PDEATHSIG, which the host arms but which a worker cannot count on everywhere."""
     parent = os.getppid()
     stop = threading.Event()
 
-    def run():
+    def run() -> None:
         while not stop.wait(1.0):
             if os.getppid() != parent:
                 _log("parent process %d is gone; exiting" % parent)
@@ -745,24 +951,79 @@ def _watch_parent():
     t.start()
 
 
-def _serve(chan, adapter, namespace):
-    _watch_parent()
-    body = chan.read()
-    if body is None:
+def _package_dir() -> str:
+    return os.path.dirname(os.path.abspath(__file__))
+
+
+def _read_hello(chan: _Channel) -> Message | None:
+    """The host's `hello` (None at EOF); a ProtocolError if it is anything else or malformed."""
+    msg = _next_message(chan)
+    if msg is None:
+        return None
+    if msg["t"] != "hello":
+        raise ProtocolError("expected hello, got %r" % msg["t"])
+    for key, kind in (("max_frame", int), ("max_in_flight", int), ("busy_poll_us", (int, float))):
+        value = msg.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool) or value < 0):
+            raise ProtocolError("hello: %s is %r, not a non-negative number" % (key, value))
+    versions = msg.get("versions")
+    if not isinstance(versions, list):
+        raise ProtocolError("hello: versions is %r, not a list" % (versions,))
+    transport = msg.get("transport")
+    if transport is not None and not isinstance(transport, dict):
+        raise ProtocolError("hello: transport is %r, not an object" % (transport,))
+    return msg
+
+
+def _serve(
+    chan: _Channel,
+    adapter: AdapterSpec,
+    namespace: dict[str, Any] | None,
+    *,
+    encoder: Encoder | None = None,
+    tools: dict[str, Callable[..., Any]] | None = None,
+    watch_parent: bool = True,
+) -> None:
+    """Handshake, then the dispatch loop, on `chan`. `tools` replaces the module-level
+    registry (in-process hosts); the per-serve state is reset on the way out."""
+    try:
+        _serve_inner(chan, adapter, namespace, encoder, tools, watch_parent)
+    finally:
+        T = _threaded[0]
+        _threaded[0] = None
+        if T is not None:
+            T.stop()
+        del _hooks[:]
+        del _stash[:]
+        _session_cache.clear()
+        _run.id = None
+        _run.pending = False
+
+
+def _serve_inner(
+    chan: _Channel,
+    adapter: AdapterSpec,
+    namespace: dict[str, Any] | None,
+    encoder: Encoder | None,
+    base_tools: dict[str, Callable[..., Any]] | None,
+    watch_parent: bool,
+) -> None:
+    if watch_parent:
+        _watch_parent()
+    hello = _read_hello(chan)
+    if hello is None:
         return
-    hello = json.loads(body)
-    if hello.get("t") != "hello":
-        raise ProtocolError("expected hello, got %r" % hello.get("t"))
     chan.max_frame = int(hello.get("max_frame") or chan.max_frame)
     chan.busy_poll(min(float(hello.get("busy_poll_us") or 0), 10_000.0) / 1e6)
-    version, ours = _pick_version(hello.get("versions") or [])
+    version, ours = _pick_version(hello["versions"])
     if version is None:
         chan.send(
             {
                 "t": "refuse",
-                "reason": "this bridge speaks protocol versions %s, the host offered %s"
-                % (list(ours), hello.get("versions")),
+                "reason": "snakepit_bridge %s (%s) speaks protocol versions %s, the host offered %s"
+                % (__version__, _package_dir(), list(ours), hello.get("versions")),
                 "versions": list(ours),
+                "bridge": BRIDGE,
             }
         )
         return
@@ -774,11 +1035,15 @@ def _serve(chan, adapter, namespace):
         if config is not None:
             instance.config = config
         instance.setup()
-    tools = _collect_tools(instance)
+    if instance is not None and type(instance).encode is not BaseAdapter.encode:
+        _hooks.append(instance.encode)
+    if encoder is not None:
+        _hooks.append(encoder)
+    tools = _collect_tools(instance, base_tools)
     n = max(1, int(hello.get("max_in_flight") or 1))
     transport = hello.get("transport") or {}
     server = None
-    ready = {
+    ready: Message = {
         "t": "ready",
         "version": version,
         "pid": os.getpid(),
@@ -821,7 +1086,7 @@ def _serve(chan, adapter, namespace):
                 _log("teardown failed:\n" + _format_exc())
 
 
-def _loop(chan, tools):
+def _loop(chan: _Channel, tools: dict[str, Callable[..., Any]]) -> None:
     while True:
         msg = _next_message(chan)
         if msg is None:
@@ -841,14 +1106,15 @@ def _loop(chan, tools):
 
 _GEN_TYPES = (types.GeneratorType,)
 _AGEN_TYPES = (types.AsyncGeneratorType,)
-_event_loop = []
+_event_loop: list[AbstractEventLoop] = []
 
 
-def _loop_run(awaitable):
+def _loop_run(awaitable: Awaitable[Any]) -> Any:
     """Runs an awaitable on the bridge's event loop (created on first use: asyncio is only
     imported by workers that have async tools)."""
-    if _threaded[0] is not None:
-        return _threaded[0].run_async(awaitable)
+    T = _threaded[0]
+    if T is not None:
+        return T.run_async(awaitable)
     if not _event_loop:
         import asyncio
 
@@ -856,11 +1122,11 @@ def _loop_run(awaitable):
     return _event_loop[0].run_until_complete(awaitable)
 
 
-def _is_stream(value):
+def _is_stream(value: Any) -> bool:
     return isinstance(value, _GEN_TYPES) or isinstance(value, _AGEN_TYPES)
 
 
-def _next_item(gen):
+def _next_item(gen: Any) -> Any:
     """The next item of a sync or async generator; raises StopIteration at the end."""
     if isinstance(gen, _AGEN_TYPES):
         try:
@@ -870,7 +1136,7 @@ def _next_item(gen):
     return next(gen)
 
 
-def _close(gen):
+def _close(gen: Any) -> None:
     try:
         if isinstance(gen, _AGEN_TYPES):
             _loop_run(gen.aclose())
@@ -880,7 +1146,7 @@ def _close(gen):
         _log("closing a generator raised %r" % (e,))
 
 
-def _collect(gen):
+def _collect(gen: Any) -> list[Any]:
     out = []
     while True:
         try:
@@ -889,19 +1155,28 @@ def _collect(gen):
             return out
 
 
-def _encode_reply(chan, reply, rid):
+def _not_json(rid: Any, e: BaseException) -> bytes:
+    """The `error` for `rid` whose result could not be encoded (`e` says why)."""
+    if isinstance(e, RecursionError):
+        detail = "it is nested too deeply or contains a reference cycle"
+    else:
+        detail = str(e)
+    return _dumps(
+        {
+            "t": "error",
+            "id": rid,
+            "error": {"type": "TypeError", "message": "result is not JSON-serialisable: %s" % detail},
+        }
+    )
+
+
+def _encode_reply(chan: _Channel, reply: Message, rid: Any) -> tuple[bytes, bool]:
     """Encodes a message for `rid`; returns (body, ok). When the message cannot be sent (not
     JSON-serialisable, over max_frame), body is an `error` for `rid` instead and ok is False."""
     try:
         body = _dumps(reply)
-    except (TypeError, ValueError, RecursionError) as e:
-        return _dumps(
-            {
-                "t": "error",
-                "id": rid,
-                "error": {"type": "TypeError", "message": "result is not JSON-serialisable: %s" % e},
-            }
-        ), False
+    except Exception as e:  # TypeError, ValueError (NaN), RecursionError, or an encoder hook's
+        return _not_json(rid, e), False
     if len(body) > chan.max_frame:
         return _dumps(
             {
@@ -916,11 +1191,11 @@ def _encode_reply(chan, reply, rid):
     return body, True
 
 
-def _call(chan, tools, msg):
+def _call(chan: _Channel, tools: dict[str, Callable[..., Any]], msg: Message) -> None:
     rid = msg.get("id")
     cmd = msg.get("cmd")
     window = msg.get("stream")
-    fn = tools.get(cmd)
+    fn = tools.get(cmd) if type(cmd) is str else None
     if fn is None:
         reply = {
             "t": "error",
@@ -947,7 +1222,7 @@ def _call(chan, tools, msg):
                 streaming = _is_stream(result)
             if streaming:
                 if window:
-                    _stream(chan, rid, result, int(window))
+                    _stream(chan, rid, result, _count(window))
                     return
                 result = _collect(result)
             elif window:
@@ -972,20 +1247,20 @@ def _call(chan, tools, msg):
 _PLAIN = frozenset((dict, list, str, int, float, bool, type(None), tuple))
 
 
-def _result_body(chan, rid, result):
+def _result_body(chan: _Channel, rid: Any, result: Any) -> bytes:
     """The `result` message for `rid`, its envelope written by hand around the encoded result
     (an integer id, the usual case); `_encode_reply` otherwise, and for its error cases."""
     if type(rid) is int:
         try:
-            body = b'{"t":"result","id":%d,"ok":%s}' % (rid, _dumps(result))
-        except (TypeError, ValueError, RecursionError):
+            body: bytes | None = b'{"t":"result","id":%d,"ok":%s}' % (rid, _dumps(result))
+        except Exception:
             body = None
         if body is not None and len(body) <= chan.max_frame:
             return body
     return _encode_reply(chan, {"t": "result", "id": rid, "ok": result}, rid)[0]
 
 
-def _stream(chan, rid, gen, credit):
+def _stream(chan: _Channel, rid: Any, gen: Any, credit: int) -> None:
     """Sends a generator's items as `chunk`s, never more than the host's credit ahead, then
     `end`. The host grants more credit as its consumer takes chunks; `cancel` (or the cancel
     signal) closes the generator, so its `finally` blocks run."""
@@ -996,11 +1271,12 @@ def _stream(chan, rid, gen, credit):
             except StopIteration:
                 break
             credit += _stashed_credit(rid)
-            if credit <= 0 and _threaded[0] is not None:
-                credit += _threaded[0].wait_credit(rid)
+            T = _threaded[0]
+            if credit <= 0 and T is not None:
+                credit += T.wait_credit(rid)
             while credit <= 0:
                 m = _await_frame(chan, rid, lambda m: m.get("t") == "credit" and m.get("id") == rid)
-                credit += int(m.get("n") or 0)
+                credit += _count(m.get("n"))
             body, ok = _encode_reply(chan, {"t": "chunk", "id": rid, "data": item}, rid)
             chan.write(body)
             if not ok:
@@ -1016,6 +1292,7 @@ def _stream(chan, rid, gen, credit):
         chan.write(_encode_reply(chan, {"t": "error", "id": rid, "error": _error(e)}, rid)[0])
 
 
-def protocol_fd():
+def protocol_fd() -> int:
     """The real protocol output fd (for fault-injection tests only)."""
-    return _state["out_fd"]
+    fd: int = _state["out_fd"]
+    return fd

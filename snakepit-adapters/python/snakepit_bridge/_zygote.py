@@ -25,6 +25,8 @@ and killed at once (a live worker's descendants never reach it). The host superv
 itself under a shepherd, like any worker.
 """
 
+from __future__ import annotations
+
 import ctypes
 import gc
 import json
@@ -33,25 +35,28 @@ import select
 import signal
 import socket
 import sys
+from typing import Any
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 _MAX_PACKET = 1 << 20
 
-_libc = None
+_libc: ctypes.CDLL | None = None
 
 
-def _prctl(option, arg):
+def _prctl(option: int, arg: int) -> None:
+    if _libc is None:
+        raise RuntimeError("libc is not loaded: run() loads it before any prctl")
     if _libc.prctl(option, arg, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, "prctl(%d): %s" % (option, os.strerror(err)))
 
 
-def _send(ctrl, msg):
+def _send(ctrl: socket.socket, msg: dict[str, Any]) -> None:
     ctrl.send(json.dumps(msg, separators=(",", ":")).encode("utf-8"))
 
 
-def _children():
+def _children() -> list[int]:
     try:
         with open("/proc/self/task/%d/children" % os.getpid()) as f:
             return [int(p) for p in f.read().split()]
@@ -59,7 +64,7 @@ def _children():
         return []
 
 
-def _reap(ctrl, workers):
+def _reap(ctrl: socket.socket, workers: dict[int, Any]) -> None:
     """Reaps every exited child, reports the workers among them, and kills any stray: a
     process re-parented to us from a dead worker's subtree."""
     while True:
@@ -72,7 +77,7 @@ def _reap(ctrl, workers):
         if pid == 0:
             break
         if workers.pop(pid, None) is not None:
-            msg = {"op": "exited", "pid": pid}
+            msg: dict[str, Any] = {"op": "exited", "pid": pid}
             if os.WIFSIGNALED(status):
                 msg["signal"] = os.WTERMSIG(status)
             else:
@@ -86,7 +91,7 @@ def _reap(ctrl, workers):
                 pass
 
 
-def run(state):
+def run(state: dict[str, Any]) -> None:
     """Runs the zygote loop. Returns only in a freshly forked worker, with ``state["in_fd"]``
     and ``state["out_fd"]`` set to its own protocol descriptors; never returns in the zygote."""
     global _libc
@@ -98,7 +103,7 @@ def run(state):
     os.set_blocking(wake_w, False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
-    workers = {}
+    workers: dict[int, Any] = {}  # pid -> the host's worker name
     me = os.getpid()
     # Objects that exist now are never collected: the collector then leaves their pages alone
     # and the workers keep sharing them.
@@ -160,7 +165,14 @@ def run(state):
             _send(ctrl, {"op": "forked", "worker": req.get("worker"), "pid": pid})
 
 
-def _become_worker(state, ctrl, wake, fds, req, zygote):
+def _become_worker(
+    state: dict[str, Any],
+    ctrl: socket.socket,
+    wake: tuple[int, int],
+    fds: list[int],
+    req: dict[str, Any],
+    zygote: int,
+) -> None:
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:

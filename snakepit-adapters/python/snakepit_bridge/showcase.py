@@ -4,24 +4,33 @@ Run with ``python -m snakepit_bridge --module snakepit_bridge.showcase`` (what
 ``Python::module("snakepit_bridge.showcase")`` does) or ``python -m snakepit_bridge.showcase``.
 """
 
+from __future__ import annotations
+
 import builtins
 import os
 import struct
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from snakepit_bridge import _core, serve, tool
 
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+    from typing import Any, NoReturn
+
+    from snakepit_bridge import Context
+
 
 @tool
-def ping():
+def ping() -> str:
     """Returns "pong"."""
     return "pong"
 
 
 @tool
-def echo(*args, **kwargs):
+def echo(*args: Any, **kwargs: Any) -> Any:
     """Returns its arguments: the keyword object, or the single positional value."""
     if kwargs:
         return kwargs
@@ -31,20 +40,20 @@ def echo(*args, **kwargs):
 
 
 @tool
-def add(a, b):
+def add(a: int, b: int) -> int:
     """Returns a + b."""
     return a + b
 
 
 @tool
-def sleep(ms):
+def sleep(ms: float) -> float:
     """Sleeps `ms` milliseconds, returns `ms`."""
     time.sleep(ms / 1000.0)
     return ms
 
 
 @tool
-def sleep_then_touch(ms, path, started=None):
+def sleep_then_touch(ms: float, path: str, started: str | None = None) -> float:
     """Sleeps `ms` milliseconds; creates `path` when it ends, even if cancelled (finally).
 
     Creates the file `started` (if given) first, inside the `try`, so a test can tell that a
@@ -62,7 +71,7 @@ def sleep_then_touch(ms, path, started=None):
 
 
 @tool
-def stubborn_sleep(ms, started=None):
+def stubborn_sleep(ms: float, started: str | None = None) -> float:
     """Sleeps `ms` milliseconds and ignores cancellation (to test the kill after cancel_grace).
 
     Creates the file `started` (if given) once it runs where a cancel can no longer stop it, so
@@ -84,7 +93,7 @@ def stubborn_sleep(ms, started=None):
 
 
 @tool
-def cpu(n):
+def cpu(n: int) -> int:
     """CPU-bound work: counts the primes below `n`."""
     n = int(n)
     if n < 3:
@@ -100,7 +109,7 @@ def cpu(n):
 
 
 @tool
-def fail(type="ValueError", message="boom"):
+def fail(type: str = "ValueError", message: str = "boom") -> NoReturn:
     """Raises an exception of the given builtin type name (or a new class of that name)."""
     cls = getattr(builtins, type, None)
     if not (isinstance(cls, builtins.type) and issubclass(cls, Exception)):
@@ -109,7 +118,7 @@ def fail(type="ValueError", message="boom"):
 
 
 @tool
-def crash(code=1):
+def crash(code: int = 1) -> NoReturn:
     """Exits the worker process at once with `code` (no reply is sent)."""
     sys.stderr.write("showcase: crashing with exit code %d\n" % code)
     sys.stderr.flush()
@@ -117,14 +126,14 @@ def crash(code=1):
 
 
 @tool
-def print_stdout(text="hello from print"):
+def print_stdout(text: str = "hello from print") -> int:
     """Prints `text` to stdout (which the bridge points at stderr); returns its length."""
     print(text)
     return len(text)
 
 
 @tool
-def garbage(kind="text"):
+def garbage(kind: str = "text") -> str:
     """Writes raw bytes to the real protocol fd, breaking the stream on purpose.
 
     kind: "text" (not a frame at all), "json" (a frame whose body is not JSON), "partial" (a
@@ -143,42 +152,42 @@ def garbage(kind="text"):
     return kind
 
 
-_HOARD = []
+_HOARD: list[bytearray] = []
 
 
 @tool
-def leak(mb):
+def leak(mb: int) -> int:
     """Allocates and keeps `mb` MiB (touched, so it is resident); returns the total held."""
     _HOARD.append(bytearray(b"x" * (int(mb) << 20)))
     return sum(len(b) for b in _HOARD) >> 20
 
 
 @tool
-def big(bytes):
+def big(bytes: int) -> str:
     """Returns a string of `bytes` characters."""
     return "x" * int(bytes)
 
 
 @tool
-def pid():
+def pid() -> int:
     """Returns the worker's process id."""
     return os.getpid()
 
 
 @tool
-def env(name):
+def env(name: str) -> str | None:
     """Returns the environment variable `name` (or None)."""
     return os.environ.get(name)
 
 
 @tool
-def info():
+def info() -> dict[str, Any]:
     """Returns facts about the worker: pid, interpreter, cwd, argv."""
     return {"pid": os.getpid(), "executable": sys.executable, "cwd": os.getcwd(), "argv": sys.argv}
 
 
 @tool
-def grandchild(setsid=False):
+def grandchild(setsid: bool = False) -> int:
     """Starts a child process that ignores SIGTERM and SIGHUP (and leaves the worker's process
     group and session if `setsid`), then returns its pid. For orphan tests."""
     code = (
@@ -198,7 +207,7 @@ def grandchild(setsid=False):
 
 
 @tool
-def count(n, size=0, path=None):
+def count(n: int, size: int = 0, path: str | None = None) -> Iterator[dict[str, int | str]]:
     """Yields {"i": i} for i in 0..n (with a `size`-character "pad" when given); when the
     stream ends or is cancelled, creates `path` (a finally block) if given."""
     pad = "x" * int(size)
@@ -212,7 +221,7 @@ def count(n, size=0, path=None):
 
 
 @tool
-async def acount(n):
+async def acount(n: int) -> AsyncIterator[int]:
     """An async generator: yields 0..n, awaiting between items."""
     import asyncio
 
@@ -222,7 +231,7 @@ async def acount(n):
 
 
 @tool
-async def asleep(ms):
+async def asleep(ms: float) -> float:
     """An async tool: awaits `ms` milliseconds, returns `ms`."""
     import asyncio
 
@@ -231,7 +240,7 @@ async def asleep(ms):
 
 
 @tool
-def spin(seconds):
+def spin(seconds: float) -> int:
     """Busy Python loop for `seconds` (cancellable at any bytecode); returns iterations."""
     deadline = time.monotonic() + seconds
     n = 0
@@ -241,13 +250,13 @@ def spin(seconds):
 
 
 @tool
-async def adouble(x):
+async def adouble(x: float) -> float:
     """An async tool: returns 2 * x."""
     return 2 * x
 
 
 @tool
-def fail_after(n):
+def fail_after(n: int) -> Iterator[int]:
     """Yields 0..n, then raises ValueError."""
     for i in range(int(n)):
         yield i
@@ -255,10 +264,13 @@ def fail_after(n):
 
 
 @tool
-def ask_host(name, args=None, ctx=None):
+def ask_host(name: str, args: Any = None, ctx: Context | None = None) -> dict[str, Any]:
     """Calls the host tool `name` with `args` and returns its answer (or the error it raised,
     as {"error": type, "message": ...})."""
     from snakepit_bridge import HostCallError
+
+    if ctx is None:
+        raise TypeError("ask_host needs the ctx the bridge passes")
 
     try:
         return {"ok": ctx.call_host(name, args)}
@@ -267,20 +279,26 @@ def ask_host(name, args=None, ctx=None):
 
 
 @tool
-def remember(name, value, ctx=None):
+def remember(name: str, value: Any, ctx: Context | None = None) -> Any:
     """Stores a session variable through the host; returns what a read gives back."""
+    if ctx is None:
+        raise TypeError("remember needs the ctx the bridge passes")
+    if ctx.session is None:
+        raise AttributeError("remember needs a session: call it in one")
     ctx.session.set(name, value)
     return ctx.session.get(name)
 
 
 @tool
-def recall(name, ctx=None):
+def recall(name: str, ctx: Context | None = None) -> Any:
     """Reads a session variable through the host (None without a session)."""
+    if ctx is None:
+        raise TypeError("recall needs the ctx the bridge passes")
     return ctx.session.get(name) if ctx.session is not None else None
 
 
 @tool
-def touch(path):
+def touch(path: str) -> str:
     """Creates the file `path` (lets tests observe that a call ran)."""
     with open(path, "a"):
         pass
@@ -288,7 +306,7 @@ def touch(path):
 
 
 @tool
-def wait_for(path, timeout_ms=30000):
+def wait_for(path: str, timeout_ms: float = 30000) -> bool:
     """Holds the worker until the file `path` exists (a test's gate) or `timeout_ms` passes;
     returns whether the file appeared."""
     deadline = time.monotonic() + timeout_ms / 1000.0

@@ -1,0 +1,475 @@
+"""Test your worker without the Rust host: :class:`FakeHost` speaks the host's side of the
+protocol (docs/protocol.md) over a pipe pair.
+
+In-process (the default), the bridge's dispatch loop runs on a thread of the test process, so
+a test can patch, inspect and debug the worker's code directly::
+
+    from snakepit_bridge.testing import FakeHost
+    import my_worker  # registers its @tool functions
+
+    def test_add() -> None:
+        with FakeHost() as host:
+            assert host.call("add", {"a": 1, "b": 2}) == 3
+
+``FakeHost.process(script=...)`` (or ``module=...``) starts the worker as the host does instead
+(``python -m snakepit_bridge``, protocol moved off fd 1 before the user's code is imported,
+the cancel signal armed): for what only a process shows, such as output at import time.
+
+Like the host, a ``FakeHost`` answers the worker's ``host_call`` frames (``host_tools``, and
+``session.get``/``set``/``delete`` from an in-memory session store), answers nothing it was not
+asked, and grants stream credit one chunk at a time as the test takes chunks. Every wait is
+bounded by ``timeout``: a worker that hangs fails the test with :class:`HostTimeout` instead
+of hanging it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Callable
+
+from . import _core
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from types import TracebackType
+    from typing import IO
+
+__all__ = ["FakeHost", "HostTimeout", "WorkerError", "WorkerExited"]
+
+_HDR = struct.Struct(">I")
+# One in-process bridge at a time: its dispatch state is per process, as in a real worker.
+_ACTIVE = threading.Lock()
+# How the host starts the bootstrap (snakepit-adapters/src/python.rs, BOOTSTRAP).
+_BOOTSTRAP = (
+    "import sys\nif sys.path and sys.path[0] == '':\n    del sys.path[0]\n"
+    "import runpy\nrunpy.run_module('snakepit_bridge', run_name='__main__', alter_sys=True)\n"
+)
+
+
+class WorkerError(Exception):
+    """The worker answered a call with an ``error``."""
+
+    def __init__(self, error: Mapping[str, Any]) -> None:
+        self.type_name: str = str(error.get("type"))
+        self.message: str = str(error.get("message"))
+        self.traceback: str | None = error.get("traceback")
+        super().__init__("%s: %s" % (self.type_name, self.message))
+
+
+class HostTimeout(Exception):
+    """The worker did not answer within the fake host's ``timeout``."""
+
+
+class WorkerExited(Exception):
+    """The worker closed its protocol output (it exited, or its loop ended)."""
+
+
+class FakeHost:
+    """The host's side of the protocol, for tests of a worker.
+
+    ``adapter``, ``tools`` and ``encoder`` are what ``serve()`` would get: ``tools`` (functions,
+    or a name -> function mapping) replaces the module-level ``@tool`` registry, which is served
+    by default. ``config`` is the worker config sent in ``hello``; ``max_in_flight`` > 1 selects
+    the bridge's thread profile. ``host_tools`` answers the worker's host calls by name (a
+    function of the call's ``args``; raising ``Exception`` answers an error). ``timeout``
+    bounds every wait, in seconds.
+    """
+
+    def __init__(
+        self,
+        adapter: _core.AdapterSpec = None,
+        *,
+        tools: Iterable[Callable[..., Any]] | Mapping[str, Callable[..., Any]] | None = None,
+        config: Any = None,
+        encoder: _core.Encoder | None = None,
+        namespace: dict[str, Any] | None = None,
+        max_in_flight: int = 1,
+        max_frame: int = 64 * 1024 * 1024,
+        versions: Iterable[int] = (1,),
+        host_tools: Mapping[str, Callable[[Any], Any]] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self._adapter = adapter
+        self._tools = _tool_map(tools)
+        self._encoder = encoder
+        self._namespace = namespace
+        self.config = config
+        self.max_in_flight = max_in_flight
+        self.max_frame = max_frame
+        self.versions = list(versions)
+        self.timeout = timeout
+        #: Host tools by name; ``session.get``/``set``/``delete`` are built in.
+        self.host_tools: dict[str, Callable[[Any], Any]] = dict(host_tools or {})
+        #: The session store the built-in session host tools use: session id -> name -> value.
+        self.sessions: dict[str, dict[str, Any]] = {}
+        #: Every host call the worker made, as ``(name, args)``, in order.
+        self.host_calls: list[tuple[str, Any]] = []
+        #: The worker's answer to ``hello`` (``ready`` or ``refuse``), once started.
+        self.ready: dict[str, Any] = {}
+        self._next_id = 0
+        self._session_of: dict[Any, str] = {}  # call id -> the session it runs in
+        self._replies: dict[Any, list[dict[str, Any]]] = {}
+        self._buf = bytearray()
+        self._to_worker: int | None = None
+        self._from_worker: int | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_error: BaseException | None = None
+        self._worker_fds: tuple[int, int] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._owns_lock = False
+
+    @classmethod
+    def process(
+        cls,
+        *,
+        script: str | os.PathLike[str] | None = None,
+        module: str | None = None,
+        adapter_class: str | None = None,
+        env: Mapping[str, str] | None = None,
+        python: str | None = None,
+        stderr: int | IO[bytes] | None = None,
+        **kwargs: Any,
+    ) -> FakeHost:
+        """A fake host for a worker process started like the host starts one: the bootstrap
+        runs ``script`` (a path) or ``module`` (an importable name), with this package first
+        on ``PYTHONPATH``. Its stderr is inherited unless ``stderr`` (a file or fd) is given.
+        Other arguments are as for ``FakeHost``."""
+        if (script is None) == (module is None):
+            raise ValueError("give exactly one of script= and module=")
+        host = cls(**kwargs)
+        argv = [python or sys.executable, "-c", _BOOTSTRAP]
+        argv += ["--script", os.fspath(script)] if script is not None else ["--module", str(module)]
+        if adapter_class is not None:
+            argv += ["--adapter", adapter_class]
+        child_env = dict(os.environ if env is None else env)
+        pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = child_env.get("PYTHONPATH")
+        child_env["PYTHONPATH"] = pkg_parent + (os.pathsep + path if path else "")
+        host._proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=child_env
+        )
+        assert host._proc.stdin is not None and host._proc.stdout is not None
+        host._to_worker = host._proc.stdin.fileno()
+        host._from_worker = host._proc.stdout.fileno()
+        return host
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> FakeHost:
+        try:
+            self.start()
+        except BaseException:
+            self._abort()
+            raise
+        return self
+
+    def _abort(self) -> None:
+        """Ends a worker that failed to start, without raising (a process is killed)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        try:
+            self.close()
+        except BaseException:
+            pass
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self) -> dict[str, Any]:
+        """Starts the worker (in-process: on a thread), sends ``hello`` and returns the answer,
+        ``ready`` or ``refuse`` (also kept in ``self.ready``)."""
+        if self._proc is None:
+            if not _ACTIVE.acquire(blocking=False):
+                raise RuntimeError("one in-process FakeHost at a time: the bridge's state is per process")
+            self._owns_lock = True
+            to_worker_r, self._to_worker = os.pipe()
+            self._from_worker, from_worker_w = os.pipe()
+            self._worker_fds = (to_worker_r, from_worker_w)
+            self._thread = threading.Thread(
+                target=self._run_bridge, args=(to_worker_r, from_worker_w), name="snakepit-fake-worker", daemon=True
+            )
+            self._thread.start()
+        hello: dict[str, Any] = {
+            "t": "hello",
+            "versions": self.versions,
+            "codecs": ["json"],
+            "worker": "fake 0.0",
+            "max_frame": self.max_frame,
+            "config": self.config,
+            "max_in_flight": self.max_in_flight,
+        }
+        self.send(hello)
+        self.ready = self._recv()
+        if self.ready.get("t") not in ("ready", "refuse"):
+            raise AssertionError("expected ready or refuse, got %r" % (self.ready,))
+        return self.ready
+
+    def _run_bridge(self, in_fd: int, out_fd: int) -> None:
+        try:
+            chan = _core._Channel(in_fd, out_fd)
+            _core._serve(
+                chan,
+                self._adapter,
+                self._namespace,
+                encoder=self._encoder,
+                tools=self._tools,
+                watch_parent=False,
+            )
+        except BaseException as e:  # reported by the next wait, and by close()
+            self._thread_error = e
+        finally:
+            os.close(out_fd)  # EOF for the host side: the worker is gone
+
+    def close(self) -> None:
+        """Sends ``shutdown``, closes the worker's input and waits (bounded) for it to end;
+        a process that outlives the wait is killed. Raises what the in-process bridge raised,
+        or :class:`HostTimeout` if it did not end."""
+        if self._to_worker is None:
+            return
+        try:
+            self.send({"t": "shutdown"})
+        except OSError:
+            pass  # the worker is gone already
+        stuck = False
+        try:
+            if self._proc is not None:
+                assert self._proc.stdin is not None
+                self._proc.stdin.close()
+                try:
+                    self._proc.wait(self.timeout)
+                except subprocess.TimeoutExpired:
+                    stuck = True
+                    self._proc.kill()
+                    self._proc.wait()
+                assert self._proc.stdout is not None
+                self._proc.stdout.close()
+            else:
+                os.close(self._to_worker)
+                assert self._thread is not None and self._worker_fds is not None
+                self._thread.join(self.timeout)
+                stuck = self._thread.is_alive()
+                if not stuck:
+                    os.close(self._worker_fds[0])
+                    assert self._from_worker is not None
+                    os.close(self._from_worker)
+        finally:
+            self._to_worker = None
+            if self._owns_lock and not stuck:
+                self._owns_lock = False
+                _ACTIVE.release()
+        if stuck:
+            raise HostTimeout("the worker did not end within %.1f s of shutdown" % self.timeout)
+        if self._thread_error is not None and not isinstance(self._thread_error, SystemExit):
+            raise self._thread_error
+
+    @property
+    def returncode(self) -> int | None:
+        """The worker process's exit status (process mode, once it ended)."""
+        return None if self._proc is None else self._proc.poll()
+
+    @property
+    def pid(self) -> int | None:
+        """The worker process's pid (process mode)."""
+        return None if self._proc is None else self._proc.pid
+
+    # -- calls -----------------------------------------------------------------------------
+
+    def submit(
+        self, cmd: str, args: Any = None, *, stream: int | None = None, session: str | None = None
+    ) -> int:
+        """Sends a ``call`` and returns its id, without waiting (see :meth:`reply`)."""
+        self._next_id += 1
+        msg: dict[str, Any] = {"t": "call", "id": self._next_id, "cmd": cmd, "args": args}
+        if stream is not None:
+            msg["stream"] = stream
+        if session is not None:
+            msg["session"] = session
+            self._session_of[self._next_id] = session
+        self.send(msg)
+        return self._next_id
+
+    def call(self, cmd: str, args: Any = None, *, session: str | None = None) -> Any:
+        """Calls the tool ``cmd`` and returns its result; raises :class:`WorkerError`."""
+        return self.result(self.submit(cmd, args, session=session))
+
+    def result(self, rid: int) -> Any:
+        """The result of call ``rid``; raises :class:`WorkerError` for an ``error``."""
+        m = self.reply(rid)
+        if m["t"] == "error":
+            raise WorkerError(m.get("error") or {})
+        if m["t"] != "result":
+            raise AssertionError("call %d: expected result or error, got %r" % (rid, m))
+        return m.get("ok")
+
+    def stream(
+        self, cmd: str, args: Any = None, *, window: int = 1, session: str | None = None
+    ) -> Iterator[Any]:
+        """Calls ``cmd`` as a stream with ``window`` chunks of credit and yields its chunks,
+        granting one more credit per chunk taken (as the host does); raises
+        :class:`WorkerError` if the stream ends in an ``error``."""
+        rid = self.submit(cmd, args, stream=window, session=session)
+        return self.chunks(rid)
+
+    def chunks(self, rid: int, *, grant: bool = True) -> Iterator[Any]:
+        """The chunks of stream ``rid`` as they come (see :meth:`stream`); ``grant=False``
+        grants no credit, so the worker stalls once its window is used."""
+        while True:
+            m = self.reply(rid)
+            t = m["t"]
+            if t == "chunk":
+                yield m.get("data")
+                if grant:
+                    self.send({"t": "credit", "id": rid, "n": 1})
+            elif t == "end":
+                return
+            elif t == "error":
+                raise WorkerError(m.get("error") or {})
+            else:
+                raise AssertionError("stream %d: unexpected %r" % (rid, m))
+
+    def cancel(self, rid: int) -> None:
+        """Cancels call ``rid``: sends ``cancel``, and in process mode also the worker's cancel
+        signal when it announced one (as the host does for a worker that runs one call at a
+        time)."""
+        self.send({"t": "cancel", "id": rid})
+        signum = self.ready.get("cancel_signal")
+        if self._proc is not None and isinstance(signum, int) and self._proc.poll() is None:
+            self._proc.send_signal(signal.Signals(signum))
+
+    def ping(self, pid: int = 0) -> None:
+        """Sends ``ping`` and waits for its ``pong``."""
+        self.send({"t": "ping", "id": pid})
+        self.reply(pid, kind="pong")
+
+    # -- frames ----------------------------------------------------------------------------
+
+    def reply(self, rid: Any, *, kind: str | None = None) -> dict[str, Any]:
+        """The next message for request ``rid`` (of type ``kind`` if given), answering host
+        calls and keeping other requests' messages for later, within ``timeout``."""
+        deadline = time.monotonic() + self.timeout
+        key = (kind, rid) if kind is not None else rid
+        while True:
+            queued = self._replies.get(key)
+            if queued:
+                return queued.pop(0)
+            m = self._recv(deadline)
+            t = m.get("t")
+            if t == "host_call":
+                self._answer_host_call(m)
+                continue
+            self._replies.setdefault((t, m.get("id")) if t == "pong" else m.get("id"), []).append(m)
+
+    def send(self, msg: Mapping[str, Any] | bytes) -> None:
+        """Writes one frame: a message, or a raw body (bytes) for malformed-input tests."""
+        if self._to_worker is None:
+            raise RuntimeError("the fake host is not started, or closed")
+        body = msg if isinstance(msg, bytes) else _core._dumps(dict(msg))
+        data = _HDR.pack(len(body)) + body
+        view = memoryview(data)
+        while view:
+            n = os.write(self._to_worker, view)
+            view = view[n:]
+
+    def send_raw(self, data: bytes) -> None:
+        """Writes ``data`` as is, no framing (for broken-frame tests)."""
+        if self._to_worker is None:
+            raise RuntimeError("the fake host is not started, or closed")
+        os.write(self._to_worker, data)
+
+    def recv(self) -> dict[str, Any]:
+        """The next frame from the worker, whatever it is (host calls are not answered)."""
+        return self._recv()
+
+    def _answer_host_call(self, m: dict[str, Any]) -> None:
+        name = str(m.get("name"))
+        args = m.get("args")
+        self.host_calls.append((name, args))
+        reply: dict[str, Any] = {"t": "host_result", "id": m.get("id")}
+        try:
+            reply["ok"] = self._host_tool(name, m.get("call"))(args)
+        except Exception as e:
+            reply["error"] = {"type": type(e).__name__, "message": str(e)}
+        self.send(reply)
+
+    def _host_tool(self, name: str, rid: Any) -> Callable[[Any], Any]:
+        fn = self.host_tools.get(name)
+        if fn is not None:
+            return fn
+        if name.startswith("session."):
+            session = self._session_of.get(rid)
+            if session is None:
+                raise LookupError("call %r runs in no session" % (rid,))
+            store = self.sessions.setdefault(session, {})
+            op = name[len("session.") :]
+            if op == "get":
+                return lambda a: store.get(a["name"])
+            if op == "set":
+                return lambda a: store.__setitem__(a["name"], a["value"])
+            if op == "delete":
+                return lambda a: store.pop(a["name"], None) is not None
+        raise LookupError("no host tool named %r" % name)
+
+    def _recv(self, deadline: float | None = None) -> dict[str, Any]:
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
+        hdr = self._read_exact(4, deadline)
+        (n,) = _HDR.unpack(hdr)
+        if n > self.max_frame:
+            raise AssertionError("the worker sent a frame of %d bytes (max_frame %d)" % (n, self.max_frame))
+        msg = _core._loads(self._read_exact(n, deadline))
+        if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+            raise AssertionError("the worker sent %r, not a message" % (msg,))
+        return msg
+
+    def _read_exact(self, n: int, deadline: float) -> bytes:
+        fd = self._from_worker
+        if fd is None:
+            raise RuntimeError("the fake host is not started, or closed")
+        while len(self._buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._raise_thread_error()
+                raise HostTimeout("no answer from the worker within %.1f s" % self.timeout)
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                self._raise_thread_error()
+                raise WorkerExited("the worker closed its protocol output")
+            self._buf += chunk
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def _raise_thread_error(self) -> None:
+        if self._thread is not None and self._thread_error is not None:
+            if self._thread is not None:
+                self._thread.join(1.0)
+            raise self._thread_error
+
+
+def _tool_map(
+    tools: Iterable[Callable[..., Any]] | Mapping[str, Callable[..., Any]] | None,
+) -> dict[str, Callable[..., Any]] | None:
+    if tools is None:
+        return None
+    if isinstance(tools, Mapping):
+        return dict(tools)
+    out: dict[str, Callable[..., Any]] = {}
+    for fn in tools:
+        out[getattr(fn, "__snakepit_tool__", None) or fn.__name__] = fn
+    return out

@@ -1,0 +1,82 @@
+"""Host calls from tools (``ctx.call_host``) and session variables (``ctx.session``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from snakepit_bridge import Context, HostCallError, tool
+from snakepit_bridge.testing import FakeHost
+
+
+@tool
+def ask(ctx: Context, name: str, args: Any = None) -> Any:
+    return ctx.call_host(name, args)
+
+
+@tool
+def ask_safely(ctx: Context, name: str) -> dict[str, Any]:
+    try:
+        return {"ok": ctx.call_host(name, {})}
+    except HostCallError as e:
+        return {"type": e.type_name, "message": str(e)}
+
+
+@tool
+def fan_out(ctx: Context, n: int) -> list[Any]:
+    return [ctx.call_host("double", {"x": i}) for i in range(n)]
+
+
+@tool
+def counter(ctx: Context) -> int:
+    assert ctx.session is not None
+    n = int(ctx.session.get("n", 0)) + 1
+    ctx.session.set("n", n)
+    return n
+
+
+@tool
+def forget(ctx: Context) -> Any:
+    assert ctx.session is not None
+    return ctx.session.delete("n")
+
+
+def host_tools() -> dict[str, Any]:
+    def fail(_: Any) -> Any:
+        raise PermissionError("not allowed")
+
+    return {"double": lambda a: a["x"] * 2, "fail": fail, "echo": lambda a: a}
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_host_calls_return_the_host_tool_result(threads: int) -> None:
+    with FakeHost(tools=[ask, fan_out], host_tools=host_tools(), max_in_flight=threads) as host:
+        assert host.call("ask", ["double", {"x": 21}]) == 42
+        assert host.call("ask", ["echo", {"deep": [1, {"k": None}]}]) == {"deep": [1, {"k": None}]}
+        assert host.call("fan_out", [5]) == [0, 2, 4, 6, 8]
+        assert host.host_calls[0] == ("double", {"x": 21})
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_failed_host_call_raises_host_call_error(threads: int) -> None:
+    with FakeHost(tools=[ask_safely], host_tools=host_tools(), max_in_flight=threads) as host:
+        assert host.call("ask_safely", ["fail"]) == {"type": "PermissionError", "message": "not allowed"}
+        assert host.call("ask_safely", ["missing"])["type"] == "LookupError"
+
+
+def test_concurrent_calls_make_concurrent_host_calls_in_the_thread_profile() -> None:
+    with FakeHost(tools=[fan_out], host_tools=host_tools(), max_in_flight=4) as host:
+        ids = [host.submit("fan_out", [3]) for _ in range(8)]
+        assert [host.result(i) for i in ids] == [[0, 2, 4]] * 8
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_session_variables_go_through_the_host(threads: int) -> None:
+    with FakeHost(tools=[counter, forget], max_in_flight=threads) as host:
+        assert [host.call("counter", session="a") for _ in range(3)] == [1, 2, 3]
+        assert host.call("counter", session="b") == 1
+        assert host.sessions == {"a": {"n": 3}, "b": {"n": 1}}
+        assert host.call("forget", session="a") is True
+        assert host.sessions["a"] == {}
+        assert host.call("counter", session="a") == 1, "a delete is seen at once (no stale cache)"
