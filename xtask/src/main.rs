@@ -1,6 +1,6 @@
 //! `cargo xtask <task>`: project automation.
 //!
-//! * `ci`: format check, clippy with `-D warnings` (the workspace, then the `snakepit` facade
+//! * `ci`: the bridge package's checks (`py`), format check, clippy with `-D warnings` (the workspace, then the `snakepit` facade
 //!   alone with no default features, `stdio`, `grpc` and all features), rustdoc with
 //!   `-D warnings`, the quick bench, every test (cargo-nextest when it is installed, else
 //!   `cargo test`), then a one-minute soak. What `.ci/run` runs.
@@ -14,7 +14,12 @@
 //! * `bench [--quick]`: `snakepit bench` (the `snakepit-cli` package) in release mode (table,
 //!   `target/bench/bench.json`).
 //! * `setup`: creates `.venv` (the repository's Python virtualenv) with the gRPC transport's
-//!   Python dependencies (grpcio, protobuf; grpcio-tools for `proto`), from PyPI. Idempotent.
+//!   Python dependencies (grpcio, protobuf; grpcio-tools for `proto`) and the bridge package's
+//!   test tools (pytest, pytest-timeout, mypy, numpy, pydantic), pinned, from PyPI.
+//!   Idempotent; a package pip cannot install fails it.
+//! * `py [--quick]`: the Python bridge package's checks: `mypy --strict`, its pytest suite, and
+//!   (unless `--quick`) `pip install ./snakepit-adapters/python` into a fresh virtualenv with an
+//!   import of the public API from `/`. `ci` runs it after `setup`.
 //! * `proto [--check]`: regenerates the Python stubs of `proto/` into the bridge (the Rust side
 //!   is generated at build time by protox); `--check` fails if the committed ones are stale.
 //! * `fuzz [--seconds N] [--target T]`: runs the cargo-fuzz targets of `fuzz/` (all of them, or
@@ -80,7 +85,18 @@ fn test() -> Result<(), String> {
     }
 }
 
-const PY_DEPS: &[&str] = &["grpcio==1.85.1", "protobuf==7.36.2", "grpcio-tools==1.85.1"];
+/// What `.venv` holds: the gRPC transport's packages, and the bridge package's test and type
+/// check tools plus the libraries its encoder tests convert (numpy, pydantic). Pinned.
+const PY_DEPS: &[&str] = &[
+    "grpcio==1.85.1",
+    "protobuf==7.36.2",
+    "grpcio-tools==1.85.1",
+    "pytest==9.2.0",
+    "pytest-timeout==2.4.0",
+    "mypy==2.4.1",
+    "pydantic==2.14.3",
+    "numpy==2.4.6",
+];
 
 fn root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -106,6 +122,69 @@ fn setup() -> Result<(), String> {
     c.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(PY_DEPS);
     run("pip install", c)?;
     std::fs::write(&stamp, want).map_err(|e| format!("cannot write {}: {e}", stamp.display()))
+}
+
+fn bridge_dir() -> std::path::PathBuf {
+    root().join("snakepit-adapters").join("python")
+}
+
+/// The Python bridge package's own checks: `mypy --strict` and its pytest suite (in-process,
+/// with `.venv/bin/python`), then, unless `quick`, `pip install` of the package into a fresh
+/// virtualenv and an import of its public API from another directory.
+fn py(quick: bool) -> Result<(), String> {
+    setup()?;
+    let mut c = Command::new(venv_python());
+    c.current_dir(bridge_dir()).args(["-m", "mypy"]);
+    run("bridge: mypy --strict", c)?;
+    let mut c = Command::new(venv_python());
+    c.current_dir(bridge_dir()).args(["-m", "pytest"]);
+    run("bridge: pytest", c)?;
+    if quick {
+        return Ok(());
+    }
+    let tmp = std::env::temp_dir().join(format!("snakepit-bridge-venv-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = fresh_install(&tmp);
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+/// `pip install ./snakepit-adapters/python` into a new virtualenv at `venv`, then imports the
+/// package from `/` and checks its version and its typing marker.
+fn fresh_install(venv: &std::path::Path) -> Result<(), String> {
+    let python = std::env::var("SNAKEPIT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut c = Command::new(&python);
+    c.args(["-m", "venv"]).arg(venv);
+    run("bridge: fresh venv", c)?;
+    let vpy = venv.join("bin").join("python");
+    let mut c = Command::new(&vpy);
+    c.current_dir(root()).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "./snakepit-adapters/python",
+    ]);
+    let installed = run("bridge: pip install ./snakepit-adapters/python", c);
+    // setuptools builds in the source tree: leave it as it was.
+    let _ = std::fs::remove_dir_all(bridge_dir().join("build"));
+    let _ = std::fs::remove_dir_all(bridge_dir().join("snakepit_bridge.egg-info"));
+    installed?;
+    let check = format!(
+        "import importlib.resources, snakepit_bridge\n\
+         from snakepit_bridge import tool, serve, BaseAdapter\n\
+         from snakepit_bridge.testing import FakeHost\n\
+         assert snakepit_bridge.__version__ == {v:?}, snakepit_bridge.__version__\n\
+         assert importlib.resources.files('snakepit_bridge').joinpath('py.typed').is_file()\n\
+         assert importlib.resources.files('snakepit_bridge').joinpath('_proto/snakepit/v1/snakepit_pb2.py').is_file()\n\
+         assert 'site-packages' in snakepit_bridge.__file__, snakepit_bridge.__file__\n\
+         print('snakepit_bridge', snakepit_bridge.__version__, 'from', snakepit_bridge.__file__)\n",
+        v = env!("CARGO_PKG_VERSION")
+    );
+    let mut c = Command::new(&vpy);
+    c.current_dir("/").args(["-c", &check]);
+    run("bridge: import the installed package", c)
 }
 
 fn proto(check: bool) -> Result<(), String> {
@@ -187,6 +266,7 @@ fn ci() -> Result<(), String> {
     let start = Instant::now();
     setup()?;
     proto(true)?;
+    py(false)?;
     let mut c = cargo();
     c.args(["fmt", "--all", "--", "--check"]);
     run("fmt", c)?;
@@ -341,10 +421,11 @@ fn main() -> ExitCode {
         "bench" => bench(std::env::args().skip(2).collect()),
         "soak" => soak(std::env::args().skip(2).collect()),
         "proto" => proto(std::env::args().any(|a| a == "--check")),
+        "py" => py(std::env::args().any(|a| a == "--quick")),
         "fuzz" => fuzz(std::env::args().skip(2).collect()),
         _ => {
             eprintln!(
-                "usage: cargo xtask <ci|test|setup|proto [--check]|bench [--quick]|soak [--minutes N]|fuzz [--seconds N] [--target T]>"
+                "usage: cargo xtask <ci|test|setup|py [--quick]|proto [--check]|bench [--quick]|soak [--minutes N]|fuzz [--seconds N] [--target T]>"
             );
             return ExitCode::from(2);
         }
