@@ -216,6 +216,7 @@ pub enum Error {
         env!("CARGO_PKG_VERSION"),
         versions_text(.speaks)
     )]
+    #[non_exhaustive]
     VersionMismatch {
         /// The worker.
         worker: WorkerId,

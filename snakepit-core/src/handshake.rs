@@ -72,7 +72,7 @@ pub fn parse_ready(hello: &Hello, body: &[u8]) -> Result<Ready, Error> {
             return Err(Error::VersionMismatch {
                 worker,
                 offered: hello.versions.clone(),
-                speaks: msg.versions.unwrap_or_default(),
+                speaks: msg.versions.and_then(|v| serde_json::from_str(v.get()).ok()).unwrap_or_default(),
                 reason: msg.reason.unwrap_or_else(|| "no reason given".into()),
             })
         }
@@ -161,6 +161,10 @@ mod tests {
             env!("CARGO_PKG_VERSION")
         );
         assert_eq!(text, want);
+        match parse_ready(&h, br#"{"t":"refuse","reason":"r","versions":"seven"}"#) {
+            Err(Error::VersionMismatch { speaks, reason, .. }) => assert!(speaks.is_empty() && reason == "r"),
+            other => panic!("a malformed `versions` is still a refusal: {other:?}"),
+        }
         match parse_ready(&h, br#"{"t":"refuse"}"#) {
             Err(e @ Error::VersionMismatch { .. }) => {
                 assert!(

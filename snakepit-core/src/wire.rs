@@ -65,9 +65,10 @@ pub struct Inbound<'a> {
     /// `refuse`: why.
     #[serde(default)]
     pub reason: Option<String>,
-    /// `refuse`: the protocol versions the worker speaks.
-    #[serde(default)]
-    pub versions: Option<Vec<u32>>,
+    /// `refuse`: the protocol versions the worker speaks (raw: a malformed list must not
+    /// turn a `refuse` into a parse error).
+    #[serde(default, borrow)]
+    pub versions: Option<&'a RawValue>,
     /// `ready`: the chosen version.
     #[serde(default)]
     pub version: Option<u32>,

@@ -222,6 +222,14 @@ class _Threaded:
         # request id -> concurrent future of its coroutine
         self.async_futs: dict[Any, concurrent.futures.Future[Any]] = {}
         self.cancelled: set[Any] = set()
+        # request id -> depth of the regions where its thread must not get an asynchronous
+        # exception: frame I/O (a frame cut in half breaks the protocol) and waits that watch
+        # `cancelled` themselves (host results, credit, coroutines). A cancel during one is
+        # only recorded; the thread raises it at its next check.
+        self.calm: dict[Any, int] = {}
+        self.injected: set[Any] = set()  # request ids whose thread was sent an async Cancelled
+        self.draining = False  # `shutdown` received: no new calls, keep reading until EOF
+        self.eof = False  # the host closed the pipe: no host result or credit will come
         self.loop: AbstractEventLoop | None = None
         # gRPC mode: calls to the host go to its Host service
         self.grpc_host: Callable[[Any, str, Json], Json] | None = None
@@ -245,23 +253,62 @@ class _Threaded:
         if loop is not None:
             loop.call_soon_threadsafe(loop.stop)
 
-    def run_async(self, awaitable: Awaitable[Any]) -> Any:
+    def calm_enter(self, rid: Any) -> None:
+        """Enters a calm region of call `rid`, in the call's own thread."""
+        with self.lock:
+            self._calm_enter_locked(rid)
+
+    def _calm_enter_locked(self, rid: Any) -> None:
+        self.calm[rid] = self.calm.get(rid, 0) + 1
+        if rid in self.injected:
+            # A Cancelled sent to this thread may not have fired yet: it must not fire in the
+            # region (mid-frame, say). Clear it; `cancelled` still holds, for the next check.
+            self.injected.discard(rid)
+            import ctypes
+
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
+
+    def calm_exit(self, rid: Any) -> None:
+        """Leaves a calm region of call `rid`."""
+        with self.lock:
+            self.calm_exit_locked(rid)
+
+    def calm_exit_locked(self, rid: Any) -> None:
+        n = self.calm.get(rid, 0) - 1
+        if n > 0:
+            self.calm[rid] = n
+        else:
+            self.calm.pop(rid, None)
+
+    def checkpoint(self, rid: Any) -> None:
+        """Raises Cancelled if call `rid` was cancelled (a cancel recorded during a calm
+        region is delivered here)."""
+        if rid in self.cancelled:
+            raise Cancelled("call cancelled by the host")
+
+    def run_async(self, awaitable: Awaitable[Any], cancellable: bool = True) -> Any:
         import asyncio
         import concurrent.futures
 
         rid = getattr(_tls, "rid", None)
-        fut = asyncio.run_coroutine_threadsafe(_as_coro(awaitable), self.event_loop())
-        with self.lock:
-            if rid in self.cancelled:
-                fut.cancel()
-            self.async_futs[rid] = fut
+        self.calm_enter(rid)  # waits on the future: a cancel cancels the future instead
         try:
-            return fut.result()
-        except concurrent.futures.CancelledError:
-            raise Cancelled("call cancelled by the host")
+            fut = asyncio.run_coroutine_threadsafe(_as_coro(awaitable), self.event_loop())
+            if cancellable:
+                with self.lock:
+                    if rid in self.cancelled:
+                        fut.cancel()
+                    self.async_futs[rid] = fut
+            try:
+                return fut.result()
+            except concurrent.futures.CancelledError:
+                raise Cancelled("call cancelled by the host")
+            finally:
+                if cancellable:
+                    with self.lock:
+                        self.async_futs.pop(rid, None)
         finally:
-            with self.lock:
-                self.async_futs.pop(rid, None)
+            self.calm_exit(rid)
 
     def host_call(self, rid: Any, name: str, args: Json) -> Json:
         with self.host_slots:
@@ -272,8 +319,10 @@ class _Threaded:
     def _host_call_on_pipe(self, rid: Any, name: str, args: Json) -> Json:
         ev = threading.Event()
         with self.lock:
-            if rid in self.cancelled:
-                raise Cancelled("call cancelled by the host")
+            self._calm_enter_locked(rid)  # the wait watches `cancelled` itself
+            if rid in self.cancelled or self.eof:
+                self.calm_exit_locked(rid)
+                raise Cancelled("call cancelled by the host" if not self.eof else "the host went away")
             self.seq += 1
             hid = self.seq
             slot: list[Any] = [ev, None, rid]
@@ -284,9 +333,10 @@ class _Threaded:
         finally:
             with self.lock:
                 self.host_waiters.pop(hid, None)
+            self.calm_exit(rid)
         m = slot[1]
         if m is None:
-            raise Cancelled("call cancelled by the host")
+            raise Cancelled("call cancelled by the host" if not self.eof else "the host went away")
         err = m.get("error")
         if err is not None:
             raise HostCallError(err.get("type"), err.get("message", ""))
@@ -303,10 +353,16 @@ class _Threaded:
         """Blocks until stream `rid` has credit; returns it (and takes it)."""
         with self.lock:
             entry = self.credit.setdefault(rid, [threading.Condition(self.lock), 0])
-            while entry[1] <= 0 and rid not in self.cancelled:
-                entry[0].wait()
+            self._calm_enter_locked(rid)  # the wait watches `cancelled` itself
+            try:
+                while entry[1] <= 0 and rid not in self.cancelled and not self.eof:
+                    entry[0].wait()
+            finally:
+                self.calm_exit_locked(rid)
             if rid in self.cancelled:
                 raise Cancelled("stream cancelled by the host")
+            if entry[1] <= 0:
+                raise Cancelled("the host went away")
             n: int = entry[1]
             entry[1] = 0
             return n
@@ -331,18 +387,24 @@ class _Threaded:
             fut = self.async_futs.get(rid)
             if fut is not None:
                 fut.cancel()
+            if self.calm.get(rid, 0) > 0:
+                return  # the thread sees `cancelled` at its next check
             tid = self.running[rid]
+            self.injected.add(rid)
             # Raised in the tool at its next bytecode (not inside a blocking C call).
             import ctypes
 
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(Cancelled))
 
-    def cancel_all(self) -> None:
-        """Cancels every running call."""
+    def host_gone(self) -> None:
+        """The host closed the pipe: calls waiting on a host result or on credit (now or
+        later) raise Cancelled; calls that only compute run to their end."""
         with self.lock:
-            running = list(self.running)
-        for rid in running:
-            self.cancel(rid)
+            self.eof = True
+            for slot in self.host_waiters.values():
+                slot[0].set()
+            for entry in self.credit.values():
+                entry[0].notify_all()
 
     def run_call(self, tools: dict[str, Callable[..., Any]], msg: Message) -> None:
         rid = msg.get("id")
@@ -357,6 +419,15 @@ class _Threaded:
                     self.running.pop(rid, None)
                     self.cancelled.discard(rid)
                     self.credit.pop(rid, None)
+                    self.calm.pop(rid, None)
+                    injected = rid in self.injected
+                    self.injected.discard(rid)
+                if injected:
+                    # A Cancelled sent to this thread that has not fired yet must not fire in
+                    # the next call it runs: clear it.
+                    import ctypes
+
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
         except Cancelled:
             pass  # arrived after the call was answered: nothing left to cancel
         except BaseException:
@@ -364,6 +435,7 @@ class _Threaded:
 
 
 _tls = threading.local()
+_NO_CALL = object()  # `_tls.rid` of a thread that serves no call (the reader)
 
 
 async def _as_coro(awaitable: Awaitable[Any]) -> Any:
@@ -401,10 +473,19 @@ def _loop_threaded(chan: _Channel, tools: dict[str, Callable[..., Any]], n: int,
         while True:
             msg = _next_message(chan)
             if msg is None:
-                T.cancel_all()  # the host went away: nobody waits for these results
+                T.host_gone()  # calls waiting on the host end; the others finish
                 return
             t = msg["t"]
             if t == "call":
+                if T.draining:
+                    chan.send(
+                        {
+                            "t": "error",
+                            "id": msg.get("id"),
+                            "error": {"type": "ShuttingDown", "message": "the worker is shutting down"},
+                        }
+                    )
+                    continue
                 pool.submit(T.run_call, tools, msg)
             elif t == "ping":
                 chan.send({"t": "pong", "id": msg.get("id")})
@@ -415,7 +496,9 @@ def _loop_threaded(chan: _Channel, tools: dict[str, Callable[..., Any]], n: int,
             elif t == "cancel":
                 T.cancel(msg.get("id"))
             elif t == "shutdown":
-                return
+                # Calls in flight finish; they may still need host results and credit, so
+                # reading goes on until the host closes the pipe (which it does next).
+                T.draining = True
             else:
                 _log("ignoring unknown message type %r" % t)
     finally:
@@ -427,6 +510,9 @@ class _Running:
 
     id: Any = None
     signum: int | None = None
+    # The task running the call's coroutine on the bridge's event loop (serial profile): the
+    # cancel signal cancels it instead of raising inside asyncio's own code.
+    task: tuple[AbstractEventLoop, Any] | None = None
     # > 0 while a frame is being read or written: a cancel then waits for the frame boundary,
     # so the protocol stream is never cut mid-frame.
     atomic = 0
@@ -445,6 +531,10 @@ def _on_cancel_signal(signum: int, frame: types.FrameType | None) -> None:
         _run.pending = True
         return
     _run.id = None
+    if _run.task is not None:
+        loop, task = _run.task
+        loop.call_soon_threadsafe(task.cancel)
+        return
     raise Cancelled("call cancelled by the host")
 
 
@@ -615,8 +705,13 @@ class _Channel:
         return body
 
     def write(self, body: bytes) -> None:
-        """Writes one frame; never cut short by the cancel signal."""
+        """Writes one frame; never cut short by the cancel signal, nor (thread profile) by a
+        cancel of the call whose thread writes it."""
         n = len(body)
+        T = _threaded[0]
+        rid = getattr(_tls, "rid", _NO_CALL) if T is not None else _NO_CALL
+        if rid is not _NO_CALL:
+            T.calm_enter(rid)  # type: ignore[union-attr]  # T is not None when rid is set
         _run.atomic += 1
         try:
             with _write_lock:
@@ -630,6 +725,8 @@ class _Channel:
                     self._write_all(body)
         finally:
             _run.atomic -= 1
+            if rid is not _NO_CALL:
+                T.calm_exit(rid)  # type: ignore[union-attr]
         if _run.pending:
             _frame_boundary()
 
@@ -662,6 +759,7 @@ def default_encoder(obj: Any) -> Any:
     ``decimal.Decimal``                       string (no precision lost)
     ``set``, ``frozenset``                    array, sorted when the items can be
     numpy array / numpy scalar                ``tolist()`` / ``item()``
+    numpy ``datetime64`` (scalar or array)    ISO 8601 string(s)
     pydantic model (v2)                       ``model_dump(mode="json")``
     ``os.PathLike``                           ``os.fspath()``
     other ``collections.abc.Mapping``         object
@@ -698,6 +796,8 @@ def default_encoder(obj: Any) -> Any:
         return str(obj)
     np = mod.get("numpy")
     if np is not None:
+        if isinstance(obj, (np.ndarray, np.datetime64)) and obj.dtype.kind == "M":
+            return np.datetime_as_string(obj).tolist()  # ISO 8601 at the value's precision
         if isinstance(obj, np.ndarray):
             return obj.tolist()
         if isinstance(obj, np.generic):
@@ -998,6 +1098,7 @@ def _serve(
         _session_cache.clear()
         _run.id = None
         _run.pending = False
+        _run.task = None
 
 
 def _serve_inner(
@@ -1078,7 +1179,9 @@ def _serve_inner(
             _loop(chan, tools)
     finally:
         if server is not None:
-            server.stop(1)
+            # Calls in flight get a second to finish, then are aborted; wait (bounded) until
+            # their handlers have returned, before the serve state is reset under them.
+            server.stop(1).wait(5)
         if instance is not None:
             try:
                 instance.teardown()
@@ -1109,17 +1212,28 @@ _AGEN_TYPES = (types.AsyncGeneratorType,)
 _event_loop: list[AbstractEventLoop] = []
 
 
-def _loop_run(awaitable: Awaitable[Any]) -> Any:
+def _loop_run(awaitable: Awaitable[Any], cancellable: bool = True) -> Any:
     """Runs an awaitable on the bridge's event loop (created on first use: asyncio is only
-    imported by workers that have async tools)."""
+    imported by workers that have async tools). A cancel of the call cancels it (unless not
+    `cancellable`: a generator's `aclose()` must run to its end)."""
     T = _threaded[0]
     if T is not None:
-        return T.run_async(awaitable)
-    if not _event_loop:
-        import asyncio
+        return T.run_async(awaitable, cancellable)
+    import asyncio
 
+    if not _event_loop:
         _event_loop.append(asyncio.new_event_loop())
-    return _event_loop[0].run_until_complete(awaitable)
+    loop = _event_loop[0]
+    task = loop.create_task(_as_coro(awaitable))
+    if cancellable:
+        _run.task = (loop, task)
+    try:
+        return loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        raise Cancelled("call cancelled by the host")
+    finally:
+        if cancellable:
+            _run.task = None
 
 
 def _is_stream(value: Any) -> bool:
@@ -1139,7 +1253,7 @@ def _next_item(gen: Any) -> Any:
 def _close(gen: Any) -> None:
     try:
         if isinstance(gen, _AGEN_TYPES):
-            _loop_run(gen.aclose())
+            _loop_run(gen.aclose(), cancellable=False)
         else:
             gen.close()
     except BaseException as e:  # a finally block that raises must not take the worker down
@@ -1252,10 +1366,10 @@ def _result_body(chan: _Channel, rid: Any, result: Any) -> bytes:
     (an integer id, the usual case); `_encode_reply` otherwise, and for its error cases."""
     if type(rid) is int:
         try:
-            body: bytes | None = b'{"t":"result","id":%d,"ok":%s}' % (rid, _dumps(result))
-        except Exception:
-            body = None
-        if body is not None and len(body) <= chan.max_frame:
+            body = b'{"t":"result","id":%d,"ok":%s}' % (rid, _dumps(result))
+        except Exception as e:  # not JSON: an error (without running the encoders again)
+            return _not_json(rid, e)
+        if len(body) <= chan.max_frame:
             return body
     return _encode_reply(chan, {"t": "result", "id": rid, "ok": result}, rid)[0]
 
@@ -1264,14 +1378,16 @@ def _stream(chan: _Channel, rid: Any, gen: Any, credit: int) -> None:
     """Sends a generator's items as `chunk`s, never more than the host's credit ahead, then
     `end`. The host grants more credit as its consumer takes chunks; `cancel` (or the cancel
     signal) closes the generator, so its `finally` blocks run."""
+    T = _threaded[0]
     try:
         while True:
+            if T is not None:
+                T.checkpoint(rid)  # a cancel that came while a chunk was being written
             try:
                 item = _next_item(gen)
             except StopIteration:
                 break
             credit += _stashed_credit(rid)
-            T = _threaded[0]
             if credit <= 0 and T is not None:
                 credit += T.wait_credit(rid)
             while credit <= 0:

@@ -16,10 +16,11 @@ a test can patch, inspect and debug the worker's code directly::
 the cancel signal armed): for what only a process shows, such as output at import time.
 
 Like the host, a ``FakeHost`` answers the worker's ``host_call`` frames (``host_tools``, and
-``session.get``/``set``/``delete`` from an in-memory session store), answers nothing it was not
-asked, and grants stream credit one chunk at a time as the test takes chunks. Every wait is
-bounded by ``timeout``: a worker that hangs fails the test with :class:`HostTimeout` instead
-of hanging it.
+``session.get``/``set``/``delete`` from an in-memory session store, with the host's error types:
+``NoSession``, ``UnknownHostTool``, ``BadRequest``), grants stream credit one chunk at a time as
+the test takes chunks and fails the test on a chunk sent beyond its credit, and sends the cancel
+signal only for a call not yet answered. Every wait, reads and writes alike, is bounded by
+``timeout``: a worker that hangs fails the test with :class:`HostTimeout` instead of hanging it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import IO
 
-__all__ = ["FakeHost", "HostTimeout", "WorkerError", "WorkerExited"]
+__all__ = ["FakeHost", "HostTimeout", "ProtocolViolation", "WorkerError", "WorkerExited"]
 
 _HDR = struct.Struct(">I")
 # One in-process bridge at a time: its dispatch state is per process, as in a real worker.
@@ -70,6 +71,11 @@ class HostTimeout(Exception):
 
 class WorkerExited(Exception):
     """The worker closed its protocol output (it exited, or its loop ended)."""
+
+
+class ProtocolViolation(AssertionError):
+    """The worker broke the protocol (a chunk beyond its credit, a frame over ``max_frame``,
+    a body that is not a message)."""
 
 
 class FakeHost:
@@ -116,6 +122,8 @@ class FakeHost:
         self.ready: dict[str, Any] = {}
         self._next_id = 0
         self._session_of: dict[Any, str] = {}  # call id -> the session it runs in
+        self._open: set[Any] = set()  # calls sent and not answered yet
+        self._credit: dict[Any, int] = {}  # stream id -> chunks it may still send
         self._replies: dict[Any, list[dict[str, Any]]] = {}
         self._buf = bytearray()
         self._to_worker: int | None = None
@@ -159,6 +167,7 @@ class FakeHost:
         assert host._proc.stdin is not None and host._proc.stdout is not None
         host._to_worker = host._proc.stdin.fileno()
         host._from_worker = host._proc.stdout.fileno()
+        os.set_blocking(host._to_worker, False)
         return host
 
     # -- life cycle ------------------------------------------------------------------------
@@ -197,6 +206,7 @@ class FakeHost:
             self._owns_lock = True
             to_worker_r, self._to_worker = os.pipe()
             self._from_worker, from_worker_w = os.pipe()
+            os.set_blocking(self._to_worker, False)
             self._worker_fds = (to_worker_r, from_worker_w)
             self._thread = threading.Thread(
                 target=self._run_bridge, args=(to_worker_r, from_worker_w), name="snakepit-fake-worker", daemon=True
@@ -233,16 +243,18 @@ class FakeHost:
         finally:
             os.close(out_fd)  # EOF for the host side: the worker is gone
 
-    def close(self) -> None:
-        """Sends ``shutdown``, closes the worker's input and waits (bounded) for it to end;
-        a process that outlives the wait is killed. Raises what the in-process bridge raised,
-        or :class:`HostTimeout` if it did not end."""
+    def close(self, *, shutdown: bool = True) -> None:
+        """Sends ``shutdown`` (unless ``shutdown=False``: as if the host died), closes the
+        worker's input and waits (bounded) for it to end; a process that outlives the wait is
+        killed. Raises what the in-process bridge raised, or :class:`HostTimeout` if it did not
+        end."""
         if self._to_worker is None:
             return
-        try:
-            self.send({"t": "shutdown"})
-        except OSError:
-            pass  # the worker is gone already
+        if shutdown:
+            try:
+                self.send({"t": "shutdown"})
+            except (OSError, HostTimeout):
+                pass  # the worker is gone already, or does not read
         stuck = False
         try:
             if self._proc is not None:
@@ -295,9 +307,11 @@ class FakeHost:
         msg: dict[str, Any] = {"t": "call", "id": self._next_id, "cmd": cmd, "args": args}
         if stream is not None:
             msg["stream"] = stream
+            self._credit[self._next_id] = stream
         if session is not None:
             msg["session"] = session
             self._session_of[self._next_id] = session
+        self._open.add(self._next_id)
         self.send(msg)
         return self._next_id
 
@@ -332,7 +346,7 @@ class FakeHost:
             if t == "chunk":
                 yield m.get("data")
                 if grant:
-                    self.send({"t": "credit", "id": rid, "n": 1})
+                    self.grant(rid, 1)
             elif t == "end":
                 return
             elif t == "error":
@@ -340,87 +354,133 @@ class FakeHost:
             else:
                 raise AssertionError("stream %d: unexpected %r" % (rid, m))
 
+    def grant(self, rid: int, n: int) -> None:
+        """Grants stream ``rid`` ``n`` more chunks of credit."""
+        self._credit[rid] = self._credit.get(rid, 0) + n
+        self.send({"t": "credit", "id": rid, "n": n})
+
     def cancel(self, rid: int) -> None:
         """Cancels call ``rid``: sends ``cancel``, and in process mode also the worker's cancel
-        signal when it announced one (as the host does for a worker that runs one call at a
-        time)."""
+        signal when it announced one and the call is not answered yet (as the host does for a
+        worker that runs one call at a time)."""
         self.send({"t": "cancel", "id": rid})
         signum = self.ready.get("cancel_signal")
-        if self._proc is not None and isinstance(signum, int) and self._proc.poll() is None:
+        if (
+            self._proc is not None
+            and isinstance(signum, int)
+            and rid in self._open
+            and self._proc.poll() is None
+        ):
             self._proc.send_signal(signal.Signals(signum))
 
     def ping(self, pid: int = 0) -> None:
         """Sends ``ping`` and waits for its ``pong``."""
         self.send({"t": "ping", "id": pid})
-        self.reply(pid, kind="pong")
+        self._next(("pong", pid))
 
     # -- frames ----------------------------------------------------------------------------
 
-    def reply(self, rid: Any, *, kind: str | None = None) -> dict[str, Any]:
-        """The next message for request ``rid`` (of type ``kind`` if given), answering host
-        calls and keeping other requests' messages for later, within ``timeout``."""
+    def reply(self, rid: Any) -> dict[str, Any]:
+        """The next message for request ``rid``, answering host calls and keeping other
+        requests' messages for later, within ``timeout``."""
+        return self._next(rid)
+
+    def _next(self, key: Any) -> dict[str, Any]:
         deadline = time.monotonic() + self.timeout
-        key = (kind, rid) if kind is not None else rid
         while True:
             queued = self._replies.get(key)
             if queued:
                 return queued.pop(0)
             m = self._recv(deadline)
             t = m.get("t")
+            rid = m.get("id")
             if t == "host_call":
-                self._answer_host_call(m)
+                self._answer_host_call(m, deadline)
                 continue
-            self._replies.setdefault((t, m.get("id")) if t == "pong" else m.get("id"), []).append(m)
+            if t == "chunk":
+                left = self._credit.get(rid, 0)
+                if left <= 0:
+                    raise ProtocolViolation("stream %r: a chunk beyond the credit granted" % (rid,))
+                self._credit[rid] = left - 1
+            elif t in ("result", "error", "end"):
+                self._open.discard(rid)
+                self._credit.pop(rid, None)
+            self._replies.setdefault(("pong", rid) if t == "pong" else rid, []).append(m)
 
     def send(self, msg: Mapping[str, Any] | bytes) -> None:
         """Writes one frame: a message, or a raw body (bytes) for malformed-input tests."""
-        if self._to_worker is None:
-            raise RuntimeError("the fake host is not started, or closed")
         body = msg if isinstance(msg, bytes) else _core._dumps(dict(msg))
-        data = _HDR.pack(len(body)) + body
-        view = memoryview(data)
-        while view:
-            n = os.write(self._to_worker, view)
-            view = view[n:]
+        self._write(_HDR.pack(len(body)) + body, time.monotonic() + self.timeout)
 
     def send_raw(self, data: bytes) -> None:
         """Writes ``data`` as is, no framing (for broken-frame tests)."""
-        if self._to_worker is None:
+        self._write(data, time.monotonic() + self.timeout)
+
+    def _write(self, data: bytes, deadline: float) -> None:
+        """Writes `data` by the deadline, reading what the worker writes meanwhile (a worker
+        blocked writing a large result does not read: both sides would wait forever)."""
+        to, frm = self._to_worker, self._from_worker
+        if to is None or frm is None:
             raise RuntimeError("the fake host is not started, or closed")
-        os.write(self._to_worker, data)
+        view = memoryview(data)
+        watch = [frm]
+        while view:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HostTimeout("the worker did not read its input within %.1f s" % self.timeout)
+            readable, writable, _ = select.select(watch, [to], [], left)
+            if readable:
+                chunk = os.read(frm, 1 << 16)
+                if chunk:
+                    self._buf += chunk
+                else:
+                    watch = []  # the worker closed its output; a write to it fails with EPIPE
+            if writable:
+                try:
+                    n = os.write(to, view)
+                except BlockingIOError:
+                    continue
+                view = view[n:]
 
     def recv(self) -> dict[str, Any]:
         """The next frame from the worker, whatever it is (host calls are not answered)."""
         return self._recv()
 
-    def _answer_host_call(self, m: dict[str, Any]) -> None:
+    def _answer_host_call(self, m: dict[str, Any], deadline: float) -> None:
         name = str(m.get("name"))
         args = m.get("args")
         self.host_calls.append((name, args))
         reply: dict[str, Any] = {"t": "host_result", "id": m.get("id")}
         try:
-            reply["ok"] = self._host_tool(name, m.get("call"))(args)
+            reply["ok"] = self._host_tool(name, m.get("call"), args)
+        except _HostError as e:
+            reply["error"] = {"type": e.type_name, "message": str(e)}
         except Exception as e:
             reply["error"] = {"type": type(e).__name__, "message": str(e)}
-        self.send(reply)
+        body = _core._dumps(reply)
+        self._write(_HDR.pack(len(body)) + body, deadline)
 
-    def _host_tool(self, name: str, rid: Any) -> Callable[[Any], Any]:
-        fn = self.host_tools.get(name)
-        if fn is not None:
-            return fn
-        if name.startswith("session."):
+    def _host_tool(self, name: str, rid: Any, args: Any) -> Any:
+        if name.startswith("session."):  # as the host: always the session store
             session = self._session_of.get(rid)
             if session is None:
-                raise LookupError("call %r runs in no session" % (rid,))
+                raise _HostError("NoSession", "this call does not run in a session")
+            if not isinstance(args, dict) or not isinstance(args.get("name"), str):
+                raise _HostError("BadRequest", "missing `name`")
             store = self.sessions.setdefault(session, {})
             op = name[len("session.") :]
             if op == "get":
-                return lambda a: store.get(a["name"])
+                return store.get(args["name"])
             if op == "set":
-                return lambda a: store.__setitem__(a["name"], a["value"])
+                store[args["name"]] = args.get("value")
+                return None
             if op == "delete":
-                return lambda a: store.pop(a["name"], None) is not None
-        raise LookupError("no host tool named %r" % name)
+                return store.pop(args["name"], None) is not None
+            raise _HostError("UnknownHostTool", "no session operation `%s`" % name)
+        fn = self.host_tools.get(name)
+        if fn is None:
+            raise _HostError("UnknownHostTool", "the host has no tool `%s`" % name)
+        return fn(args)
 
     def _recv(self, deadline: float | None = None) -> dict[str, Any]:
         if deadline is None:
@@ -428,10 +488,14 @@ class FakeHost:
         hdr = self._read_exact(4, deadline)
         (n,) = _HDR.unpack(hdr)
         if n > self.max_frame:
-            raise AssertionError("the worker sent a frame of %d bytes (max_frame %d)" % (n, self.max_frame))
-        msg = _core._loads(self._read_exact(n, deadline))
+            raise ProtocolViolation("the worker sent a frame of %d bytes (max_frame %d)" % (n, self.max_frame))
+        body = self._read_exact(n, deadline)
+        try:
+            msg = _core._loads(body)
+        except ValueError as e:
+            raise ProtocolViolation("the worker sent a body that is not JSON (%s): %r" % (e, body[:200]))
         if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
-            raise AssertionError("the worker sent %r, not a message" % (msg,))
+            raise ProtocolViolation("the worker sent %r, not a message" % (msg,))
         return msg
 
     def _read_exact(self, n: int, deadline: float) -> bytes:
@@ -460,6 +524,12 @@ class FakeHost:
             if self._thread is not None:
                 self._thread.join(1.0)
             raise self._thread_error
+
+
+class _HostError(Exception):
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
 
 
 def _tool_map(

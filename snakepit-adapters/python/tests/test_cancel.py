@@ -111,5 +111,37 @@ def test_a_cancel_after_the_answer_changes_nothing(threads: int) -> None:
         assert host.call("quick") == "ok"
 
 
+def test_async_cancel_in_the_thread_profile_never_leaves_the_coroutine_running() -> None:
+    """A cancel right after the coroutine starts (the race a test run once caught)."""
+    with FakeHost(tools=[asleep, quick], max_in_flight=2) as host:
+        for _ in range(30):
+            started.clear()
+            cleaned.clear()
+            rid = host.submit("asleep")
+            assert started.wait(5)
+            host.cancel(rid)
+            _expect_cancelled(host, rid)
+            assert cleaned.wait(5), "the coroutine was cancelled, its finally ran"
+        assert host.call("quick") == "ok"
+
+
+@pytest.mark.parametrize("shutdown", [True, False])
+def test_calls_waiting_on_the_host_end_when_it_closes_the_pipe(shutdown: bool) -> None:
+    """Thread profile: `shutdown` lets calls finish, but once the pipe is closed no host result
+    or credit can come: calls waiting on one are cancelled, and the worker ends."""
+    with FakeHost(tools=[wait_on_host, quick], max_in_flight=3, timeout=5) as host:
+        host.submit("wait_on_host")
+        assert host.recv()["t"] == "host_call"  # left unanswered
+        host.close(shutdown=shutdown)  # raises HostTimeout if the worker does not end
+
+
+def test_a_call_after_shutdown_is_refused_in_the_thread_profile() -> None:
+    with FakeHost(tools=[quick], max_in_flight=2) as host:
+        host.send({"t": "shutdown"})
+        with pytest.raises(WorkerError) as e:
+            host.call("quick")
+        assert e.value.type_name == "ShuttingDown"
+
+
 def test_cancelled_is_a_base_exception() -> None:
     assert not issubclass(Cancelled, Exception)

@@ -148,24 +148,19 @@ def test_a_malformed_frame_from_the_host_ends_the_bridge_with_a_protocol_error(b
     from snakepit_bridge._core import ProtocolError
 
     host = FakeHost(tools=[echo])
-    host.start()
-    host.send(body)
     with pytest.raises(ProtocolError, match=reason):
-        host.recv()
-    with pytest.raises(ProtocolError):
-        host.close()
+        with host:
+            host.send(body)
+            host.recv()
 
 
 def test_an_oversized_frame_header_from_the_host_is_a_protocol_error() -> None:
     from snakepit_bridge._core import ProtocolError
 
-    host = FakeHost(tools=[echo], max_frame=1 << 20)
-    host.start()
-    host.send_raw((1 << 30).to_bytes(4, "big"))
     with pytest.raises(ProtocolError, match="exceeds max_frame"):
-        host.recv()
-    with pytest.raises(ProtocolError):
-        host.close()
+        with FakeHost(tools=[echo], max_frame=1 << 20) as host:
+            host.send_raw((1 << 30).to_bytes(4, "big"))
+            host.recv()
 
 
 @pytest.mark.parametrize(
@@ -222,3 +217,18 @@ def test_eof_ends_the_bridge_quietly_before_hello_and_after_shutdown() -> None:
         with FakeHost(tools=[echo], timeout=5) as h:
             h.send({"t": "shutdown"})
             h.recv()
+
+
+@tool
+def big(n: int, pad: str = "") -> str:
+    return "x" * n
+
+
+def test_large_frames_both_ways_do_not_deadlock_the_pipes() -> None:
+    """The worker blocks writing a 1 MiB result while the host writes 1 MiB of arguments:
+    FakeHost reads while it writes, as the real host does."""
+    with FakeHost(tools=[big], timeout=10) as host:
+        a = host.submit("big", [1 << 20])
+        b = host.submit("big", [3, "y" * (1 << 20)])
+        assert len(host.result(a)) == 1 << 20
+        assert host.result(b) == "xxx"

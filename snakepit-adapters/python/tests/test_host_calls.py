@@ -62,7 +62,10 @@ def test_host_calls_return_the_host_tool_result(threads: int) -> None:
 def test_a_failed_host_call_raises_host_call_error(threads: int) -> None:
     with FakeHost(tools=[ask_safely], host_tools=host_tools(), max_in_flight=threads) as host:
         assert host.call("ask_safely", ["fail"]) == {"type": "PermissionError", "message": "not allowed"}
-        assert host.call("ask_safely", ["missing"])["type"] == "LookupError"
+        assert host.call("ask_safely", ["missing"]) == {
+            "type": "UnknownHostTool",
+            "message": "the host has no tool `missing`",
+        }
 
 
 def test_concurrent_calls_make_concurrent_host_calls_in_the_thread_profile() -> None:
@@ -80,3 +83,24 @@ def test_session_variables_go_through_the_host(threads: int) -> None:
         assert host.call("forget", session="a") is True
         assert host.sessions["a"] == {}
         assert host.call("counter", session="a") == 1, "a delete is seen at once (no stale cache)"
+
+
+@tool
+def session_op(ctx: Context, op: str, args: Any) -> dict[str, Any]:
+    try:
+        return {"ok": ctx.call_host(op, args)}
+    except HostCallError as e:
+        return {"type": e.type_name, "message": str(e)}
+
+
+def test_session_calls_fail_like_the_hosts() -> None:
+    with FakeHost(tools=[session_op], host_tools={"session.get": lambda a: "shadowed"}) as host:
+        assert host.call("session_op", ["session.get", {"name": "x"}]) == {
+            "type": "NoSession",
+            "message": "this call does not run in a session",
+        }
+        assert host.call("session_op", ["session.get", {}], session="s")["type"] == "BadRequest"
+        assert host.call("session_op", ["session.nope", {"name": "x"}], session="s")["type"] == "UnknownHostTool"
+        assert host.call("session_op", ["session.get", {"name": "x"}], session="s") == {"ok": None}, (
+            "session.* is always the session store, as in the host"
+        )

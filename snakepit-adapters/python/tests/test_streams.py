@@ -4,12 +4,13 @@ streams, errors mid-stream, and the generator's ``finally`` on cancel."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from snakepit_bridge import tool
-from snakepit_bridge.testing import FakeHost, HostTimeout, WorkerError
+from snakepit_bridge.testing import FakeHost, ProtocolViolation, WorkerError
 
 produced: list[int] = []
 closed = threading.Event()
@@ -54,21 +55,29 @@ def test_a_stream_yields_every_chunk_then_ends(threads: int) -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_worker_never_runs_ahead_of_its_credit(threads: int) -> None:
     produced.clear()
-    with FakeHost(tools=[count], max_in_flight=threads, timeout=2) as host:
+    with FakeHost(tools=[count], max_in_flight=threads) as host:
         rid = host.submit("count", [100], stream=3)
-        got = [host.reply(rid)["data"] for _ in range(3)]
-        assert got == [0, 1, 2]
-        # No credit granted: nothing more comes, and the generator is not drained ahead.
-        host.timeout = 0.3
-        with pytest.raises(HostTimeout):
-            host.reply(rid)
-        host.timeout = 5
-        assert produced == [0, 1, 2, 3], "one item may be computed ahead, never sent"
-        host.send({"t": "credit", "id": rid, "n": 2})
+        assert [host.reply(rid)["data"] for _ in range(3)] == [0, 1, 2]
+        # The window is used up: the worker computes the next item, then waits for credit. (A
+        # chunk sent beyond the credit fails the test: FakeHost counts them.)
+        deadline = time.monotonic() + 5
+        while len(produced) < 4 and time.monotonic() < deadline:
+            host.ping()  # answered while the stream waits (by the reader thread, or in the wait)
+        assert produced == [0, 1, 2, 3], "one item computed ahead, never more"
+        host.grant(rid, 2)
         assert [host.reply(rid)["data"] for _ in range(2)] == [3, 4]
         host.cancel(rid)
         m = host.reply(rid)
         assert m["t"] == "error" and m["error"]["type"] == "Cancelled"
+
+
+def test_a_chunk_beyond_the_credit_is_caught_by_the_fake_host() -> None:
+    with FakeHost(tools=[count]) as host:
+        rid = host.submit("count", [3], stream=1)
+        assert host.reply(rid)["data"] == 0
+        host.send({"t": "credit", "id": rid, "n": 5})  # granted behind FakeHost's back
+        with pytest.raises(ProtocolViolation, match="beyond the credit"):
+            host.reply(rid)
 
 
 def test_a_stream_called_without_credit_is_collected_into_one_result() -> None:
