@@ -207,9 +207,24 @@ _threaded: list[_Threaded | None] = [None]
 MAX_HOST_CALLS = 64
 
 
+def _clear_async_exc() -> None:
+    """Clears an asynchronous exception sent to this thread that has not fired yet."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
+
+
 class _Threaded:
     """Thread profile: the main thread reads frames and dispatches; calls run on a thread pool
-    (sync tools) or on one event loop thread (async tools)."""
+    (sync tools) or on one event loop thread (async tools).
+
+    A cancel reaches a sync tool as an asynchronous ``Cancelled`` raised in its thread, but
+    only while that thread runs the tool's own code (the call is *exposed*: the tool function,
+    a sync generator's ``next``): never while it writes a frame (which would cut it in half),
+    formats an error, or waits on a host result, credit or a coroutine. Those waits watch
+    ``cancelled`` themselves, and a cancel that came while the call was not exposed is raised
+    when it is exposed again. A coroutine is cancelled through its task, and its call is
+    answered once the coroutine has ended."""
 
     def __init__(self, chan: _Channel, n: int) -> None:
         self.chan = chan
@@ -219,15 +234,12 @@ class _Threaded:
         self.host_waiters: dict[int, list[Any]] = {}  # host call id -> [Event, reply, request id]
         self.credit: dict[Any, list[Any]] = {}  # stream request id -> [Condition, credit]
         self.running: dict[Any, int] = {}  # request id -> thread ident
-        # request id -> concurrent future of its coroutine
-        self.async_futs: dict[Any, concurrent.futures.Future[Any]] = {}
-        self.cancelled: set[Any] = set()
-        # request id -> depth of the regions where its thread must not get an asynchronous
-        # exception: frame I/O (a frame cut in half breaks the protocol) and waits that watch
-        # `cancelled` themselves (host results, credit, coroutines). A cancel during one is
-        # only recorded; the thread raises it at its next check.
-        self.calm: dict[Any, int] = {}
+        self.exposed: dict[Any, int] = {}  # request id -> ident of the thread running its tool code
         self.injected: set[Any] = set()  # request ids whose thread was sent an async Cancelled
+        self.tasks: dict[Any, Any] = {}  # request id -> asyncio task of its coroutine
+        # request id -> future of a gRPC host call (cancelled with the call)
+        self.async_futs: dict[Any, Any] = {}
+        self.cancelled: set[Any] = set()
         self.draining = False  # `shutdown` received: no new calls, keep reading until EOF
         self.eof = False  # the host closed the pipe: no host result or credit will come
         self.loop: AbstractEventLoop | None = None
@@ -253,75 +265,88 @@ class _Threaded:
         if loop is not None:
             loop.call_soon_threadsafe(loop.stop)
 
-    def calm_enter(self, rid: Any) -> None:
-        """Enters a calm region of call `rid`, in the call's own thread."""
+    def expose(self, rid: Any) -> None:
+        """The calling thread is about to run call `rid`'s tool code: a cancel from now on is
+        raised in it. Raises Cancelled at once if the call was cancelled already."""
         with self.lock:
-            self._calm_enter_locked(rid)
+            if rid in self.cancelled:
+                raise Cancelled("call cancelled by the host")
+            self.exposed[rid] = threading.get_ident()
 
-    def _calm_enter_locked(self, rid: Any) -> None:
-        self.calm[rid] = self.calm.get(rid, 0) + 1
-        if rid in self.injected:
-            # A Cancelled sent to this thread may not have fired yet: it must not fire in the
-            # region (mid-frame, say). Clear it; `cancelled` still holds, for the next check.
-            self.injected.discard(rid)
-            import ctypes
-
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
-
-    def calm_exit(self, rid: Any) -> None:
-        """Leaves a calm region of call `rid`."""
+    def unexpose(self, rid: Any) -> bool:
+        """The calling thread leaves call `rid`'s tool code (idempotent): a cancel is only
+        recorded from now on, and one sent to it that has not fired yet is cleared. Returns
+        whether the thread was exposed for `rid`."""
+        me = threading.get_ident()
         with self.lock:
-            self.calm_exit_locked(rid)
-
-    def calm_exit_locked(self, rid: Any) -> None:
-        n = self.calm.get(rid, 0) - 1
-        if n > 0:
-            self.calm[rid] = n
-        else:
-            self.calm.pop(rid, None)
-
-    def checkpoint(self, rid: Any) -> None:
-        """Raises Cancelled if call `rid` was cancelled (a cancel recorded during a calm
-        region is delivered here)."""
-        if rid in self.cancelled:
-            raise Cancelled("call cancelled by the host")
+            was = self.exposed.get(rid) == me
+            if was:
+                del self.exposed[rid]
+            if rid in self.injected and self.running.get(rid) == me:
+                self.injected.discard(rid)
+                _clear_async_exc()
+        return was
 
     def run_async(self, awaitable: Awaitable[Any], cancellable: bool = True) -> Any:
+        """Runs `awaitable` on the event loop thread and waits for it. A cancel of the call
+        cancels its task; the wait lasts until the coroutine has ended (its `finally` blocks
+        ran), so the call is answered only then."""
         import asyncio
         import concurrent.futures
 
         rid = getattr(_tls, "rid", None)
-        self.calm_enter(rid)  # waits on the future: a cancel cancels the future instead
+        was = self.unexpose(rid)
         try:
-            fut = asyncio.run_coroutine_threadsafe(_as_coro(awaitable), self.event_loop())
-            if cancellable:
+
+            async def runner() -> Any:
+                task = asyncio.current_task()
                 with self.lock:
-                    if rid in self.cancelled:
-                        fut.cancel()
-                    self.async_futs[rid] = fut
+                    pre = cancellable and rid in self.cancelled
+                    if cancellable and not pre:
+                        self.tasks[rid] = task
+                if pre:
+                    close = getattr(awaitable, "close", None)
+                    if close is not None:
+                        close()  # never awaited: no "coroutine was never awaited" warning
+                    raise asyncio.CancelledError()
+                try:
+                    return await awaitable
+                finally:
+                    if cancellable:
+                        with self.lock:
+                            if self.tasks.get(rid) is task:
+                                del self.tasks[rid]
+
+            fut = asyncio.run_coroutine_threadsafe(runner(), self.event_loop())
             try:
                 return fut.result()
             except concurrent.futures.CancelledError:
                 raise Cancelled("call cancelled by the host")
-            finally:
-                if cancellable:
-                    with self.lock:
-                        self.async_futs.pop(rid, None)
         finally:
-            self.calm_exit(rid)
+            if was:
+                self.expose(rid)
 
     def host_call(self, rid: Any, name: str, args: Json) -> Json:
-        with self.host_slots:
-            if self.grpc_host is not None:
-                return self.grpc_host(rid, name, args)
-            return self._host_call_on_pipe(rid, name, args)
+        # Called from the tool's code: the wait is not exposed (it watches `cancelled`).
+        was = self.unexpose(rid)
+        try:
+            while not self.host_slots.acquire(timeout=0.05):
+                if rid in self.cancelled or self.eof:
+                    raise Cancelled("call cancelled by the host" if not self.eof else "the host went away")
+            try:
+                if self.grpc_host is not None:
+                    return self.grpc_host(rid, name, args)
+                return self._host_call_on_pipe(rid, name, args)
+            finally:
+                self.host_slots.release()
+        finally:
+            if was:
+                self.expose(rid)
 
     def _host_call_on_pipe(self, rid: Any, name: str, args: Json) -> Json:
         ev = threading.Event()
         with self.lock:
-            self._calm_enter_locked(rid)  # the wait watches `cancelled` itself
             if rid in self.cancelled or self.eof:
-                self.calm_exit_locked(rid)
                 raise Cancelled("call cancelled by the host" if not self.eof else "the host went away")
             self.seq += 1
             hid = self.seq
@@ -333,7 +358,6 @@ class _Threaded:
         finally:
             with self.lock:
                 self.host_waiters.pop(hid, None)
-            self.calm_exit(rid)
         m = slot[1]
         if m is None:
             raise Cancelled("call cancelled by the host" if not self.eof else "the host went away")
@@ -353,12 +377,8 @@ class _Threaded:
         """Blocks until stream `rid` has credit; returns it (and takes it)."""
         with self.lock:
             entry = self.credit.setdefault(rid, [threading.Condition(self.lock), 0])
-            self._calm_enter_locked(rid)  # the wait watches `cancelled` itself
-            try:
-                while entry[1] <= 0 and rid not in self.cancelled and not self.eof:
-                    entry[0].wait()
-            finally:
-                self.calm_exit_locked(rid)
+            while entry[1] <= 0 and rid not in self.cancelled and not self.eof:
+                entry[0].wait()
             if rid in self.cancelled:
                 raise Cancelled("stream cancelled by the host")
             if entry[1] <= 0:
@@ -372,6 +392,16 @@ class _Threaded:
             entry = self.credit.setdefault(rid, [threading.Condition(self.lock), 0])
             entry[1] += n
             entry[0].notify_all()
+
+    def host_gone(self) -> None:
+        """The host closed the pipe: calls waiting on a host result or on credit (now or
+        later) raise Cancelled; calls that only compute run to their end."""
+        with self.lock:
+            self.eof = True
+            for slot in self.host_waiters.values():
+                slot[0].set()
+            for entry in self.credit.values():
+                entry[0].notify_all()
 
     def cancel(self, rid: Any) -> None:
         with self.lock:
@@ -387,24 +417,33 @@ class _Threaded:
             fut = self.async_futs.get(rid)
             if fut is not None:
                 fut.cancel()
-            if self.calm.get(rid, 0) > 0:
-                return  # the thread sees `cancelled` at its next check
-            tid = self.running[rid]
+            task = self.tasks.get(rid)
+            if task is not None and self.loop is not None:
+                self.loop.call_soon_threadsafe(task.cancel)
+            tid = self.exposed.get(rid)
+            if tid is None:
+                return  # not in the tool's code: raised when it next is, or seen by its wait
             self.injected.add(rid)
             # Raised in the tool at its next bytecode (not inside a blocking C call).
             import ctypes
 
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(Cancelled))
 
-    def host_gone(self) -> None:
-        """The host closed the pipe: calls waiting on a host result or on credit (now or
-        later) raise Cancelled; calls that only compute run to their end."""
+    def finish(self, rid: Any) -> None:
+        """Forgets call `rid` once answered (in its own thread)."""
         with self.lock:
-            self.eof = True
-            for slot in self.host_waiters.values():
-                slot[0].set()
-            for entry in self.credit.values():
-                entry[0].notify_all()
+            self.running.pop(rid, None)
+            self.cancelled.discard(rid)
+            self.credit.pop(rid, None)
+            self.exposed.pop(rid, None)
+            self.tasks.pop(rid, None)
+            injected = rid in self.injected
+            self.injected.discard(rid)
+            if injected:
+                # A Cancelled sent to this thread that has not fired yet must not fire in the
+                # next call it runs.
+                _clear_async_exc()
+        _tls.rid = None
 
     def run_call(self, tools: dict[str, Callable[..., Any]], msg: Message) -> None:
         rid = msg.get("id")
@@ -415,19 +454,7 @@ class _Threaded:
             try:
                 _call(self.chan, tools, msg)
             finally:
-                with self.lock:
-                    self.running.pop(rid, None)
-                    self.cancelled.discard(rid)
-                    self.credit.pop(rid, None)
-                    self.calm.pop(rid, None)
-                    injected = rid in self.injected
-                    self.injected.discard(rid)
-                if injected:
-                    # A Cancelled sent to this thread that has not fired yet must not fire in
-                    # the next call it runs: clear it.
-                    import ctypes
-
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
+                self.finish(rid)
         except Cancelled:
             pass  # arrived after the call was answered: nothing left to cancel
         except BaseException:
@@ -435,7 +462,6 @@ class _Threaded:
 
 
 _tls = threading.local()
-_NO_CALL = object()  # `_tls.rid` of a thread that serves no call (the reader)
 
 
 async def _as_coro(awaitable: Awaitable[Any]) -> Any:
@@ -533,8 +559,15 @@ def _on_cancel_signal(signum: int, frame: types.FrameType | None) -> None:
     _run.id = None
     if _run.task is not None:
         loop, task = _run.task
-        loop.call_soon_threadsafe(task.cancel)
-        return
+        if sys.modules["asyncio"].current_task(loop) is not task:
+            # In the event loop's own code, between steps of the task: raising here would be
+            # lost in asyncio (it logs and carries on). Cancel the task: it raises in the
+            # coroutine at its next await (or not at all, if the task is done: then the call
+            # is answered with its result).
+            if not task.done():
+                loop.call_soon_threadsafe(task.cancel)
+            return
+        # In a step of the task: the coroutine's code (or what it calls) is on the stack.
     raise Cancelled("call cancelled by the host")
 
 
@@ -705,13 +738,9 @@ class _Channel:
         return body
 
     def write(self, body: bytes) -> None:
-        """Writes one frame; never cut short by the cancel signal, nor (thread profile) by a
-        cancel of the call whose thread writes it."""
+        """Writes one frame; never cut short by the cancel signal (nor, in the thread profile,
+        by a cancel: those are raised only in the tool's own code)."""
         n = len(body)
-        T = _threaded[0]
-        rid = getattr(_tls, "rid", _NO_CALL) if T is not None else _NO_CALL
-        if rid is not _NO_CALL:
-            T.calm_enter(rid)  # type: ignore[union-attr]  # T is not None when rid is set
         _run.atomic += 1
         try:
             with _write_lock:
@@ -725,8 +754,6 @@ class _Channel:
                     self._write_all(body)
         finally:
             _run.atomic -= 1
-            if rid is not _NO_CALL:
-                T.calm_exit(rid)  # type: ignore[union-attr]
         if _run.pending:
             _frame_boundary()
 
@@ -1247,7 +1274,15 @@ def _next_item(gen: Any) -> Any:
             return _loop_run(gen.__anext__())
         except StopAsyncIteration:
             raise StopIteration
-    return next(gen)
+    T = _threaded[0]
+    if T is None:
+        return next(gen)
+    rid = getattr(_tls, "rid", None)
+    T.expose(rid)  # the generator's own code runs now
+    try:
+        return next(gen)
+    finally:
+        T.unexpose(rid)
 
 
 def _close(gen: Any) -> None:
@@ -1318,17 +1353,24 @@ def _call(chan: _Channel, tools: dict[str, Callable[..., Any]], msg: Message) ->
         }
         chan.write(_encode_reply(chan, reply, rid)[0])
         return
+    T = _threaded[0]
     try:
         _run.pending = False
         _run.id = rid
         try:
             args = msg.get("args")
             wants_ctx = _wants_ctx(fn)
-            if type(args) is dict and not wants_ctx:
-                result = fn(**args)  # the common case, without _invoke's generality
-            else:
-                ctx = Context(chan, rid, msg.get("session")) if wants_ctx else None
-                result = _invoke(fn, args, ctx)
+            if T is not None:
+                T.expose(rid)  # the tool's own code runs now: a cancel is raised in it
+            try:
+                if type(args) is dict and not wants_ctx:
+                    result = fn(**args)  # the common case, without _invoke's generality
+                else:
+                    ctx = Context(chan, rid, msg.get("session")) if wants_ctx else None
+                    result = _invoke(fn, args, ctx)
+            finally:
+                if T is not None:
+                    T.unexpose(rid)
             streaming = False
             if type(result) not in _PLAIN:  # one set lookup rules out coroutines and generators
                 if isinstance(result, types.CoroutineType):
@@ -1350,6 +1392,8 @@ def _call(chan: _Channel, tools: dict[str, Callable[..., Any]], msg: Message) ->
             _run.id = None
         body = _result_body(chan, rid, result)
     except Cancelled as e:
+        if T is not None:
+            T.unexpose(rid)  # in case the Cancelled fired before the `finally` above did
         reply = {"t": "error", "id": rid, "error": {"type": "Cancelled", "message": str(e) or "cancelled"}}
         body = _encode_reply(chan, reply, rid)[0]
     except Exception as e:
@@ -1381,8 +1425,6 @@ def _stream(chan: _Channel, rid: Any, gen: Any, credit: int) -> None:
     T = _threaded[0]
     try:
         while True:
-            if T is not None:
-                T.checkpoint(rid)  # a cancel that came while a chunk was being written
             try:
                 item = _next_item(gen)
             except StopIteration:
@@ -1401,6 +1443,8 @@ def _stream(chan: _Channel, rid: Any, gen: Any, credit: int) -> None:
             credit -= 1
         chan.send({"t": "end", "id": rid})
     except Cancelled as e:
+        if T is not None:
+            T.unexpose(rid)  # in case the Cancelled fired before `_next_item`'s `finally` did
         _close(gen)
         chan.send({"t": "error", "id": rid, "error": {"type": "Cancelled", "message": str(e) or "cancelled"}})
     except Exception as e:

@@ -260,6 +260,7 @@ class FakeHost:
             if self._proc is not None:
                 assert self._proc.stdin is not None
                 self._proc.stdin.close()
+                self._drain(time.monotonic() + self.timeout)
                 try:
                     self._proc.wait(self.timeout)
                 except subprocess.TimeoutExpired:
@@ -271,7 +272,11 @@ class FakeHost:
             else:
                 os.close(self._to_worker)
                 assert self._thread is not None and self._worker_fds is not None
-                self._thread.join(self.timeout)
+                # Read what the worker still writes (a large answer would block it) until it
+                # closes its end, which it does when its loop ends.
+                deadline = time.monotonic() + self.timeout
+                self._drain(deadline)
+                self._thread.join(max(0.1, deadline - time.monotonic()))
                 stuck = self._thread.is_alive()
                 if not stuck:
                     os.close(self._worker_fds[0])
@@ -364,6 +369,7 @@ class FakeHost:
         signal when it announced one and the call is not answered yet (as the host does for a
         worker that runs one call at a time)."""
         self.send({"t": "cancel", "id": rid})
+        self._pump()  # an answer already written means the call is no longer open
         signum = self.ready.get("cancel_signal")
         if (
             self._proc is not None
@@ -391,21 +397,24 @@ class FakeHost:
             queued = self._replies.get(key)
             if queued:
                 return queued.pop(0)
-            m = self._recv(deadline)
-            t = m.get("t")
-            rid = m.get("id")
-            if t == "host_call":
-                self._answer_host_call(m, deadline)
-                continue
-            if t == "chunk":
-                left = self._credit.get(rid, 0)
-                if left <= 0:
-                    raise ProtocolViolation("stream %r: a chunk beyond the credit granted" % (rid,))
-                self._credit[rid] = left - 1
-            elif t in ("result", "error", "end"):
-                self._open.discard(rid)
-                self._credit.pop(rid, None)
-            self._replies.setdefault(("pong", rid) if t == "pong" else rid, []).append(m)
+            self._take(self._recv(deadline), deadline)
+
+    def _take(self, m: dict[str, Any], deadline: float) -> None:
+        """Files a frame from the worker for whoever waits for it (a host call is answered)."""
+        t = m.get("t")
+        rid = m.get("id")
+        if t == "host_call":
+            self._answer_host_call(m, deadline)
+            return
+        if t == "chunk":
+            left = self._credit.get(rid, 0)
+            if left <= 0:
+                raise ProtocolViolation("stream %r: a chunk beyond the credit granted" % (rid,))
+            self._credit[rid] = left - 1
+        elif t in ("result", "error", "end"):
+            self._open.discard(rid)
+            self._credit.pop(rid, None)
+        self._replies.setdefault(("pong", rid) if t == "pong" else rid, []).append(m)
 
     def send(self, msg: Mapping[str, Any] | bytes) -> None:
         """Writes one frame: a message, or a raw body (bytes) for malformed-input tests."""
@@ -427,6 +436,7 @@ class FakeHost:
         while view:
             left = deadline - time.monotonic()
             if left <= 0:
+                self._raise_thread_error()
                 raise HostTimeout("the worker did not read its input within %.1f s" % self.timeout)
             readable, writable, _ = select.select(watch, [to], [], left)
             if readable:
@@ -518,6 +528,34 @@ class FakeHost:
         out = bytes(self._buf[:n])
         del self._buf[:n]
         return out
+
+    def _drain(self, deadline: float) -> None:
+        """Reads (and keeps) the worker's output until it closes it or the deadline passes."""
+        fd = self._from_worker
+        while fd is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            readable, _, _ = select.select([fd], [], [], left)
+            if readable:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    return
+                self._buf += chunk
+
+    def _pump(self) -> None:
+        """Takes in the frames the worker has written so far, without waiting."""
+        fd = self._from_worker
+        while fd is not None and select.select([fd], [], [], 0)[0]:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            self._buf += chunk
+        while len(self._buf) >= 4:
+            (n,) = _HDR.unpack(self._buf[:4])
+            if len(self._buf) < 4 + n:
+                break
+            self._take(self._recv(time.monotonic()), time.monotonic() + self.timeout)
 
     def _raise_thread_error(self) -> None:
         if self._thread is not None and self._thread_error is not None:

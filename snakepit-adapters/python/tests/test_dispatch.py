@@ -232,3 +232,8 @@ def test_large_frames_both_ways_do_not_deadlock_the_pipes() -> None:
         b = host.submit("big", [3, "y" * (1 << 20)])
         assert len(host.result(a)) == 1 << 20
         assert host.result(b) == "xxx"
+
+
+def test_close_reads_a_large_answer_the_worker_is_still_writing() -> None:
+    with FakeHost(tools=[big], timeout=10) as host:
+        host.submit("big", [4 << 20])  # never read by the test
