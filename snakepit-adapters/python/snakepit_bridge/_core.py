@@ -233,7 +233,11 @@ class _Threaded:
         self.seq = 0
         self.host_waiters: dict[int, list[Any]] = {}  # host call id -> [Event, reply, request id]
         self.credit: dict[Any, list[Any]] = {}  # stream request id -> [Condition, credit]
-        self.running: dict[Any, int] = {}  # request id -> thread ident
+        # request id -> ident of the thread running it (None: received, not yet taken up)
+        self.running: dict[Any, int | None] = {}
+        # gRPC: cancels of calls not received yet (the Cancel RPC can overtake the call's own
+        # RPC), most recent last; bounded.
+        self.early: dict[Any, None] = {}
         self.exposed: dict[Any, int] = {}  # request id -> ident of the thread running its tool code
         self.injected: set[Any] = set()  # request ids whose thread was sent an async Cancelled
         self.tasks: dict[Any, Any] = {}  # request id -> asyncio task of its coroutine
@@ -275,8 +279,9 @@ class _Threaded:
 
     def unexpose(self, rid: Any) -> bool:
         """The calling thread leaves call `rid`'s tool code (idempotent): a cancel is only
-        recorded from now on, and one sent to it that has not fired yet is cleared. Returns
-        whether the thread was exposed for `rid`."""
+        recorded from now on. A cancel injected just before either fires here (as `Cancelled`,
+        which the callers handle) or, if it has not fired by the time the lock is held, is
+        cleared. Returns whether the thread was exposed for `rid`."""
         me = threading.get_ident()
         with self.lock:
             was = self.exposed.get(rid) == me
@@ -405,7 +410,13 @@ class _Threaded:
 
     def cancel(self, rid: Any) -> None:
         with self.lock:
+            if rid in self.cancelled:
+                return  # one cancel per call (so at most one injected exception)
             if rid not in self.running:
+                if self.grpc_host is not None:  # gRPC: maybe a call not received yet
+                    self.early[rid] = None
+                    if len(self.early) > 1024:
+                        del self.early[next(iter(self.early))]
                 return  # already answered
             self.cancelled.add(rid)
             for slot in self.host_waiters.values():
@@ -444,6 +455,15 @@ class _Threaded:
                 # next call it runs.
                 _clear_async_exc()
         _tls.rid = None
+
+    def accept(self, rid: Any) -> None:
+        """Call `rid` was received: a cancel for it from now on is kept, even before a thread
+        has taken it up (its first `expose` then raises it)."""
+        with self.lock:
+            self.running[rid] = None
+            if rid in self.early:
+                self.early.pop(rid)
+                self.cancelled.add(rid)
 
     def run_call(self, tools: dict[str, Callable[..., Any]], msg: Message) -> None:
         rid = msg.get("id")
@@ -512,6 +532,7 @@ def _loop_threaded(chan: _Channel, tools: dict[str, Callable[..., Any]], n: int,
                         }
                     )
                     continue
+                T.accept(msg.get("id"))
                 pool.submit(T.run_call, tools, msg)
             elif t == "ping":
                 chan.send({"t": "pong", "id": msg.get("id")})
@@ -556,18 +577,22 @@ def _on_cancel_signal(signum: int, frame: types.FrameType | None) -> None:
     if _run.atomic:
         _run.pending = True
         return
-    _run.id = None
     if _run.task is not None:
         loop, task = _run.task
-        if sys.modules["asyncio"].current_task(loop) is not task:
-            # In the event loop's own code, between steps of the task: raising here would be
-            # lost in asyncio (it logs and carries on). Cancel the task: it raises in the
-            # coroutine at its next await (or not at all, if the task is done: then the call
-            # is answered with its result).
-            if not task.done():
-                loop.call_soon_threadsafe(task.cancel)
+        if task.done():
+            _run.pending = True  # raised by `_loop_run` once it has let go of the task
             return
-        # In a step of the task: the coroutine's code (or what it calls) is on the stack.
+        loop.call_soon_threadsafe(task.cancel)
+        if sys.modules["asyncio"].current_task(loop) is None:
+            # In the event loop's own code, between task steps: raising here would be lost in
+            # asyncio (it logs and carries on). The task's cancel raises in the coroutine at
+            # its next await.
+            _run.id = None
+            return
+        # Within a task's step: the coroutine's code (the call's task, or a child task it
+        # waits on through gather/wait_for) is on the stack; raise there too, so a coroutine
+        # that blocks the loop is interrupted as well.
+    _run.id = None
     raise Cancelled("call cancelled by the host")
 
 
@@ -1255,12 +1280,15 @@ def _loop_run(awaitable: Awaitable[Any], cancellable: bool = True) -> Any:
     if cancellable:
         _run.task = (loop, task)
     try:
-        return loop.run_until_complete(task)
+        result = loop.run_until_complete(task)
     except asyncio.CancelledError:
         raise Cancelled("call cancelled by the host")
     finally:
         if cancellable:
             _run.task = None
+    if _run.pending:
+        _frame_boundary()  # a cancel signal that came as the task ended
+    return result
 
 
 def _is_stream(value: Any) -> bool:

@@ -159,6 +159,16 @@ def test_a_cancel_during_a_host_call_that_then_succeeds_is_not_lost() -> None:
         assert host.call("quick") == "ok"
 
 
+def test_a_cancel_that_overtakes_the_start_of_the_call_is_kept() -> None:
+    """Thread profile: the cancel is read before a pool thread has taken the call up."""
+    with FakeHost(tools=[spin, quick], max_in_flight=2) as host:
+        for _ in range(30):
+            rid = host.submit("spin")
+            host.cancel(rid)
+            _expect_cancelled(host, rid)
+        assert host.call("quick") == "ok"
+
+
 def test_a_call_after_shutdown_is_refused_in_the_thread_profile() -> None:
     with FakeHost(tools=[quick], max_in_flight=2) as host:
         host.send({"t": "shutdown"})

@@ -47,6 +47,17 @@ WORKER = textwrap.dedent(
             time.sleep(0.001)  # blocks the event loop: only the signal can stop it
 
     @tool
+    async def agather(ctx: Context) -> None:
+        import asyncio, time
+
+        async def child() -> None:
+            ctx.call_host("started")
+            while True:
+                time.sleep(0.001)  # blocks the loop inside a child task
+
+        await asyncio.gather(child())
+
+    @tool
     async def asleep(ctx: Context) -> None:
         import asyncio
         ctx.call_host("started")
@@ -76,7 +87,7 @@ def test_output_at_import_time_and_in_tools_goes_to_stderr(script: Path, tmp_pat
     assert host.returncode == 0
 
 
-@pytest.mark.parametrize("cmd", ["spin", "asleep", "ablock"])
+@pytest.mark.parametrize("cmd", ["spin", "asleep", "ablock", "agather"])
 def test_the_cancel_signal_interrupts_a_busy_call_in_the_serial_profile(script: Path, cmd: str) -> None:
     with FakeHost.process(script=script) as host:
         assert isinstance(host.ready["cancel_signal"], int)
