@@ -46,6 +46,7 @@ pub fn encode_hello(out: &mut Vec<u8>, hello: &Hello) {
         transport: &hello.transport,
         busy_poll_us: (!hello.busy_poll.is_zero())
             .then(|| u64::try_from(hello.busy_poll.as_micros()).unwrap_or(u64::MAX)),
+        segments: hello.segments,
     };
     // Serialising a struct of strings, numbers and a `Value` into a `Vec` cannot fail.
     let _ = serde_json::to_writer(&mut *out, &msg);
@@ -78,6 +79,9 @@ pub fn parse_ready(hello: &Hello, body: &[u8]) -> Result<Ready, Error> {
         }
         other => return Err(protocol(format!("handshake: expected `ready`, got `{other}`"))),
     };
+    if ready.segments && !hello.segments {
+        return Err(protocol("`ready` announces binary segments, which the host did not offer".into()));
+    }
     if !hello.versions.contains(&ready.version) {
         return Err(Error::VersionMismatch {
             worker,

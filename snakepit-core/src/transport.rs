@@ -132,6 +132,9 @@ pub struct Hello {
     /// Busy-poll window: how long both ends poll for the next message before they sleep
     /// (zero: never). Trades CPU for the wake-up latency of a sleeping process.
     pub busy_poll: std::time::Duration,
+    /// Whether the host offers binary segments (set by a transport that carries them; see
+    /// [`Payload`] and docs/protocol.md).
+    pub segments: bool,
 }
 
 impl fmt::Debug for Hello {
@@ -157,7 +160,14 @@ impl Hello {
             max_in_flight: 1,
             transport: serde_json::Value::Null,
             busy_poll: std::time::Duration::ZERO,
+            segments: false,
         }
+    }
+
+    /// Offers binary segments (see [`Hello::segments`]).
+    pub fn with_segments(mut self, on: bool) -> Self {
+        self.segments = on;
+        self
     }
 
     /// Sets the busy-poll window (see [`Hello::busy_poll`]).
@@ -223,6 +233,10 @@ pub struct Ready {
     /// Where the worker serves its transport (gRPC: `unix:/path`), if not on the pipe.
     #[serde(default)]
     pub address: Option<String>,
+    /// Whether the worker accepts (and may send) binary segments; only when the host offered
+    /// them.
+    #[serde(default)]
+    pub segments: bool,
 }
 
 fn one() -> usize {
@@ -271,7 +285,14 @@ impl Ready {
             bridge: String::new(),
             cancel_signal: None,
             address: None,
+            segments: false,
         }
+    }
+
+    /// Sets whether the worker accepts binary segments (see [`Ready::segments`]).
+    pub fn with_segments(mut self, on: bool) -> Self {
+        self.segments = on;
+        self
     }
 
     /// Sets the tools the worker offers.

@@ -33,6 +33,9 @@ pub struct HelloMsg<'a> {
     /// Busy-poll window in microseconds (absent: none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub busy_poll_us: Option<u64>,
+    /// Whether the host offers binary segments (absent: no).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub segments: bool,
 }
 
 /// Any message a worker sends. Fields a tag does not use are absent.
@@ -90,6 +93,12 @@ pub struct Inbound<'a> {
     /// `ready`: where the worker serves its transport.
     #[serde(default)]
     pub address: Option<String>,
+    /// `ready`: whether the worker accepts binary segments.
+    #[serde(default)]
+    pub segments: Option<bool>,
+    /// A segmented frame's segment lengths, in order.
+    #[serde(default)]
+    pub seg: Option<Vec<u64>>,
 }
 
 impl Inbound<'_> {
@@ -103,6 +112,7 @@ impl Inbound<'_> {
             bridge: self.bridge.unwrap_or_default(),
             cancel_signal: self.cancel_signal,
             address: self.address,
+            segments: self.segments.unwrap_or(false),
         })
     }
 }
@@ -138,6 +148,22 @@ pub fn encode_call(
     out.extend_from_slice(br#","args":"#);
     out.extend_from_slice(args);
     out.push(b'}');
+}
+
+/// Replaces the closing `}` of the message at the end of `out` with `,"seg":[len, ...]}`: the
+/// segment table of a segmented frame (docs/protocol.md, "Binary segments").
+pub fn push_segment_table(out: &mut Vec<u8>, segments: &[bytes::Bytes]) {
+    if out.last() == Some(&b'}') {
+        out.pop();
+    }
+    out.extend_from_slice(br#","seg":["#);
+    for (i, s) in segments.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_u64(out, s.len() as u64);
+    }
+    out.extend_from_slice(b"]}");
 }
 
 /// Appends a `host_result` message: `Ok(json)` or the error.

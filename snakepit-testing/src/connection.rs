@@ -158,6 +158,12 @@ impl Connection for FakeConnection {
         let id = req.id.map_or_else(|| link.next_id.fetch_add(1, Ordering::Relaxed), |i| i.0);
         let command = req.command.clone();
         link.control.count_call(&command);
+        if req.args.has_segments() {
+            return Err(Error::BadRequest(format!(
+                "arguments of `{}` carry binary segments, which FakeWorker does not accept",
+                req.command
+            )));
+        }
         let args = req.args.to_value()?;
         let (tx, rx) = oneshot::channel();
         let task_link = link.clone();
@@ -193,6 +199,12 @@ impl Connection for FakeConnection {
         let id = req.id.map_or_else(|| link.next_id.fetch_add(1, Ordering::Relaxed), |i| i.0);
         let command = req.command.to_string();
         link.control.count_call(&command);
+        if req.args.has_segments() {
+            return Err(Error::BadRequest(format!(
+                "arguments of `{}` carry binary segments, which FakeWorker does not accept",
+                req.command
+            )));
+        }
         let args = req.args.to_value()?;
         // The channel's bound is the credit window: a fast producer waits for the consumer.
         let (tx, rx) = mpsc::channel::<Result<Value, WorkerError>>(window.max(1) as usize);

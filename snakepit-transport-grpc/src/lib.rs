@@ -395,6 +395,12 @@ impl GrpcConnection {
     }
 
     fn call_request(&self, req: &Request, id: u64) -> Result<proto::CallRequest, Error> {
+        if req.args.has_segments() {
+            return Err(Error::BadRequest(format!(
+                "arguments of `{}` carry binary segments, which the gRPC transport does not carry yet",
+                req.command
+            )));
+        }
         let args = req.args.bytes();
         if !req.args.is_trusted() {
             serde_json::from_slice::<serde::de::IgnoredAny>(args).map_err(|e| {

@@ -16,13 +16,18 @@ pub(crate) struct FrameReader {
 }
 
 pub(crate) enum ReadOutcome {
-    Frame(Bytes),
+    /// A frame's body, and whether it is segmented.
+    Frame(Bytes, bool),
     Eof,
     Broken(String),
 }
 
 /// The length of a frame header.
 pub(crate) const HEADER: usize = 4;
+
+/// The header bit that marks a segmented frame (docs/protocol.md, "Binary segments"): the body
+/// is `u32 json_len`, the JSON message, then its segments. The other 31 bits are the length.
+pub(crate) const SEGMENTED: u32 = 1 << 31;
 
 impl FrameReader {
     pub(crate) fn new(
@@ -34,10 +39,11 @@ impl FrameReader {
         FrameReader { output, buf: BytesMut::with_capacity(64 * 1024), max_frame, frame_timeout, reads }
     }
 
-    /// A whole frame from the front of the buffer, if one is there; an error for a header
-    /// announcing more than `max_frame`.
-    pub(crate) fn decode(&mut self) -> Result<Option<Bytes>, String> {
+    /// A whole frame from the front of the buffer (and whether it is segmented), if one is
+    /// there; an error for a header announcing more than `max_frame`.
+    pub(crate) fn decode(&mut self) -> Result<Option<(Bytes, bool)>, String> {
         let Some(n) = self.announced() else { return Ok(None) };
+        let segmented = self.buf[0] & 0x80 != 0;
         if n > self.max_frame {
             return Err(format!(
                 "inbound frame announces {n} bytes, over max_frame ({} bytes)",
@@ -48,13 +54,13 @@ impl FrameReader {
             return Ok(None);
         }
         self.buf.advance(HEADER);
-        Ok(Some(self.buf.split_to(n).freeze()))
+        Ok(Some((self.buf.split_to(n).freeze(), segmented)))
     }
 
     pub(crate) async fn next(&mut self) -> ReadOutcome {
         loop {
             match self.decode() {
-                Ok(Some(frame)) => return ReadOutcome::Frame(frame),
+                Ok(Some((frame, segmented))) => return ReadOutcome::Frame(frame, segmented),
                 Ok(None) => {}
                 Err(detail) => return ReadOutcome::Broken(detail),
             }
@@ -94,10 +100,11 @@ impl FrameReader {
         }
     }
 
-    /// The length announced by the header at the front of the buffer, once all of it is there.
+    /// The length announced by the header at the front of the buffer (without the segmented
+    /// bit), once all of it is there.
     pub(crate) fn announced(&self) -> Option<usize> {
         let h: [u8; HEADER] = self.buf.get(..HEADER)?.try_into().ok()?;
-        Some(u32::from_be_bytes(h) as usize)
+        Some((u32::from_be_bytes(h) & !SEGMENTED) as usize)
     }
 }
 
@@ -117,4 +124,69 @@ pub(crate) fn frame(
     let len32 = u32::try_from(len).map_err(|_| Error::FrameTooLarge { size: len, max: max_frame })?;
     out[..4].copy_from_slice(&len32.to_be_bytes());
     Ok(out)
+}
+
+/// A segmented frame: `body_fn`'s JSON message with the segment table appended, then the
+/// segments themselves (copied in once).
+pub(crate) fn frame_segmented(
+    capacity: usize,
+    max_frame: usize,
+    segments: &[Bytes],
+    body_fn: impl FnOnce(&mut Vec<u8>),
+) -> Result<Vec<u8>, Error> {
+    let seg_len: usize = segments.iter().map(Bytes::len).sum();
+    let mut out = Vec::with_capacity(capacity + 8 + seg_len + 12 * segments.len());
+    out.extend_from_slice(&[0; 8]);
+    body_fn(&mut out);
+    snakepit_core::wire::push_segment_table(&mut out, segments);
+    let json_len = out.len() - 8;
+    let len = out.len() - 4 + seg_len;
+    if len > max_frame {
+        return Err(Error::FrameTooLarge { size: len, max: max_frame });
+    }
+    let too_large = || Error::FrameTooLarge { size: len, max: max_frame };
+    let len32 = u32::try_from(len).ok().filter(|l| l & SEGMENTED == 0).ok_or_else(too_large)?;
+    let json32 = u32::try_from(json_len).map_err(|_| too_large())?;
+    out[..4].copy_from_slice(&(len32 | SEGMENTED).to_be_bytes());
+    out[4..8].copy_from_slice(&json32.to_be_bytes());
+    for s in segments {
+        out.extend_from_slice(s);
+    }
+    Ok(out)
+}
+
+/// Splits a segmented frame's body into its JSON message and its segments (zero-copy slices),
+/// checking the JSON length and the segment table against the body. `table` is the message's
+/// `seg` field.
+pub(crate) fn split_segments(body: &Bytes, table: Option<&[u64]>) -> Result<(Bytes, Vec<Bytes>), String> {
+    let json_len = body
+        .get(..4)
+        .and_then(|h| <[u8; 4]>::try_from(h).ok())
+        .map(|h| u32::from_be_bytes(h) as usize)
+        .ok_or("segmented frame shorter than its JSON length")?;
+    let rest = body.len() - 4;
+    if json_len > rest {
+        return Err(format!("segmented frame: JSON length {json_len} over the {rest} bytes that follow"));
+    }
+    let json = body.slice(4..4 + json_len);
+    let mut at = 4 + json_len;
+    let mut segments = Vec::new();
+    for &n in table.unwrap_or_default() {
+        let end = usize::try_from(n).ok().and_then(|n| at.checked_add(n)).filter(|&e| e <= body.len());
+        let Some(end) = end else {
+            return Err(format!(
+                "segmented frame: segment table {table:?} runs past the body ({} bytes)",
+                body.len()
+            ));
+        };
+        segments.push(body.slice(at..end));
+        at = end;
+    }
+    if at != body.len() {
+        return Err(format!(
+            "segmented frame: {} bytes past the segments its table lists ({table:?})",
+            body.len() - at
+        ));
+    }
+    Ok((json, segments))
 }

@@ -18,7 +18,12 @@ impl Drop for HostCallPermit {
 
 /// Runs a worker's call to the host on its own task (the worker waits for the answer while
 /// its request is in flight, so the reader must not), then sends `host_result`.
-pub(crate) fn host_call(shared: &Arc<Shared>, frame: &Bytes, msg: Inbound<'_>) -> Result<(), String> {
+pub(crate) fn host_call(
+    shared: &Arc<Shared>,
+    frame: &Bytes,
+    segments: Vec<Bytes>,
+    msg: Inbound<'_>,
+) -> Result<(), String> {
     let Some(id) = msg.id else { return Err("`host_call` without an id".into()) };
     let permit = HostCallPermit(shared.host_calls.clone());
     if shared.host_calls.fetch_add(1, Ordering::AcqRel) >= MAX_HOST_CALLS {
@@ -28,7 +33,9 @@ pub(crate) fn host_call(shared: &Arc<Shared>, frame: &Bytes, msg: Inbound<'_>) -
         ));
     }
     let args = match msg.args {
-        Some(raw) => Payload::from_trusted(Codec::Json, frame.slice_ref(raw.get().as_bytes())),
+        Some(raw) => {
+            Payload::from_trusted(Codec::Json, frame.slice_ref(raw.get().as_bytes())).with_segments(segments)
+        }
         None => Payload::null(),
     };
     let request = msg.call;
@@ -56,7 +63,24 @@ pub(crate) fn host_call(shared: &Arc<Shared>, frame: &Bytes, msg: Inbound<'_>) -
             },
             None => answer.await,
         };
-        let mut f = frame_result(shared.max_frame, id, result.as_ref().map(|p| p.bytes().as_ref()));
+        let segments_ok = shared.segments.load(Ordering::Acquire);
+        let mut f = match &result {
+            Ok(p) if p.has_segments() && segments_ok => {
+                frame_segmented(p.len() + 48, shared.max_frame, p.segments(), |out| {
+                    wire::encode_host_result(out, id, Ok(p.bytes().as_ref()))
+                })
+            }
+            Ok(p) if p.has_segments() => {
+                let e = WorkerError {
+                    kind: "BadRequest".into(),
+                    message: "the host tool returned bytes, and this worker does not accept binary segments"
+                        .into(),
+                    traceback: None,
+                };
+                frame_result(shared.max_frame, id, Err(&e))
+            }
+            _ => frame_result(shared.max_frame, id, result.as_ref().map(|p| p.bytes().as_ref())),
+        };
         if let Err(Error::FrameTooLarge { size, max }) = &f {
             let e = WorkerError {
                 kind: "FrameTooLarge".into(),

@@ -23,7 +23,7 @@
 #![deny(unsafe_code)]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -49,7 +49,7 @@ mod outbox;
 mod reader;
 mod stream;
 
-use frame::{frame, FrameReader, ReadOutcome};
+use frame::{frame, frame_segmented, split_segments, FrameReader, ReadOutcome};
 use host::host_call;
 pub use host::MAX_HOST_CALLS;
 use outbox::Outbox;
@@ -146,6 +146,8 @@ struct Shared {
     reads: Arc<AtomicU64>,
     /// Replies for ids nobody waits for, logged at most once a second.
     unknown_replies: Mutex<LogLimit>,
+    /// Whether the worker announced binary segments (set once its `ready` is in).
+    segments: AtomicBool,
 }
 
 impl Shared {
@@ -335,7 +337,10 @@ impl StdioConnection {
             host_calls: Arc::new(AtomicUsize::new(0)),
             reads: Arc::new(AtomicU64::new(0)),
             unknown_replies: Mutex::new(LogLimit::default()),
+            segments: AtomicBool::new(false),
         });
+        // This transport carries binary segments: offer them.
+        let hello = hello.with_segments(true);
         let hello_frame = frame(256, max_frame, |out| handshake::encode_hello(out, &hello))?;
         let _ = shared.outbox.push(hello_frame);
         let writer = tokio::spawn(write_loop(shared.clone()));
@@ -343,7 +348,14 @@ impl StdioConnection {
         let guard = Abandon { shared: &shared, writer: Some(writer) };
         let mut reader = FrameReader::new(io.output, max_frame, frame_timeout, shared.reads.clone());
         let first = match reader.next().await {
-            ReadOutcome::Frame(f) => f,
+            ReadOutcome::Frame(f, false) => f,
+            ReadOutcome::Frame(_, true) => {
+                return Err(Error::Protocol {
+                    worker,
+                    detail: "during handshake: a segmented frame before `ready`".into(),
+                    source: None,
+                })
+            }
             ReadOutcome::Eof => return Err(Error::Disconnected { worker }),
             ReadOutcome::Broken(d) => {
                 return Err(Error::Protocol {
@@ -354,6 +366,7 @@ impl StdioConnection {
             }
         };
         let ready = handshake::parse_ready(&hello, &first)?;
+        shared.segments.store(ready.segments, Ordering::Release);
         guard.disarm();
         let reader = tokio::spawn(read_loop(reader, shared.clone()));
         let conn = StdioConnection {
@@ -387,9 +400,22 @@ impl StdioConnection {
         let timeout_ms = req
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()).as_millis().min(u64::MAX as u128) as u64);
-        let f = frame(args.len() + req.command.len() + 80, self.shared.max_frame, |out| {
+        let encode = |out: &mut Vec<u8>| {
             wire::encode_call(out, id, &req.command, args, timeout_ms, window, req.session.as_deref())
-        })?;
+        };
+        let capacity = args.len() + req.command.len() + 80;
+        let f = if req.args.has_segments() {
+            if !self.shared.segments.load(Ordering::Acquire) {
+                return Err(Error::BadRequest(format!(
+                    "arguments of `{}` carry binary segments, and this worker does not accept them (its `ready` \
+                     did not announce `segments`)",
+                    req.command
+                )));
+            }
+            frame_segmented(capacity, self.shared.max_frame, req.args.segments(), encode)?
+        } else {
+            frame(capacity, self.shared.max_frame, encode)?
+        };
         Ok((id, f))
     }
 

@@ -29,8 +29,8 @@ impl LogLimit {
 pub(crate) async fn read_loop(mut reader: FrameReader, shared: Arc<Shared>) {
     loop {
         match reader.next().await {
-            ReadOutcome::Frame(f) => {
-                if let Err(detail) = dispatch(&shared, f) {
+            ReadOutcome::Frame(f, segmented) => {
+                if let Err(detail) = dispatch(&shared, f, segmented) {
                     shared.close(CloseReason::Protocol(detail));
                     return;
                 }
@@ -47,15 +47,31 @@ pub(crate) async fn read_loop(mut reader: FrameReader, shared: Arc<Shared>) {
     }
 }
 
-pub(crate) fn dispatch(shared: &Arc<Shared>, frame: Bytes) -> Result<(), String> {
-    let msg: Inbound<'_> = serde_json::from_slice(&frame).map_err(|e| format!("malformed message: {e}"))?;
+pub(crate) fn dispatch(shared: &Arc<Shared>, frame: Bytes, segmented: bool) -> Result<(), String> {
+    if segmented && !shared.segments.load(Ordering::Acquire) {
+        return Err("a segmented frame from a worker that did not announce binary segments".into());
+    }
+    // A segmented frame: `u32 json_len`, the JSON, the segments its `seg` table lists.
+    let (json, mut segments) = if segmented {
+        let json_len = frame.get(..4).map_or(0, |h| u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize);
+        let json = frame.slice(4.min(frame.len())..(4 + json_len).min(frame.len()));
+        (json, None)
+    } else {
+        (frame.clone(), Some(Vec::new()))
+    };
+    let msg: Inbound<'_> = serde_json::from_slice(&json).map_err(|e| format!("malformed message: {e}"))?;
+    if segments.is_none() {
+        segments = Some(split_segments(&frame, msg.seg.as_deref())?.1);
+    }
+    let segments = segments.unwrap_or_default();
     let payload = |raw: Option<&serde_json::value::RawValue>| match raw {
-        Some(raw) => Payload::from_trusted(Codec::Json, frame.slice_ref(raw.get().as_bytes())),
+        Some(raw) => Payload::from_trusted(Codec::Json, json.slice_ref(raw.get().as_bytes()))
+            .with_segments(segments.clone()),
         None => Payload::null(),
     };
     let tag = &*msg.t;
     if tag == "host_call" {
-        return host_call(shared, &frame, msg);
+        return host_call(shared, &json, segments.clone(), msg);
     }
     if !matches!(tag, "result" | "error" | "pong" | "chunk" | "end") {
         tracing::debug!(worker = %shared.worker, tag, "ignoring message of unknown type");

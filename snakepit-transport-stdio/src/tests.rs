@@ -44,6 +44,142 @@ impl Peer {
     }
 }
 
+/// A segmented frame body: `u32 json_len`, the JSON with its `seg` table, the segments.
+fn segmented_frame(mut msg: serde_json::Value, segments: &[&[u8]]) -> Vec<u8> {
+    msg["seg"] = serde_json::json!(segments.iter().map(|s| s.len()).collect::<Vec<_>>());
+    let json = msg.to_string().into_bytes();
+    let len = 4 + json.len() + segments.iter().map(|s| s.len()).sum::<usize>();
+    let mut f = ((len as u32) | 1 << 31).to_be_bytes().to_vec();
+    f.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    f.extend_from_slice(&json);
+    for s in segments {
+        f.extend_from_slice(s);
+    }
+    f
+}
+
+impl Peer {
+    /// Reads one frame, segmented or not: the message and its segments.
+    async fn read_frame(&mut self) -> (serde_json::Value, Vec<Vec<u8>>) {
+        let mut h = [0u8; 4];
+        self.rd.read_exact(&mut h).await.expect("header");
+        let h = u32::from_be_bytes(h);
+        let mut body = vec![0; (h & !(1 << 31)) as usize];
+        self.rd.read_exact(&mut body).await.expect("body");
+        if h & 1 << 31 == 0 {
+            return (serde_json::from_slice(&body).expect("json"), Vec::new());
+        }
+        let jl = u32::from_be_bytes(body[..4].try_into().expect("4 bytes")) as usize;
+        let msg: serde_json::Value = serde_json::from_slice(&body[4..4 + jl]).expect("json");
+        let mut at = 4 + jl;
+        let mut segs = Vec::new();
+        for n in msg["seg"].as_array().expect("seg table") {
+            let n = n.as_u64().expect("len") as usize;
+            segs.push(body[at..at + n].to_vec());
+            at += n;
+        }
+        assert_eq!(at, body.len(), "segments fill the frame");
+        (msg, segs)
+    }
+}
+
+async fn connected_with(
+    max_frame: usize,
+    frame_timeout: Duration,
+    ready: serde_json::Value,
+) -> (StdioConnection, Peer, serde_json::Value) {
+    let (host_in, worker_rd) = duplex(1 << 20);
+    let (worker_wr, host_out) = duplex(1 << 20);
+    let io = WorkerIo { worker: wid(), input: Box::new(host_in), output: Box::new(host_out) };
+    let mut peer = Peer { rd: worker_rd, wr: worker_wr };
+    let hello = Hello::new(wid(), max_frame, serde_json::Value::Null);
+    let (conn, h) = tokio::join!(StdioConnection::connect(io, hello, frame_timeout), async {
+        let h = peer.read_msg().await;
+        peer.send(ready).await;
+        h
+    });
+    (conn.expect("handshake").0, peer, h)
+}
+
+#[tokio::test]
+async fn binary_segments_both_ways_when_agreed() {
+    let ready =
+        serde_json::json!({"t":"ready","version":1,"pid":42,"tools":[{"name":"echo"}],"segments":true});
+    let (conn, mut peer, hello) = connected_with(1 << 20, DEFAULT_FRAME_TIMEOUT, ready).await;
+    assert_eq!(hello["segments"], true, "the stdio host offers segments");
+    let args = Payload::mixed(
+        &serde_json::json!({"a": {"$seg": 0}, "b": {"$seg": 1}}),
+        vec![Bytes::from_static(b"first"), Bytes::from(vec![7u8; 100_000])],
+    );
+    let (r, _) = tokio::join!(conn.call(Request::new("echo", args)), async {
+        let (m, segs) = peer.read_frame().await;
+        assert_eq!(m["args"], serde_json::json!({"a": {"$seg": 0}, "b": {"$seg": 1}}));
+        assert_eq!(segs[0], b"first");
+        assert_eq!(segs[1], vec![7u8; 100_000]);
+        let reply =
+            segmented_frame(serde_json::json!({"t":"result","id":m["id"],"ok":{"$seg":1}}), &[b"x", b"yz"]);
+        peer.send_raw(&reply).await;
+    });
+    let p = r.expect("result");
+    assert_eq!(p.segments().len(), 2);
+    assert_eq!(p.into_segment().expect("bytes").as_ref(), b"yz");
+}
+
+#[tokio::test]
+async fn segments_to_a_worker_that_did_not_agree_are_a_bad_request_and_nothing_is_written() {
+    let (conn, mut peer) = connected(1024, DEFAULT_FRAME_TIMEOUT).await;
+    let r = conn.call(Request::new("echo", Payload::from_bytes(Bytes::from_static(b"abc")))).await;
+    assert!(matches!(r, Err(Error::BadRequest(ref m)) if m.contains("does not accept")), "{r:?}");
+    let (p, _) = tokio::join!(conn.ping(), async {
+        let m = peer.read_msg().await;
+        assert_eq!(m["t"], "ping", "the refused call wrote nothing");
+        peer.send(serde_json::json!({"t":"pong","id":m["id"]})).await;
+    });
+    p.expect("pong");
+}
+
+#[tokio::test]
+async fn a_segmented_frame_the_worker_did_not_agree_to_is_a_protocol_error() {
+    let (conn, mut peer) = connected(1024, DEFAULT_FRAME_TIMEOUT).await;
+    let (r, _) = tokio::join!(conn.call(Request::new("echo", Payload::null())), async {
+        let m = peer.read_msg().await;
+        peer.send_raw(&segmented_frame(serde_json::json!({"t":"result","id":m["id"],"ok":null}), &[b"x"]))
+            .await;
+    });
+    match r {
+        Err(Error::Protocol { detail, .. }) => assert!(detail.contains("did not announce"), "{detail}"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_segment_table_that_does_not_add_up_is_a_protocol_error() {
+    for (table, want) in [
+        (serde_json::json!([5]), "runs past the body"),
+        (serde_json::json!([0]), "past the segments"),
+        (serde_json::json!("x"), "malformed message"),
+    ] {
+        let ready =
+            serde_json::json!({"t":"ready","version":1,"pid":42,"tools":[{"name":"echo"}],"segments":true});
+        let (conn, mut peer, _) = connected_with(1024, DEFAULT_FRAME_TIMEOUT, ready).await;
+        let (r, _) = tokio::join!(conn.call(Request::new("echo", Payload::null())), async {
+            let m = peer.read_msg().await;
+            let msg = serde_json::json!({"t":"result","id":m["id"],"ok":null,"seg":table});
+            let json = msg.to_string().into_bytes();
+            let len = 4 + json.len() + 1;
+            let mut f = ((len as u32) | 1 << 31).to_be_bytes().to_vec();
+            f.extend_from_slice(&(json.len() as u32).to_be_bytes());
+            f.extend_from_slice(&json);
+            f.push(b'z');
+            peer.send_raw(&f).await;
+        });
+        match r {
+            Err(Error::Protocol { detail, .. }) => assert!(detail.contains(want), "{table}: {detail}"),
+            other => panic!("{table}: unexpected {other:?}"),
+        }
+    }
+}
+
 async fn connected(max_frame: usize, frame_timeout: Duration) -> (StdioConnection, Peer) {
     let (host_in, worker_rd) = duplex(1 << 20);
     let (worker_wr, host_out) = duplex(1 << 20);
@@ -89,10 +225,11 @@ async fn call_result_and_worker_error() {
 
 #[tokio::test]
 async fn oversized_request_fails_before_writing() {
-    let (conn, mut peer) = connected(128, DEFAULT_FRAME_TIMEOUT).await;
+    // (The hello itself must fit: 256 bytes leaves room for it.)
+    let (conn, mut peer) = connected(256, DEFAULT_FRAME_TIMEOUT).await;
     let big = serde_json::json!("x".repeat(500));
     match conn.call(Request::new("echo", Payload::json(&big).expect("enc"))).await {
-        Err(Error::FrameTooLarge { max: 128, .. }) => {}
+        Err(Error::FrameTooLarge { max: 256, .. }) => {}
         other => panic!("unexpected {other:?}"),
     }
     // The connection is still usable: the next frame the peer sees is the ping.

@@ -32,6 +32,8 @@ mod host;
 mod pool;
 mod session;
 
+/// Reference-counted bytes (the `bytes` crate), as binary payloads travel: [`Pool::execute_bytes`], [`Payload::from_bytes`].
+pub use bytes::Bytes;
 pub use pool::{Affinity, CallOptions, CallStream, DropPolicy, Pool, PoolBuilder, PoolStats, RehydrateHook};
 pub use session::Session;
 pub use snakepit_core::{

@@ -39,6 +39,7 @@ BRIDGE = "python/%s (%s %s)" % (
 )
 
 _HDR = struct.Struct(">I")
+_SEGMENTED = 1 << 31  # header bit of a segmented frame (docs/protocol.md, "Binary segments")
 _TOOLS: dict[str, Callable[..., Any]] = {}
 _state: dict[str, Any] = {"in_fd": None, "out_fd": None, "served": False}
 _write_lock = threading.Lock()
@@ -138,7 +139,8 @@ def _host_call(chan: _Channel, rid: Any, name: str, args: Json) -> Json:
     err = m.get("error")
     if err is not None:
         raise HostCallError(err.get("type"), err.get("message", ""))
-    return m.get("ok")
+    segs = m.get("$segs")
+    return m.get("ok") if segs is None else _bind_segments(m.get("ok"), segs)
 
 
 def _await_frame(chan: _Channel, rid: Any, wanted: Callable[[Message], bool]) -> Message:
@@ -369,7 +371,8 @@ class _Threaded:
         err = m.get("error")
         if err is not None:
             raise HostCallError(err.get("type"), err.get("message", ""))
-        return m.get("ok")
+        segs = m.get("$segs")
+        return m.get("ok") if segs is None else _bind_segments(m.get("ok"), segs)
 
     def deliver_host(self, m: Message) -> None:
         with self.lock:
@@ -495,16 +498,46 @@ def _format_exc() -> str:
 
 
 def _next_message(chan: _Channel) -> Message | None:
-    """The next message from the host as a dict (with its type in "t"), or None at EOF."""
+    """The next message from the host as a dict (with its type in "t"), or None at EOF. A
+    segmented frame's segments are in the message's "$segs" (memoryviews over the frame)."""
     body = chan.read()
     if body is None:
         return None
     try:
-        msg = _loads(body)
+        if chan.segmented:
+            msg = _split_segments(body)
+        else:
+            msg = _loads(body)
         if type(msg) is not dict or type(msg.get("t")) is not str:
             raise ValueError("not a JSON object with a string `t`")
     except ValueError as e:
         raise ProtocolError("malformed message from host: %s" % e)
+    return msg
+
+
+def _split_segments(body: bytes) -> Any:
+    """A segmented frame's message, with "$segs": its segments as read-only memoryviews over
+    the frame (no copy). Raises ValueError when the lengths do not add up."""
+    if len(body) < 4:
+        raise ValueError("segmented frame shorter than its JSON length")
+    (jl,) = _HDR.unpack_from(body)
+    if 4 + jl > len(body):
+        raise ValueError("segmented frame: JSON length %d over the frame" % jl)
+    msg = _loads(body[4 : 4 + jl])
+    table = msg.get("seg") if type(msg) is dict else None
+    if not isinstance(table, list) or not all(type(n) is int and n >= 0 for n in table):
+        raise ValueError("segmented frame without a valid `seg` table: %r" % (table,))
+    view = memoryview(body)
+    at = 4 + jl
+    segs = []
+    for n in table:
+        if at + n > len(body):
+            raise ValueError("segment table %r runs past the frame (%d bytes)" % (table, len(body)))
+        segs.append(view[at : at + n])
+        at += n
+    if at != len(body):
+        raise ValueError("%d bytes past the segments listed in %r" % (len(body) - at, table))
+    msg["$segs"] = segs
     return msg
 
 
@@ -604,14 +637,21 @@ def _frame_boundary() -> None:
         raise Cancelled("call cancelled by the host")
 
 
-def _install_cancel_signal() -> int | None:
-    """Installs the cancel signal handler (SIGUSR1 unless SNAKEPIT_CANCEL_SIGNAL names another
-    or 'none'), unless the user's code already handles that signal. Returns its number."""
+def _cancel_signum() -> int | None:
+    """The cancel signal's number: SIGUSR1 unless SNAKEPIT_CANCEL_SIGNAL names another or
+    'none'."""
     name = os.environ.get("SNAKEPIT_CANCEL_SIGNAL", "SIGUSR1")
-    if name.lower() == "none" or threading.current_thread() is not threading.main_thread():
+    signum = getattr(signal, name, None) if name.lower() != "none" else None
+    return int(signum) if signum is not None else None
+
+
+def _install_cancel_signal() -> int | None:
+    """Installs the cancel signal handler (see `_cancel_signum`), unless the user's code
+    already handles that signal. Returns its number."""
+    signum = _cancel_signum()
+    if signum is None or threading.current_thread() is not threading.main_thread():
         return None
-    signum = getattr(signal, name, None)
-    if signum is None or signal.getsignal(signum) not in (signal.SIG_DFL, None):
+    if signal.getsignal(signum) not in (signal.SIG_DFL, None):
         return None
     signal.signal(signum, _on_cancel_signal)
     return int(signum)
@@ -720,6 +760,8 @@ class _Channel:
         self.max_frame = 64 * 1024 * 1024
         self._spin = 0.0
         self._poll: select.poll | None = None
+        self.segments = False  # binary segments agreed in the handshake
+        self.segmented = False  # whether the last frame read was segmented
 
     def read(self) -> bytes | None:
         """Returns the next frame body, or None at EOF. Never cut short by the cancel signal."""
@@ -755,6 +797,11 @@ class _Channel:
         if not hdr or len(hdr) < 4:
             return None
         (n,) = _HDR.unpack(hdr)
+        self.segmented = n >= _SEGMENTED
+        if self.segmented:
+            if not self.segments:
+                raise ProtocolError("a segmented frame, and binary segments were not agreed")
+            n -= _SEGMENTED
         if n > self.max_frame:
             raise ProtocolError("inbound frame of %d bytes exceeds max_frame %d" % (n, self.max_frame))
         body = self.reader.read(n)
@@ -762,9 +809,13 @@ class _Channel:
             return None
         return body
 
-    def write(self, body: bytes) -> None:
-        """Writes one frame; never cut short by the cancel signal (nor, in the thread profile,
-        by a cancel: those are raised only in the tool's own code)."""
+    def write(self, body: bytes | tuple[bytes, list[memoryview]]) -> None:
+        """Writes one frame (a segmented one for a `(json, segments)` pair); never cut short by
+        the cancel signal (nor, in the thread profile, by a cancel: those are raised only in the
+        tool's own code)."""
+        if type(body) is not bytes:
+            self.write_segmented(*body)
+            return
         n = len(body)
         _run.atomic += 1
         try:
@@ -792,7 +843,35 @@ class _Channel:
             view = view[n:]
 
     def send(self, msg: Message) -> None:
-        self.write(_dumps(msg))
+        try:
+            body = _dumps(msg)
+        except _NeedSegments:
+            self.write_segmented(*_dumps_segments(msg))
+            return
+        self.write(body)
+
+    def write_segmented(self, json_body: bytes, segments: list[memoryview]) -> None:
+        """Writes one segmented frame: header (with the segmented bit), JSON length, JSON,
+        then the segments straight from their buffers (``writev``: no copy)."""
+        n = 4 + len(json_body) + sum(s.nbytes for s in segments)
+        if n > self.max_frame:
+            raise FrameTooLarge(n, self.max_frame)
+        parts: list[Any] = [_HDR.pack(n | _SEGMENTED) + _HDR.pack(len(json_body)) + json_body]
+        parts.extend(segments)
+        _run.atomic += 1
+        try:
+            with _write_lock:
+                while parts:
+                    k = os.writev(self.out_fd, parts[:1024])
+                    while parts and k >= memoryview(parts[0]).nbytes:
+                        k -= memoryview(parts[0]).nbytes
+                        parts.pop(0)
+                    if k:
+                        parts[0] = memoryview(parts[0])[k:]
+        finally:
+            _run.atomic -= 1
+        if _run.pending:
+            _frame_boundary()
 
 
 def default_encoder(obj: Any) -> Any:
@@ -871,12 +950,81 @@ def default_encoder(obj: Any) -> Any:
 _hooks: list[Encoder] = []
 
 
+class _NeedSegments(Exception):
+    """The value holds binary data (and segments are agreed): encode it with segments."""
+
+
+class FrameTooLarge(Exception):
+    """A message over the host's ``max_frame``."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__("message of %d bytes exceeds max_frame %d" % (size, limit))
+
+
+# Whether binary segments were agreed with the host (set by the handshake).
+_segments_on = [False]
+
+
+def _as_segment(obj: Any, segs: list[memoryview]) -> Any:
+    """A segment reference for a binary object (appending its buffer to `segs`), or
+    NotImplemented. numpy arrays keep their dtype and shape beside the reference."""
+    t = type(obj)
+    np = sys.modules.get("numpy")
+    if np is not None and t is not bytes:
+        if isinstance(obj, np.generic):
+            return NotImplemented  # a scalar: a number, by default_encoder
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.hasobject:
+                return NotImplemented
+            arr = np.ascontiguousarray(obj)  # no copy when it already is
+            ref = {"$seg": len(segs), "dtype": arr.dtype.str, "shape": list(arr.shape)}
+            segs.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b""))
+            return ref
+    if t is str:
+        return NotImplemented
+    try:
+        mv = memoryview(obj)
+    except TypeError:
+        return NotImplemented
+    if not mv.c_contiguous:
+        mv = memoryview(mv.tobytes())
+    if mv.ndim != 1 or mv.format != "B":
+        mv = mv.cast("B") if mv.nbytes else memoryview(b"")
+    segs.append(mv)
+    return {"$seg": len(segs) - 1}
+
+
+def _dumps_segments(msg: Json) -> tuple[bytes, list[memoryview]]:
+    """`msg` as JSON whose binary parts are segment references, its segment table appended,
+    and the segments."""
+    prev = getattr(_tls, "segs", None)
+    segs: list[memoryview] = []
+    _tls.segs = segs
+    try:
+        body = _dumps(msg)
+    finally:
+        _tls.segs = prev
+    if body.endswith(b"}"):
+        body = body[:-1] + b',"seg":[' + ",".join(str(s.nbytes) for s in segs).encode() + b"]}"
+    return body, segs
+
+
 def _default(obj: Any) -> Any:
-    """The JSON encoder's fallback: the hooks, then `default_encoder`, else TypeError."""
+    """The JSON encoder's fallback: the hooks, then (segments agreed) binary objects as
+    segments, then `default_encoder`, else TypeError."""
     for hook in _hooks:
         value = hook(obj)
         if value is not NotImplemented:
             return value
+    if _segments_on[0]:
+        segs = getattr(_tls, "segs", None)
+        if segs is None:
+            if _is_binary(obj):
+                raise _NeedSegments()
+        else:
+            value = _as_segment(obj, segs)
+            if value is not NotImplemented:
+                return value
     value = default_encoder(obj)
     if value is not NotImplemented:
         return value
@@ -887,6 +1035,26 @@ def _default(obj: Any) -> Any:
         "Object of type %s is not JSON serializable%s; convert it in the tool, or teach the bridge "
         "with serve(encoder=...) or BaseAdapter.encode" % (_type_name(obj), hint)
     )
+
+
+def _is_binary(obj: Any) -> bool:
+    """Whether `obj` would travel as a segment (bytes-like, a buffer, a numpy array)."""
+    t = type(obj)
+    if t is bytes or t is bytearray or t is memoryview:
+        return True
+    np = sys.modules.get("numpy")
+    if np is not None:
+        if isinstance(obj, np.generic):
+            return False
+        if isinstance(obj, np.ndarray):
+            return not obj.dtype.hasobject
+    if t is str:
+        return False
+    try:
+        memoryview(obj)
+    except TypeError:
+        return False
+    return True
 
 
 def _type_name(obj: Any) -> str:
@@ -1094,6 +1262,13 @@ def _watch_parent() -> None:
     stop = threading.Event()
 
     def run() -> None:
+        # The host's cancel signal must reach the main thread, which runs the calls of the
+        # serial profile: a process-directed signal goes to any thread that does not block it,
+        # and one taken by this thread would not interrupt the main thread's blocking wait
+        # (`select` in an event loop, `time.sleep` in a tool), so the cancel would sit unseen.
+        signum = _cancel_signum()
+        if signum is not None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
         while not stop.wait(1.0):
             if os.getppid() != parent:
                 _log("parent process %d is gone; exiting" % parent)
@@ -1147,6 +1322,7 @@ def _serve(
             T.stop()
         del _hooks[:]
         del _stash[:]
+        _segments_on[0] = False
         _session_cache.clear()
         _run.id = None
         _run.pending = False
@@ -1204,6 +1380,8 @@ def _serve_inner(
         "max_in_flight": n,
         "bridge": BRIDGE,
     }
+    if hello.get("segments") is True and os.environ.get("SNAKEPIT_BRIDGE_SEGMENTS", "1") != "0":
+        ready["segments"] = True
     T = None
     if transport.get("kind") == "grpc":
         try:
@@ -1222,6 +1400,9 @@ def _serve_inner(
         _run.signum = _install_cancel_signal() if n == 1 else None
         ready["cancel_signal"] = _run.signum
     chan.send(ready)
+    if ready.get("segments"):
+        chan.segments = True
+        _segments_on[0] = True
     try:
         if T is not None:
             _loop_threaded(chan, tools, n, T)
@@ -1259,6 +1440,33 @@ def _loop(chan: _Channel, tools: dict[str, Callable[..., Any]]) -> None:
             _log("ignoring unknown message type %r" % t)
 
 
+_wakeup: list[Any] = []  # the write end of the serial event loop's signal wakeup socket
+
+
+def _new_loop() -> AbstractEventLoop:
+    """The serial profile's event loop, with a socket pair whose read end it watches (drained
+    and ignored): written to by the C signal handler, it wakes the loop for the Python one."""
+    import asyncio
+    import socket
+
+    loop = asyncio.new_event_loop()
+    r, w = socket.socketpair()
+    r.setblocking(False)
+    w.setblocking(False)
+
+    def drain() -> None:
+        try:
+            while r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    loop.add_reader(r.fileno(), drain)
+    _wakeup.append(w)
+    _wakeup.append(r)  # kept alive with the loop
+    return loop
+
+
 _GEN_TYPES = (types.GeneratorType,)
 _AGEN_TYPES = (types.AsyncGeneratorType,)
 _event_loop: list[AbstractEventLoop] = []
@@ -1274,16 +1482,23 @@ def _loop_run(awaitable: Awaitable[Any], cancellable: bool = True) -> Any:
     import asyncio
 
     if not _event_loop:
-        _event_loop.append(asyncio.new_event_loop())
+        _event_loop.append(_new_loop())
     loop = _event_loop[0]
     task = loop.create_task(_as_coro(awaitable))
     if cancellable:
         _run.task = (loop, task)
+    # A signal that lands just before the loop blocks in `select` would only set Python's flag
+    # and go unseen until something else woke the loop: its wakeup fd wakes it (a classic
+    # race; asyncio's own signal handling does the same).
+    wakeup = _wakeup[0] if _wakeup and threading.current_thread() is threading.main_thread() else None
+    old = signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False) if wakeup is not None else None
     try:
         result = loop.run_until_complete(task)
     except asyncio.CancelledError:
         raise Cancelled("call cancelled by the host")
     finally:
+        if wakeup is not None and old is not None:
+            signal.set_wakeup_fd(old)
         if cancellable:
             _run.task = None
     if _run.pending:
@@ -1347,24 +1562,39 @@ def _not_json(rid: Any, e: BaseException) -> bytes:
     )
 
 
-def _encode_reply(chan: _Channel, reply: Message, rid: Any) -> tuple[bytes, bool]:
+#: A frame body: JSON bytes, or (JSON bytes, segments) for a segmented frame.
+Body = Union[bytes, "tuple[bytes, list[memoryview]]"]
+
+
+def _too_large(rid: Any, size: int, limit: int) -> bytes:
+    return _dumps(
+        {
+            "t": "error",
+            "id": rid,
+            "error": {"type": "FrameTooLarge", "message": "message of %d bytes exceeds max_frame %d" % (size, limit)},
+        }
+    )
+
+
+def _encode_reply(chan: _Channel, reply: Message, rid: Any) -> tuple[Body, bool]:
     """Encodes a message for `rid`; returns (body, ok). When the message cannot be sent (not
-    JSON-serialisable, over max_frame), body is an `error` for `rid` instead and ok is False."""
+    JSON-serialisable, over max_frame), body is an `error` for `rid` instead and ok is False.
+    A message holding binary data (segments agreed) is a segmented body."""
     try:
         body = _dumps(reply)
+    except _NeedSegments:
+        try:
+            json_body, segs = _dumps_segments(reply)
+        except Exception as e:
+            return _not_json(rid, e), False
+        size = 4 + len(json_body) + sum(s.nbytes for s in segs)
+        if size > chan.max_frame:
+            return _too_large(rid, size, chan.max_frame), False
+        return (json_body, segs), True
     except Exception as e:  # TypeError, ValueError (NaN), RecursionError, or an encoder hook's
         return _not_json(rid, e), False
     if len(body) > chan.max_frame:
-        return _dumps(
-            {
-                "t": "error",
-                "id": rid,
-                "error": {
-                    "type": "FrameTooLarge",
-                    "message": "message of %d bytes exceeds max_frame %d" % (len(body), chan.max_frame),
-                },
-            }
-        ), False
+        return _too_large(rid, len(body), chan.max_frame), False
     return body, True
 
 
@@ -1387,6 +1617,9 @@ def _call(chan: _Channel, tools: dict[str, Callable[..., Any]], msg: Message) ->
         _run.id = rid
         try:
             args = msg.get("args")
+            segs = msg.get("$segs")
+            if segs is not None:
+                args = _bind_segments(args, segs)
             wants_ctx = _wants_ctx(fn)
             if T is not None:
                 T.expose(rid)  # the tool's own code runs now: a cancel is raised in it
@@ -1429,16 +1662,44 @@ def _call(chan: _Channel, tools: dict[str, Callable[..., Any]], msg: Message) ->
     chan.write(body)
 
 
+def _bind_segments(value: Any, segs: list[memoryview]) -> Any:
+    """`value` with each segment reference `{"$seg": i}` replaced by segment `i` (a read-only
+    memoryview over the frame: no copy), or by a numpy array over it when the reference
+    carries `dtype` and `shape` and numpy is installed."""
+    if type(value) is dict:
+        i = value.get("$seg")
+        if type(i) is int:
+            if not 0 <= i < len(segs):
+                raise BadSegment("segment %d referred to, %d sent" % (i, len(segs)))
+            if "dtype" in value and "shape" in value:
+                try:
+                    import numpy as np
+                except ImportError:
+                    return segs[i]
+                return np.frombuffer(segs[i], dtype=value["dtype"]).reshape(value["shape"])
+            return segs[i]
+        return {k: _bind_segments(v, segs) for k, v in value.items()}
+    if type(value) is list:
+        return [_bind_segments(v, segs) for v in value]
+    return value
+
+
+class BadSegment(ValueError):
+    """A segment reference to a segment the message does not carry."""
+
+
 # Result types that are neither coroutines nor generators (checked first: it is one set lookup).
 _PLAIN = frozenset((dict, list, str, int, float, bool, type(None), tuple))
 
 
-def _result_body(chan: _Channel, rid: Any, result: Any) -> bytes:
+def _result_body(chan: _Channel, rid: Any, result: Any) -> Body:
     """The `result` message for `rid`, its envelope written by hand around the encoded result
     (an integer id, the usual case); `_encode_reply` otherwise, and for its error cases."""
     if type(rid) is int:
         try:
             body = b'{"t":"result","id":%d,"ok":%s}' % (rid, _dumps(result))
+        except _NeedSegments:
+            return _encode_reply(chan, {"t": "result", "id": rid, "ok": result}, rid)[0]
         except Exception as e:  # not JSON: an error (without running the encoders again)
             return _not_json(rid, e)
         if len(body) <= chan.max_frame:

@@ -25,6 +25,7 @@ signal only for a call not yet answered. Every wait, reads and writes alike, is 
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["FakeHost", "HostTimeout", "ProtocolViolation", "WorkerError", "WorkerExited"]
 
 _HDR = struct.Struct(">I")
+_SEGMENTED = 1 << 31
 # One in-process bridge at a time: its dispatch state is per process, as in a real worker.
 _ACTIVE = threading.Lock()
 # How the host starts the bootstrap (snakepit-adapters/src/python.rs, BOOTSTRAP).
@@ -102,6 +104,7 @@ class FakeHost:
         versions: Iterable[int] = (1,),
         host_tools: Mapping[str, Callable[[Any], Any]] | None = None,
         timeout: float = 10.0,
+        segments: bool = True,
     ) -> None:
         self._adapter = adapter
         self._tools = _tool_map(tools)
@@ -112,6 +115,8 @@ class FakeHost:
         self.max_frame = max_frame
         self.versions = list(versions)
         self.timeout = timeout
+        #: Whether binary segments are offered in ``hello`` (as the stdio host does).
+        self.segments = segments
         #: Host tools by name; ``session.get``/``set``/``delete`` are built in.
         self.host_tools: dict[str, Callable[[Any], Any]] = dict(host_tools or {})
         #: The session store the built-in session host tools use: session id -> name -> value.
@@ -221,6 +226,8 @@ class FakeHost:
             "config": self.config,
             "max_in_flight": self.max_in_flight,
         }
+        if self.segments:
+            hello["segments"] = True
         self.send(hello)
         self.ready = self._recv()
         if self.ready.get("t") not in ("ready", "refuse"):
@@ -325,13 +332,15 @@ class FakeHost:
         return self.result(self.submit(cmd, args, session=session))
 
     def result(self, rid: int) -> Any:
-        """The result of call ``rid``; raises :class:`WorkerError` for an ``error``."""
+        """The result of call ``rid``; raises :class:`WorkerError` for an ``error``. Binary
+        segments come back as ``bytes`` (a reference with ``dtype`` and ``shape`` as a numpy
+        array)."""
         m = self.reply(rid)
         if m["t"] == "error":
             raise WorkerError(m.get("error") or {})
         if m["t"] != "result":
             raise AssertionError("call %d: expected result or error, got %r" % (rid, m))
-        return m.get("ok")
+        return _bind(m.get("ok"), m.get("$segs"))
 
     def stream(
         self, cmd: str, args: Any = None, *, window: int = 1, session: str | None = None
@@ -349,7 +358,7 @@ class FakeHost:
             m = self.reply(rid)
             t = m["t"]
             if t == "chunk":
-                yield m.get("data")
+                yield _bind(m.get("data"), m.get("$segs"))
                 if grant:
                     self.grant(rid, 1)
             elif t == "end":
@@ -417,9 +426,23 @@ class FakeHost:
         self._replies.setdefault(("pong", rid) if t == "pong" else rid, []).append(m)
 
     def send(self, msg: Mapping[str, Any] | bytes) -> None:
-        """Writes one frame: a message, or a raw body (bytes) for malformed-input tests."""
-        body = msg if isinstance(msg, bytes) else _core._dumps(dict(msg))
-        self._write(_HDR.pack(len(body)) + body, time.monotonic() + self.timeout)
+        """Writes one frame: a message, or a raw body (bytes) for malformed-input tests. A
+        message holding binary data (bytes-like objects, numpy arrays) is sent as a segmented
+        frame, each as a segment reference (docs/protocol.md, "Binary segments")."""
+        deadline = time.monotonic() + self.timeout
+        if isinstance(msg, bytes):
+            self._write(_HDR.pack(len(msg)) + msg, deadline)
+            return
+        segs: list[bytes] = []
+        value = _extract(dict(msg), segs)
+        if not segs:
+            body = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+            self._write(_HDR.pack(len(body)) + body, deadline)
+            return
+        value["seg"] = [len(b) for b in segs]
+        body = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+        total = 4 + len(body) + sum(len(b) for b in segs)
+        self._write(_HDR.pack(total | _SEGMENTED) + _HDR.pack(len(body)) + body + b"".join(segs), deadline)
 
     def send_raw(self, data: bytes) -> None:
         """Writes ``data`` as is, no framing (for broken-frame tests)."""
@@ -458,7 +481,7 @@ class FakeHost:
 
     def _answer_host_call(self, m: dict[str, Any], deadline: float) -> None:
         name = str(m.get("name"))
-        args = m.get("args")
+        args = _bind(m.get("args"), m.get("$segs"))
         self.host_calls.append((name, args))
         reply: dict[str, Any] = {"t": "host_result", "id": m.get("id")}
         try:
@@ -467,8 +490,7 @@ class FakeHost:
             reply["error"] = {"type": e.type_name, "message": str(e)}
         except Exception as e:
             reply["error"] = {"type": type(e).__name__, "message": str(e)}
-        body = _core._dumps(reply)
-        self._write(_HDR.pack(len(body)) + body, deadline)
+        self.send(reply)
 
     def _host_tool(self, name: str, rid: Any, args: Any) -> Any:
         if name.startswith("session."):  # as the host: always the session store
@@ -497,13 +519,19 @@ class FakeHost:
             deadline = time.monotonic() + self.timeout
         hdr = self._read_exact(4, deadline)
         (n,) = _HDR.unpack(hdr)
+        segmented = n >= _SEGMENTED
+        n &= _SEGMENTED - 1
         if n > self.max_frame:
             raise ProtocolViolation("the worker sent a frame of %d bytes (max_frame %d)" % (n, self.max_frame))
+        if segmented and not self.ready.get("segments", not self.ready):
+            raise ProtocolViolation("a segmented frame, and the worker did not announce segments")
         body = self._read_exact(n, deadline)
         try:
-            msg = _core._loads(body)
+            msg = _core._split_segments(body) if segmented else _core._loads(body)
         except ValueError as e:
-            raise ProtocolViolation("the worker sent a body that is not JSON (%s): %r" % (e, body[:200]))
+            raise ProtocolViolation("the worker sent a body that is not a message (%s): %r" % (e, body[:200]))
+        if segmented:
+            msg["$segs"] = [bytes(v) for v in msg["$segs"]]
         if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
             raise ProtocolViolation("the worker sent %r, not a message" % (msg,))
         return msg
@@ -562,6 +590,44 @@ class FakeHost:
             if self._thread is not None:
                 self._thread.join(1.0)
             raise self._thread_error
+
+
+def _extract(value: Any, segs: list[bytes]) -> Any:
+    """`value` with its binary parts replaced by segment references (appended to `segs`)."""
+    if isinstance(value, dict):
+        return {k: _extract(v, segs) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_extract(v, segs) for v in value]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        segs.append(bytes(value))
+        return {"$seg": len(segs) - 1}
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(value, np.ndarray):
+        arr = np.ascontiguousarray(value)
+        segs.append(arr.tobytes())
+        return {"$seg": len(segs) - 1, "dtype": arr.dtype.str, "shape": list(arr.shape)}
+    return value
+
+
+def _bind(value: Any, segs: list[bytes] | None) -> Any:
+    """`value` with segment references replaced by their bytes (numpy arrays for references
+    with `dtype` and `shape`)."""
+    if segs is None:
+        return value
+    if isinstance(value, dict):
+        i = value.get("$seg")
+        if type(i) is int:
+            if not 0 <= i < len(segs):
+                raise ProtocolViolation("segment %d referred to, %d sent" % (i, len(segs)))
+            if "dtype" in value and "shape" in value:
+                import numpy as np
+
+                return np.frombuffer(segs[i], dtype=value["dtype"]).reshape(value["shape"])
+            return segs[i]
+        return {k: _bind(v, segs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bind(v, segs) for v in value]
+    return value
 
 
 class _HostError(Exception):

@@ -15,6 +15,7 @@ mod queue;
 mod stats;
 mod stream;
 
+use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -127,6 +128,22 @@ impl Pool {
     /// ([`PoolBuilder::max_call_time`]).
     pub async fn execute(&self, command: &str, args: serde_json::Value) -> Result<serde_json::Value, Error> {
         self.execute_with(command, Payload::from(args), CallOptions::default()).await?.to_value()
+    }
+
+    /// Runs `command` with raw bytes and returns raw bytes: no JSON, no base64. The bytes
+    /// travel as a binary segment (a Python tool receives a `memoryview` and returns `bytes`,
+    /// a `memoryview`, a numpy array or any buffer); see [`Payload`] for mixing bytes and
+    /// JSON. Fails with [`Error::BadRequest`] if the worker does not accept binary segments,
+    /// and [`Error::Codec`] if the tool returned something other than bytes.
+    ///
+    /// ```no_run
+    /// # async fn f(pool: &snakepit::Pool) -> Result<(), snakepit::Error> {
+    /// let png = snakepit::Bytes::from(std::fs::read("in.png").unwrap_or_default());
+    /// let thumbnail = pool.execute_bytes("thumbnail", png).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn execute_bytes(&self, command: &str, bytes: Bytes) -> Result<Bytes, Error> {
+        self.execute_with(command, Payload::from_bytes(bytes), CallOptions::default()).await?.into_segment()
     }
 
     /// Runs `command` with typed arguments and decodes a typed result.
