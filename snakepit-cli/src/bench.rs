@@ -252,6 +252,23 @@ async fn pool_run(pool: &Arc<Pool>, payload: usize, calls: u64, callers: usize) 
     sample(&h, calls, start.elapsed())
 }
 
+/// `calls` sequential raw-bytes echoes of `payload` bytes (binary segments: no JSON, no base64).
+async fn bytes_run(pool: &Pool, payload: usize, calls: u64) -> Sample {
+    let data = snakepit::Bytes::from(vec![b'x'; payload]);
+    for _ in 0..20 {
+        let _ = pool.execute_bytes("echo", data.clone()).await;
+    }
+    let mut h = hist();
+    let start = Instant::now();
+    for _ in 0..calls {
+        let t = Instant::now();
+        if pool.execute_bytes("echo", data.clone()).await.is_ok_and(|b| b.len() == payload) {
+            let _ = h.record(t.elapsed().as_nanos() as u64);
+        }
+    }
+    sample(&h, calls, start.elapsed())
+}
+
 /// An import-heavy worker script (for the start-up rows).
 const HEAVY: &str = "import json, decimal, asyncio, email, email.mime.text, http.client, xml.dom.minidom, \
                      sqlite3, unittest\nfrom snakepit_bridge import tool\n\n@tool\ndef ping():\n    return 'pong'\n";
@@ -401,6 +418,8 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
     } else {
         (20_000, 5, &[64, 1024, 100 * 1024, 1024 * 1024])
     };
+    // Raw-bytes echoes (binary segments), against the floor of the same size.
+    let byte_sizes: &[usize] = &[64, 1024, 100 * 1024, 1024 * 1024];
     let size_calls = |s: usize| {
         if s >= 1024 * 1024 {
             calls / 20
@@ -492,6 +511,21 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
                 floors.insert(gname.clone(), gfloor);
                 results.entry(gname).or_default().push(pool_run(pg, s, c, 1).await);
             }
+        }
+        for &s in byte_sizes {
+            let c = size_calls(s);
+            let floor_name = format!("floor seq {s} B");
+            let name = format!("stdio 1 worker bytes seq {s} B");
+            if !want(&name) {
+                continue;
+            }
+            if !sizes.contains(&s) && want(&floor_name) {
+                if let Ok(x) = floor(&python, Peer::Echo, s, c, 1) {
+                    results.entry(floor_name.clone()).or_default().push(x);
+                }
+            }
+            floors.insert(name.clone(), floor_name);
+            results.entry(name).or_default().push(bytes_run(&p1, s, c).await);
         }
         let kname = "floor K=16 64 B".to_string();
         if !want(&kname) {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use snakepit::{CallOptions, Payload, Pool, Python};
 
+mod b64;
 mod bench;
 mod demo;
 mod serve;
@@ -55,7 +56,7 @@ enum Cmd {
         transport: TransportArgs,
         /// The command (tool) to run.
         command: String,
-        /// Its arguments as JSON (default: null).
+        /// Its arguments as JSON (default: null); `{"$b64": "..."}` anywhere is sent as bytes.
         #[arg(default_value = "null")]
         args: String,
         /// Timeout in milliseconds.
@@ -205,15 +206,22 @@ async fn call(
         }
     };
     let opts = CallOptions::default().with_timeout(timeout_ms.map(Duration::from_millis));
-    let r = pool.execute_with(&command, Payload::from(args), opts).await;
+    // `{"$b64": ...}` in ARGS are sent as bytes, and bytes in the result printed that way.
+    let r = match b64::decode_args(Payload::from(args)) {
+        Ok(args) => pool.execute_with(&command, args, opts).await.map_err(|e| e.to_json()),
+        Err(m) => Err(serde_json::json!({"kind": "bad_request", "message": m})),
+    };
     pool.shutdown().await;
+    let r = r.and_then(|p| {
+        b64::encode_result(p).map_err(|m| serde_json::json!({"kind": "protocol", "message": m}))
+    });
     match r {
         Ok(p) => {
             println!("{}", String::from_utf8_lossy(p.bytes()));
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("{}", e.to_json());
+            eprintln!("{e}");
             ExitCode::FAILURE
         }
     }

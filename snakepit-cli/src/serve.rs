@@ -259,8 +259,16 @@ async fn run_request(pool: &Pool, req: Request, out: &Out) {
     if req.stream || pool.is_stream_tool(&req.command) {
         return run_stream(pool, req, opts, out).await;
     }
-    let line = match pool.execute_with(&req.command, req.args, opts).await {
-        Ok(p) => output::value_line(&req.id, "ok", &p).unwrap_or_else(|e| e),
+    let args = match crate::b64::decode_args(req.args) {
+        Ok(a) => a,
+        Err(m) => {
+            let _ = out.send(output::bad_request(&req.id, m)).await;
+            return;
+        }
+    };
+    let line = match pool.execute_with(&req.command, args, opts).await.map(crate::b64::encode_result) {
+        Ok(Ok(p)) => output::value_line(&req.id, "ok", &p).unwrap_or_else(|e| e),
+        Ok(Err(m)) => output::error_line(&req.id, &serde_json::json!({"kind": "protocol", "message": m})),
         Err(e) => output::error_line(&req.id, &e.to_json()),
     };
     let _ = out.send(line).await;
@@ -270,7 +278,14 @@ async fn run_request(pool: &Pool, req: Request, out: &Out) {
 /// next item is pulled only once the last one is queued for stdout: a stdout nobody reads stops
 /// the stream's credit, and so its worker.
 async fn run_stream(pool: &Pool, req: Request, opts: CallOptions, out: &Out) {
-    let mut stream = match pool.execute_stream_with(None, &req.command, req.args, opts).await {
+    let args = match crate::b64::decode_args(req.args) {
+        Ok(a) => a,
+        Err(m) => {
+            let _ = out.send(output::bad_request(&req.id, m)).await;
+            return;
+        }
+    };
+    let mut stream = match pool.execute_stream_with(None, &req.command, args, opts).await {
         Ok(s) => s,
         Err(e) => {
             let _ = out.send(output::error_line(&req.id, &e.to_json())).await;
@@ -278,11 +293,14 @@ async fn run_stream(pool: &Pool, req: Request, opts: CallOptions, out: &Out) {
         }
     };
     while let Some(item) = stream.next().await {
-        let (line, last) = match item {
-            Ok(p) => match output::value_line(&req.id, "chunk", &p) {
+        let (line, last) = match item.map(crate::b64::encode_result) {
+            Ok(Ok(p)) => match output::value_line(&req.id, "chunk", &p) {
                 Ok(line) => (line, false),
                 Err(line) => (line, true),
             },
+            Ok(Err(m)) => {
+                (output::error_line(&req.id, &serde_json::json!({"kind": "protocol", "message": m})), true)
+            }
             Err(e) => (output::error_line(&req.id, &e.to_json()), true),
         };
         if out.send(line).await.is_err() || last {

@@ -159,6 +159,41 @@ fn call_prints_the_result_or_the_error() {
 }
 
 #[test]
+fn serve_and_call_send_b64_objects_as_bytes_and_write_bytes_back_as_b64() {
+    let g = Guard::new();
+    let mut child = g.serve("1", &[]);
+    let mut stdin = child.stdin.take().expect("stdin");
+    let requests = [
+        r#"{"id":1,"command":"echo","args":{"data":{"$b64":"AAEC/w=="},"n":3}}"#,
+        r#"{"id":2,"command":"echo","args":[{"$b64":""}]}"#,
+        r#"{"id":3,"command":"echo","args":{"data":{"$b64":"not base64!"}}}"#,
+        r#"{"id":4,"command":"echo","args":{"text":"$b64 in a string is just text"}}"#,
+    ];
+    for r in requests {
+        writeln!(stdin, "{r}").expect("write");
+    }
+    drop(stdin);
+    let mut replies = std::collections::HashMap::new();
+    for line in BufReader::new(child.stdout.take().expect("stdout")).lines() {
+        let v: Value = serde_json::from_str(&line.expect("line")).expect("json line");
+        replies.insert(v["id"].to_string(), v);
+    }
+    assert!(child.wait().expect("wait").success());
+    assert_eq!(replies["1"]["ok"], json!({"data": {"$b64": "AAEC/w=="}, "n": 3}), "{replies:?}");
+    assert_eq!(replies["2"]["ok"], json!({"$b64": ""}));
+    assert_eq!(replies["3"]["error"]["kind"], "bad_request");
+    assert!(replies["3"]["error"]["message"].as_str().expect("message").contains("not base64"));
+    assert_eq!(replies["4"]["ok"], json!({"text": "$b64 in a string is just text"}));
+    let out = g
+        .snakepit()
+        .args(["call", "--module", "snakepit_bridge.showcase", "echo", r#"[{"$b64":"aGk="}]"#])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"$b64":"aGk="}"#);
+}
+
+#[test]
 fn demo_runs_a_mixed_workload() {
     let g = Guard::new();
     let out = g.snakepit().args(["demo", "--calls", "1200"]).output().expect("run");

@@ -18,7 +18,9 @@
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use bytes::Bytes;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -53,6 +55,8 @@ struct HostService {
     in_flight: Arc<AtomicUsize>,
     /// Breaks the worker's control channel on a violation (set once the handshake is done).
     breaker: Arc<OnceLock<Breaker>>,
+    /// Whether the worker announced binary segments (set once the handshake is done).
+    segments: Arc<AtomicBool>,
 }
 
 /// One `Host.Call` being answered.
@@ -83,7 +87,8 @@ impl Host for HostService {
             return Err(tonic::Status::resource_exhausted(detail));
         }
         let args =
-            if r.args.is_empty() { Payload::null() } else { Payload::from_encoded(Codec::Json, r.args) };
+            if r.args.is_empty() { Payload::null() } else { Payload::from_encoded(Codec::Json, r.args) }
+                .with_segments(r.segments.into_iter().map(Bytes::from).collect());
         let call = snakepit_core::HostCall::new(self.worker, Some(RequestId(r.call)), r.name, args);
         let outcome = match &self.handler {
             Some(h) => h.host_call(call).await,
@@ -93,15 +98,30 @@ impl Host for HostService {
                 traceback: None,
             }),
         };
-        let outcome = match outcome {
-            Ok(p) => proto::host_call_reply::Outcome::Ok(p.bytes().to_vec()),
-            Err(e) => proto::host_call_reply::Outcome::Error(proto::WorkerError {
-                r#type: e.kind,
-                message: e.message,
-                traceback: e.traceback.unwrap_or_default(),
-            }),
+        let refused = WorkerError {
+            kind: "BadRequest".into(),
+            message: "the host tool returned bytes, and this worker does not accept binary segments".into(),
+            traceback: None,
         };
-        Ok(tonic::Response::new(proto::HostCallReply { outcome: Some(outcome) }))
+        let outcome = match outcome {
+            Ok(p) if p.has_segments() && !self.segments.load(Ordering::Acquire) => Err(refused),
+            other => other,
+        };
+        let (outcome, segments) = match outcome {
+            Ok(p) => (
+                proto::host_call_reply::Outcome::Ok(p.bytes().to_vec()),
+                p.segments().iter().map(|b| b.to_vec()).collect(),
+            ),
+            Err(e) => (
+                proto::host_call_reply::Outcome::Error(proto::WorkerError {
+                    r#type: e.kind,
+                    message: e.message,
+                    traceback: e.traceback.unwrap_or_default(),
+                }),
+                Vec::new(),
+            ),
+        };
+        Ok(tonic::Response::new(proto::HostCallReply { outcome: Some(outcome), segments }))
     }
 }
 
@@ -275,12 +295,14 @@ impl Transport for Grpc {
         let listener = tokio::net::UnixListener::bind(&host_socket)
             .map_err(|e| setup(format!("cannot listen on the host socket {}", host_socket.display()), e))?;
         let breaker = Arc::new(OnceLock::new());
+        let segments = Arc::new(AtomicBool::new(false));
         let service = HostService {
             worker,
             token: token.clone(),
             handler: hello.host.clone(),
             in_flight: Arc::new(AtomicUsize::new(0)),
             breaker: breaker.clone(),
+            segments: segments.clone(),
         };
         let (stop_host, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -296,6 +318,8 @@ impl Transport for Grpc {
             }
         });
         // Busy-polling is a stdio feature: calls here do not travel on the control pipe.
+        // Binary segments travel in the messages' `segments` fields.
+        let hello = hello.with_segments(true);
         let hello = hello.with_busy_poll(std::time::Duration::ZERO).with_transport(serde_json::json!({
             "kind": "grpc",
             "socket": socket.to_string_lossy(),
@@ -304,6 +328,7 @@ impl Transport for Grpc {
         }));
         let (control, ready) = control::connect(io, hello, DEFAULT_FRAME_TIMEOUT).await?;
         let _ = breaker.set(control.breaker());
+        segments.store(ready.segments, Ordering::Release);
         let Some(address) = ready.address.clone() else {
             return Err(protocol("the worker did not announce a gRPC address in `ready`".into()));
         };
@@ -324,6 +349,7 @@ impl Transport for Grpc {
             client,
             token,
             max_frame: self.max_frame,
+            segments: ready.segments,
             next_id: AtomicU64::new(1),
             inflight: InFlight::new(),
             _stop_host: stop_host,
@@ -344,6 +370,8 @@ pub struct GrpcConnection {
     client: WorkerClient<Channel>,
     token: String,
     max_frame: usize,
+    /// Whether the worker announced binary segments.
+    segments: bool,
     next_id: AtomicU64,
     /// Calls sent over gRPC and not yet answered (for `idle` / `answered`).
     inflight: InFlight,
@@ -395,9 +423,10 @@ impl GrpcConnection {
     }
 
     fn call_request(&self, req: &Request, id: u64) -> Result<proto::CallRequest, Error> {
-        if req.args.has_segments() {
+        if req.args.has_segments() && !self.segments {
             return Err(Error::BadRequest(format!(
-                "arguments of `{}` carry binary segments, which the gRPC transport does not carry yet",
+                "arguments of `{}` carry binary segments, and this worker does not accept them (its `ready` \
+                 did not announce `segments`)",
                 req.command
             )));
         }
@@ -407,13 +436,15 @@ impl GrpcConnection {
                 Error::BadRequest(format!("arguments of `{}` are not valid JSON: {e}", req.command))
             })?;
         }
-        if args.len() > self.max_frame {
-            return Err(Error::FrameTooLarge { size: args.len(), max: self.max_frame });
+        let size = req.args.total_len();
+        if size > self.max_frame {
+            return Err(Error::FrameTooLarge { size, max: self.max_frame });
         }
         Ok(proto::CallRequest {
             id,
             command: req.command.to_string(),
             args: args.to_vec(),
+            segments: req.args.segments().iter().map(|b| b.to_vec()).collect(),
             session: req.session.clone().unwrap_or_default(),
             timeout_ms: req
                 .deadline
@@ -464,9 +495,11 @@ impl Connection for GrpcConnection {
             Ok(r) => r.into_inner(),
             Err(s) => return Err(self.status_error(&req.command, s).await),
         };
+        let segments = reply.segments;
         match reply.outcome {
             Some(proto::call_reply::Outcome::Ok(b)) => {
                 json_payload(&self.control.breaker(), self.worker, b, "the `ok` of a CallReply")
+                    .map(|p| p.with_segments(segments.into_iter().map(Bytes::from).collect()))
             }
             Some(proto::call_reply::Outcome::Error(e)) => Err(Error::Worker {
                 worker: self.worker,
@@ -498,13 +531,14 @@ impl Connection for GrpcConnection {
         let items = stream.map(move |item| {
             let _keep = &guard;
             match item {
-                Ok(proto::StreamItem { item: Some(proto::stream_item::Item::Chunk(b)) }) => {
+                Ok(proto::StreamItem { item: Some(proto::stream_item::Item::Chunk(b)), segments }) => {
                     json_payload(&breaker, worker, b, "a StreamItem chunk")
+                        .map(|p| p.with_segments(segments.into_iter().map(Bytes::from).collect()))
                 }
-                Ok(proto::StreamItem { item: Some(proto::stream_item::Item::Error(e)) }) => {
+                Ok(proto::StreamItem { item: Some(proto::stream_item::Item::Error(e)), .. }) => {
                     Err(Error::Worker { worker, command: command.to_string(), error: worker_error(e) })
                 }
-                Ok(proto::StreamItem { item: None }) => {
+                Ok(proto::StreamItem { item: None, .. }) => {
                     Err(Error::Protocol { worker, detail: "empty StreamItem".into(), source: None })
                 }
                 Err(s) => Err(Error::Protocol {

@@ -8,9 +8,14 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use snakepit_core::{Error, HostCall, HostHandler, Payload, RequestId, SessionStore, WorkerError, WorkerId};
 
-/// A host tool: JSON in, JSON out.
-pub(crate) type HostTool =
-    Arc<dyn Fn(serde_json::Value) -> BoxFuture<'static, Result<serde_json::Value, Error>> + Send + Sync>;
+/// A host tool: JSON in, JSON out; or payloads (JSON with binary segments) in and out.
+#[derive(Clone)]
+pub(crate) enum HostTool {
+    Json(
+        Arc<dyn Fn(serde_json::Value) -> BoxFuture<'static, Result<serde_json::Value, Error>> + Send + Sync>,
+    ),
+    Payload(Arc<dyn Fn(Payload) -> BoxFuture<'static, Result<Payload, Error>> + Send + Sync>),
+}
 
 /// The pool's answer to its workers' `host_call`s.
 pub(crate) struct PoolHost {
@@ -41,7 +46,16 @@ impl PoolHost {
         F: Fn(serde_json::Value) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<serde_json::Value, Error>> + Send + 'static,
     {
-        let tool: HostTool = Arc::new(move |v| Box::pin(f(v)));
+        let tool = HostTool::Json(Arc::new(move |v| Box::pin(f(v))));
+        self.tools.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), tool);
+    }
+
+    pub(crate) fn register_payload<F, Fut>(&self, name: &str, f: F)
+    where
+        F: Fn(Payload) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Payload, Error>> + Send + 'static,
+    {
+        let tool = HostTool::Payload(Arc::new(move |p| Box::pin(f(p))));
         self.tools.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned(), tool);
     }
 
@@ -103,7 +117,13 @@ impl HostHandler for PoolHost {
         let Some(tool) = tool else {
             return Err(werr("UnknownHostTool", format!("the host has no tool `{}`", call.name)));
         };
-        let args: serde_json::Value = call.args.decode().map_err(|e| werr("BadRequest", e.to_string()))?;
-        tool(args).await.map(Payload::from).map_err(from_error)
+        match tool {
+            HostTool::Json(tool) => {
+                let args: serde_json::Value =
+                    call.args.decode().map_err(|e| werr("BadRequest", e.to_string()))?;
+                tool(args).await.map(Payload::from).map_err(from_error)
+            }
+            HostTool::Payload(tool) => tool(call.args).await.map_err(from_error),
+        }
     }
 }

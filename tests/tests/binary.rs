@@ -36,6 +36,11 @@ def array_sum(a):
 @tool
 def text(*args):
     return "not bytes"
+
+@tool
+def via_host(ctx, data):
+    back = ctx.call_host("reverse", {"data": data})
+    return {"type": type(back).__name__, "back": back}
 "#;
 
 fn python(r: &Reaper) -> Python {
@@ -145,4 +150,49 @@ async fn a_segment_reference_out_of_range_is_a_worker_error() {
     }
     pool.shutdown().await;
     r.assert_none_left(Duration::from_secs(5));
+}
+
+/// Over both transports: bytes through a host tool and back (the worker sends a segment in its
+/// host call, the host tool answers with one).
+async fn host_calls_carry_segments(grpc: bool) {
+    let r = Reaper::new();
+    let mut b = r.builder().adapter(python(&r)).size(1);
+    if grpc {
+        b = b.transport(snakepit::Grpc::default().socket_root(r.dir().join("s")));
+    }
+    let pool = b.build().await.expect("pool");
+    pool.register_host_tool_payload("reverse", |args: Payload| async move {
+        let v = args.to_value()?;
+        assert_eq!(v, json!({"data": {"$seg": 0}}));
+        let mut b = args.segments()[0].to_vec();
+        b.reverse();
+        Ok(Payload::from_bytes(b))
+    });
+    let out = pool
+        .execute_with(
+            "via_host",
+            Payload::mixed(&json!({"data": {"$seg": 0}}), vec![Bytes::from_static(b"abc")]),
+            Default::default(),
+        )
+        .await
+        .expect("via_host");
+    assert_eq!(out.to_value().expect("json"), json!({"type": "memoryview", "back": {"$seg": 0}}));
+    assert_eq!(out.segments()[0].as_ref(), b"cba");
+    // And a plain bytes round trip and a numpy array on this transport.
+    let data = Bytes::from(vec![5u8; 200_000]);
+    assert!(pool.execute_bytes("echo", data.clone()).await.expect("echo") == data);
+    let a = pool.execute_with("array", Payload::from(json!([4])), Default::default()).await.expect("array");
+    assert_eq!(a.to_value().expect("json"), json!({"$seg": 0, "dtype": "<f4", "shape": [2, 2]}));
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn host_calls_carry_segments_over_stdio() {
+    host_calls_carry_segments(false).await;
+}
+
+#[tokio::test]
+async fn host_calls_carry_segments_over_grpc() {
+    host_calls_carry_segments(true).await;
 }

@@ -518,24 +518,28 @@ def _next_message(chan: _Channel) -> Message | None:
 def _split_segments(body: bytes) -> Any:
     """A segmented frame's message, with "$segs": its segments as read-only memoryviews over
     the frame (no copy). Raises ValueError when the lengths do not add up."""
-    if len(body) < 4:
+    size = len(body)
+    if size < 4:
         raise ValueError("segmented frame shorter than its JSON length")
     (jl,) = _HDR.unpack_from(body)
-    if 4 + jl > len(body):
+    at = 4 + jl
+    if at > size:
         raise ValueError("segmented frame: JSON length %d over the frame" % jl)
-    msg = _loads(body[4 : 4 + jl])
+    msg = _loads(body[4:at])
     table = msg.get("seg") if type(msg) is dict else None
-    if not isinstance(table, list) or not all(type(n) is int and n >= 0 for n in table):
+    if type(table) is not list:
         raise ValueError("segmented frame without a valid `seg` table: %r" % (table,))
     view = memoryview(body)
-    at = 4 + jl
     segs = []
     for n in table:
-        if at + n > len(body):
-            raise ValueError("segment table %r runs past the frame (%d bytes)" % (table, len(body)))
-        segs.append(view[at : at + n])
-        at += n
-    if at != len(body):
+        if type(n) is not int or n < 0:
+            raise ValueError("segmented frame without a valid `seg` table: %r" % (table,))
+        end = at + n
+        if end > size:
+            raise ValueError("segment table %r runs past the frame (%d bytes)" % (table, size))
+        segs.append(view[at:end])
+        at = end
+    if at != size:
         raise ValueError("%d bytes past the segments listed in %r" % (len(body) - at, table))
     msg["$segs"] = segs
     return msg
@@ -833,6 +837,17 @@ class _Channel:
         if _run.pending:
             _frame_boundary()
 
+    def write_raw(self, data: bytes) -> None:
+        """Writes bytes that already hold whole frames, like `write` does a frame."""
+        _run.atomic += 1
+        try:
+            with _write_lock:
+                self._write_all(data)
+        finally:
+            _run.atomic -= 1
+        if _run.pending:
+            _frame_boundary()
+
     def _write_all(self, data: bytes | memoryview) -> None:
         n = os.write(self.out_fd, data)
         if n == len(data):
@@ -853,10 +868,18 @@ class _Channel:
     def write_segmented(self, json_body: bytes, segments: list[memoryview]) -> None:
         """Writes one segmented frame: header (with the segmented bit), JSON length, JSON,
         then the segments straight from their buffers (``writev``: no copy)."""
-        n = 4 + len(json_body) + sum(s.nbytes for s in segments)
+        seg_bytes = 0
+        for seg in segments:
+            seg_bytes += seg.nbytes
+        n = 4 + len(json_body) + seg_bytes
         if n > self.max_frame:
             raise FrameTooLarge(n, self.max_frame)
-        parts: list[Any] = [_HDR.pack(n | _SEGMENTED) + _HDR.pack(len(json_body)) + json_body]
+        head = _HDR.pack(n | _SEGMENTED) + _HDR.pack(len(json_body)) + json_body
+        if seg_bytes < 65536:
+            # Small: one buffer and one write (cheaper than writev's bookkeeping).
+            self.write_raw(head + b"".join(segments))
+            return
+        parts: list[Any] = [head]
         parts.extend(segments)
         _run.atomic += 1
         try:
@@ -994,9 +1017,10 @@ def _as_segment(obj: Any, segs: list[memoryview]) -> Any:
     return {"$seg": len(segs) - 1}
 
 
-def _dumps_segments(msg: Json) -> tuple[bytes, list[memoryview]]:
-    """`msg` as JSON whose binary parts are segment references, its segment table appended,
-    and the segments."""
+def _dumps_segments(msg: Json, table: bool = True) -> tuple[bytes, list[memoryview]]:
+    """`msg` as JSON whose binary parts are segment references (with the segment table
+    appended to the message object, for a segmented frame, unless not `table`), and the
+    segments."""
     prev = getattr(_tls, "segs", None)
     segs: list[memoryview] = []
     _tls.segs = segs
@@ -1004,7 +1028,7 @@ def _dumps_segments(msg: Json) -> tuple[bytes, list[memoryview]]:
         body = _dumps(msg)
     finally:
         _tls.segs = prev
-    if body.endswith(b"}"):
+    if table and body.endswith(b"}"):
         body = body[:-1] + b',"seg":[' + ",".join(str(s.nbytes) for s in segs).encode() + b"]}"
     return body, segs
 
@@ -1079,6 +1103,15 @@ _encode = (
     else None
 )
 _scan = _c_make_scanner(json.JSONDecoder()) if _c_make_scanner is not None else None
+
+
+def _dumps_any(value: Json) -> tuple[bytes, list[memoryview]]:
+    """`value` as JSON, and the segments its binary parts became (none when segments are not
+    agreed: then binary parts are a TypeError, or lists for numpy)."""
+    try:
+        return _dumps(value), []
+    except _NeedSegments:
+        return _dumps_segments(value, table=False)
 
 
 def _dumps(msg: Json) -> bytes:
@@ -1696,10 +1729,30 @@ def _result_body(chan: _Channel, rid: Any, result: Any) -> Body:
     """The `result` message for `rid`, its envelope written by hand around the encoded result
     (an integer id, the usual case); `_encode_reply` otherwise, and for its error cases."""
     if type(rid) is int:
+        t = type(result)
+        if (t is memoryview or t is bytes or t is bytearray) and _segments_on[0] and not _hooks:
+            # Raw bytes (`execute_bytes`): the envelope by hand, the buffer as the one segment.
+            mv = memoryview(result)
+            if mv.c_contiguous and mv.format == "B" and mv.ndim == 1:
+                json_body = b'{"t":"result","id":%d,"ok":{"$seg":0},"seg":[%d]}' % (rid, mv.nbytes)
+                if 4 + len(json_body) + mv.nbytes <= chan.max_frame:
+                    return (json_body, [mv])
         try:
             body = b'{"t":"result","id":%d,"ok":%s}' % (rid, _dumps(result))
         except _NeedSegments:
-            return _encode_reply(chan, {"t": "result", "id": rid, "ok": result}, rid)[0]
+            try:
+                ok, segs = _dumps_segments(result, table=False)
+            except Exception as e:
+                return _not_json(rid, e)
+            json_body = b'{"t":"result","id":%d,"ok":%s,"seg":[%s]}' % (
+                rid,
+                ok,
+                ",".join(str(s.nbytes) for s in segs).encode(),
+            )
+            size = 4 + len(json_body) + sum(s.nbytes for s in segs)
+            if size > chan.max_frame:
+                return _too_large(rid, size, chan.max_frame)
+            return (json_body, segs)
         except Exception as e:  # not JSON: an error (without running the encoders again)
             return _not_json(rid, e)
         if len(body) <= chan.max_frame:

@@ -249,6 +249,27 @@ impl Pool {
         self.inner.host.register(name, f);
     }
 
+    /// Registers a host tool that takes and returns [`Payload`]s: JSON with binary segments
+    /// (a Python worker's `ctx.call_host(name, {"data": some_bytes})` arrives with the bytes as
+    /// a segment, and [`Payload::from_bytes`] answers with bytes).
+    ///
+    /// ```no_run
+    /// # async fn t(pool: &snakepit::Pool) {
+    /// use snakepit::Payload;
+    /// pool.register_host_tool_payload("checksum", |args: Payload| async move {
+    ///     let sum: u64 = args.segments().iter().flat_map(|s| s.iter()).map(|&b| u64::from(b)).sum();
+    ///     Ok(Payload::from(serde_json::json!(sum)))
+    /// });
+    /// # }
+    /// ```
+    pub fn register_host_tool_payload<F, Fut>(&self, name: &str, f: F)
+    where
+        F: Fn(Payload) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Payload, Error>> + Send + 'static,
+    {
+        self.inner.host.register_payload(name, f);
+    }
+
     /// Whether the workers announced `command` as a streaming tool (a generator).
     pub fn is_stream_tool(&self, command: &str) -> bool {
         let tools = self.inner.tools.read().unwrap_or_else(|p| p.into_inner());

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asnakepit/v1/snakepit.proto\x12\x0bsnakepit.v1\"\x07\n\x05\x45mpty\"]\n\x0b\x43\x61llRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x01(\x0c\x12\x0f\n\x07session\x18\x04 \x01(\t\x12\x12\n\ntimeout_ms\x18\x05 \x01(\x04\"?\n\x0bWorkerError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"O\n\tCallReply\x12\x0c\n\x02ok\x18\x01 \x01(\x0cH\x00\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.snakepit.v1.WorkerErrorH\x00\x42\t\n\x07outcome\"P\n\nStreamItem\x12\x0f\n\x05\x63hunk\x18\x01 \x01(\x0cH\x00\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.snakepit.v1.WorkerErrorH\x00\x42\x06\n\x04item\"\x1b\n\rCancelRequest\x12\n\n\x02id\x18\x01 \x01(\x04\"J\n\x0fHostCallRequest\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x01(\x0c\x12\r\n\x05token\x18\x04 \x01(\t\"S\n\rHostCallReply\x12\x0c\n\x02ok\x18\x01 \x01(\x0cH\x00\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.snakepit.v1.WorkerErrorH\x00\x42\t\n\x07outcome2\xa2\x02\n\x06Worker\x12;\n\x07\x45xecute\x12\x18.snakepit.v1.CallRequest\x1a\x16.snakepit.v1.CallReply\x12=\n\x06Stream\x12\x18.snakepit.v1.CallRequest\x1a\x17.snakepit.v1.StreamItem0\x01\x12\x38\n\x06\x43\x61ncel\x12\x1a.snakepit.v1.CancelRequest\x1a\x12.snakepit.v1.Empty\x12.\n\x04Ping\x12\x12.snakepit.v1.Empty\x1a\x12.snakepit.v1.Empty\x12\x32\n\x08Shutdown\x12\x12.snakepit.v1.Empty\x1a\x12.snakepit.v1.Empty2H\n\x04Host\x12@\n\x04\x43\x61ll\x12\x1c.snakepit.v1.HostCallRequest\x1a\x1a.snakepit.v1.HostCallReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asnakepit/v1/snakepit.proto\x12\x0bsnakepit.v1\"\x07\n\x05\x45mpty\"o\n\x0b\x43\x61llRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x01(\x0c\x12\x0f\n\x07session\x18\x04 \x01(\t\x12\x12\n\ntimeout_ms\x18\x05 \x01(\x04\x12\x10\n\x08segments\x18\x06 \x03(\x0c\"?\n\x0bWorkerError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"a\n\tCallReply\x12\x0c\n\x02ok\x18\x01 \x01(\x0cH\x00\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.snakepit.v1.WorkerErrorH\x00\x12\x10\n\x08segments\x18\x03 \x03(\x0c\x42\t\n\x07outcome\"b\n\nStreamItem\x12\x0f\n\x05\x63hunk\x18\x01 \x01(\x0cH\x00\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.snakepit.v1.WorkerErrorH\x00\x12\x10\n\x08segments\x18\x03 \x03(\x0c\x42\x06\n\x04item\"\x1b\n\rCancelRequest\x12\n\n\x02id\x18\x01 \x01(\x04\"\\\n\x0fHostCallRequest\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x01(\x0c\x12\r\n\x05token\x18\x04 \x01(\t\x12\x10\n\x08segments\x18\x05 \x03(\x0c\"e\n\rHostCallReply\x12\x0c\n\x02ok\x18\x01 \x01(\x0cH\x00\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.snakepit.v1.WorkerErrorH\x00\x12\x10\n\x08segments\x18\x03 \x03(\x0c\x42\t\n\x07outcome2\xa2\x02\n\x06Worker\x12;\n\x07\x45xecute\x12\x18.snakepit.v1.CallRequest\x1a\x16.snakepit.v1.CallReply\x12=\n\x06Stream\x12\x18.snakepit.v1.CallRequest\x1a\x17.snakepit.v1.StreamItem0\x01\x12\x38\n\x06\x43\x61ncel\x12\x1a.snakepit.v1.CancelRequest\x1a\x12.snakepit.v1.Empty\x12.\n\x04Ping\x12\x12.snakepit.v1.Empty\x1a\x12.snakepit.v1.Empty\x12\x32\n\x08Shutdown\x12\x12.snakepit.v1.Empty\x1a\x12.snakepit.v1.Empty2H\n\x04Host\x12@\n\x04\x43\x61ll\x12\x1c.snakepit.v1.HostCallRequest\x1a\x1a.snakepit.v1.HostCallReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMPTY']._serialized_start=43
   _globals['_EMPTY']._serialized_end=50
   _globals['_CALLREQUEST']._serialized_start=52
-  _globals['_CALLREQUEST']._serialized_end=145
-  _globals['_WORKERERROR']._serialized_start=147
-  _globals['_WORKERERROR']._serialized_end=210
-  _globals['_CALLREPLY']._serialized_start=212
-  _globals['_CALLREPLY']._serialized_end=291
-  _globals['_STREAMITEM']._serialized_start=293
-  _globals['_STREAMITEM']._serialized_end=373
-  _globals['_CANCELREQUEST']._serialized_start=375
-  _globals['_CANCELREQUEST']._serialized_end=402
-  _globals['_HOSTCALLREQUEST']._serialized_start=404
-  _globals['_HOSTCALLREQUEST']._serialized_end=478
-  _globals['_HOSTCALLREPLY']._serialized_start=480
-  _globals['_HOSTCALLREPLY']._serialized_end=563
-  _globals['_WORKER']._serialized_start=566
-  _globals['_WORKER']._serialized_end=856
-  _globals['_HOST']._serialized_start=858
-  _globals['_HOST']._serialized_end=930
+  _globals['_CALLREQUEST']._serialized_end=163
+  _globals['_WORKERERROR']._serialized_start=165
+  _globals['_WORKERERROR']._serialized_end=228
+  _globals['_CALLREPLY']._serialized_start=230
+  _globals['_CALLREPLY']._serialized_end=327
+  _globals['_STREAMITEM']._serialized_start=329
+  _globals['_STREAMITEM']._serialized_end=427
+  _globals['_CANCELREQUEST']._serialized_start=429
+  _globals['_CANCELREQUEST']._serialized_end=456
+  _globals['_HOSTCALLREQUEST']._serialized_start=458
+  _globals['_HOSTCALLREQUEST']._serialized_end=550
+  _globals['_HOSTCALLREPLY']._serialized_start=552
+  _globals['_HOSTCALLREPLY']._serialized_end=653
+  _globals['_WORKER']._serialized_start=656
+  _globals['_WORKER']._serialized_end=946
+  _globals['_HOST']._serialized_start=948
+  _globals['_HOST']._serialized_end=1020
 # @@protoc_insertion_point(module_scope)
