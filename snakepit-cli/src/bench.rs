@@ -252,21 +252,33 @@ async fn pool_run(pool: &Arc<Pool>, payload: usize, calls: u64, callers: usize) 
     sample(&h, calls, start.elapsed())
 }
 
-/// `calls` sequential raw-bytes echoes of `payload` bytes (binary segments: no JSON, no base64).
-async fn bytes_run(pool: &Pool, payload: usize, calls: u64) -> Sample {
-    let data = snakepit::Bytes::from(vec![b'x'; payload]);
-    for _ in 0..20 {
-        let _ = pool.execute_bytes("echo", data.clone()).await;
-    }
-    let mut h = hist();
-    let start = Instant::now();
-    for _ in 0..calls {
-        let t = Instant::now();
-        if pool.execute_bytes("echo", data.clone()).await.is_ok_and(|b| b.len() == payload) {
-            let _ = h.record(t.elapsed().as_nanos() as u64);
+/// `calls` sequential raw-bytes echoes of `payload` bytes (binary segments: no JSON, no base64),
+/// from a runtime task like [`pool_run`]'s callers (not the `block_on` thread, whose wake-ups
+/// would cross threads on every reply).
+async fn bytes_run(pool: &Arc<Pool>, payload: usize, calls: u64) -> Sample {
+    let pool = pool.clone();
+    let task = tokio::spawn(async move {
+        let data = snakepit::Bytes::from(vec![b'x'; payload]);
+        for _ in 0..20 {
+            let _ = pool.execute_bytes("echo", data.clone()).await;
+        }
+        let mut h = hist();
+        let start = Instant::now();
+        for _ in 0..calls {
+            let t = Instant::now();
+            if pool.execute_bytes("echo", data.clone()).await.is_ok_and(|b| b.len() == payload) {
+                let _ = h.record(t.elapsed().as_nanos() as u64);
+            }
+        }
+        sample(&h, calls, start.elapsed())
+    });
+    match task.await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bench: the bytes run failed: {e}");
+            sample(&hist(), 0, Duration::ZERO)
         }
     }
-    sample(&h, calls, start.elapsed())
 }
 
 /// An import-heavy worker script (for the start-up rows).

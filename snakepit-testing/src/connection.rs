@@ -113,7 +113,7 @@ impl Drop for Done {
 /// What a fake call produced.
 type Outcome = Result<Payload, Error>;
 
-async fn run_tool(link: &Arc<Link>, command: &str, args: Value) -> Outcome {
+async fn run_tool(link: &Arc<Link>, command: &str, args: Payload) -> Outcome {
     let worker = link.worker;
     let err = |error: WorkerError| Error::Worker { worker, command: command.to_owned(), error };
     if let Some(d) = link.spec.delays.get(command) {
@@ -122,9 +122,16 @@ async fn run_tool(link: &Arc<Link>, command: &str, args: Value) -> Outcome {
     match link.spec.tools.get(command) {
         // The closure is called inside the guarded future, so a panic before its first await is
         // caught too.
-        Some(Tool::Call(f)) => match AssertUnwindSafe(async move { f(args).await }).catch_unwind().await {
-            Ok(Ok(v)) => Ok(Payload::from(v)),
-            Ok(Err(e)) => Err(err(e)),
+        Some(Tool::Call(f)) => {
+            let args: Value = args.to_value()?;
+            match AssertUnwindSafe(async move { f(args).await }).catch_unwind().await {
+                Ok(Ok(v)) => Ok(Payload::from(v)),
+                Ok(Err(e)) => Err(err(e)),
+                Err(panic) => Err(err(raise("panic", panic_message(&*panic)))),
+            }
+        }
+        Some(Tool::Payload(f)) => match AssertUnwindSafe(async move { f(args).await }).catch_unwind().await {
+            Ok(r) => r.map_err(err),
             Err(panic) => Err(err(raise("panic", panic_message(&*panic)))),
         },
         Some(Tool::Fail(e)) => Err(err(e.clone())),
@@ -158,13 +165,7 @@ impl Connection for FakeConnection {
         let id = req.id.map_or_else(|| link.next_id.fetch_add(1, Ordering::Relaxed), |i| i.0);
         let command = req.command.clone();
         link.control.count_call(&command);
-        if req.args.has_segments() {
-            return Err(Error::BadRequest(format!(
-                "arguments of `{}` carry binary segments, which FakeWorker does not accept",
-                req.command
-            )));
-        }
-        let args = req.args.to_value()?;
+        let args = req.args;
         let (tx, rx) = oneshot::channel();
         let task_link = link.clone();
         let cmd = command.clone();
@@ -199,12 +200,6 @@ impl Connection for FakeConnection {
         let id = req.id.map_or_else(|| link.next_id.fetch_add(1, Ordering::Relaxed), |i| i.0);
         let command = req.command.to_string();
         link.control.count_call(&command);
-        if req.args.has_segments() {
-            return Err(Error::BadRequest(format!(
-                "arguments of `{}` carry binary segments, which FakeWorker does not accept",
-                req.command
-            )));
-        }
         let args = req.args.to_value()?;
         // The channel's bound is the credit window: a fast producer waits for the consumer.
         let (tx, rx) = mpsc::channel::<Result<Value, WorkerError>>(window.max(1) as usize);
@@ -220,7 +215,7 @@ impl Connection for FakeConnection {
                     }
                 },
                 _ => {
-                    let one = run_tool(&task_link, &cmd, args).await;
+                    let one = run_tool(&task_link, &cmd, Payload::from(args)).await;
                     let item = match one {
                         Ok(p) => p.to_value().map_err(|e| raise("CodecError", e.to_string())),
                         Err(Error::Worker { error, .. }) => Err(error),

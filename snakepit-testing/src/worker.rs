@@ -11,7 +11,8 @@ use futures::future::BoxFuture;
 use futures::stream::{BoxStream, Stream, StreamExt};
 use serde_json::Value;
 use snakepit_core::{
-    Adapter, Connection, Error, ExitInfo, Launcher, Ready, StartOptions, ToolInfo, WorkerError, WorkerHandle,
+    Adapter, Connection, Error, ExitInfo, Launcher, Payload, Ready, StartOptions, ToolInfo, WorkerError,
+    WorkerHandle,
 };
 
 use crate::connection::{FakeConnection, FakeHandle, Link};
@@ -19,11 +20,13 @@ use crate::control::FakeControl;
 
 type CallFn = Arc<dyn Fn(Value) -> BoxFuture<'static, Result<Value, WorkerError>> + Send + Sync>;
 type StreamFn = Arc<dyn Fn(Value) -> BoxStream<'static, Result<Value, WorkerError>> + Send + Sync>;
+type PayloadFn = Arc<dyn Fn(Payload) -> BoxFuture<'static, Result<Payload, WorkerError>> + Send + Sync>;
 
 /// What a fake tool does.
 #[derive(Clone)]
 pub(crate) enum Tool {
     Call(CallFn),
+    Payload(PayloadFn),
     Stream(StreamFn),
     Fail(WorkerError),
     Crash,
@@ -33,6 +36,7 @@ impl std::fmt::Debug for Tool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Tool::Call(_) => "Call",
+            Tool::Payload(_) => "Payload",
             Tool::Stream(_) => "Stream",
             Tool::Fail(_) => "Fail",
             Tool::Crash => "Crash",
@@ -80,6 +84,20 @@ impl FakeWorker {
     {
         let f: CallFn = Arc::new(move |args| Box::pin(f(args)));
         self.spec.tools.insert(name.to_owned(), Tool::Call(f));
+        self
+    }
+
+    /// Registers a tool on whole [`Payload`]s: JSON with binary segments (what
+    /// `Pool::execute_bytes` sends and expects back, e.g. `Payload::from_bytes(..)`). A tool
+    /// registered with [`tool`](FakeWorker::tool) sees only the JSON, with its `{"$seg": i}`
+    /// references.
+    pub fn payload_tool<F, Fut>(mut self, name: &str, f: F) -> Self
+    where
+        F: Fn(Payload) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Payload, WorkerError>> + Send + 'static,
+    {
+        let f: PayloadFn = Arc::new(move |args| Box::pin(f(args)));
+        self.spec.tools.insert(name.to_owned(), Tool::Payload(f));
         self
     }
 
@@ -146,6 +164,7 @@ impl FakeWorker {
             .with_tools(tools)
             .with_max_in_flight(max_in_flight)
             .with_bridge(format!("snakepit-testing/{}", env!("CARGO_PKG_VERSION")))
+            .with_segments(true)
     }
 }
 

@@ -320,3 +320,27 @@ async fn an_absurd_timeout_is_no_deadline_not_a_panic() {
     drop(s);
     pool.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn fake_workers_take_and_return_bytes() {
+    let worker = FakeWorker::new()
+        .payload_tool("reverse", |p: Payload| async move {
+            let mut b = p.into_segment().map_err(|e| raise("TypeError", e.to_string()))?.to_vec();
+            b.reverse();
+            Ok(Payload::from_bytes(b))
+        })
+        .tool("json_view", |args| async move { Ok(args) });
+    let pool = Pool::builder().adapter(worker).size(1).build().await.expect("pool");
+    let back = pool.execute_bytes("reverse", snakepit::Bytes::from_static(b"abc")).await.expect("reverse");
+    assert_eq!(back.as_ref(), b"cba");
+    // A JSON tool sees the references, not the bytes.
+    let v = pool
+        .execute_with("json_view", Payload::from_bytes(vec![1u8, 2]), CallOptions::default())
+        .await
+        .expect("json_view");
+    assert_eq!(v.to_value().expect("json"), json!({"$seg": 0}));
+    // Its `{"$seg":0}` result carries no segment: not bytes.
+    let e = pool.execute_bytes("json_view", snakepit::Bytes::new()).await.expect_err("no segment");
+    assert_eq!(e.kind(), "codec", "{e}");
+    pool.shutdown().await;
+}
