@@ -155,10 +155,8 @@ pub(crate) fn frame_segmented(
     Ok(out)
 }
 
-/// Splits a segmented frame's body into its JSON message and its segments (zero-copy slices),
-/// checking the JSON length and the segment table against the body. `table` is the message's
-/// `seg` field.
-pub(crate) fn split_segments(body: &Bytes, table: Option<&[u64]>) -> Result<(Bytes, Vec<Bytes>), String> {
+/// A segmented frame's JSON message (a zero-copy slice), checking its length against the body.
+pub(crate) fn segmented_json(body: &Bytes) -> Result<Bytes, String> {
     let json_len = body
         .get(..4)
         .and_then(|h| <[u8; 4]>::try_from(h).ok())
@@ -168,7 +166,16 @@ pub(crate) fn split_segments(body: &Bytes, table: Option<&[u64]>) -> Result<(Byt
     if json_len > rest {
         return Err(format!("segmented frame: JSON length {json_len} over the {rest} bytes that follow"));
     }
-    let json = body.slice(4..4 + json_len);
+    Ok(body.slice(4..4 + json_len))
+}
+
+/// A segmented frame's segments (zero-copy slices), as its JSON's `seg` table lists them after
+/// the `json_len` bytes of JSON: the lengths must fill the body exactly.
+pub(crate) fn segments_of(
+    body: &Bytes,
+    json_len: usize,
+    table: Option<&[u64]>,
+) -> Result<Vec<Bytes>, String> {
     let mut at = 4 + json_len;
     let mut segments = Vec::new();
     for &n in table.unwrap_or_default() {
@@ -188,5 +195,5 @@ pub(crate) fn split_segments(body: &Bytes, table: Option<&[u64]>) -> Result<(Byt
             body.len() - at
         ));
     }
-    Ok((json, segments))
+    Ok(segments)
 }

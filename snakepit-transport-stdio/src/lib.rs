@@ -49,7 +49,7 @@ mod outbox;
 mod reader;
 mod stream;
 
-use frame::{frame, frame_segmented, split_segments, FrameReader, ReadOutcome};
+use frame::{frame, frame_segmented, segmented_json, segments_of, FrameReader, ReadOutcome};
 use host::host_call;
 pub use host::MAX_HOST_CALLS;
 use outbox::Outbox;

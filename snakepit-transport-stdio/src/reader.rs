@@ -52,18 +52,9 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, frame: Bytes, segmented: bool) -> R
         return Err("a segmented frame from a worker that did not announce binary segments".into());
     }
     // A segmented frame: `u32 json_len`, the JSON, the segments its `seg` table lists.
-    let (json, mut segments) = if segmented {
-        let json_len = frame.get(..4).map_or(0, |h| u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize);
-        let json = frame.slice(4.min(frame.len())..(4 + json_len).min(frame.len()));
-        (json, None)
-    } else {
-        (frame.clone(), Some(Vec::new()))
-    };
+    let json = if segmented { segmented_json(&frame)? } else { frame.clone() };
     let msg: Inbound<'_> = serde_json::from_slice(&json).map_err(|e| format!("malformed message: {e}"))?;
-    if segments.is_none() {
-        segments = Some(split_segments(&frame, msg.seg.as_deref())?.1);
-    }
-    let segments = segments.unwrap_or_default();
+    let segments = if segmented { segments_of(&frame, json.len(), msg.seg.as_deref())? } else { Vec::new() };
     let payload = |raw: Option<&serde_json::value::RawValue>| match raw {
         Some(raw) => Payload::from_trusted(Codec::Json, json.slice_ref(raw.get().as_bytes()))
             .with_segments(segments.clone()),
