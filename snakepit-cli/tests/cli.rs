@@ -785,11 +785,20 @@ fn serve_fails_hung_calls_with_shutting_down_after_the_grace_on_sigterm() {
     let mut child = g.serve("1", &["--shutdown-grace-ms", "300"]);
     let mut stdin = child.stdin.take().expect("stdin");
     let rx = read_lines(child.stdout.take().expect("stdout"), Duration::ZERO, 0, Duration::ZERO);
+    // Two hung calls for the one worker: whichever request task reaches the pool first runs,
+    // the other queues behind it (a quick call as the second one could win that race and be
+    // answered before the signal).
+    let started2 = dir.path().join("started2");
     let args = json!({"ms": 600_000, "path": dir.path().join("ended"), "started": started});
+    let args2 = json!({"ms": 600_000, "path": dir.path().join("ended2"), "started": started2});
     writeln!(stdin, r#"{{"id":"hung","command":"sleep_then_touch","args":{args}}}"#).expect("write");
-    writeln!(stdin, r#"{{"id":"queued","command":"ping"}}"#).expect("write");
+    writeln!(stdin, r#"{{"id":"queued","command":"sleep_then_touch","args":{args2}}}"#).expect("write");
     stdin.flush().expect("flush");
-    wait_file(&started, Duration::from_secs(10));
+    let until = Instant::now() + Duration::from_secs(10);
+    while !started.exists() && !started2.exists() {
+        assert!(Instant::now() < until, "neither call started within 10 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let t0 = Instant::now();
     signal(&child, nix::sys::signal::Signal::SIGTERM);
     let status = exit_within(&mut child, Duration::from_secs(10));
@@ -806,6 +815,7 @@ fn serve_fails_hung_calls_with_shutting_down_after_the_grace_on_sigterm() {
         replies,
         [("\"hung\"".to_owned(), shutting_down.clone()), ("\"queued\"".to_owned(), shutting_down)]
     );
+    assert!(!started.exists() || !started2.exists(), "only one of the two calls ever ran");
 }
 
 /// Item 10: a second signal (before: swallowed) kills the workers at once, even ones that
