@@ -44,86 +44,10 @@ pub mod proto {
 use proto::host_server::{Host, HostServer};
 use proto::worker_client::WorkerClient;
 
-/// Serves `snakepit.v1.Host` for one worker: its calls to the host, checked against its token
-/// and answered by the pool's `HostHandler`.
-struct HostService {
-    worker: WorkerId,
-    token: String,
-    handler: Option<Arc<dyn snakepit_core::HostHandler>>,
-    /// `Host.Call`s being answered; more than [`MAX_HOST_CALLS`] at once is a protocol
-    /// violation.
-    in_flight: Arc<AtomicUsize>,
-    /// Breaks the worker's control channel on a violation (set once the handshake is done).
-    breaker: Arc<OnceLock<Breaker>>,
-    /// Whether the worker announced binary segments (set once the handshake is done).
-    segments: Arc<AtomicBool>,
-}
-
-/// One `Host.Call` being answered.
-struct HostCallGuard(Arc<AtomicUsize>);
-
-impl Drop for HostCallGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-#[tonic::async_trait]
-impl Host for HostService {
-    async fn call(
-        &self,
-        request: tonic::Request<proto::HostCallRequest>,
-    ) -> Result<tonic::Response<proto::HostCallReply>, tonic::Status> {
-        let r = request.into_inner();
-        if !token_matches(&r.token, &self.token) {
-            return Err(tonic::Status::unauthenticated("missing or wrong snakepit token"));
-        }
-        let _guard = HostCallGuard(self.in_flight.clone());
-        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_HOST_CALLS {
-            let detail = format!("the worker has more than {MAX_HOST_CALLS} `Host.Call`s in flight");
-            if let Some(b) = self.breaker.get() {
-                b.protocol_error(detail.clone());
-            }
-            return Err(tonic::Status::resource_exhausted(detail));
-        }
-        let args =
-            if r.args.is_empty() { Payload::null() } else { Payload::from_encoded(Codec::Json, r.args) }
-                .with_segments(r.segments.into_iter().map(Bytes::from).collect());
-        let call = snakepit_core::HostCall::new(self.worker, Some(RequestId(r.call)), r.name, args);
-        let outcome = match &self.handler {
-            Some(h) => h.host_call(call).await,
-            None => Err(WorkerError {
-                kind: "UnknownHostTool".into(),
-                message: "this pool has no host tools".into(),
-                traceback: None,
-            }),
-        };
-        let refused = WorkerError {
-            kind: "BadRequest".into(),
-            message: "the host tool returned bytes, and this worker does not accept binary segments".into(),
-            traceback: None,
-        };
-        let outcome = match outcome {
-            Ok(p) if p.has_segments() && !self.segments.load(Ordering::Acquire) => Err(refused),
-            other => other,
-        };
-        let (outcome, segments) = match outcome {
-            Ok(p) => (
-                proto::host_call_reply::Outcome::Ok(p.bytes().to_vec()),
-                p.segments().iter().map(|b| b.to_vec()).collect(),
-            ),
-            Err(e) => (
-                proto::host_call_reply::Outcome::Error(proto::WorkerError {
-                    r#type: e.kind,
-                    message: e.message,
-                    traceback: e.traceback.unwrap_or_default(),
-                }),
-                Vec::new(),
-            ),
-        };
-        Ok(tonic::Response::new(proto::HostCallReply { outcome: Some(outcome), segments }))
-    }
-}
+mod host;
+#[cfg(test)]
+use host::token_matches;
+use host::HostService;
 
 /// The metadata key that carries the per-worker token.
 pub const TOKEN_HEADER: &str = "x-snakepit-token";
@@ -257,10 +181,6 @@ fn token() -> std::io::Result<String> {
 
 /// Compares a presented token with the expected one in constant time (for equal lengths; the
 /// length of a token is no secret).
-fn token_matches(presented: &str, expected: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
-}
 
 #[async_trait]
 impl Transport for Grpc {
