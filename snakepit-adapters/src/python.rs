@@ -18,6 +18,7 @@ const BRIDGE_FILES: &[(&str, &str)] = &[
     ("py.typed", include_str!("../python/snakepit_bridge/py.typed")),
     ("showcase.py", include_str!("../python/snakepit_bridge/showcase.py")),
     ("_zygote.py", include_str!("../python/snakepit_bridge/_zygote.py")),
+    ("_shm.py", include_str!("../python/snakepit_bridge/_shm.py")),
     ("_grpc.py", include_str!("../python/snakepit_bridge/_grpc.py")),
     (
         "_proto/snakepit/v1/snakepit_pb2.py",

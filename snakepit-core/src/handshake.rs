@@ -47,6 +47,12 @@ pub fn encode_hello(out: &mut Vec<u8>, hello: &Hello) {
         busy_poll_us: (!hello.busy_poll.is_zero())
             .then(|| u64::try_from(hello.busy_poll.as_micros()).unwrap_or(u64::MAX)),
         segments: hello.segments,
+        shm: hello.shm.as_ref().map(|o| crate::wire::ShmMsg {
+            fd: o.fd,
+            size: o.arena.size(),
+            split: o.arena.split(),
+            threshold: o.threshold,
+        }),
     };
     // Serialising a struct of strings, numbers and a `Value` into a `Vec` cannot fail.
     let _ = serde_json::to_writer(&mut *out, &msg);
@@ -81,6 +87,9 @@ pub fn parse_ready(hello: &Hello, body: &[u8]) -> Result<Ready, Error> {
     };
     if ready.segments && !hello.segments {
         return Err(protocol("`ready` announces binary segments, which the host did not offer".into()));
+    }
+    if ready.shm && hello.shm.is_none() {
+        return Err(protocol("`ready` announces a shared-memory arena, and the host offered none".into()));
     }
     if !hello.versions.contains(&ready.version) {
         return Err(Error::VersionMismatch {

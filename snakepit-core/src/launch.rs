@@ -38,6 +38,44 @@ pub struct StartOptions {
     pub max_in_flight: usize,
     /// The busy-poll window (told to the worker in `hello`, used by the host's transport).
     pub busy_poll: Duration,
+    /// The shared-memory arena to offer the worker, if its transport uses one.
+    pub shm: ShmOptions,
+}
+
+/// Size and threshold of the per-worker shared-memory arena (docs/protocol.md, "Shared
+/// memory"). Segments of `threshold` bytes or more travel through it instead of the pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShmOptions {
+    /// The arena's size per worker (half for each direction); 0: no arena.
+    pub size: usize,
+    /// The smallest segment that goes through the arena.
+    pub threshold: usize,
+}
+
+impl ShmOptions {
+    /// The default arena: 64 MiB per worker (32 MiB each way; only what is written is ever
+    /// backed by memory), for segments of 256 KiB or more.
+    pub const DEFAULT: ShmOptions = ShmOptions { size: 64 << 20, threshold: 256 << 10 };
+
+    /// No arena: every segment goes over the pipe.
+    pub const OFF: ShmOptions = ShmOptions { size: 0, threshold: usize::MAX };
+
+    /// An arena of `size` bytes for segments of `threshold` bytes or more.
+    pub fn new(size: usize, threshold: usize) -> Self {
+        ShmOptions { size, threshold: threshold.max(1) }
+    }
+
+    /// Whether an arena is to be made.
+    pub fn enabled(&self) -> bool {
+        self.size > 0
+    }
+}
+
+impl Default for ShmOptions {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
 }
 
 impl fmt::Debug for StartOptions {
@@ -63,7 +101,14 @@ impl StartOptions {
             host: None,
             max_in_flight: 1,
             busy_poll: Duration::ZERO,
+            shm: ShmOptions::OFF,
         }
+    }
+
+    /// Sets the shared-memory arena to offer (see [`ShmOptions`]).
+    pub fn with_shm(mut self, shm: ShmOptions) -> Self {
+        self.shm = shm;
+        self
     }
 
     /// The same options for another worker.

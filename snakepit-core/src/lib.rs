@@ -34,14 +34,17 @@ pub mod wire;
 pub use adapter::{Adapter, SpawnContext, SpawnSpec};
 pub use error::{Error, ExitInfo, Result, WorkerError};
 pub use inflight::{InFlight, InFlightGuard};
+pub use launch::ShmOptions;
 pub use launch::{Launcher, StartOptions, WorkerHandle};
 pub use payload::{Codec, Payload};
 pub use profile::{ProcessProfile, StartMode, ThreadProfile, WorkerProfile, Zygote};
 pub use reply::{ReplyFuture, ReplySlot, SlotOwner};
 pub use session::{SessionRecord, SessionStore, VarType, Variable};
+/// The shared-memory arena crate ([`ShmOffer::arena`]).
+pub use snakepit_shm as shm;
 pub use transport::{
-    CloseReason, Connection, Hello, HostCall, HostHandler, Ready, Request, RequestId, ToolInfo, Transport,
-    WorkerId, WorkerIo,
+    CloseReason, Connection, Hello, HostCall, HostHandler, Ready, Request, RequestId, ShmOffer, ToolInfo,
+    Transport, WorkerId, WorkerIo,
 };
 
 /// The wire protocol versions this build of the host speaks, newest first.

@@ -135,6 +135,32 @@ pub struct Hello {
     /// Whether the host offers binary segments (set by a transport that carries them; see
     /// [`Payload`] and docs/protocol.md).
     pub segments: bool,
+    /// The shared-memory arena offered to the worker, if any (stdio; docs/protocol.md
+    /// "Shared memory"). Made by the launcher before the worker starts, because the worker
+    /// inherits its descriptor.
+    pub shm: Option<ShmOffer>,
+}
+
+/// A shared-memory arena offered to a worker in [`Hello`]: segments of at least `threshold`
+/// bytes travel through it instead of the pipe.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ShmOffer {
+    /// The arena (the host's mapping).
+    pub arena: Arc<snakepit_shm::Arena>,
+    /// The descriptor number at which a cold worker inherited it (`hello.shm.fd`); a worker
+    /// forked by a zygote receives it with its fork request instead.
+    pub fd: i32,
+    /// The smallest segment that goes through the arena.
+    pub threshold: usize,
+}
+
+impl ShmOffer {
+    /// An offer of `arena`, inherited at descriptor `fd`, for segments of `threshold` bytes or
+    /// more.
+    pub fn new(arena: Arc<snakepit_shm::Arena>, fd: i32, threshold: usize) -> Self {
+        ShmOffer { arena, fd, threshold }
+    }
 }
 
 impl fmt::Debug for Hello {
@@ -161,7 +187,14 @@ impl Hello {
             transport: serde_json::Value::Null,
             busy_poll: std::time::Duration::ZERO,
             segments: false,
+            shm: None,
         }
+    }
+
+    /// Offers a shared-memory arena (see [`Hello::shm`]).
+    pub fn with_shm(mut self, shm: Option<ShmOffer>) -> Self {
+        self.shm = shm;
+        self
     }
 
     /// Offers binary segments (see [`Hello::segments`]).
@@ -237,6 +270,10 @@ pub struct Ready {
     /// them.
     #[serde(default)]
     pub segments: bool,
+    /// Whether the worker mapped the shared-memory arena offered in `hello` (and may put
+    /// segments there); only when the host offered one.
+    #[serde(default)]
+    pub shm: bool,
 }
 
 fn one() -> usize {
@@ -286,6 +323,7 @@ impl Ready {
             cancel_signal: None,
             address: None,
             segments: false,
+            shm: false,
         }
     }
 
@@ -384,6 +422,12 @@ pub trait Transport: Send + Sync + 'static {
 
     /// The largest frame body this transport sends or accepts.
     fn max_frame(&self) -> usize;
+
+    /// Whether this transport can use a shared-memory arena ([`Hello::shm`]); a launcher makes
+    /// one for each worker only if so. `false` unless overridden.
+    fn shared_memory(&self) -> bool {
+        false
+    }
 }
 
 /// A live, multiplexed link to one worker, usable from many tasks at once.

@@ -36,6 +36,33 @@ pub struct HelloMsg<'a> {
     /// Whether the host offers binary segments (absent: no).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub segments: bool,
+    /// The shared-memory arena offered (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shm: Option<ShmMsg>,
+}
+
+/// `hello.shm`: the arena the host offers (docs/protocol.md, "Shared memory").
+#[derive(Debug, Serialize)]
+pub struct ShmMsg {
+    /// The descriptor a cold worker inherited it at.
+    pub fd: i32,
+    /// Its size in bytes.
+    pub size: usize,
+    /// Where the worker's part starts; the host's part is `[0, split)`.
+    pub split: usize,
+    /// The smallest segment either side puts in the arena.
+    pub threshold: usize,
+}
+
+/// One entry of a segmented frame's `seg` table: a segment's length in the frame's body, or
+/// `[offset, length]` of a segment in the shared-memory arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum SegEntry {
+    /// In the frame's body, this many bytes.
+    Inline(u64),
+    /// In the arena: `[offset, length]`.
+    Shm([u64; 2]),
 }
 
 /// Any message a worker sends. Fields a tag does not use are absent.
@@ -96,9 +123,16 @@ pub struct Inbound<'a> {
     /// `ready`: whether the worker accepts binary segments.
     #[serde(default)]
     pub segments: Option<bool>,
-    /// A segmented frame's segment lengths, in order.
+    /// `ready`: whether the worker mapped the shared-memory arena.
     #[serde(default)]
-    pub seg: Option<Vec<u64>>,
+    pub shm: Option<bool>,
+    /// A segmented frame's segment table, in order.
+    #[serde(default)]
+    pub seg: Option<Vec<SegEntry>>,
+    /// `result`, `error`, `end`: the call's argument regions in the arena could not be let
+    /// go of (the tool still holds a view): never reuse them.
+    #[serde(default)]
+    pub keep: Option<bool>,
 }
 
 impl Inbound<'_> {
@@ -113,6 +147,7 @@ impl Inbound<'_> {
             cancel_signal: self.cancel_signal,
             address: self.address,
             segments: self.segments.unwrap_or(false),
+            shm: self.shm.unwrap_or(false),
         })
     }
 }
@@ -162,6 +197,44 @@ pub fn push_segment_table(out: &mut Vec<u8>, segments: &[bytes::Bytes]) {
             out.push(b',');
         }
         push_u64(out, s.len() as u64);
+    }
+    out.extend_from_slice(b"]}");
+}
+
+/// Replaces the closing `}` of the message at the end of `out` with a segment table whose
+/// entries are given: `n` for `n` bytes in the body, `[offset,n]` for `n` bytes in the arena.
+pub fn push_segment_entries(out: &mut Vec<u8>, entries: impl IntoIterator<Item = SegEntry>) {
+    if out.last() == Some(&b'}') {
+        out.pop();
+    }
+    out.extend_from_slice(br#","seg":["#);
+    for (i, e) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match e {
+            SegEntry::Inline(n) => push_u64(out, n),
+            SegEntry::Shm([offset, n]) => {
+                out.push(b'[');
+                push_u64(out, offset);
+                out.push(b',');
+                push_u64(out, n);
+                out.push(b']');
+            }
+        }
+    }
+    out.extend_from_slice(b"]}");
+}
+
+/// Appends a `release` message: the worker may reuse its arena regions at `offsets` (the host
+/// has copied them out).
+pub fn encode_release(out: &mut Vec<u8>, offsets: &[u64]) {
+    out.extend_from_slice(br#"{"t":"release","shm":["#);
+    for (i, &o) in offsets.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_u64(out, o);
     }
     out.extend_from_slice(b"]}");
 }

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use snakepit_core::shm::Arena;
 pub use snakepit_core::StartOptions;
 use snakepit_core::{
-    Adapter, Connection, Error, ExitInfo, Hello, Ready, RequestId, SpawnContext, SpawnSpec, Transport,
-    WorkerHandle, WorkerId, WorkerIo,
+    Adapter, Connection, Error, ExitInfo, Hello, Ready, RequestId, ShmOffer, SpawnContext, SpawnSpec,
+    Transport, WorkerHandle, WorkerId, WorkerIo,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -445,8 +446,30 @@ fn spawn_monitor(mut proc: Proc, conn: Arc<dyn Connection>, shared: Arc<Shared>)
     });
 }
 
+/// The shared-memory arena for a worker, when its options ask for one and its transport uses
+/// it. An arena that cannot be made is logged and left out: segments then take the pipe.
+pub(crate) fn new_arena(opts: &StartOptions, transport: &dyn Transport) -> Option<Arc<Arena>> {
+    if !opts.shm.enabled() || !transport.shared_memory() {
+        return None;
+    }
+    match Arena::create(opts.shm.size) {
+        Ok(a) => Some(Arc::new(a)),
+        Err(e) => {
+            tracing::warn!(worker = %opts.worker, "{e}; large segments will take the pipe");
+            None
+        }
+    }
+}
+
+/// The offer of `arena` to a worker that finds it at descriptor `fd`.
+pub(crate) fn shm_offer(arena: Option<Arc<Arena>>, fd: i32, opts: &StartOptions) -> Option<ShmOffer> {
+    arena.map(|a| ShmOffer::new(a, fd, opts.shm.threshold))
+}
+
 /// Spawns a process for `spec` under its own shepherd (see the `shepherd` module), with the
 /// given stdin and stdout and a piped stderr. The returned [`Shared`] owns the lifeline.
+/// `inherit` is a close-on-exec descriptor the worker (not its shepherd) keeps across `exec`,
+/// at the same number.
 #[allow(unsafe_code)] // pre_exec: the shepherd runs between fork and exec
 #[allow(clippy::disallowed_methods)] // the spawner: the one place that starts worker processes
 pub(crate) fn spawn_shepherded(
@@ -455,6 +478,7 @@ pub(crate) fn spawn_shepherded(
     stdin: Stdio,
     stdout: Stdio,
     log_target: LogTarget,
+    inherit: Option<std::os::fd::RawFd>,
 ) -> Result<(Arc<Shared>, Child), Error> {
     let worker = opts.worker;
     let mut cmd = Command::new(&spec.program);
@@ -497,9 +521,18 @@ pub(crate) fn spawn_shepherded(
     // SAFETY: getpid has no preconditions.
     let host = unsafe { libc::getpid() };
     // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe
-    // system calls (see `shepherd`).
+    // system calls (see `shepherd`; `fcntl` on a descriptor the child holds).
     unsafe {
-        cmd.pre_exec(move || crate::shepherd::fork_shepherd(lifeline_fd, host));
+        cmd.pre_exec(move || {
+            crate::shepherd::fork_shepherd(lifeline_fd, host)?;
+            // Only the worker gets here (the shepherd closed everything but its lifeline).
+            if let Some(fd) = inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
     let mut child = cmd.spawn().map_err(|e| Error::Spawn {
         worker,
@@ -535,8 +568,10 @@ pub async fn start_worker(
 ) -> Result<Worker, Error> {
     let worker = opts.worker;
     let spec = adapter.spawn_spec(&SpawnContext::new(worker, opts.run_id.clone()))?;
+    let arena = new_arena(&opts, transport);
+    let fd = arena.as_ref().map(|a| a.fd().as_raw_fd());
     let (shared, mut child) =
-        spawn_shepherded(&spec, &opts, Stdio::piped(), Stdio::piped(), LogTarget::Worker)?;
+        spawn_shepherded(&spec, &opts, Stdio::piped(), Stdio::piped(), LogTarget::Worker, fd)?;
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         // Cannot happen with piped stdio; treat it as a spawn failure anyway.
         shared.kill();
@@ -549,7 +584,8 @@ pub async fn start_worker(
         });
     };
     let io = WorkerIo { worker, input: Box::new(stdin), output: Box::new(stdout) };
-    handshake(shared, Proc::Child(child), io, adapter, transport, &opts).await
+    let shm = shm_offer(arena, fd.unwrap_or(-1), &opts);
+    handshake(shared, Proc::Child(child), io, adapter, transport, &opts, shm).await
 }
 
 /// Performs the handshake on a started process and hands out the [`Worker`]; on failure the
@@ -561,6 +597,7 @@ pub(crate) async fn handshake(
     adapter: &dyn Adapter,
     transport: &dyn Transport,
     opts: &StartOptions,
+    shm: Option<ShmOffer>,
 ) -> Result<Worker, Error> {
     let worker = opts.worker;
     let pid = shared.pid;
@@ -569,7 +606,8 @@ pub(crate) async fn handshake(
     let hello = Hello::new(worker, opts.max_frame, adapter.worker_config())
         .with_host(opts.host.clone())
         .with_max_in_flight(opts.max_in_flight)
-        .with_busy_poll(opts.busy_poll);
+        .with_busy_poll(opts.busy_poll)
+        .with_shm(shm);
     let timeout = adapter.handshake_timeout();
     let delay = opts.handshake_delay;
     let connect = async move {

@@ -242,6 +242,7 @@ impl Zygote {
             Stdio::from(zygote_end),
             Stdio::null(),
             LogTarget::Zygote,
+            None,
         )?;
         let kill_on_fail = KillOnDrop(Some(shared.clone()));
         let sock = Arc::new(
@@ -368,7 +369,10 @@ impl Zygote {
             .collect();
         env.insert("SNAKEPIT_WORKER_ID".into(), worker.to_string());
         let body = serde_json::json!({"op": "fork", "worker": k, "env": env}).to_string();
-        let fds = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+        // The shared-memory arena, if any, goes along as a fourth descriptor.
+        let arena = process::new_arena(&opts, transport);
+        let mut fds = vec![in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+        fds.extend(arena.as_ref().map(|a| a.fd().as_raw_fd()));
         self.sock
             .async_io(Interest::WRITABLE, |fd| {
                 socket::sendmsg::<UnixAddr>(
@@ -420,7 +424,9 @@ impl Zygote {
         process::spawn_stderr_pump(stderr, shared.clone());
         let io = WorkerIo { worker, input: Box::new(input), output: Box::new(output) };
         let proc = Proc::Forked { exit, pidfd: watch_fd, done: None };
-        process::handshake(shared, proc, io, adapter, transport, &opts).await
+        // The forked worker finds the arena where the zygote received it, not at our number.
+        let shm = process::shm_offer(arena, -1, &opts);
+        process::handshake(shared, proc, io, adapter, transport, &opts, shm).await
     }
 
     /// Stops the zygote: asks it to exit, and kills it after `grace`. Its workers die with it,

@@ -126,33 +126,67 @@ pub(crate) fn frame(
     Ok(out)
 }
 
+/// Where a segmented call's large segments go: the worker's shared-memory arena, for
+/// segments of at least `threshold` bytes.
+#[derive(Clone, Copy)]
+pub(crate) struct Placement<'a> {
+    pub(crate) arena: &'a Arena,
+    pub(crate) threshold: usize,
+}
+
 /// A segmented frame: `body_fn`'s JSON message with the segment table appended, then the
-/// segments themselves (copied in once).
+/// segments themselves (copied in once). With a `placement`, each segment of at least its
+/// threshold is copied into the arena instead (while there is room) and listed as
+/// `[offset, length]`; the regions it took are returned with the frame, to be freed once the
+/// worker has answered. `max_frame` bounds the frame's body, the segments in it included.
 pub(crate) fn frame_segmented(
     capacity: usize,
     max_frame: usize,
     segments: &[Bytes],
+    placement: Option<Placement<'_>>,
     body_fn: impl FnOnce(&mut Vec<u8>),
-) -> Result<Vec<u8>, Error> {
-    let seg_len: usize = segments.iter().map(Bytes::len).sum();
-    let mut out = Vec::with_capacity(capacity + 8 + seg_len + 12 * segments.len());
+) -> Result<(Vec<u8>, Vec<Region>), Error> {
+    // Regions in the arena, one per segment that went there (`None`: in the body).
+    let mut regions: Vec<Option<Region>> = Vec::new();
+    if let Some(p) = placement.filter(|p| segments.iter().any(|s| s.len() >= p.threshold)) {
+        regions = segments
+            .iter()
+            .map(|s| (s.len() >= p.threshold).then(|| p.arena.alloc_copy(s)).flatten())
+            .collect();
+    }
+    let in_arena = |i: usize| regions.get(i).is_some_and(Option::is_some);
+    let seg_len: usize =
+        segments.iter().enumerate().filter(|(i, _)| !in_arena(*i)).map(|(_, s)| s.len()).sum();
+    let mut out = Vec::with_capacity(capacity + 8 + seg_len + 24 * segments.len());
     out.extend_from_slice(&[0; 8]);
     body_fn(&mut out);
-    snakepit_core::wire::push_segment_table(&mut out, segments);
+    if regions.is_empty() {
+        snakepit_core::wire::push_segment_table(&mut out, segments);
+    } else {
+        let entries = segments.iter().zip(&regions).map(|(s, r)| match r {
+            Some(r) => SegEntry::Shm([r.offset(), s.len() as u64]),
+            None => SegEntry::Inline(s.len() as u64),
+        });
+        snakepit_core::wire::push_segment_entries(&mut out, entries);
+    }
     let json_len = out.len() - 8;
     let len = out.len() - 4 + seg_len;
-    if len > max_frame {
-        return Err(Error::FrameTooLarge { size: len, max: max_frame });
-    }
     let too_large = || Error::FrameTooLarge { size: len, max: max_frame };
-    let len32 = u32::try_from(len).ok().filter(|l| l & SEGMENTED == 0).ok_or_else(too_large)?;
-    let json32 = u32::try_from(json_len).map_err(|_| too_large())?;
+    let header = u32::try_from(len).ok().filter(|l| l & SEGMENTED == 0 && len <= max_frame);
+    let (Some(len32), Ok(json32)) = (header, u32::try_from(json_len)) else {
+        if let Some(p) = placement {
+            regions.into_iter().flatten().for_each(|r| p.arena.free(r));
+        }
+        return Err(too_large());
+    };
     out[..4].copy_from_slice(&(len32 | SEGMENTED).to_be_bytes());
     out[4..8].copy_from_slice(&json32.to_be_bytes());
-    for s in segments {
-        out.extend_from_slice(s);
+    for (i, s) in segments.iter().enumerate() {
+        if !in_arena(i) {
+            out.extend_from_slice(s);
+        }
     }
-    Ok(out)
+    Ok((out, regions.into_iter().flatten().collect()))
 }
 
 /// A segmented frame's JSON message (a zero-copy slice), checking its length against the body.
@@ -169,25 +203,44 @@ pub(crate) fn segmented_json(body: &Bytes) -> Result<Bytes, String> {
     Ok(body.slice(4..4 + json_len))
 }
 
-/// A segmented frame's segments (zero-copy slices), as its JSON's `seg` table lists them after
-/// the `json_len` bytes of JSON: the lengths must fill the body exactly.
+/// A segmented frame's segments, as its JSON's `seg` table lists them after the `json_len`
+/// bytes of JSON: zero-copy slices of the body for the inline ones, whose lengths must fill
+/// the body exactly, and copies out of the arena (bounds-checked against the worker's part)
+/// for `[offset, length]` entries, whose offsets are pushed to `released`.
 pub(crate) fn segments_of(
     body: &Bytes,
     json_len: usize,
-    table: Option<&[u64]>,
+    table: Option<&[SegEntry]>,
+    arena: Option<&Arena>,
+    released: &mut Vec<u64>,
 ) -> Result<Vec<Bytes>, String> {
     let mut at = 4 + json_len;
-    let mut segments = Vec::new();
-    for &n in table.unwrap_or_default() {
-        let end = usize::try_from(n).ok().and_then(|n| at.checked_add(n)).filter(|&e| e <= body.len());
-        let Some(end) = end else {
-            return Err(format!(
-                "segmented frame: segment table {table:?} runs past the body ({} bytes)",
-                body.len()
-            ));
-        };
-        segments.push(body.slice(at..end));
-        at = end;
+    let table = table.unwrap_or_default();
+    let mut segments = Vec::with_capacity(table.len());
+    for entry in table {
+        match *entry {
+            SegEntry::Inline(n) => {
+                let end =
+                    usize::try_from(n).ok().and_then(|n| at.checked_add(n)).filter(|&e| e <= body.len());
+                let Some(end) = end else {
+                    return Err(format!(
+                        "segmented frame: segment table {table:?} runs past the body ({} bytes)",
+                        body.len()
+                    ));
+                };
+                segments.push(body.slice(at..end));
+                at = end;
+            }
+            SegEntry::Shm([offset, len]) => {
+                let Some(arena) = arena else {
+                    return Err(format!(
+                        "segmented frame: a shared-memory segment [{offset}, {len}] without a shared-memory arena agreed"
+                    ));
+                };
+                segments.push(arena.read(offset, len).map_err(|e| format!("segmented frame: {e}"))?);
+                released.push(offset);
+            }
+        }
     }
     if at != body.len() {
         return Err(format!(

@@ -65,10 +65,12 @@ pub(crate) fn host_call(
         };
         let segments_ok = shared.segments.load(Ordering::Acquire);
         let mut f = match &result {
+            // Host results travel in the frame (the arena is for call arguments and replies).
             Ok(p) if p.has_segments() && segments_ok => {
-                frame_segmented(p.len() + 48, shared.max_frame, p.segments(), |out| {
+                frame_segmented(p.len() + 48, shared.max_frame, p.segments(), None, |out| {
                     wire::encode_host_result(out, id, Ok(p.bytes().as_ref()))
                 })
+                .map(|(f, _)| f)
             }
             Ok(p) if p.has_segments() => {
                 let e = WorkerError {

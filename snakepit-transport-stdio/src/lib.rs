@@ -24,14 +24,15 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use snakepit_core::wire::{self, Inbound};
+use snakepit_core::shm::{Arena, Region};
+use snakepit_core::wire::{self, Inbound, SegEntry};
 use snakepit_core::{
     handshake, CloseReason, Codec, Connection, Error, Hello, HostCall, HostHandler, Payload, Ready,
     ReplyFuture, ReplySlot, Request, RequestId, SlotOwner, Transport, WorkerError, WorkerId, WorkerIo,
@@ -47,13 +48,15 @@ pub mod fuzzing;
 mod host;
 mod outbox;
 mod reader;
+mod shm;
 mod stream;
 
-use frame::{frame, frame_segmented, segmented_json, segments_of, FrameReader, ReadOutcome};
+use frame::{frame, frame_segmented, segmented_json, segments_of, FrameReader, Placement, ReadOutcome};
 use host::host_call;
 pub use host::MAX_HOST_CALLS;
 use outbox::Outbox;
 use reader::{read_loop, LogLimit};
+use shm::ShmState;
 use stream::{Credit, ReplyStream, StreamItem};
 
 /// The default time a frame's body may stall once its header has arrived.
@@ -100,6 +103,10 @@ impl Transport for StdioTransport {
 
     fn max_frame(&self) -> usize {
         self.max_frame
+    }
+
+    fn shared_memory(&self) -> bool {
+        true
     }
 }
 
@@ -148,6 +155,9 @@ struct Shared {
     unknown_replies: Mutex<LogLimit>,
     /// Whether the worker announced binary segments (set once its `ready` is in).
     segments: AtomicBool,
+    /// The shared-memory arena, when the worker mapped the one offered (set once its `ready`
+    /// is in).
+    shm: OnceLock<ShmState>,
 }
 
 impl Shared {
@@ -338,6 +348,7 @@ impl StdioConnection {
             reads: Arc::new(AtomicU64::new(0)),
             unknown_replies: Mutex::new(LogLimit::default()),
             segments: AtomicBool::new(false),
+            shm: OnceLock::new(),
         });
         // This transport carries binary segments: offer them.
         let hello = hello.with_segments(true);
@@ -367,6 +378,9 @@ impl StdioConnection {
         };
         let ready = handshake::parse_ready(&hello, &first)?;
         shared.segments.store(ready.segments, Ordering::Release);
+        if let (true, Some(offer)) = (ready.shm && ready.segments, &hello.shm) {
+            let _ = shared.shm.set(ShmState::new(offer.arena.clone(), offer.threshold));
+        }
         guard.disarm();
         let reader = tokio::spawn(read_loop(reader, shared.clone()));
         let conn = StdioConnection {
@@ -388,8 +402,9 @@ impl StdioConnection {
     }
 
     /// Checks a request's arguments (unless an encoder made them) and encodes its `call` frame
-    /// (`window`: as a stream). Returns the request id and the frame.
-    fn call_frame(&self, req: &Request, window: Option<u32>) -> Result<(u64, Vec<u8>), Error> {
+    /// (`window`: as a stream). Returns the request id, the frame and the arena regions its
+    /// large segments went to.
+    fn call_frame(&self, req: &Request, window: Option<u32>) -> Result<(u64, Vec<u8>, Vec<Region>), Error> {
         let args = req.args.bytes();
         if !req.args.is_trusted() {
             serde_json::from_slice::<serde::de::IgnoredAny>(args).map_err(|e| {
@@ -412,18 +427,34 @@ impl StdioConnection {
                     req.command
                 )));
             }
-            frame_segmented(capacity, self.shared.max_frame, req.args.segments(), encode)?
+            let placement = self.shared.shm.get().map(ShmState::placement);
+            frame_segmented(capacity, self.shared.max_frame, req.args.segments(), placement, encode)?
         } else {
-            frame(capacity, self.shared.max_frame, encode)?
+            (frame(capacity, self.shared.max_frame, encode)?, Vec::new())
         };
-        Ok((id, f))
+        Ok((id, f.0, f.1))
+    }
+
+    /// Records the arena regions of call `id` (freed when it is answered).
+    fn lease(&self, id: u64, regions: Vec<Region>) {
+        if let Some(shm) = self.shared.shm.get() {
+            shm.lease(id, regions);
+        }
+    }
+
+    /// Frees the arena regions of a call that was never sent.
+    fn unsent(&self, regions: Vec<Region>) {
+        if let Some(shm) = self.shared.shm.get() {
+            shm.unsent(regions);
+        }
     }
 
     /// Encodes and sends a call; its reply comes through a (reused) slot, so the call allocates
     /// nothing but its frame.
     fn send_call(&self, req: Request) -> Result<ReplyFuture<'static>, Error> {
-        let (id, frame) = self.call_frame(&req, None)?;
+        let (id, frame, regions) = self.call_frame(&req, None)?;
         if let Some(reason) = self.shared.close_reason() {
+            self.unsent(regions);
             return Err(self.shared.error_for(&reason));
         }
         let slot = self.shared.take_slot();
@@ -431,8 +462,11 @@ impl StdioConnection {
         // The reader may have closed between the check and the insert: re-check.
         if let Some(reason) = self.shared.close_reason() {
             self.shared.forget(id);
+            self.unsent(regions);
             return Err(self.shared.error_for(&reason));
         }
+        // Before the frame goes out: the answer may come (and settle them) at once.
+        self.lease(id, regions);
         if let Err(e) = self.send(frame) {
             self.shared.forget(id);
             return Err(e);
@@ -519,10 +553,12 @@ impl Connection for StdioConnection {
         window: u32,
     ) -> Result<BoxStream<'static, Result<Payload, Error>>, Error> {
         let window = window.max(1);
-        let (id, f) = self.call_frame(&req, Some(window))?;
+        let (id, f, regions) = self.call_frame(&req, Some(window))?;
         if let Some(reason) = self.shared.close_reason() {
+            self.unsent(regions);
             return Err(self.shared.error_for(&reason));
         }
+        self.lease(id, regions);
         // Room for a full window of chunks plus the end (or an error, or a close).
         let (tx, rx) = mpsc::channel(window as usize + 2);
         let credit = Arc::new(Credit::new(window));

@@ -47,14 +47,28 @@ pub(crate) async fn read_loop(mut reader: FrameReader, shared: Arc<Shared>) {
     }
 }
 
-pub(crate) fn dispatch(shared: &Arc<Shared>, frame: Bytes, segmented: bool) -> Result<(), String> {
+pub(crate) fn dispatch(shared: &Arc<Shared>, body: Bytes, segmented: bool) -> Result<(), String> {
     if segmented && !shared.segments.load(Ordering::Acquire) {
         return Err("a segmented frame from a worker that did not announce binary segments".into());
     }
     // A segmented frame: `u32 json_len`, the JSON, the segments its `seg` table lists.
-    let json = if segmented { segmented_json(&frame)? } else { frame.clone() };
+    let json = if segmented { segmented_json(&body)? } else { body.clone() };
     let msg: Inbound<'_> = serde_json::from_slice(&json).map_err(|e| format!("malformed message: {e}"))?;
-    let segments = if segmented { segments_of(&frame, json.len(), msg.seg.as_deref())? } else { Vec::new() };
+    let shm = shared.shm.get();
+    let segments = if segmented {
+        let mut released = Vec::new();
+        let segments =
+            segments_of(&body, json.len(), msg.seg.as_deref(), shm.map(|s| &*s.arena), &mut released)?;
+        if !released.is_empty() {
+            // Copied out: the worker may reuse those regions (before any later call of ours).
+            let f = frame(24 + 21 * released.len(), usize::MAX, |out| wire::encode_release(out, &released))
+                .map_err(|e| e.to_string())?;
+            let _ = shared.outbox.push(f);
+        }
+        segments
+    } else {
+        Vec::new()
+    };
     let payload = |raw: Option<&serde_json::value::RawValue>| match raw {
         Some(raw) => Payload::from_trusted(Codec::Json, json.slice_ref(raw.get().as_bytes()))
             .with_segments(segments.clone()),
@@ -71,6 +85,10 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, frame: Bytes, segmented: bool) -> R
     let Some(id) = msg.id else {
         return Err(format!("`{tag}` message without an id"));
     };
+    if let (Some(shm), "result" | "error" | "end") = (shm, tag) {
+        // The call is answered: the tool is done with its arguments in the arena.
+        shm.settle(id, msg.keep == Some(true));
+    }
     let error = || {
         msg.error.clone().unwrap_or_else(|| WorkerError {
             kind: "UnknownError".into(),

@@ -36,6 +36,9 @@ mod session;
 pub use bytes::Bytes;
 pub use pool::{Affinity, CallOptions, CallStream, DropPolicy, Pool, PoolBuilder, PoolStats, RehydrateHook};
 pub use session::Session;
+/// Shared-memory arenas: [`shm::counters`] tells how many segments took the arena or fell back
+/// to the pipe.
+pub use snakepit_core::shm;
 pub use snakepit_core::{
     ProcessProfile, SessionRecord, SessionStore, StartMode, ThreadProfile, VarType, WorkerProfile, Zygote,
 };

@@ -42,6 +42,8 @@ _HDR = struct.Struct(">I")
 _SEGMENTED = 1 << 31  # header bit of a segmented frame (docs/protocol.md, "Binary segments")
 _TOOLS: dict[str, Callable[..., Any]] = {}
 _state: dict[str, Any] = {"in_fd": None, "out_fd": None, "served": False}
+# The host's shared-memory arena, when one was agreed in the handshake (`_shm.Arena`).
+_arena: list[Any] = [None]
 _write_lock = threading.Lock()
 
 
@@ -500,24 +502,32 @@ def _format_exc() -> str:
 def _next_message(chan: _Channel) -> Message | None:
     """The next message from the host as a dict (with its type in "t"), or None at EOF. A
     segmented frame's segments are in the message's "$segs" (memoryviews over the frame)."""
-    body = chan.read()
-    if body is None:
-        return None
-    try:
-        if chan.segmented:
-            msg = _split_segments(body)
-        else:
-            msg = _loads(body)
-        if type(msg) is not dict or type(msg.get("t")) is not str:
-            raise ValueError("not a JSON object with a string `t`")
-    except ValueError as e:
-        raise ProtocolError("malformed message from host: %s" % e)
-    return msg
+    while True:
+        body = chan.read()
+        if body is None:
+            return None
+        try:
+            if chan.segmented:
+                msg = _split_segments(body)
+            else:
+                msg = _loads(body)
+            if type(msg) is not dict or type(msg.get("t")) is not str:
+                raise ValueError("not a JSON object with a string `t`")
+        except ValueError as e:
+            raise ProtocolError("malformed message from host: %s" % e)
+        if msg["t"] != "release":
+            return msg
+        # The host copied our regions out: taken here, whoever reads.
+        arena = _arena[0]
+        if arena is not None:
+            arena.release(msg.get("shm"))
 
 
 def _split_segments(body: bytes) -> Any:
     """A segmented frame's message, with "$segs": its segments as read-only memoryviews over
-    the frame (no copy). Raises ValueError when the lengths do not add up."""
+    the frame or, for `[offset, length]` entries, over the shared-memory arena (no copy; their
+    mappings in "$maps", to be let go of once the call is answered). Raises ValueError when
+    the lengths do not add up or a region is out of range."""
     size = len(body)
     if size < 4:
         raise ValueError("segmented frame shorter than its JSON length")
@@ -531,7 +541,16 @@ def _split_segments(body: bytes) -> Any:
         raise ValueError("segmented frame without a valid `seg` table: %r" % (table,))
     view = memoryview(body)
     segs = []
+    maps = None
     for n in table:
+        if type(n) is list and len(n) == 2 and _arena[0] is not None:
+            m, v = _arena[0].args(n[0], n[1])
+            segs.append(v)
+            if m is not None:
+                if maps is None:
+                    maps = msg["$maps"] = []
+                maps.append(m)
+            continue
         if type(n) is not int or n < 0:
             raise ValueError("segmented frame without a valid `seg` table: %r" % (table,))
         end = at + n
@@ -861,7 +880,12 @@ class _Channel:
         try:
             body = _dumps(msg)
         except _NeedSegments:
-            self.write_segmented(*_dumps_segments(msg))
+            json_body, segs, _, placed = _place(*_dumps_segments(msg))
+            try:
+                self.write_segmented(json_body, segs)
+            except FrameTooLarge:
+                _unplace(placed)
+                raise
             return
         self.write(body)
 
@@ -1017,10 +1041,9 @@ def _as_segment(obj: Any, segs: list[memoryview]) -> Any:
     return {"$seg": len(segs) - 1}
 
 
-def _dumps_segments(msg: Json, table: bool = True) -> tuple[bytes, list[memoryview]]:
-    """`msg` as JSON whose binary parts are segment references (with the segment table
-    appended to the message object, for a segmented frame, unless not `table`), and the
-    segments."""
+def _dumps_segments(msg: Json) -> tuple[bytes, list[memoryview]]:
+    """`msg` as JSON whose binary parts are segment references, and the segments (`_place`
+    adds the segment table of a segmented frame)."""
     prev = getattr(_tls, "segs", None)
     segs: list[memoryview] = []
     _tls.segs = segs
@@ -1028,9 +1051,42 @@ def _dumps_segments(msg: Json, table: bool = True) -> tuple[bytes, list[memoryvi
         body = _dumps(msg)
     finally:
         _tls.segs = prev
-    if table and body.endswith(b"}"):
-        body = body[:-1] + b',"seg":[' + ",".join(str(s.nbytes) for s in segs).encode() + b"]}"
     return body, segs
+
+
+def _place(json_body: bytes, segs: list[memoryview]) -> tuple[bytes, list[memoryview], int, list[int]]:
+    """A segmented frame's message: `json_body` (an object) with its segment table appended.
+    Segments of at least the arena's threshold are copied into the shared-memory arena while
+    it has room, and listed as `[offset, length]`; the others travel in the frame. Returns the
+    message, the segments for the frame, the frame body's size and the arena offsets taken."""
+    arena = _arena[0]
+    entries = []
+    inline = segs
+    placed: list[int] = []
+    n = 0
+    if arena is not None and any(s.nbytes >= arena.threshold for s in segs):
+        inline = []
+        for s in segs:
+            off = arena.put(s) if s.nbytes >= arena.threshold else None
+            if off is None:
+                entries.append(str(s.nbytes))
+                inline.append(s)
+                n += s.nbytes
+            else:
+                entries.append("[%d,%d]" % (off, s.nbytes))
+                placed.append(off)
+    else:
+        for s in segs:
+            entries.append(str(s.nbytes))
+            n += s.nbytes
+    body = json_body[:-1] + b',"seg":[' + ",".join(entries).encode() + b"]}"
+    return body, inline, 4 + len(body) + n, placed
+
+
+def _unplace(placed: list[int]) -> None:
+    """Frees arena regions `_place` took for a frame that is not sent."""
+    if placed and _arena[0] is not None:
+        _arena[0].release(placed)
 
 
 def _default(obj: Any) -> Any:
@@ -1111,7 +1167,7 @@ def _dumps_any(value: Json) -> tuple[bytes, list[memoryview]]:
     try:
         return _dumps(value), []
     except _NeedSegments:
-        return _dumps_segments(value, table=False)
+        return _dumps_segments(value)
 
 
 def _dumps(msg: Json) -> bytes:
@@ -1356,6 +1412,7 @@ def _serve(
         del _hooks[:]
         del _stash[:]
         _segments_on[0] = False
+        _arena[0] = None
         _session_cache.clear()
         _run.id = None
         _run.pending = False
@@ -1432,6 +1489,9 @@ def _serve_inner(
     else:
         _run.signum = _install_cancel_signal() if n == 1 else None
         ready["cancel_signal"] = _run.signum
+    offer = hello.get("shm")
+    if offer is not None and ready.get("segments"):
+        _map_arena(offer, ready)
     chan.send(ready)
     if ready.get("segments"):
         chan.segments = True
@@ -1453,6 +1513,30 @@ def _serve_inner(
                 instance.teardown()
             except Exception:
                 _log("teardown failed:\n" + _format_exc())
+
+
+def _map_arena(offer: Any, ready: Message) -> None:
+    """Maps the shared-memory arena `hello.shm` offers (a forked worker got its descriptor
+    from the zygote); announces it in `ready`. Any trouble: logged, and segments take the pipe."""
+    fd = _state.get("shm_fd")
+    if fd is None and type(offer) is dict:
+        fd = offer.get("fd")
+    try:
+        if type(offer) is not dict:
+            raise ValueError("hello.shm is %r, not an object" % (offer,))
+        if os.environ.get("SNAKEPIT_BRIDGE_SHM", "1") == "0":
+            raise ValueError("SNAKEPIT_BRIDGE_SHM=0")
+        from . import _shm
+
+        _arena[0] = _shm.Arena(fd, offer.get("size"), offer.get("split"), offer.get("threshold"))
+        ready["shm"] = True
+    except (ValueError, OSError, ImportError) as e:
+        _log("shared memory not used: %s" % e)
+        if type(fd) is int and fd > 2:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def _loop(chan: _Channel, tools: dict[str, Callable[..., Any]]) -> None:
@@ -1620,8 +1704,9 @@ def _encode_reply(chan: _Channel, reply: Message, rid: Any) -> tuple[Body, bool]
             json_body, segs = _dumps_segments(reply)
         except Exception as e:
             return _not_json(rid, e), False
-        size = 4 + len(json_body) + sum(s.nbytes for s in segs)
+        json_body, segs, size, placed = _place(json_body, segs)
         if size > chan.max_frame:
+            _unplace(placed)
             return _too_large(rid, size, chan.max_frame), False
         return (json_body, segs), True
     except Exception as e:  # TypeError, ValueError (NaN), RecursionError, or an encoder hook's
@@ -1632,6 +1717,41 @@ def _encode_reply(chan: _Channel, reply: Message, rid: Any) -> tuple[Body, bool]
 
 
 def _call(chan: _Channel, tools: dict[str, Callable[..., Any]], msg: Message) -> None:
+    body = _answer(chan, tools, msg)
+    maps = msg.pop("$maps", None)
+    if maps is not None:
+        body = _let_go(msg, body, maps)
+    if body is not None:
+        chan.write(body)
+
+
+def _let_go(msg: Message, body: Body | None, maps: list[Any]) -> Body | None:
+    """Lets go of a call's argument mappings in the arena before its last message goes out.
+    That message's segments that travel in the frame are copied first (they may be views of
+    the arguments); a mapping something still views makes the message say `keep`, and the
+    host then never reuses its region."""
+    from . import _shm
+
+    msg.pop("$segs", None)
+    json_body: bytes | None = None
+    copies: list[memoryview] | None = None  # a segmented frame's segments (maybe none inline)
+    if isinstance(body, tuple):
+        json_body = body[0]
+        copies = [memoryview(s.tobytes()) for s in body[1]]
+    elif body is not None:
+        json_body = body
+    body = None  # our last reference to the segments as the tool returned them
+    keep = not _shm.let_go(maps)
+    if json_body is None:
+        return None
+    if keep:
+        json_body = json_body[:-1] + b',"keep":true}'
+    return json_body if copies is None else (json_body, copies)
+
+
+def _answer(chan: _Channel, tools: dict[str, Callable[..., Any]], msg: Message) -> Body | None:
+    """Runs a call; returns its last message (None: already written). Chunks of a stream are
+    written as they come."""
     rid = msg.get("id")
     cmd = msg.get("cmd")
     window = msg.get("stream")
@@ -1642,8 +1762,7 @@ def _call(chan: _Channel, tools: dict[str, Callable[..., Any]], msg: Message) ->
             "id": rid,
             "error": {"type": "UnknownCommand", "message": "no tool named %r" % (cmd,)},
         }
-        chan.write(_encode_reply(chan, reply, rid)[0])
-        return
+        return _encode_reply(chan, reply, rid)[0]
     T = _threaded[0]
     try:
         _run.pending = False
@@ -1672,16 +1791,15 @@ def _call(chan: _Channel, tools: dict[str, Callable[..., Any]], msg: Message) ->
                 streaming = _is_stream(result)
             if streaming:
                 if window:
-                    _stream(chan, rid, result, _count(window))
-                    return
+                    return _stream(chan, rid, result, _count(window))
                 result = _collect(result)
             elif window:
                 # A plain tool called as a stream: one chunk, then the end.
                 body, ok = _encode_reply(chan, {"t": "chunk", "id": rid, "data": result}, rid)
+                if not ok:
+                    return body  # the error is the last message
                 chan.write(body)
-                if ok:
-                    chan.send({"t": "end", "id": rid})
-                return
+                return _dumps({"t": "end", "id": rid})
         finally:
             _run.id = None
         body = _result_body(chan, rid, result)
@@ -1692,7 +1810,7 @@ def _call(chan: _Channel, tools: dict[str, Callable[..., Any]], msg: Message) ->
         body = _encode_reply(chan, reply, rid)[0]
     except Exception as e:
         body = _encode_reply(chan, {"t": "error", "id": rid, "error": _error(e)}, rid)[0]
-    chan.write(body)
+    return body
 
 
 def _bind_segments(value: Any, segs: list[memoryview]) -> Any:
@@ -1734,23 +1852,26 @@ def _result_body(chan: _Channel, rid: Any, result: Any) -> Body:
             # Raw bytes (`execute_bytes`): the envelope by hand, the buffer as the one segment.
             mv = memoryview(result)
             if mv.c_contiguous and mv.format == "B" and mv.ndim == 1:
-                json_body = b'{"t":"result","id":%d,"ok":{"$seg":0},"seg":[%d]}' % (rid, mv.nbytes)
-                if 4 + len(json_body) + mv.nbytes <= chan.max_frame:
-                    return (json_body, [mv])
+                arena = _arena[0]
+                if arena is None or mv.nbytes < arena.threshold:
+                    json_body = b'{"t":"result","id":%d,"ok":{"$seg":0},"seg":[%d]}' % (rid, mv.nbytes)
+                    if 4 + len(json_body) + mv.nbytes <= chan.max_frame:
+                        return (json_body, [mv])
+                else:
+                    json_body, segs, size, placed = _place(b'{"t":"result","id":%d,"ok":{"$seg":0}}' % rid, [mv])
+                    if size <= chan.max_frame:
+                        return (json_body, segs)
+                    _unplace(placed)
         try:
             body = b'{"t":"result","id":%d,"ok":%s}' % (rid, _dumps(result))
         except _NeedSegments:
             try:
-                ok, segs = _dumps_segments(result, table=False)
+                ok, segs = _dumps_segments(result)
             except Exception as e:
                 return _not_json(rid, e)
-            json_body = b'{"t":"result","id":%d,"ok":%s,"seg":[%s]}' % (
-                rid,
-                ok,
-                ",".join(str(s.nbytes) for s in segs).encode(),
-            )
-            size = 4 + len(json_body) + sum(s.nbytes for s in segs)
+            json_body, segs, size, placed = _place(b'{"t":"result","id":%d,"ok":%s}' % (rid, ok), segs)
             if size > chan.max_frame:
+                _unplace(placed)
                 return _too_large(rid, size, chan.max_frame)
             return (json_body, segs)
         except Exception as e:  # not JSON: an error (without running the encoders again)
@@ -1760,10 +1881,11 @@ def _result_body(chan: _Channel, rid: Any, result: Any) -> Body:
     return _encode_reply(chan, {"t": "result", "id": rid, "ok": result}, rid)[0]
 
 
-def _stream(chan: _Channel, rid: Any, gen: Any, credit: int) -> None:
-    """Sends a generator's items as `chunk`s, never more than the host's credit ahead, then
-    `end`. The host grants more credit as its consumer takes chunks; `cancel` (or the cancel
-    signal) closes the generator, so its `finally` blocks run."""
+def _stream(chan: _Channel, rid: Any, gen: Any, credit: int) -> Body:
+    """Sends a generator's items as `chunk`s, never more than the host's credit ahead; returns
+    the last message (`end`, or an `error`). The host grants more credit as its consumer takes
+    chunks; `cancel` (or the cancel signal) closes the generator, so its `finally` blocks
+    run."""
     T = _threaded[0]
     try:
         while True:
@@ -1778,20 +1900,20 @@ def _stream(chan: _Channel, rid: Any, gen: Any, credit: int) -> None:
                 m = _await_frame(chan, rid, lambda m: m.get("t") == "credit" and m.get("id") == rid)
                 credit += _count(m.get("n"))
             body, ok = _encode_reply(chan, {"t": "chunk", "id": rid, "data": item}, rid)
-            chan.write(body)
             if not ok:
                 _close(gen)
-                return
+                return body
+            chan.write(body)
             credit -= 1
-        chan.send({"t": "end", "id": rid})
+        return _dumps({"t": "end", "id": rid})
     except Cancelled as e:
         if T is not None:
             T.unexpose(rid)  # in case the Cancelled fired before `_next_item`'s `finally` did
         _close(gen)
-        chan.send({"t": "error", "id": rid, "error": {"type": "Cancelled", "message": str(e) or "cancelled"}})
+        return _dumps({"t": "error", "id": rid, "error": {"type": "Cancelled", "message": str(e) or "cancelled"}})
     except Exception as e:
         _close(gen)
-        chan.write(_encode_reply(chan, {"t": "error", "id": rid, "error": _error(e)}, rid)[0])
+        return _encode_reply(chan, {"t": "error", "id": rid, "error": _error(e)}, rid)[0]
 
 
 def protocol_fd() -> int:

@@ -142,7 +142,7 @@ def run(state: dict[str, Any]) -> None:
             op = req.get("op")
             if op == "shutdown":
                 os._exit(0)
-            if op != "fork" or len(fds) != 3:
+            if op != "fork" or len(fds) not in (3, 4):
                 for f in fds:
                     os.close(f)
                 _send(ctrl, {"op": "fork_failed", "worker": req.get("worker"), "error": "bad fork request"})
@@ -183,7 +183,9 @@ def _become_worker(
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
     except OSError:
         os._exit(71)
-    in_fd, out_fd, err_fd = fds
+    in_fd, out_fd, err_fd = fds[:3]
+    if len(fds) == 4:
+        state["shm_fd"] = fds[3]  # the shared-memory arena (hello.shm names the host's number)
     os.dup2(err_fd, 2)
     os.dup2(2, 1)
     os.close(err_fd)

@@ -32,6 +32,7 @@ pub(crate) struct Config {
     pub(crate) stream_window: u32,
     start_mode: StartMode,
     busy_poll: Duration,
+    shm: snakepit_core::ShmOptions,
     instance: Option<String>,
     run_dir: Option<std::path::PathBuf>,
     registry: bool,
@@ -79,6 +80,7 @@ impl Default for PoolBuilder {
                 stream_window: 32,
                 start_mode: StartMode::Cold,
                 busy_poll: Duration::ZERO,
+                shm: snakepit_core::ShmOptions::DEFAULT,
                 instance: None,
                 run_dir: None,
                 registry: true,
@@ -247,6 +249,25 @@ impl PoolBuilder {
         self
     }
 
+    /// The smallest binary segment that travels through the worker's shared-memory arena
+    /// instead of its pipe (default 256 KiB; stdio transport only). Smaller segments are
+    /// cheaper in the frame (one copy, no bookkeeping); larger ones cost one `memcpy` each way
+    /// instead of the pipe's two and its wake-ups. See docs/protocol.md, "Shared memory".
+    pub fn shm_threshold(mut self, bytes: usize) -> Self {
+        self.cfg.shm.threshold = bytes.max(1);
+        self
+    }
+
+    /// The size of each worker's shared-memory arena (default 64 MiB: half for arguments, half
+    /// for results; 0 turns it off). Only the pages a payload touched are backed by memory,
+    /// and they stay with the worker until it exits: a pool may hold up to `size` per worker
+    /// after large payloads. A segment that does not fit takes the pipe (counted in
+    /// `snakepit::shm::counters().arena_full`).
+    pub fn shm_max(mut self, bytes: usize) -> Self {
+        self.cfg.shm.size = bytes;
+        self
+    }
+
     /// How many stream items a worker may send ahead of the consumer (default 32).
     pub fn stream_window(mut self, n: u32) -> Self {
         self.cfg.stream_window = n.max(1);
@@ -373,7 +394,8 @@ impl PoolBuilder {
             .with_env(cfg.env.clone())
             .with_host(Some(host_handler))
             .with_max_in_flight(cfg.slot.max_in_flight)
-            .with_busy_poll(cfg.busy_poll);
+            .with_busy_poll(cfg.busy_poll)
+            .with_shm(cfg.shm);
         #[cfg(feature = "chaos")]
         let start_opts =
             start_opts.with_handshake_delay(cfg.chaos.as_ref().and_then(|c| c.handshake_delay()));
