@@ -18,6 +18,9 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 use snakepit::{Payload, Pool, Python};
 
+mod bytes;
+use bytes::{bytes_run, has_numpy, numpy_floor, numpy_run};
+
 /// Options of `snakepit bench`.
 #[derive(Args, Debug)]
 pub(crate) struct BenchArgs {
@@ -125,7 +128,7 @@ fn floor(python: &str, peer: Peer, payload: usize, calls: u64, k: usize) -> std:
     }
     let msg = frame(payload, 1);
     // Warm up (the interpreter's start-up is not part of a call).
-    for _ in 0..50 {
+    for _ in 0..if payload >= 1 << 20 { 3 } else { 50 } {
         input.write_all(&msg)?;
         read_frame(&mut output, &mut buf)?;
     }
@@ -250,35 +253,6 @@ async fn pool_run(pool: &Arc<Pool>, payload: usize, calls: u64, callers: usize) 
         }
     }
     sample(&h, calls, start.elapsed())
-}
-
-/// `calls` sequential raw-bytes echoes of `payload` bytes (binary segments: no JSON, no base64),
-/// from a runtime task like [`pool_run`]'s callers (not the `block_on` thread, whose wake-ups
-/// would cross threads on every reply).
-async fn bytes_run(pool: &Arc<Pool>, payload: usize, calls: u64) -> Sample {
-    let pool = pool.clone();
-    let task = tokio::spawn(async move {
-        let data = snakepit::Bytes::from(vec![b'x'; payload]);
-        for _ in 0..20 {
-            let _ = pool.execute_bytes("echo", data.clone()).await;
-        }
-        let mut h = hist();
-        let start = Instant::now();
-        for _ in 0..calls {
-            let t = Instant::now();
-            if pool.execute_bytes("echo", data.clone()).await.is_ok_and(|b| b.len() == payload) {
-                let _ = h.record(t.elapsed().as_nanos() as u64);
-            }
-        }
-        sample(&h, calls, start.elapsed())
-    });
-    match task.await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("bench: the bytes run failed: {e}");
-            sample(&hist(), 0, Duration::ZERO)
-        }
-    }
 }
 
 /// An import-heavy worker script (for the start-up rows).
@@ -431,9 +405,17 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
         (20_000, 5, &[64, 1024, 100 * 1024, 1024 * 1024])
     };
     // Raw-bytes echoes (binary segments), against the floor of the same size.
-    let byte_sizes: &[usize] = &[64, 1024, 100 * 1024, 1024 * 1024];
+    let byte_sizes: &[usize] = if args.quick {
+        &[64, 1024, 100 * 1024, 256 * 1024, 1024 * 1024]
+    } else {
+        &[64, 1024, 16 * 1024, 32 * 1024, 64 * 1024, 100 * 1024, 256 * 1024, 1024 * 1024, 10 << 20, 100 << 20]
+    };
     let size_calls = |s: usize| {
-        if s >= 1024 * 1024 {
+        if s >= 100 << 20 {
+            5
+        } else if s >= 10 << 20 {
+            20
+        } else if s >= 1024 * 1024 {
             calls / 20
         } else if s >= 100 * 1024 {
             calls / 5
@@ -463,6 +445,37 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
             eprintln!("bench: cannot start the pool: {e}");
             return std::process::ExitCode::FAILURE;
         }
+    };
+    // The same bytes with the shared-memory arena off, and with it for every segment (big
+    // enough for 100 MB each way).
+    let shm_pool = |size: usize, threshold: usize| {
+        mk(Pool::builder())
+            .adapter(Python::showcase().interpreter(&python))
+            .size(1)
+            .shm_max(size)
+            .shm_threshold(threshold)
+            .build()
+    };
+    let (p_off, p_all) =
+        match futures::future::try_join(shm_pool(0, usize::MAX), shm_pool(256 << 20, 1)).await {
+            Ok((a, b)) => (Arc::new(a), Arc::new(b)),
+            Err(e) => {
+                eprintln!("bench: cannot start the pool: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+    // numpy rows need numpy in the interpreter (the repository's .venv has it).
+    let numpy_python = grpc_python.clone().filter(|p| !args.quick && has_numpy(p));
+    let p_np = match &numpy_python {
+        Some(np) => mk(Pool::builder())
+            .adapter(Python::showcase().interpreter(np))
+            .size(1)
+            .shm_max(256 << 20)
+            .build()
+            .await
+            .ok()
+            .map(Arc::new),
+        None => None,
     };
     let pg = match &grpc_python {
         Some(gp) => mk(Pool::builder())
@@ -536,8 +549,41 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
                     results.entry(floor_name.clone()).or_default().push(x);
                 }
             }
-            floors.insert(name.clone(), floor_name);
-            results.entry(name).or_default().push(bytes_run(&p1, s, c).await);
+            floors.insert(name.clone(), floor_name.clone());
+            // The default pool: in the frame below 64 KiB, through the arena from there (and
+            // past its 32 MiB a way, the big arena's pool).
+            let pool = if s > 32 << 20 { &p_all } else { &p1 };
+            results.entry(name).or_default().push(bytes_run(pool, s, c).await);
+            if s >= 100 * 1024 {
+                let name = format!("stdio 1 worker bytes seq {s} B, shm off");
+                if want(&name) && s <= 64 << 20 {
+                    floors.insert(name.clone(), floor_name.clone());
+                    results.entry(name).or_default().push(bytes_run(&p_off, s, c).await);
+                }
+            }
+            // Below the default threshold (64 KiB): what the arena would cost there.
+            if (1024..64 * 1024).contains(&s) {
+                let name = format!("stdio 1 worker bytes seq {s} B, shm always");
+                if want(&name) {
+                    floors.insert(name.clone(), floor_name.clone());
+                    results.entry(name).or_default().push(bytes_run(&p_all, s, c).await);
+                }
+            }
+        }
+        if let (Some(p), Some(np)) = (&p_np, &numpy_python) {
+            let s = 100 << 20;
+            let floor_name = "floor numpy 100 MB multiprocessing.shared_memory".to_string();
+            let name = "stdio 1 worker numpy 100 MB round trip".to_string();
+            if want(&name) {
+                match numpy_floor(np, s, 5) {
+                    Ok(x) => {
+                        results.entry(floor_name.clone()).or_default().push(x);
+                        floors.insert(name.clone(), floor_name);
+                    }
+                    Err(e) => eprintln!("bench: {e}"),
+                }
+                results.entry(name).or_default().push(numpy_run(p, s, 5).await);
+            }
         }
         let kname = "floor K=16 64 B".to_string();
         if !want(&kname) {
@@ -616,7 +662,7 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
     if let Some(h) = &heavy {
         let _ = std::fs::remove_file(h);
     }
-    for p in [Some(p1), Some(pn), Some(pb), pg].into_iter().flatten() {
+    for p in [Some(p1), Some(pn), Some(pb), pg, Some(p_off), Some(p_all), p_np].into_iter().flatten() {
         if let Ok(p) = Arc::try_unwrap(p) {
             p.shutdown().await;
         }

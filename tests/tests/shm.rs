@@ -84,7 +84,7 @@ async fn large_segments_go_through_the_arena_both_ways() {
     let r = Reaper::new();
     let pool = r.builder().adapter(python(&r)).size(1).build().await.expect("pool");
     let before = counters();
-    for (i, size) in [256 * 1024, 1 << 20, 1 << 20, 5 << 20, 20 << 20].into_iter().enumerate() {
+    for (i, size) in [64 * 1024, 1 << 20, 1 << 20, 5 << 20, 20 << 20].into_iter().enumerate() {
         let d = data(size, i as u8);
         let back = pool.execute_bytes("echo", d.clone()).await.expect("echo");
         assert!(back == d, "{size} bytes: differ");
@@ -93,7 +93,7 @@ async fn large_segments_go_through_the_arena_both_ways() {
     assert_eq!((d.to_worker, d.from_worker, d.arena_full), (5, 5, 0), "{d:?}");
     // Below the threshold: in the frame.
     let before = counters();
-    let small = data(100 * 1024, 9);
+    let small = data(64 * 1024 - 1, 9);
     assert!(pool.execute_bytes("echo", small.clone()).await.expect("echo") == small);
     assert_eq!(delta(before), Counters::default());
     // The tool sees a read-only view.

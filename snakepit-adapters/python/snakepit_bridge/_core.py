@@ -541,15 +541,13 @@ def _split_segments(body: bytes) -> Any:
         raise ValueError("segmented frame without a valid `seg` table: %r" % (table,))
     view = memoryview(body)
     segs = []
-    maps = None
+    lease = None
     for n in table:
         if type(n) is list and len(n) == 2 and _arena[0] is not None:
-            m, v = _arena[0].args(n[0], n[1])
-            segs.append(v)
-            if m is not None:
-                if maps is None:
-                    maps = msg["$maps"] = []
-                maps.append(m)
+            if lease is None:
+                lease = _arena[0].lease()
+                msg["$maps"] = [lease]
+            segs.append(_arena[0].view(lease, n[0], n[1]))
             continue
         if type(n) is not int or n < 0:
             raise ValueError("segmented frame without a valid `seg` table: %r" % (table,))
@@ -1730,8 +1728,6 @@ def _let_go(msg: Message, body: Body | None, maps: list[Any]) -> Body | None:
     That message's segments that travel in the frame are copied first (they may be views of
     the arguments); a mapping something still views makes the message say `keep`, and the
     host then never reuses its region."""
-    from . import _shm
-
     msg.pop("$segs", None)
     json_body: bytes | None = None
     copies: list[memoryview] | None = None  # a segmented frame's segments (maybe none inline)
@@ -1741,7 +1737,7 @@ def _let_go(msg: Message, body: Body | None, maps: list[Any]) -> Body | None:
     elif body is not None:
         json_body = body
     body = None  # our last reference to the segments as the tool returned them
-    keep = not _shm.let_go(maps)
+    keep = _arena[0] is not None and not _arena[0].let_go(maps)
     if json_body is None:
         return None
     if keep:

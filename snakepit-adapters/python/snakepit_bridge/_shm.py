@@ -3,10 +3,14 @@
 The host offers a sealed memfd in ``hello.shm``: ``[0, split)`` is the host's part (call
 arguments arrive there), ``[split, size)`` is ours (large results and chunks go there).
 
-* Arguments: each call maps its regions read-only on their own (``args``), so that after the
-  tool returns, ``mmap.close()`` tells whether anything still holds a view of them (a numpy
-  array over the buffer, a slice kept in a global): then the regions are kept (the reply says
-  ``keep``) and the host never reuses them.
+* Arguments: each call gets its own read-only mapping of the host's part (taken from a small
+  pool, so page tables stay warm and no system call is made per call) and views of its regions
+  in it. Every view, slice or numpy array over one of them keeps the mapping's buffer export,
+  which holds a reference to the mapping: so once the call is answered and the bridge has
+  dropped its own views, the mapping's reference count tells whether the tool kept anything.
+  If it did, the call's regions are kept (its last message says ``keep``; the host never reuses
+  them) and the mapping stays with whatever views it, never reused; else it goes back to the
+  pool.
 * Results: ``put`` copies a buffer into a free region of our part (first fit, 64-byte aligned);
   the host copies it out and sends ``release`` with its offset, and the region is free again.
   No room: the segment takes the pipe.
@@ -17,13 +21,22 @@ from __future__ import annotations
 import bisect
 import mmap
 import os
+import sys
 import threading
 from typing import Any
 
 _PAGE = mmap.ALLOCATIONGRANULARITY
 _ALIGN = 64
-# Maps a call's argument pages up front (one call, not one page fault per 64 KiB read).
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_POOL = 8  # argument mappings kept for reuse (one per call running at once is enough)
+
+
+class Lease:
+    """A call's argument mapping, held only through this object (see `Arena.let_go`)."""
+
+    __slots__ = ("m",)
+
+    def __init__(self, m: mmap.mmap) -> None:
+        self.m: mmap.mmap | None = m
 
 
 class Arena:
@@ -48,18 +61,40 @@ class Arena:
         self._used: dict[int, int] = {}
         self._lock = threading.Lock()
         self.full = 0  # segments that took the pipe for want of room
+        self._maps: list[mmap.mmap] = []  # argument mappings to reuse
         os.set_inheritable(fd, False)  # our children get no copy
 
-    def args(self, offset: Any, n: Any) -> tuple[mmap.mmap | None, memoryview]:
-        """A read-only view of ``n`` bytes at ``offset`` of the host's part, in a mapping of
-        its own (None for an empty segment). Raises ValueError when they are not inside it."""
+    def lease(self) -> Lease:
+        """A read-only mapping of the host's part for one call's arguments."""
+        with self._lock:
+            m = self._maps.pop() if self._maps else None
+        if m is None:
+            m = mmap.mmap(self.fd, self.split, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        return Lease(m)
+
+    def view(self, lease: Lease, offset: Any, n: Any) -> memoryview:
+        """A read-only view of ``n`` bytes at ``offset`` of the host's part, in the call's
+        mapping. Raises ValueError when they are not inside the host's part."""
         if type(offset) is not int or type(n) is not int or offset < 0 or n < 0 or offset + n > self.split:
             raise ValueError("shared-memory segment [%r, %r] is outside the host's part [0, %d)" % (offset, n, self.split))
-        if n == 0:
-            return None, memoryview(b"")
-        base = offset - offset % _PAGE
-        m = mmap.mmap(self.fd, offset + n - base, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ, offset=base)
-        return m, memoryview(m)[offset - base :]
+        if lease.m is None:
+            raise ValueError("the call's mapping is gone")
+        return memoryview(lease.m)[offset : offset + n]
+
+    def let_go(self, leases: list[Lease]) -> bool:
+        """Takes back a call's mappings once the bridge has dropped its own views; False when
+        something still views one (that mapping then lives on with its views, never reused)."""
+        ok = True
+        for lease in leases:
+            # References: `lease.m` and getrefcount's argument; a live buffer export adds one.
+            if lease.m is not None and sys.getrefcount(lease.m) > 2:
+                ok = False
+            elif lease.m is not None:
+                with self._lock:
+                    if len(self._maps) < _POOL:
+                        self._maps.append(lease.m)
+            lease.m = None
+        return ok
 
     def put(self, data: memoryview) -> int | None:
         """Copies ``data`` (bytes, 1-D) into a free region of our part; returns its offset in
@@ -112,14 +147,3 @@ class Arena:
         with self._lock:
             return sum(length for _, length in self._free)
 
-
-def let_go(maps: list[mmap.mmap]) -> bool:
-    """Unmaps a call's argument mappings; False when one is still viewed (it then stays mapped
-    until its last view goes, and the host must never reuse its region)."""
-    ok = True
-    for m in maps:
-        try:
-            m.close()
-        except BufferError:
-            ok = False
-    return ok

@@ -53,25 +53,40 @@ def test_what_put_writes_is_in_the_workers_part_of_the_memfd(arena: _shm.Arena) 
 def test_arguments_are_read_only_views_and_bounds_are_checked(arena: _shm.Arena) -> None:
     with mmap.mmap(arena.fd, SIZE) as m:
         m[5000:5004] = b"abcd"
-    mapping, view = arena.args(5000, 4)
+    lease = arena.lease()
+    view = arena.view(lease, 5000, 4)
     assert bytes(view) == b"abcd"
     assert view.readonly
-    del view
-    assert mapping is not None and _shm.let_go([mapping])
-    assert arena.args(100, 0)[1].nbytes == 0
+    assert arena.view(lease, 100, 0).nbytes == 0
     for off, n in ((SPLIT - 1, 2), (-1, 1), (0, SPLIT + 1), ("0", 1), (0, None)):
         with pytest.raises(ValueError):
-            arena.args(off, n)
-
-
-def test_a_mapping_still_viewed_is_not_let_go(arena: _shm.Arena) -> None:
-    mapping, view = arena.args(0, 4096)
-    kept = view[10:20]  # a slice shares the mapping's export
+            arena.view(lease, off, n)
     del view
-    assert mapping is not None
-    assert not _shm.let_go([mapping])
-    del kept
-    assert _shm.let_go([mapping])
+    assert arena.let_go([lease])
+    again = arena.lease()  # the mapping is reused
+    assert bytes(arena.view(again, 5000, 4)) == b"abcd"
+
+
+def test_a_mapping_still_viewed_is_not_reused(arena: _shm.Arena) -> None:
+    import numpy as np
+
+    for keep in (lambda v: v[10:20], lambda v: np.frombuffer(v, np.uint8), lambda v: memoryview(v), lambda v: v.obj):
+        lease = arena.lease()
+        view = arena.view(lease, 0, 4096)
+        kept = keep(view)
+        del view
+        m = lease.m
+        assert not arena.let_go([lease]), keep
+        assert m is not None and not m.closed  # lives on with its views
+        del kept, m
+    # Nothing kept: back to the pool, reused by the next call.
+    lease = arena.lease()
+    first = id(lease.m)  # not a reference: that would count as one
+    view = arena.view(lease, 0, 4096)
+    np.frombuffer(view, np.uint8).sum()
+    del view
+    assert arena.let_go([lease])
+    assert id(arena.lease().m) == first
 
 
 def test_bad_offers_are_refused(arena: _shm.Arena) -> None:
