@@ -217,6 +217,9 @@ pub(crate) fn segments_of(
     let mut at = 4 + json_len;
     let table = table.unwrap_or_default();
     let mut segments = Vec::with_capacity(table.len());
+    // What the frame copies out of the arena, bounded by the worker's part: a small frame
+    // naming one region many times must not make the host allocate without bound.
+    let mut from_arena: u64 = 0;
     for entry in table {
         match *entry {
             SegEntry::Inline(n) => {
@@ -237,6 +240,14 @@ pub(crate) fn segments_of(
                         "segmented frame: a shared-memory segment [{offset}, {len}] without a shared-memory arena agreed"
                     ));
                 };
+                from_arena = from_arena.saturating_add(len);
+                let part = (arena.size() - arena.split()) as u64;
+                if from_arena > part {
+                    return Err(format!(
+                        "segmented frame: its shared-memory segments add up to more than the worker's part of the \
+                         arena ({part} bytes)"
+                    ));
+                }
                 segments.push(arena.read(offset, len).map_err(|e| format!("segmented frame: {e}"))?);
                 released.push(offset);
             }

@@ -16,7 +16,8 @@ pub const WORKER_OUTPUT_C: usize = 16 * 1024 * 1024;
 
 /// Runs `bytes` as everything a worker writes on its protocol output, from the first byte (the
 /// `ready` frame of the handshake) to end-of-file, through a real [`StdioConnection`] (the
-/// default 64 MiB `max_frame`; the worker's stdin is a sink) on a current-thread runtime.
+/// default 64 MiB `max_frame`, a shared-memory arena of 64 KiB each way offered; the worker's
+/// stdin is a sink) on a current-thread runtime.
 ///
 /// Once the handshake is through, two calls (ids 1 and 2), a ping (id 3) and a stream of window
 /// 2 (id 4) are in flight before the reader task sees the frames after `ready`, and each is
@@ -49,7 +50,11 @@ async fn drive(bytes: Vec<u8>) -> Result<usize, Error> {
         input: Box::new(tokio::io::sink()),
         output: Box::new(std::io::Cursor::new(bytes)),
     };
-    let hello = Hello::new(worker, DEFAULT_MAX_FRAME, serde_json::Value::Null);
+    // A small shared-memory arena (64 KiB each way): a `ready` that maps it lets the frames
+    // that follow name regions in it.
+    let arena = snakepit_core::shm::Arena::create(2 * snakepit_core::shm::GRANULE).expect("an arena"); // not input data
+    let offer = snakepit_core::ShmOffer::new(std::sync::Arc::new(arena), -1, 1024);
+    let hello = Hello::new(worker, DEFAULT_MAX_FRAME, serde_json::Value::Null).with_shm(Some(offer));
     let (conn, _ready) = StdioConnection::connect(io, hello, DEFAULT_FRAME_TIMEOUT).await?;
     let call =
         |n: u64| Request::new("tool", Payload::json(&serde_json::json!({ "n": n })).expect("json args"));

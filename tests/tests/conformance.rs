@@ -245,6 +245,38 @@ async fn binary_segments(kind: Kind) {
     pool.shutdown().await;
 }
 
+/// Large segments through the worker's shared-memory arena: a round trip of 1 MiB that the
+/// host's arena counters see, a numpy-free mixed payload beside it; workers that did not map an
+/// arena (the gRPC transport offers none) print SKIP. A region out of range is in tests/shm.rs
+/// (it takes a misbehaving worker).
+async fn shared_memory(kind: Kind) {
+    let r = Reaper::new();
+    let pool = pool(&r, kind, 1).await;
+    let mapped = pool.worker_handshakes().iter().flatten().all(|h| h.shm);
+    if !mapped {
+        eprintln!("SKIP shared_memory ({kind:?}): the worker mapped no shared-memory arena");
+        pool.shutdown().await;
+        return;
+    }
+    let before = snakepit::shm::counters();
+    let data = Bytes::from((0..=255u8).cycle().take(1 << 20).collect::<Vec<_>>());
+    let back = pool.execute_bytes("echo", data.clone()).await.expect("echo");
+    assert!(back == data, "{kind:?}: bytes differ");
+    let after = snakepit::shm::counters();
+    assert!(
+        after.to_worker > before.to_worker && after.from_worker > before.from_worker,
+        "{kind:?}: {after:?}"
+    );
+    let args = Payload::mixed(
+        &json!({"big": {"$seg": 0}, "small": {"$seg": 1}}),
+        vec![data.clone(), Bytes::from_static(b"s")],
+    );
+    let out = pool.execute_with("echo", args, Default::default()).await.expect("mixed");
+    assert!(out.segments()[0] == data && out.segments()[1] == Bytes::from_static(b"s"), "{kind:?}");
+    assert_eq!(pool.stats().restarts, 0);
+    pool.shutdown().await;
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod stdio {
@@ -278,4 +310,5 @@ conformance!(
     frame_limit_on_requests,
     cancel_interrupts_a_running_tool,
     binary_segments,
+    shared_memory,
 );

@@ -294,6 +294,14 @@ impl Pool {
         self.inner.slots.iter().map(live).collect()
     }
 
+    /// What each live worker announced in its handshake (its bridge, tools, whether it takes
+    /// binary segments and mapped a shared-memory arena...), by slot (`None` for a slot without
+    /// a live worker).
+    pub fn worker_handshakes(&self) -> Vec<Option<Ready>> {
+        let live = |s: &Arc<Slot>| s.current().filter(|w| w.is_alive()).map(|w| w.ready().clone());
+        self.inner.slots.iter().map(live).collect()
+    }
+
     /// Stops the pool gracefully: new calls fail with `ShuttingDown`, queued calls are failed,
     /// running calls get up to the shutdown grace to finish, then every worker is stopped
     /// (a process: stdin closed, then SIGTERM, then SIGKILL to its group) and reaped.
