@@ -27,6 +27,7 @@ mod launch;
 mod payload;
 mod profile;
 mod reply;
+mod segment_serde;
 mod session;
 mod transport;
 pub mod wire;

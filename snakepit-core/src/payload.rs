@@ -70,9 +70,22 @@ impl Payload {
     }
 
     /// Encodes any serde value as JSON.
+    ///
+    /// Bytes the value serialises as bytes (a `serde_bytes` field, `bytes::Bytes` with its serde
+    /// feature) become binary segments, referred to as `{"$seg": i}`, instead of JSON arrays of
+    /// numbers; [`Payload::decode`] reads such references back into bytes:
+    ///
+    /// ```
+    /// # use snakepit_core::Payload;
+    /// #[derive(serde::Serialize)]
+    /// struct Args<'a> { #[serde(with = "serde_bytes")] image: &'a [u8], width: u32 }
+    /// let p = Payload::json(&Args { image: b"\x89PNG", width: 64 }).unwrap();
+    /// assert_eq!(p.bytes().as_ref(), br#"{"image":{"$seg":0},"width":64}"#);
+    /// assert_eq!(p.segments()[0].as_ref(), b"\x89PNG");
+    /// ```
     pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self, Error> {
-        serde_json::to_vec(value)
-            .map(|v| Payload { codec: Codec::Json, bytes: v.into(), trusted: true, segments: Vec::new() })
+        crate::segment_serde::to_json_with_segments(value)
+            .map(|(v, segments)| Payload { codec: Codec::Json, bytes: v.into(), trusted: true, segments })
             .map_err(|source| Error::Codec { context: "cannot encode arguments as JSON", source })
     }
 
@@ -144,13 +157,16 @@ impl Payload {
     }
 
     /// Decodes the payload into a serde value.
+    ///
+    /// Where `T` wants bytes (a `serde_bytes` field, `bytes::Bytes`), a segment reference
+    /// `{"$seg": i}` is read as segment `i` (see [`Payload::json`]).
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        match self.codec {
-            Codec::Json => serde_json::from_slice(&self.bytes).map_err(|source| Error::Codec {
-                context: "cannot decode result as the requested type",
-                source,
-            }),
-        }
+        let decoded = match self.codec {
+            Codec::Json if self.segments.is_empty() => serde_json::from_slice(&self.bytes),
+            Codec::Json => crate::segment_serde::from_json_with_segments(&self.bytes, &self.segments),
+        };
+        decoded
+            .map_err(|source| Error::Codec { context: "cannot decode result as the requested type", source })
     }
 
     /// Decodes the payload into a `serde_json::Value`.

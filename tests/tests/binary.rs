@@ -38,6 +38,11 @@ def text(*args):
     return "not bytes"
 
 @tool
+def typed(name, image, extra=None):
+    assert isinstance(image, memoryview), type(image)
+    return {"name": name.upper(), "size": len(image), "thumb": bytes(image[:2]), "extra": extra}
+
+@tool
 def via_host(ctx, data):
     back = ctx.call_host("reverse", {"data": data})
     return {"type": type(back).__name__, "back": back}
@@ -62,6 +67,33 @@ async fn bytes_round_trip_without_json() {
     assert_eq!(back.as_ref(), b"cba\xff\x00");
     let err = pool.execute_bytes("text", Bytes::new()).await.expect_err("a str is not bytes");
     assert_eq!(err.kind(), "codec", "{err}");
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn serde_bytes_fields_travel_as_segments_through_execute_as() {
+    #[derive(serde::Serialize)]
+    struct Args<'a> {
+        name: &'a str,
+        #[serde(with = "serde_bytes")]
+        image: &'a [u8],
+    }
+    #[derive(serde::Deserialize, Debug)]
+    struct Out {
+        name: String,
+        size: usize,
+        thumb: serde_bytes::ByteBuf,
+        extra: Option<serde_json::Value>,
+    }
+    let r = Reaper::new();
+    let pool = r.builder().adapter(python(&r)).size(1).build().await.expect("pool");
+    let image = vec![7u8; 300_000];
+    let out: Out = pool.execute_as("typed", &Args { name: "cat", image: &image }).await.expect("typed");
+    assert_eq!(
+        (out.name.as_str(), out.size, out.thumb.as_ref(), out.extra),
+        ("CAT", 300_000, &[7u8, 7][..], None)
+    );
     pool.shutdown().await;
     r.assert_none_left(Duration::from_secs(5));
 }

@@ -146,7 +146,9 @@ impl Pool {
         self.execute_with(command, Payload::from_bytes(bytes), CallOptions::default()).await?.into_segment()
     }
 
-    /// Runs `command` with typed arguments and decodes a typed result.
+    /// Runs `command` with typed arguments and decodes a typed result. Fields serialised as
+    /// bytes (`#[serde(with = "serde_bytes")]`, `bytes::Bytes`) travel as binary segments both
+    /// ways, never as JSON arrays (see [`Payload::json`], [`Payload::decode`]).
     pub async fn execute_as<A: Serialize + ?Sized, R: DeserializeOwned>(
         &self,
         command: &str,
