@@ -69,14 +69,16 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, body: Bytes, segmented: bool) -> Re
     } else {
         Vec::new()
     };
-    let payload = |raw: Option<&serde_json::value::RawValue>| match raw {
+    // A message carries at most one payload: its segments move into it.
+    let mut segments = Some(segments);
+    let mut payload = |raw: Option<&serde_json::value::RawValue>| match raw {
         Some(raw) => Payload::from_trusted(Codec::Json, json.slice_ref(raw.get().as_bytes()))
-            .with_segments(segments.clone()),
+            .with_segments(segments.take().unwrap_or_default()),
         None => Payload::null(),
     };
     let tag = &*msg.t;
     if tag == "host_call" {
-        return host_call(shared, &json, segments.clone(), msg);
+        return host_call(shared, &json, segments.take().unwrap_or_default(), msg);
     }
     if !matches!(tag, "result" | "error" | "pong" | "chunk" | "end") {
         tracing::debug!(worker = %shared.worker, tag, "ignoring message of unknown type");

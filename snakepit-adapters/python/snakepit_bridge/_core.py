@@ -1774,6 +1774,8 @@ def _answer(chan: _Channel, tools: dict[str, Callable[..., Any]], msg: Message) 
             try:
                 if type(args) is dict and not wants_ctx:
                     result = fn(**args)  # the common case, without _invoke's generality
+                elif not wants_ctx and args is not None and type(args) is not list:
+                    result = fn(args)  # one value (raw bytes, say): what _invoke would do
                 else:
                     ctx = Context(chan, rid, msg.get("session")) if wants_ctx else None
                     result = _invoke(fn, args, ctx)
@@ -1836,7 +1838,7 @@ class BadSegment(ValueError):
 
 
 # Result types that are neither coroutines nor generators (checked first: it is one set lookup).
-_PLAIN = frozenset((dict, list, str, int, float, bool, type(None), tuple))
+_PLAIN = frozenset((dict, list, str, int, float, bool, type(None), tuple, bytes, bytearray, memoryview))
 
 
 def _result_body(chan: _Channel, rid: Any, result: Any) -> Body:
