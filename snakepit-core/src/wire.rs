@@ -56,13 +56,38 @@ pub struct ShmMsg {
 
 /// One entry of a segmented frame's `seg` table: a segment's length in the frame's body, or
 /// `[offset, length]` of a segment in the shared-memory arena.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SegEntry {
     /// In the frame's body, this many bytes.
     Inline(u64),
     /// In the arena: `[offset, length]`.
     Shm([u64; 2]),
+}
+
+// By hand rather than `untagged`: no buffering of each entry on the hot path.
+impl<'de> Deserialize<'de> for SegEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SegEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a segment length or [offset, length]")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<SegEntry, E> {
+                Ok(SegEntry::Inline(n))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<SegEntry, A::Error> {
+                let mut next =
+                    |i| a.next_element::<u64>()?.ok_or_else(|| serde::de::Error::invalid_length(i, &self));
+                let entry = SegEntry::Shm([next(0)?, next(1)?]);
+                match a.next_element::<serde::de::IgnoredAny>()? {
+                    None => Ok(entry),
+                    Some(_) => Err(serde::de::Error::invalid_length(3, &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Any message a worker sends. Fields a tag does not use are absent.
@@ -224,6 +249,20 @@ pub fn push_segment_entries(out: &mut Vec<u8>, entries: impl IntoIterator<Item =
         }
     }
     out.extend_from_slice(b"]}");
+}
+
+#[cfg(test)]
+mod seg_tests {
+    use super::SegEntry;
+
+    #[test]
+    fn segment_table_entries_parse_strictly() {
+        let t: Vec<SegEntry> = serde_json::from_str("[3, [65536, 10], 0]").expect("table");
+        assert_eq!(t, [SegEntry::Inline(3), SegEntry::Shm([65536, 10]), SegEntry::Inline(0)]);
+        for bad in ["[-1]", "[[1]]", "[[1,2,3]]", "[\"a\"]", "[1.5]", "[[1,-2]]", "[{}]"] {
+            assert!(serde_json::from_str::<Vec<SegEntry>>(bad).is_err(), "{bad}");
+        }
+    }
 }
 
 /// Appends a `release` message: the worker may reuse its arena regions at `offsets` (the host
