@@ -252,8 +252,8 @@ impl PoolBuilder {
     /// The smallest binary segment that travels through the worker's shared-memory arena
     /// instead of its pipe (default 64 KiB; stdio transport only). Smaller segments are
     /// cheaper in the frame (no bookkeeping, no `release` message); larger ones cost one
-    /// `memcpy` each way instead of the pipe's two and its wake-ups (pinned, 1 MiB: 282 µs
-    /// against 618 µs). See docs/protocol.md, "Shared memory".
+    /// `memcpy` each way instead of the pipe's two and its wake-ups (pinned, 1 MiB: 278 µs
+    /// against 655 µs). See docs/protocol.md, "Shared memory".
     pub fn shm_threshold(mut self, bytes: usize) -> Self {
         self.cfg.shm.threshold = bytes.max(1);
         self

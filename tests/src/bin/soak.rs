@@ -1,8 +1,9 @@
 //! `soak`: a pool of real Python workers (`snakepit_bridge.showcase`) under mixed load while
 //! faults are injected, for `--minutes N` (run by `cargo xtask soak --minutes N`, in release).
 //!
-//! Load: one sequential caller and several concurrent callers mixing echo calls, streams (read
-//! to the end or dropped midway), host calls, session calls and raised exceptions, each call
+//! Load: one sequential caller and several concurrent callers mixing echo calls, raw bytes (1 KiB
+//! to 1 MiB, the large ones through the shared-memory arena), streams (read to the end or
+//! dropped midway), host calls, session calls and raised exceptions, each call
 //! carrying a unique token that the reply must echo. Faults, every few hundred milliseconds:
 //! worker crashes, hangs past the deadline (interruptible, stubborn and busy-spinning), garbage
 //! frames, SIGSTOP of a random worker, chaos kills before a call and after a reply, dropped
@@ -160,6 +161,25 @@ impl Driver {
                     Err(e) => Ok(kind(&e)),
                 }
             }
+            "bytes" => {
+                // Raw bytes, 1 KiB to 1 MiB: the large ones through the shared-memory arena.
+                let size = [1024usize, 100 * 1024, 1 << 20][(token % 3) as usize];
+                let mut data = vec![(token % 251) as u8; size];
+                data[..8].copy_from_slice(&token.to_be_bytes());
+                let data = snakepit::Bytes::from(data);
+                match pool.execute_with("echo", Payload::from_bytes(data.clone()), clean).await {
+                    Ok(p) => match p.into_segment() {
+                        Ok(back) if back == data => Ok("ok"),
+                        Ok(back) => Err(format!(
+                            "misrouted or corrupted bytes: call {token} ({size} B) got {} bytes starting {:?}",
+                            back.len(),
+                            &back[..back.len().min(8)]
+                        )),
+                        Err(e) => Ok(kind(&e)),
+                    },
+                    Err(e) => Ok(kind(&e)),
+                }
+            }
             "host" => {
                 let args = json!({"name": "echo", "args": {"t": token}});
                 match value(pool.execute_with("ask_host", Payload::from(args), clean).await) {
@@ -291,7 +311,8 @@ impl Driver {
         let mut rng = fastrand::Rng::with_seed(seed);
         while !self.stop.load(Ordering::Relaxed) {
             let op = match rng.u32(0..100) {
-                0..=44 => "echo",
+                0..=39 => "echo",
+                40..=44 => "bytes",
                 45..=59 => "stream",
                 60..=67 => "stream_drop",
                 68..=79 => "host",
