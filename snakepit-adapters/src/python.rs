@@ -164,7 +164,15 @@ pub fn bridge_dir() -> Result<PathBuf, crate::Error> {
 /// `sys.path[0]` is the bridge's `PYTHONPATH` entry and stays. (One form for every version: no
 /// probe of the interpreter's version at spawn time. Not `-I`: it ignores `PYTHONPATH`, which is
 /// how the bridge is found.) The arguments after it land in `sys.argv[1:]` as with `-m`.
+///
+/// The bridge's own modules are imported with bytecode writing on, whatever
+/// `PYTHONDONTWRITEBYTECODE` says: their `__pycache__` lands in the bridge's private cache
+/// directory (written once per interpreter version, atomically), and every later start skips
+/// compiling `_core.py` (~6 ms here). The flag is restored before the worker's own code is
+/// imported, so the user's setting still holds for it.
 const BOOTSTRAP: &str = "import sys\nif sys.path and sys.path[0] == '':\n    del sys.path[0]\n\
+                         w = sys.dont_write_bytecode\nsys.dont_write_bytecode = False\n\
+                         import snakepit_bridge._core\nsys.dont_write_bytecode = w\ndel w\n\
                          import runpy\nrunpy.run_module('snakepit_bridge', run_name='__main__', alter_sys=True)\n";
 
 /// [`BOOTSTRAP`] for [`Python::installed_bridge`]: says plainly when the interpreter has no
