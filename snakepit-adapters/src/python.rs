@@ -19,6 +19,7 @@ const BRIDGE_FILES: &[(&str, &str)] = &[
     ("showcase.py", include_str!("../python/snakepit_bridge/showcase.py")),
     ("_zygote.py", include_str!("../python/snakepit_bridge/_zygote.py")),
     ("_shm.py", include_str!("../python/snakepit_bridge/_shm.py")),
+    ("_cli.py", include_str!("../python/snakepit_bridge/_cli.py")),
     ("_grpc.py", include_str!("../python/snakepit_bridge/_grpc.py")),
     (
         "_proto/snakepit/v1/snakepit_pb2.py",
@@ -172,7 +173,7 @@ pub fn bridge_dir() -> Result<PathBuf, crate::Error> {
 /// imported, so the user's setting still holds for it.
 const BOOTSTRAP: &str = "import sys\nif sys.path and sys.path[0] == '':\n    del sys.path[0]\n\
                          w = sys.dont_write_bytecode\nsys.dont_write_bytecode = False\n\
-                         import snakepit_bridge._core\nsys.dont_write_bytecode = w\ndel w\n\
+                         import snakepit_bridge._core, snakepit_bridge._cli\nsys.dont_write_bytecode = w\ndel w\n\
                          import runpy\nrunpy.run_module('snakepit_bridge', run_name='__main__', alter_sys=True)\n";
 
 /// [`BOOTSTRAP`] for [`Python::installed_bridge`]: says plainly when the interpreter has no

@@ -269,11 +269,40 @@ async fn pool_ready(python: &str, n: usize, script: Option<&std::path::Path>, zy
     let b = if zygote { b.profile(snakepit::Zygote(snakepit::ProcessProfile)) } else { b };
     let t = Instant::now();
     let pool = b.build().await;
-    let ready = t.elapsed();
+    // Ready, and its first call answered.
+    let ready = match &pool {
+        Ok(p) => {
+            let _ = p.execute("ping", json!(null)).await;
+            t.elapsed()
+        }
+        Err(_) => t.elapsed(),
+    };
     if let Ok(p) = pool {
         p.shutdown().await;
     }
     ready
+}
+
+/// Time of `n` concurrent `python -c pass`: the interpreter's own start-up, the floor of a
+/// cold worker's.
+#[allow(clippy::disallowed_methods)] // the start-up floor: bare interpreters
+fn bare_pass(python: &str, n: usize) -> Duration {
+    let t = Instant::now();
+    let children: Vec<_> = (0..n)
+        .filter_map(|_| {
+            Command::new(python)
+                .args(["-c", "pass"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()
+        })
+        .collect();
+    for mut c in children {
+        let _ = c.wait();
+    }
+    t.elapsed()
 }
 
 /// Time of `n` bare concurrent spawns of the same interpreter and bootstrap (which import
@@ -654,6 +683,7 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
                 let cold = ms(pool_ready(&python, n, *script, false).await);
                 starts.entry((n, flavour, "cold")).or_default().push(cold);
                 starts.entry((n, flavour, "bare")).or_default().push(ms(bare_spawns(&python, n, *script)));
+                starts.entry((n, flavour, "pass")).or_default().push(ms(bare_pass(&python, n)));
                 let zygote = ms(pool_ready(&python, n, *script, true).await);
                 starts.entry((n, flavour, "zygote")).or_default().push(zygote);
             }
@@ -716,25 +746,34 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
     // Start-up rows (none when `--only` picked no start-up configuration).
     if !starts.is_empty() {
         println!(
-            "{:<28} {:>10} {:>10} {:>8} {:>11} {:>14}",
-            "start-up (median ms)", "cold pool", "bare", "cold/bare", "zygote pool", "zygote/1 cold"
+            "{:<28} {:>10} {:>10} {:>8} {:>11} {:>14} {:>8} {:>10}",
+            "start-up (median ms)",
+            "cold pool",
+            "bare",
+            "cold/bare",
+            "zygote pool",
+            "zygote/1 cold",
+            "-c pass",
+            "cold-pass"
         );
         for (flavour, _) in &flavours {
             let one_cold = start_ms(1, flavour, "cold");
             for &n in sizes_up {
-                let (cold, bare, zygote) = (
+                let (cold, bare, zygote, pass) = (
                     start_ms(n, flavour, "cold"),
                     start_ms(n, flavour, "bare"),
                     start_ms(n, flavour, "zygote"),
+                    start_ms(n, flavour, "pass"),
                 );
                 let name = format!("{n} workers, {flavour}");
                 println!(
-                    "{name:<28} {cold:>10.0} {bare:>10.0} {:>7.2}x {zygote:>11.0} {:>13.2}x",
+                    "{name:<28} {cold:>10.0} {bare:>10.0} {:>7.2}x {zygote:>11.0} {:>13.2}x {pass:>8.0} {:>10.0}",
                     cold / bare,
-                    zygote / one_cold
+                    zygote / one_cold,
+                    cold - pass
                 );
                 json_rows.push(json!({"name": format!("startup {name}"), "cold_ms": cold, "bare_ms": bare,
-                    "zygote_ms": zygote, "one_cold_ms": one_cold}));
+                    "zygote_ms": zygote, "one_cold_ms": one_cold, "pass_ms": pass}));
             }
         }
     }
