@@ -231,3 +231,68 @@ async fn an_adapter_without_a_zygote_is_a_clear_spawn_error() {
         .expect_err("must fail");
     assert!(err.to_string().contains("zygote"), "{err}");
 }
+
+const PRELOAD: &str = r#"
+import os, threading, time
+from snakepit_bridge import BaseAdapter, tool
+
+class Model(BaseAdapter):
+    @classmethod
+    def preload(cls):
+        cls.loaded_in = os.getpid()
+        cls.weights = list(range(1000))
+        if os.environ.get("PRELOAD_THREAD"):
+            threading.Thread(target=time.sleep, args=(60,), name="blas-pool", daemon=True).start()
+
+    def setup(self):
+        self.set_up_in = os.getpid()
+
+    @tool
+    def where(self):
+        return {"loaded_in": self.loaded_in, "set_up_in": self.set_up_in, "me": os.getpid(), "n": len(self.weights)}
+"#;
+
+#[tokio::test]
+async fn preload_runs_once_in_the_zygote_and_setup_in_each_worker() {
+    let r = Reaper::new();
+    let script = r.script("model.py", PRELOAD);
+    let pool = zygote_pool(&r, &script, 2).await;
+    let calls = (0..8).map(|_| pool.execute("where", json!(null)));
+    let answers: Vec<serde_json::Value> =
+        futures::future::join_all(calls).await.into_iter().map(|a| a.expect("where")).collect();
+    let loaded: std::collections::BTreeSet<i64> =
+        answers.iter().map(|a| a["loaded_in"].as_i64().expect("pid")).collect();
+    assert_eq!(loaded.len(), 1, "one preload for every worker: {answers:?}");
+    let zygote = *loaded.iter().next().expect("pid");
+    for a in &answers {
+        let me = a["me"].as_i64().expect("pid");
+        assert_eq!(a["set_up_in"].as_i64(), Some(me), "setup runs in the worker itself");
+        assert_ne!(me, zygote);
+        assert_eq!(parent_of(me), Some(zygote), "forked from the process that preloaded");
+        assert_eq!(a["n"], 1000);
+    }
+    pool.shutdown().await;
+    // A cold worker preloads for itself, before setup.
+    let pool = r.builder().adapter(Python::script(&script)).size(1).build().await.expect("pool");
+    let a = pool.execute("where", json!(null)).await.expect("where");
+    assert_eq!(a["loaded_in"], a["me"]);
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_zygote_with_a_thread_alive_refuses_to_fork_and_says_why() {
+    let r = Reaper::new();
+    let script = r.script("model.py", PRELOAD);
+    let err = r
+        .builder()
+        .adapter(Python::script(script).env("PRELOAD_THREAD", "1"))
+        .profile(Zygote(ProcessProfile))
+        .size(1)
+        .build()
+        .await
+        .expect_err("a thread alive in the zygote");
+    let text = format!("{err}");
+    assert!(text.contains("blas-pool") && text.contains("setup()"), "{text}");
+    r.assert_none_left(Duration::from_secs(5));
+}

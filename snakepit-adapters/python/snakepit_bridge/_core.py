@@ -716,8 +716,23 @@ class BaseAdapter:
 
     ``setup()`` runs once before the worker reports ready (load models there; the host's
     handshake timeout bounds it). ``self.config`` is the worker config the host sent.
-    ``encode()`` teaches the bridge how to send the adapter's own result types.
+    ``encode()`` teaches the bridge how to send the adapter's own result types. ``preload()``
+    loads what every worker shares, once per zygote (gunicorn's ``--preload``).
     """
+
+    @classmethod
+    def preload(cls) -> None:
+        """Loads what every worker may share, before ``setup()``: store it on the class
+        (``cls.model = load(...)``). With a zygote (``Zygote(...)`` / ``--zygote``) it runs
+        once, in the zygote, before any worker is forked, and every forked worker inherits
+        the result, shared copy-on-write; a cold worker runs it itself, before ``setup()``.
+
+        Fork safety: it must leave no thread running (BLAS or OpenMP pools started from Python
+        threads, gRPC channels, event loops, executors): a forked child gets a copy of every
+        lock such a thread held, and not the thread. The zygote checks
+        ``threading.active_count() == 1`` after it and refuses to start otherwise, naming the
+        threads. Per-process resources (sockets, files, threads) belong in ``setup()``.
+        """
 
     def __init__(self, config: Json = None) -> None:
         #: The worker configuration the host sent in ``hello`` (``{}`` when it sent none).
@@ -1330,6 +1345,7 @@ def serve(
         from . import _zygote
 
         _state["zygote"] = False
+        _preload_in_zygote(adapter, namespace)
         _zygote.run(_state)  # returns only in a forked worker, holding its own protocol fds
     if namespace is None and adapter is None:
         main = sys.modules.get("__main__")
@@ -1340,6 +1356,28 @@ def serve(
     except ProtocolError as e:
         _log("protocol error: %s; exiting" % e)
         sys.exit(2)
+
+
+def _preload_in_zygote(adapter: AdapterSpec, namespace: dict[str, Any] | None) -> None:
+    """Zygote mode: runs the adapter's ``preload()`` once, before any fork (the forked workers
+    then skip it), and refuses to fork when a thread is alive: its locks would be copied into
+    every worker, held by nobody."""
+    if namespace is None and adapter is None:
+        main = sys.modules.get("__main__")
+        namespace = vars(main) if main is not None else None
+    cls = _find_adapter(adapter, namespace)
+    target = cls if isinstance(cls, type) else type(cls) if cls is not None else None
+    if target is not None and getattr(target, "preload", None) is not None:
+        target.preload()
+    _state["preloaded"] = True
+    if threading.active_count() != 1:
+        names = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+        _log(
+            "zygote: %d thread(s) alive before the first fork (%s): a forked worker would inherit "
+            "their locks without them. Start threads in setup(), which runs in each worker, not "
+            "at import or in preload()" % (len(names), ", ".join(names))
+        )
+        sys.exit(78)
 
 
 def _watch_parent() -> None:
@@ -1448,6 +1486,8 @@ def _serve_inner(
     cls = _find_adapter(adapter, namespace)
     instance = None
     if cls is not None:
+        if not _state.get("preloaded"):
+            (cls if isinstance(cls, type) else type(cls)).preload()  # a cold worker
         instance = cls(config) if isinstance(cls, type) else cls
         if config is not None:
             instance.config = config

@@ -16,7 +16,9 @@ zygote -> host
 Fork safety: the zygote is single-threaded and forks from its main loop, before any thread,
 event loop or gRPC object exists in it. Code imported at module level is shared copy-on-write
 by every worker; it must not start threads (BLAS thread pools, gRPC channels) at import time.
-``setup()`` still runs in each worker, after the fork.
+``setup()`` still runs in each worker, after the fork; the adapter's ``preload()`` runs once,
+here, before the first fork (``_core._preload_in_zygote``), and the zygote refuses to start while
+a Python thread is alive.
 
 No orphans: every worker gets its own process group, ``PR_SET_PDEATHSIG(SIGKILL)`` tied to the
 zygote, and becomes a child subreaper, so its orphaned descendants stay in its subtree while it
