@@ -15,9 +15,11 @@
 //!   `target/bench/bench.json`).
 //! * `setup`: creates `.venv` (the repository's Python virtualenv) with the gRPC transport's
 //!   Python dependencies (grpcio, protobuf; grpcio-tools for `proto`) and the bridge package's
-//!   test tools (pytest, pytest-timeout, mypy, numpy, pydantic), pinned, from PyPI.
+//!   test tools (pytest, pytest-timeout, mypy, numpy, pydantic) and orjson (the bridge's
+//!   optional fast JSON codec), pinned, from PyPI.
 //!   Idempotent; a package pip cannot install fails it.
-//! * `py [--quick]`: the Python bridge package's checks: `mypy --strict`, its pytest suite, and
+//! * `py [--quick]`: the Python bridge package's checks: `mypy --strict`, its pytest suite (twice:
+//!   with orjson, and without it, `SNAKEPIT_BRIDGE_ORJSON=0`), and
 //!   (unless `--quick`) `pip install ./snakepit-adapters/python` into a fresh virtualenv with an
 //!   import of the public API from `/`. `ci` runs it after `setup`.
 //! * `proto [--check]`: regenerates the Python stubs of `proto/` into the bridge (the Rust side
@@ -96,6 +98,7 @@ const PY_DEPS: &[&str] = &[
     "mypy==2.4.1",
     "pydantic==2.14.3",
     "numpy==2.4.6",
+    "orjson==3.13.0",
 ];
 
 fn root() -> std::path::PathBuf {
@@ -138,7 +141,11 @@ fn py(quick: bool) -> Result<(), String> {
     run("bridge: mypy --strict", c)?;
     let mut c = Command::new(venv_python());
     c.current_dir(bridge_dir()).args(["-m", "pytest"]);
-    run("bridge: pytest", c)?;
+    run("bridge: pytest (with orjson)", c)?;
+    // The same results are due without the optional codec.
+    let mut c = Command::new(venv_python());
+    c.current_dir(bridge_dir()).args(["-m", "pytest"]).env("SNAKEPIT_BRIDGE_ORJSON", "0");
+    run("bridge: pytest (without orjson)", c)?;
     if quick {
         return Ok(());
     }

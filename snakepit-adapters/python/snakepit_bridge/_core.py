@@ -1183,9 +1183,36 @@ def _dumps_any(value: Json) -> tuple[bytes, list[memoryview]]:
         return _dumps_segments(value)
 
 
+# orjson, when installed (and not refused with SNAKEPIT_BRIDGE_ORJSON=0), encodes and parses
+# first; whatever it refuses or might write differently goes to the stdlib codec, so results
+# are the same with it or without it (see `_dumps`, `_loads`).
+_orjson: Any = None
+if os.environ.get("SNAKEPIT_BRIDGE_ORJSON", "1") != "0":
+    try:
+        import orjson as _orjson
+    except ImportError:
+        _orjson = None
+# datetimes and dataclasses go to the hooks and `default_encoder`, as with the stdlib encoder.
+_ORJSON_OPTS = _orjson.OPT_PASSTHROUGH_DATETIME | _orjson.OPT_PASSTHROUGH_DATACLASS if _orjson is not None else 0
+
+
 def _dumps(msg: Json) -> bytes:
     """Compact UTF-8 JSON. Raises TypeError/ValueError (incl. RecursionError for a cycle) when
-    `msg` cannot be encoded."""
+    `msg` cannot be encoded.
+
+    With orjson: used only when no encoder hook is set (it encodes enums and UUIDs itself, so a
+    hook would not be asked), and its output kept only when it holds no ``null`` (it writes NaN
+    and infinities as ``null``, which the stdlib encoder refuses). Anything it refuses (integers
+    past 64 bits, non-string keys, what ``default`` refused, binary data to go as segments) is
+    encoded again by the stdlib encoder, which raises what it raises without orjson."""
+    if _orjson is not None and not _hooks:
+        try:
+            out: bytes = _orjson.dumps(msg, default=_default, option=_ORJSON_OPTS)
+        except Exception:
+            pass
+        else:
+            if b"null" not in out:
+                return out
     if _encode is not None:
         return "".join(_encode(msg, 0)).encode("utf-8")
     return json.dumps(msg, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_default).encode(
@@ -1194,7 +1221,14 @@ def _dumps(msg: Json) -> bytes:
 
 
 def _loads(body: bytes) -> Json:
-    """Parses one frame body (UTF-8 JSON, no surrounding whitespace); raises ValueError."""
+    """Parses one frame body (UTF-8 JSON, no surrounding whitespace); raises ValueError.
+    orjson parses first when installed; what it refuses (NaN, integers past 64 bits, lone
+    surrogates) goes to the stdlib parser, which accepts or reports it as without orjson."""
+    if _orjson is not None:
+        try:
+            return _orjson.loads(body)
+        except Exception:
+            pass
     if _scan is not None:
         try:
             text = body.decode("utf-8")
