@@ -19,7 +19,9 @@ use serde_json::json;
 use snakepit::{Payload, Pool, Python};
 
 mod bytes;
+mod startup;
 use bytes::{bytes_run, has_numpy, numpy_floor, numpy_run};
+use startup::{bare_pass, bare_spawns, pool_ready, HEAVY};
 
 /// Options of `snakepit bench`.
 #[derive(Args, Debug)]
@@ -253,83 +255,6 @@ async fn pool_run(pool: &Arc<Pool>, payload: usize, calls: u64, callers: usize) 
         }
     }
     sample(&h, calls, start.elapsed())
-}
-
-/// An import-heavy worker script (for the start-up rows).
-const HEAVY: &str = "import json, decimal, asyncio, email, email.mime.text, http.client, xml.dom.minidom, \
-                     sqlite3, unittest\nfrom snakepit_bridge import tool\n\n@tool\ndef ping():\n    return 'pong'\n";
-
-/// Time until a pool of `n` workers is ready (cold, or forked from a zygote).
-async fn pool_ready(python: &str, n: usize, script: Option<&std::path::Path>, zygote: bool) -> Duration {
-    let adapter = match script {
-        Some(s) => Python::script(s),
-        None => Python::showcase(),
-    };
-    let b = Pool::builder().adapter(adapter.interpreter(python)).size(n).run_registry(false);
-    let b = if zygote { b.profile(snakepit::Zygote(snakepit::ProcessProfile)) } else { b };
-    let t = Instant::now();
-    let pool = b.build().await;
-    // Ready, and its first call answered.
-    let ready = match &pool {
-        Ok(p) => {
-            let _ = p.execute("ping", json!(null)).await;
-            t.elapsed()
-        }
-        Err(_) => t.elapsed(),
-    };
-    if let Ok(p) = pool {
-        p.shutdown().await;
-    }
-    ready
-}
-
-/// Time of `n` concurrent `python -c pass`: the interpreter's own start-up, the floor of a
-/// cold worker's.
-#[allow(clippy::disallowed_methods)] // the start-up floor: bare interpreters
-fn bare_pass(python: &str, n: usize) -> Duration {
-    let t = Instant::now();
-    let children: Vec<_> = (0..n)
-        .filter_map(|_| {
-            Command::new(python)
-                .args(["-c", "pass"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .ok()
-        })
-        .collect();
-    for mut c in children {
-        let _ = c.wait();
-    }
-    t.elapsed()
-}
-
-/// Time of `n` bare concurrent spawns of the same interpreter and bootstrap (which import
-/// everything, then exit at stdin EOF): what a pool's cold start is compared with.
-#[allow(clippy::disallowed_methods)] // the start-up floor: bare spawns to compare against
-fn bare_spawns(python: &str, n: usize, script: Option<&std::path::Path>) -> Duration {
-    let bridge = snakepit::adapters::bridge_dir().unwrap_or_default();
-    let t = Instant::now();
-    let children: Vec<_> = (0..n)
-        .filter_map(|_| {
-            let mut c = Command::new(python);
-            match script {
-                Some(s) => c.args(["-m", "snakepit_bridge", "--script"]).arg(s),
-                None => c.args(["-m", "snakepit_bridge", "--module", "snakepit_bridge.showcase"]),
-            };
-            c.env("PYTHONPATH", &bridge)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .ok()
-        })
-        .collect();
-    for mut c in children {
-        let _ = c.wait();
-    }
-    t.elapsed()
 }
 
 /// Sequential calls of `command` in a session, or plain, recording each round trip.
