@@ -255,6 +255,9 @@ impl Arena {
     /// Gives a region back: the worker is done with it.
     pub fn free(&self, region: Region) {
         let Region { mut offset, size, .. } = region;
+        if !self.owns(offset, size) {
+            return;
+        }
         let mut len = size;
         let mut free = self.free_list();
         // Merge with the free range just before and the one just after.
@@ -269,6 +272,14 @@ impl Arena {
             len += n;
         }
         free.insert(offset, len);
+    }
+
+    /// Whether `[offset, offset + size)` lies in the host's half (a region of another arena
+    /// does not, and is then ignored rather than let `alloc` hand out memory past it).
+    fn owns(&self, offset: usize, size: usize) -> bool {
+        let ok = offset.checked_add(size).is_some_and(|end| end <= self.split);
+        debug_assert!(ok, "a region of another arena");
+        ok
     }
 
     /// Never reuses a region (the worker may still read it); it is gone with the arena.

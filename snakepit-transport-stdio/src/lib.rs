@@ -442,6 +442,13 @@ impl StdioConnection {
         }
     }
 
+    /// Frees the regions leased to call `id`, whose frame could not be sent.
+    fn settle_unsent(&self, id: u64) {
+        if let Some(shm) = self.shared.shm.get() {
+            shm.settle(id, false);
+        }
+    }
+
     /// Frees the arena regions of a call that was never sent.
     fn unsent(&self, regions: Vec<Region>) {
         if let Some(shm) = self.shared.shm.get() {
@@ -469,6 +476,7 @@ impl StdioConnection {
         self.lease(id, regions);
         if let Err(e) = self.send(frame) {
             self.shared.forget(id);
+            self.settle_unsent(id);
             return Err(e);
         }
         // Busy-poll: the caller re-polls (yielding to the runtime, which polls the pipe without
@@ -565,7 +573,10 @@ impl Connection for StdioConnection {
         self.shared.pending().insert(id, Some(Waiter::Stream { tx, credit: credit.clone(), received: 0 }));
         let stream = ReplyStream::new(rx, self.shared.clone(), credit, id, req.command.to_string(), window);
         // If the send fails, the stream's drop leaves a tombstone; the close drains it.
-        self.send(f)?;
+        if let Err(e) = self.send(f) {
+            self.settle_unsent(id);
+            return Err(e);
+        }
         Ok(Box::pin(stream))
     }
 

@@ -246,3 +246,26 @@ async fn forked_and_threaded_workers_use_the_arena_too() {
     assert_eq!((d.to_worker, d.from_worker), (16, 16), "concurrent calls in one worker: {d:?}");
     r.assert_none_left(Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn a_worker_that_declines_the_arena_closes_its_descriptor() {
+    let _one = SERIAL.lock().await;
+    let r = Reaper::new();
+    for (var, value) in [("SNAKEPIT_BRIDGE_SHM", "0"), ("SNAKEPIT_BRIDGE_SEGMENTS", "0")] {
+        let pool = r.builder().adapter(python(&r).env(var, value)).size(1).build().await.expect("pool");
+        assert_eq!(pool.worker_handshakes()[0].as_ref().map(|h| h.shm), Some(false), "{var}");
+        let pid = pool.worker_pids()[0].expect("pid");
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fds");
+        let arenas: Vec<_> = fds
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|l| l.to_string_lossy().contains("memfd:snakepit-arena"))
+            .collect();
+        assert!(arenas.is_empty(), "{var}={value}: the worker still holds {arenas:?}");
+        // Large bytes still work, over the pipe (or refused without segments).
+        let out = pool.execute_bytes("echo", data(1 << 20, 1)).await;
+        assert!(out.is_ok() || var == "SNAKEPIT_BRIDGE_SEGMENTS", "{var}: {out:?}");
+        pool.shutdown().await;
+    }
+    r.assert_none_left(Duration::from_secs(5));
+}

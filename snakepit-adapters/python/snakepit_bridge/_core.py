@@ -520,7 +520,13 @@ def _next_message(chan: _Channel) -> Message | None:
         # The host copied our regions out: taken here, whoever reads.
         arena = _arena[0]
         if arena is not None:
-            arena.release(msg.get("shm"))
+            _run.atomic += 1  # a cancel must not cut the release short: its regions would be lost
+            try:
+                arena.release(msg.get("shm"))
+            finally:
+                _run.atomic -= 1
+            if _run.pending:
+                _frame_boundary()
 
 
 def _split_segments(body: bytes) -> Any:
@@ -893,12 +899,20 @@ class _Channel:
         try:
             body = _dumps(msg)
         except _NeedSegments:
-            json_body, segs, _, placed = _place(*_dumps_segments(msg))
+            # Placed in the arena, then written, with no cancel in between: its regions would
+            # be lost with the frame.
+            _run.atomic += 1
             try:
-                self.write_segmented(json_body, segs)
-            except FrameTooLarge:
-                _unplace(placed)
-                raise
+                json_body, segs, _, placed = _place(*_dumps_segments(msg))
+                try:
+                    self.write_segmented(json_body, segs)
+                except FrameTooLarge:
+                    _unplace(placed)
+                    raise
+            finally:
+                _run.atomic -= 1
+            if _run.pending:
+                _frame_boundary()
             return
         self.write(body)
 
@@ -1061,7 +1075,7 @@ def _dumps_segments(msg: Json) -> tuple[bytes, list[memoryview]]:
     segs: list[memoryview] = []
     _tls.segs = segs
     try:
-        body = _dumps(msg)
+        body = _dumps_std(msg)
     finally:
         _tls.segs = prev
     return body, segs
@@ -1186,14 +1200,25 @@ def _dumps_any(value: Json) -> tuple[bytes, list[memoryview]]:
 # orjson, when installed (and not refused with SNAKEPIT_BRIDGE_ORJSON=0), encodes and parses
 # first; whatever it refuses or might write differently goes to the stdlib codec, so results
 # are the same with it or without it (see `_dumps`, `_loads`).
+# Imported at the first message, not with this module: the bootstrap imports this module with
+# bytecode writing on (for the bridge's own cache), which must not reach orjson's package.
 _orjson: Any = None
-if os.environ.get("SNAKEPIT_BRIDGE_ORJSON", "1") != "0":
+_orjson_opts = 0
+_orjson_looked = False
+
+
+def _find_orjson() -> None:
+    global _orjson, _orjson_opts, _orjson_looked
+    _orjson_looked = True
+    if os.environ.get("SNAKEPIT_BRIDGE_ORJSON", "1") == "0":
+        return
     try:
-        import orjson as _orjson
+        import orjson
     except ImportError:
-        _orjson = None
-# datetimes and dataclasses go to the hooks and `default_encoder`, as with the stdlib encoder.
-_ORJSON_OPTS = _orjson.OPT_PASSTHROUGH_DATETIME | _orjson.OPT_PASSTHROUGH_DATACLASS if _orjson is not None else 0
+        return
+    _orjson = orjson
+    # datetimes and dataclasses go to the hooks and `default_encoder`, as with the stdlib encoder.
+    _orjson_opts = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
 def _dumps(msg: Json) -> bytes:
@@ -1205,14 +1230,22 @@ def _dumps(msg: Json) -> bytes:
     and infinities as ``null``, which the stdlib encoder refuses). Anything it refuses (integers
     past 64 bits, non-string keys, what ``default`` refused, binary data to go as segments) is
     encoded again by the stdlib encoder, which raises what it raises without orjson."""
+    if not _orjson_looked:
+        _find_orjson()
     if _orjson is not None and not _hooks:
         try:
-            out: bytes = _orjson.dumps(msg, default=_default, option=_ORJSON_OPTS)
+            out: bytes = _orjson.dumps(msg, default=_default, option=_orjson_opts)
         except Exception:
             pass
         else:
             if b"null" not in out:
                 return out
+    return _dumps_std(msg)
+
+
+def _dumps_std(msg: Json) -> bytes:
+    """`_dumps` with the stdlib encoder only (what `_dumps_segments` uses: its `_default`
+    collects each binary object's buffer once, in order)."""
     if _encode is not None:
         return "".join(_encode(msg, 0)).encode("utf-8")
     return json.dumps(msg, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_default).encode(
@@ -1224,6 +1257,8 @@ def _loads(body: bytes) -> Json:
     """Parses one frame body (UTF-8 JSON, no surrounding whitespace); raises ValueError.
     orjson parses first when installed; what it refuses (NaN, integers past 64 bits, lone
     surrogates) goes to the stdlib parser, which accepts or reports it as without orjson."""
+    if not _orjson_looked:
+        _find_orjson()
     if _orjson is not None:
         try:
             return _orjson.loads(body)
@@ -1520,8 +1555,9 @@ def _serve_inner(
     cls = _find_adapter(adapter, namespace)
     instance = None
     if cls is not None:
-        if not _state.get("preloaded"):
-            (cls if isinstance(cls, type) else type(cls)).preload()  # a cold worker
+        preload = getattr(cls if isinstance(cls, type) else type(cls), "preload", None)
+        if preload is not None and not _state.get("preloaded"):
+            preload()  # a cold worker
         instance = cls(config) if isinstance(cls, type) else cls
         if config is not None:
             instance.config = config
@@ -1564,6 +1600,8 @@ def _serve_inner(
     offer = hello.get("shm")
     if offer is not None and ready.get("segments"):
         _map_arena(offer, ready)
+    elif offer is not None:
+        _close_arena_fd(offer)  # segments refused: the arena is of no use
     chan.send(ready)
     if ready.get("segments"):
         chan.segments = True
@@ -1604,11 +1642,23 @@ def _map_arena(offer: Any, ready: Message) -> None:
         ready["shm"] = True
     except (ValueError, OSError, ImportError) as e:
         _log("shared memory not used: %s" % e)
-        if type(fd) is int and fd > 2:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_arena_fd(offer)
+
+
+def _close_arena_fd(offer: Any) -> None:
+    """Closes the offered arena's descriptor when the bridge does not map it. Only if it is a
+    memfd: `hello.shm.fd` is the host's word, and a wrong number must not close our own pipes."""
+    fd = _state.get("shm_fd")
+    if fd is None and type(offer) is dict:
+        fd = offer.get("fd")
+    if type(fd) is not int or fd < 0:
+        return
+    try:
+        if not os.readlink("/proc/self/fd/%d" % fd).startswith("/memfd:snakepit-arena"):
+            return
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _loop(chan: _Channel, tools: dict[str, Callable[..., Any]]) -> None:
@@ -1867,11 +1917,8 @@ def _answer(chan: _Channel, tools: dict[str, Callable[..., Any]], msg: Message) 
                 result = _collect(result)
             elif window:
                 # A plain tool called as a stream: one chunk, then the end.
-                body, ok = _encode_reply(chan, {"t": "chunk", "id": rid, "data": result}, rid)
-                if not ok:
-                    return body  # the error is the last message
-                chan.write(body)
-                return _dumps({"t": "end", "id": rid})
+                failed = _write_chunk(chan, rid, result)
+                return failed if failed is not None else _dumps({"t": "end", "id": rid})
         finally:
             _run.id = None
         body = _result_body(chan, rid, result)
@@ -1953,6 +2000,23 @@ def _result_body(chan: _Channel, rid: Any, result: Any) -> Body:
     return _encode_reply(chan, {"t": "result", "id": rid, "ok": result}, rid)[0]
 
 
+def _write_chunk(chan: _Channel, rid: Any, item: Any) -> Body | None:
+    """Writes one `chunk` and returns None; when it cannot be sent, returns the `error` for
+    `rid` to send in its place as the call's last message (not written yet). Encoding (which
+    may put segments in the arena) and writing happen with no cancel in between: placed
+    regions would be lost with an unsent frame."""
+    _run.atomic += 1
+    try:
+        body, ok = _encode_reply(chan, {"t": "chunk", "id": rid, "data": item}, rid)
+        if ok:
+            chan.write(body)
+    finally:
+        _run.atomic -= 1
+    if _run.pending:
+        _frame_boundary()
+    return None if ok else body
+
+
 def _stream(chan: _Channel, rid: Any, gen: Any, credit: int) -> Body:
     """Sends a generator's items as `chunk`s, never more than the host's credit ahead; returns
     the last message (`end`, or an `error`). The host grants more credit as its consumer takes
@@ -1971,11 +2035,10 @@ def _stream(chan: _Channel, rid: Any, gen: Any, credit: int) -> Body:
             while credit <= 0:
                 m = _await_frame(chan, rid, lambda m: m.get("t") == "credit" and m.get("id") == rid)
                 credit += _count(m.get("n"))
-            body, ok = _encode_reply(chan, {"t": "chunk", "id": rid, "data": item}, rid)
-            if not ok:
+            failed = _write_chunk(chan, rid, item)
+            if failed is not None:
                 _close(gen)
-                return body
-            chan.write(body)
+                return failed
             credit -= 1
         return _dumps({"t": "end", "id": rid})
     except Cancelled as e:

@@ -30,6 +30,7 @@ def test_the_mode_is_the_one_asked_for() -> None:
         installed = True
     except ImportError:
         installed = False
+    _core._loads(b"1")  # the codec is chosen at the first message
     assert (_core._orjson is not None) == (wanted and installed)
 
 
@@ -60,3 +61,13 @@ def test_encoder_hooks_are_asked_first_whatever_the_codec() -> None:
         assert roundtrip({"c": Color.RED}) == {"c": "RED"}
     finally:
         del _core._hooks[:]
+
+
+def test_binary_values_become_one_segment_each_whatever_the_codec() -> None:
+    _core._segments_on[0] = True
+    try:
+        body, segs = _core._dumps_segments({"a": b"xyz", "b": None, "c": [bytearray(b"12")]})
+    finally:
+        _core._segments_on[0] = False
+    assert json.loads(body) == {"a": {"$seg": 0}, "b": None, "c": [{"$seg": 1}]}
+    assert [bytes(s) for s in segs] == [b"xyz", b"12"]

@@ -36,12 +36,14 @@ fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
-/// The default quarantine key: a hash of the command and the encoded arguments.
+/// The default quarantine key: a hash of the command and the encoded arguments, binary
+/// segments included (with quarantine on only).
 fn request_key(command: &str, args: &Payload) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     command.hash(&mut h);
     args.bytes().hash(&mut h);
+    args.segments().hash(&mut h);
     h.finish()
 }
 
