@@ -12,6 +12,14 @@ use snakepit::{Pool, PoolBuilder};
 
 pub mod procs;
 
+/// The repository's `.venv` python (grpcio, numpy, orjson), which `cargo xtask setup` creates
+/// (`cargo xtask ci` runs it); a clear failure when it is missing.
+pub fn venv_python() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(p.exists(), "{} is missing: run `cargo xtask setup` (cargo xtask ci does)", p.display());
+    p
+}
+
 /// Guards one test's processes. Declare it first so it drops last.
 #[derive(Debug)]
 pub struct Reaper {

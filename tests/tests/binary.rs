@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use snakepit::{Bytes, Error, Payload, Python};
-use snakepit_tests::Reaper;
+use snakepit_tests::{venv_python, Reaper};
 
 const WORKER: &str = r#"
 from snakepit_bridge import tool
@@ -49,8 +49,7 @@ def via_host(ctx, data):
 "#;
 
 fn python(r: &Reaper) -> Python {
-    Python::script(r.script("w.py", WORKER))
-        .interpreter(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
+    Python::script(r.script("w.py", WORKER)).interpreter(venv_python())
 }
 
 #[tokio::test]

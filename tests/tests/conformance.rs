@@ -12,7 +12,7 @@ use serde_json::json;
 use snakepit::{
     Bytes, Error, ExitInfo, Grpc, Payload, Pool, PoolBuilder, ProcessProfile, Python, StdioTransport, Zygote,
 };
-use snakepit_tests::{wait_for_file, Reaper};
+use snakepit_tests::{venv_python, wait_for_file, Reaper};
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -26,12 +26,6 @@ impl Kind {
     fn grpc(self) -> bool {
         matches!(self, Kind::Grpc | Kind::GrpcZygote)
     }
-}
-
-fn venv_python() -> std::path::PathBuf {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(p.exists(), "{} is missing: run `cargo xtask setup` (cargo xtask ci does)", p.display());
-    p
 }
 
 fn builder(r: &Reaper, kind: Kind) -> PoolBuilder {

@@ -6,14 +6,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use snakepit::grpc::proto::{worker_client::WorkerClient, CallRequest};
-use snakepit_tests::Reaper;
+use snakepit_tests::{venv_python, Reaper};
 
 #[tokio::test]
 #[allow(clippy::disallowed_methods)] // runs the bridge by hand, as an intruder would
 async fn a_call_without_the_token_is_rejected() {
     let r = Reaper::new();
-    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(venv.exists(), "run `cargo xtask setup`");
+    let venv = venv_python();
     let sock = r.dir().join("w.sock");
     let mut child = Command::new(&venv)
         .args(["-m", "snakepit_bridge", "--module", "snakepit_bridge.showcase"])

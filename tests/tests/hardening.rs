@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use snakepit::{Error, ExitInfo, Generic, ProcessProfile, Python, Zygote};
-use snakepit_tests::Reaper;
+use snakepit_tests::{venv_python, Reaper};
 
 /// The most the host may reach while a worker floods it.
 const PEAK_LIMIT: u64 = 150 << 20;
@@ -314,12 +314,6 @@ async fn env_clear_keeps_only_path_the_allowed_and_the_explicit_variables() {
         other => panic!("unexpected {:?}", other.map(|_| ())),
     }
     r.assert_none_left(Duration::from_secs(5));
-}
-
-fn venv_python() -> std::path::PathBuf {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(p.exists(), "{} is missing: run `cargo xtask setup` (cargo xtask ci does)", p.display());
-    p
 }
 
 /// A gRPC worker (the Python bridge) whose JSON encoder sends `not json` for the value "BAD".

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use snakepit::shm::{counters, Counters};
 use snakepit::{Bytes, Payload, ProcessProfile, Python, ThreadProfile, Zygote};
-use snakepit_tests::Reaper;
+use snakepit_tests::{venv_python, Reaper};
 
 const WORKER: &str = r#"
 import os, struct
@@ -60,8 +60,7 @@ def bad_region(ctx):
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn python(r: &Reaper) -> Python {
-    Python::script(r.script("w.py", WORKER))
-        .interpreter(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
+    Python::script(r.script("w.py", WORKER)).interpreter(venv_python())
 }
 
 fn data(n: usize, seed: u8) -> Bytes {
