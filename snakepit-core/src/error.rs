@@ -104,6 +104,17 @@ pub enum Error {
         /// The last lines it wrote to stderr.
         stderr_tail: String,
     },
+    /// The call was queued in a pipelined worker (sent, waiting behind the call it ran) when
+    /// that worker died: it never started, so running it again elsewhere cannot repeat a side
+    /// effect. The pool retries it once on another worker when the call opts in
+    /// (`CallOptions::retry_not_started`); never silently otherwise.
+    #[error("`{command}` was queued on {worker}, which died before the call started; it never ran")]
+    NotStarted {
+        /// The worker that died.
+        worker: WorkerId,
+        /// The command that did not start.
+        command: String,
+    },
     /// The worker's code raised an exception; the worker itself is fine.
     #[error("`{command}` raised {error} on {worker}")]
     Worker {
@@ -341,6 +352,7 @@ impl Error {
             Error::Timeout { .. } => "timeout",
             Error::Cancelled { .. } => "cancelled",
             Error::WorkerCrashed { .. } => "worker_crashed",
+            Error::NotStarted { .. } => "not_started",
             Error::Worker { .. } => "worker",
             Error::UnknownCommand { .. } => "unknown_command",
             Error::BadRequest(_) => "bad_request",
@@ -370,6 +382,7 @@ impl Error {
         match self {
             Error::Timeout { worker, .. } => *worker,
             Error::WorkerCrashed { worker, .. }
+            | Error::NotStarted { worker, .. }
             | Error::Worker { worker, .. }
             | Error::Protocol { worker, .. }
             | Error::Disconnected { worker }

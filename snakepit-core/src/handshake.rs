@@ -43,6 +43,7 @@ pub fn encode_hello(out: &mut Vec<u8>, hello: &Hello) {
         max_frame: hello.max_frame,
         config: &hello.config,
         max_in_flight: hello.max_in_flight,
+        pipeline_depth: (hello.pipeline_depth > 1).then_some(hello.pipeline_depth),
         transport: &hello.transport,
         busy_poll_us: (!hello.busy_poll.is_zero())
             .then(|| u64::try_from(hello.busy_poll.as_micros()).unwrap_or(u64::MAX)),
@@ -90,6 +91,19 @@ pub fn parse_ready(hello: &Hello, body: &[u8]) -> Result<Ready, Error> {
     }
     if ready.shm && hello.shm.is_none() {
         return Err(protocol("`ready` announces a shared-memory arena, and the host offered none".into()));
+    }
+    if ready.pipeline_depth > hello.pipeline_depth {
+        return Err(protocol(format!(
+            "`ready` announces a pipeline depth of {}, over the {} the host offered",
+            ready.pipeline_depth, hello.pipeline_depth
+        )));
+    }
+    if ready.pipeline_depth > 1 && ready.max_in_flight > 1 {
+        return Err(protocol(format!(
+            "`ready` announces both a pipeline depth of {} and {} calls at once; a worker pipelines only \
+             when it runs one call at a time",
+            ready.pipeline_depth, ready.max_in_flight
+        )));
     }
     if !hello.versions.contains(&ready.version) {
         return Err(Error::VersionMismatch {

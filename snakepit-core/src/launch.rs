@@ -36,6 +36,9 @@ pub struct StartOptions {
     pub host: Option<Arc<dyn HostHandler>>,
     /// How many calls the host may send at once (told to the worker in `hello`).
     pub max_in_flight: usize,
+    /// Pipelining offered to a worker that runs calls one at a time (see
+    /// [`crate::Hello::pipeline_depth`]); 1: none.
+    pub pipeline_depth: usize,
     /// The busy-poll window (told to the worker in `hello`, used by the host's transport).
     pub busy_poll: Duration,
     /// The shared-memory arena to offer the worker, if its transport uses one.
@@ -101,6 +104,7 @@ impl StartOptions {
             handshake_delay: None,
             host: None,
             max_in_flight: 1,
+            pipeline_depth: 1,
             busy_poll: Duration::ZERO,
             shm: ShmOptions::OFF,
         }
@@ -132,6 +136,12 @@ impl StartOptions {
     /// Sets how many calls the host may send at once.
     pub fn with_max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Offers pipelining up to `depth` calls (see [`crate::Hello::pipeline_depth`]).
+    pub fn with_pipeline_depth(mut self, depth: usize) -> Self {
+        self.pipeline_depth = depth.max(1);
         self
     }
 
@@ -180,6 +190,11 @@ pub trait WorkerHandle: Send + Sync + fmt::Debug + 'static {
     fn cancel(&self, id: RequestId) {
         self.connection().cancel(id);
     }
+
+    /// Interrupts call `id` if the worker runs it now ([`Connection::running`]) by the means it
+    /// announced (a process: its cancel signal), after a [`cancel`](Self::cancel) that found
+    /// the call still queued in the worker's pipeline. The default does nothing.
+    fn interrupt(&self, _id: RequestId) {}
 
     /// The last lines the worker wrote to its error output (empty if it has none).
     fn stderr_tail(&self) -> String {

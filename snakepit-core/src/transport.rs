@@ -127,6 +127,10 @@ pub struct Hello {
     pub host: Option<Arc<dyn HostHandler>>,
     /// How many calls the host may send the worker at once.
     pub max_in_flight: usize,
+    /// Pipelining: how many calls the host may send a worker that runs one at a time (the
+    /// next ones wait in the worker's input, in order, while it runs the first); 1: none.
+    /// Offered only by a transport that supports it; see docs/protocol.md, "Pipelining".
+    pub pipeline_depth: usize,
     /// Transport-specific settings for the worker (gRPC: socket path and token); `null` for stdio.
     pub transport: serde_json::Value,
     /// Busy-poll window: how long both ends poll for the next message before they sleep
@@ -184,6 +188,7 @@ impl Hello {
             config,
             host: None,
             max_in_flight: 1,
+            pipeline_depth: 1,
             transport: serde_json::Value::Null,
             busy_poll: std::time::Duration::ZERO,
             segments: false,
@@ -218,6 +223,12 @@ impl Hello {
     /// Sets how many calls the host may send at once.
     pub fn with_max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Offers pipelining up to `depth` calls (see [`Hello::pipeline_depth`]).
+    pub fn with_pipeline_depth(mut self, depth: usize) -> Self {
+        self.pipeline_depth = depth.max(1);
         self
     }
 
@@ -263,6 +274,16 @@ pub struct Ready {
     /// call even inside a blocking system call (the Python bridge: SIGUSR1).
     #[serde(default)]
     pub cancel_signal: Option<i32>,
+    /// How many calls the worker accepts at once while running them one at a time, in order
+    /// (at most [`Hello::pipeline_depth`]); 1: no pipelining.
+    #[serde(default = "one")]
+    pub pipeline_depth: usize,
+    /// A pipelined worker's cancel signals: the call at position `p` on the connection (calls
+    /// counted from 0 in the order sent) is interrupted with `cancel_signals[p % len]`, so a
+    /// signal meant for a call that has just ended is ignored by the next one. Used only when
+    /// there are at least `pipeline_depth` of them; `cancel_signal` serves when not pipelining.
+    #[serde(default)]
+    pub cancel_signals: Vec<i32>,
     /// Where the worker serves its transport (gRPC: `unix:/path`), if not on the pipe.
     #[serde(default)]
     pub address: Option<String>,
@@ -321,10 +342,35 @@ impl Ready {
             max_in_flight: 1,
             bridge: String::new(),
             cancel_signal: None,
+            pipeline_depth: 1,
+            cancel_signals: Vec::new(),
             address: None,
             segments: false,
             shm: false,
         }
+    }
+
+    /// Sets the pipeline depth the worker accepts (see [`Ready::pipeline_depth`]).
+    pub fn with_pipeline_depth(mut self, depth: usize) -> Self {
+        self.pipeline_depth = depth.max(1);
+        self
+    }
+
+    /// Sets a pipelined worker's cancel signals (see [`Ready::cancel_signals`]).
+    pub fn with_cancel_signals(mut self, signals: Vec<i32>) -> Self {
+        self.cancel_signals = signals;
+        self
+    }
+
+    /// The signal that interrupts the call at `position` on the connection, if the worker
+    /// announced one: `cancel_signal` without pipelining, else one of `cancel_signals` (none
+    /// when it announced fewer than its depth: a signal could then reach the wrong call).
+    pub fn cancel_signal_for(&self, position: u64) -> Option<i32> {
+        if self.pipeline_depth <= 1 {
+            return self.cancel_signal;
+        }
+        let n = self.cancel_signals.len();
+        (n >= self.pipeline_depth).then(|| self.cancel_signals[(position % n as u64) as usize])
     }
 
     /// Sets whether the worker accepts binary segments (see [`Ready::segments`]).
@@ -489,6 +535,24 @@ pub trait Connection: Send + Sync + 'static {
 
     /// Resolves when the worker has answered call `id` (or the connection is gone).
     fn answered(&self, id: RequestId) -> BoxFuture<'static, ()>;
+
+    /// Where call `id` stands on a pipelined connection (a worker that runs its calls one at a
+    /// time, in the order sent, the later ones waiting in its input): `Some(position)` while the
+    /// worker runs it — it is the oldest call not yet answered — `position` being its index
+    /// among the calls sent on this connection (from 0); `None` while it waits behind another
+    /// call, or once it is answered. The host's view may lag the worker's by the answers in
+    /// transit, which is why a pipelined worker's cancel signals depend on the position (see
+    /// [`Ready::cancel_signals`]). The default, for a connection whose calls all run at once:
+    /// `Some(0)`.
+    fn running(&self, _id: RequestId) -> Option<u64> {
+        Some(0)
+    }
+
+    /// Resolves once call `id` runs (see [`running`](Connection::running)), is answered, or
+    /// the connection is gone. The default resolves at once.
+    fn started(&self, _id: RequestId) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
 
     /// A private directory this connection created (the gRPC transport's socket directory)
     /// and removes when dropped. A host killed by SIGKILL cannot remove it, so the process

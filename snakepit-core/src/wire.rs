@@ -27,6 +27,9 @@ pub struct HelloMsg<'a> {
     pub config: &'a serde_json::Value,
     /// How many calls the host may send at once.
     pub max_in_flight: usize,
+    /// Pipelining offered (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pipeline_depth: Option<usize>,
     /// Transport-specific settings (absent for stdio).
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub transport: &'a serde_json::Value,
@@ -142,6 +145,12 @@ pub struct Inbound<'a> {
     /// `ready`: the signal to send after `cancel`.
     #[serde(default)]
     pub cancel_signal: Option<i32>,
+    /// `ready`: the pipeline depth the worker accepts.
+    #[serde(default)]
+    pub pipeline_depth: Option<usize>,
+    /// `ready`: a pipelined worker's cancel signals, by call position.
+    #[serde(default)]
+    pub cancel_signals: Option<Vec<i32>>,
     /// `ready`: where the worker serves its transport.
     #[serde(default)]
     pub address: Option<String>,
@@ -170,6 +179,8 @@ impl Inbound<'_> {
             max_in_flight: self.max_in_flight.unwrap_or(1).max(1),
             bridge: self.bridge.unwrap_or_default(),
             cancel_signal: self.cancel_signal,
+            pipeline_depth: self.pipeline_depth.unwrap_or(1).max(1),
+            cancel_signals: self.cancel_signals.unwrap_or_default(),
             address: self.address,
             segments: self.segments.unwrap_or(false),
             shm: self.shm.unwrap_or(false),

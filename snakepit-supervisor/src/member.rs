@@ -24,7 +24,8 @@ pub struct Member {
     retiring: AtomicBool,
     /// Calls running on the worker (its leases).
     leases: AtomicUsize,
-    /// How many calls it may run at once (1 = process profile).
+    /// How many calls it may hold at once: run at once (thread profile), or run one at a
+    /// time with the others queued in its pipeline (process profile, pipelined); else 1.
     capacity: usize,
     /// Notified when a lease or a session call ends.
     released: Notify,
@@ -57,11 +58,18 @@ pub(crate) fn jittered(base: f64, jitter: f64) -> f64 {
 }
 
 impl Member {
-    /// Wraps a started worker with the slot's limits: it runs at most
-    /// `min(cfg.max_in_flight, ready.max_in_flight)` calls at once and is due for recycling
-    /// after about `cfg.max_requests` calls (minus jitter).
+    /// Wraps a started worker with the slot's limits: it holds at most
+    /// `min(cfg.max_in_flight, ready.max_in_flight)` calls at once, or `ready.pipeline_depth`
+    /// when it pipelines (the host offered no more than `cfg.pipeline_depth`), and is due for
+    /// recycling after about `cfg.max_requests` calls (minus jitter).
     pub fn new(worker: Box<dyn WorkerHandle>, cfg: &SlotConfig) -> Self {
-        let capacity = worker.ready().max_in_flight.min(cfg.max_in_flight).max(1);
+        let ready = worker.ready();
+        let capacity = if ready.pipeline_depth > 1 {
+            ready.pipeline_depth.min(cfg.pipeline_depth)
+        } else {
+            ready.max_in_flight.min(cfg.max_in_flight)
+        }
+        .max(1);
         let request_limit = cfg
             .max_requests
             .map_or(u64::MAX, |n| (jittered(n as f64, cfg.recycle_jitter).round() as u64).max(1));

@@ -274,11 +274,19 @@ impl Worker {
         info
     }
 
-    /// Cancels call `id`: sends the protocol `cancel`, then the worker's cancel signal if it
-    /// asked for one in `ready` (it interrupts a tool even inside a blocking system call).
+    /// Cancels call `id`: sends the protocol `cancel`, then [`interrupt`](Self::interrupt)s it.
     pub fn cancel(&self, id: RequestId) {
         self.conn.cancel(id);
-        if let (Some(sig), Some(fd)) = (self.ready.cancel_signal, &self.worker_pidfd) {
+        self.interrupt(id);
+    }
+
+    /// Sends the worker's cancel signal, if it asked for one in `ready` (it interrupts a tool
+    /// even inside a blocking system call), when call `id` is the one it runs. A pipelined
+    /// worker's signal depends on the call's position ([`Ready::cancel_signal_for`]): if the
+    /// worker has just moved on to the next call, it ignores a signal meant for the last one.
+    pub fn interrupt(&self, id: RequestId) {
+        let Some(position) = self.conn.running(id) else { return };
+        if let (Some(sig), Some(fd)) = (self.ready.cancel_signal_for(position), &self.worker_pidfd) {
             if let Err(e) = pidfd_send_signal(fd, sig) {
                 tracing::debug!(worker = %self.id(), "cancel signal not delivered: {e}");
             }
@@ -347,6 +355,10 @@ impl WorkerHandle for Worker {
 
     fn cancel(&self, id: RequestId) {
         Worker::cancel(self, id);
+    }
+
+    fn interrupt(&self, id: RequestId) {
+        Worker::interrupt(self, id);
     }
 
     fn stderr_tail(&self) -> String {
@@ -606,6 +618,7 @@ pub(crate) async fn handshake(
     let hello = Hello::new(worker, opts.max_frame, adapter.worker_config())
         .with_host(opts.host.clone())
         .with_max_in_flight(opts.max_in_flight)
+        .with_pipeline_depth(opts.pipeline_depth)
         .with_busy_poll(opts.busy_poll)
         .with_shm(shm);
     let timeout = adapter.handshake_timeout();

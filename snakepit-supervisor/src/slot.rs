@@ -108,6 +108,9 @@ pub struct SlotConfig {
     pub shutdown_grace: Duration,
     /// Calls one worker may run at once (the profile's; the worker may announce fewer).
     pub max_in_flight: usize,
+    /// Calls one worker that runs them one at a time may hold, queued in its pipeline (offered
+    /// in `hello`; the worker may announce fewer, 1 being none).
+    pub pipeline_depth: usize,
 }
 
 impl Default for SlotConfig {
@@ -126,6 +129,7 @@ impl Default for SlotConfig {
             drain_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(2),
             max_in_flight: 1,
+            pipeline_depth: 1,
         }
     }
 }

@@ -238,8 +238,9 @@ impl Transport for Grpc {
             }
         });
         // Busy-polling is a stdio feature: calls here do not travel on the control pipe.
-        // Binary segments travel in the messages' `segments` fields.
-        let hello = hello.with_segments(true);
+        // Binary segments travel in the messages' `segments` fields. Calls run concurrently
+        // on the worker's threads: no pipelining.
+        let hello = hello.with_segments(true).with_pipeline_depth(1);
         let hello = hello.with_busy_poll(std::time::Duration::ZERO).with_transport(serde_json::json!({
             "kind": "grpc",
             "socket": socket.to_string_lossy(),

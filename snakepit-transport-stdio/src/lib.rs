@@ -46,6 +46,7 @@ mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 mod host;
+mod order;
 mod outbox;
 mod reader;
 mod shm;
@@ -54,6 +55,7 @@ mod stream;
 use frame::{frame, frame_segmented, segmented_json, segments_of, FrameReader, Placement, ReadOutcome};
 use host::host_call;
 pub use host::MAX_HOST_CALLS;
+use order::CallOrder;
 use outbox::Outbox;
 use reader::{read_loop, LogLimit};
 use shm::ShmState;
@@ -158,6 +160,11 @@ struct Shared {
     /// The shared-memory arena, when the worker mapped the one offered (set once its `ready`
     /// is in).
     shm: OnceLock<ShmState>,
+    /// Whether the worker pipelines (its `ready.pipeline_depth` > 1; set once it is in): then
+    /// `order` tracks the calls, and a crash fails the queued ones with `NotStarted`.
+    pipelined: AtomicBool,
+    /// A pipelined connection's calls in flight, in order. Lock order: `order`, then the outbox.
+    order: Mutex<CallOrder>,
 }
 
 impl Shared {
@@ -166,7 +173,17 @@ impl Shared {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Marks the connection closed (first reason wins) and fails every pending call.
+    fn order(&self) -> MutexGuard<'_, CallOrder> {
+        self.order.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_pipelined(&self) -> bool {
+        self.pipelined.load(Ordering::Acquire)
+    }
+
+    /// Marks the connection closed (first reason wins) and fails every pending call: on a
+    /// pipelined connection that ended (not one that broke the protocol), the calls queued
+    /// behind the running one with `NotStarted`, the others with the close's error.
     fn close(&self, reason: CloseReason) {
         let mut first = false;
         self.closed.send_if_modified(|cur| {
@@ -185,12 +202,24 @@ impl Shared {
                 r => tracing::debug!(worker = %self.worker, reason = ?r, "connection closed"),
             }
         }
+        // The worker wrote every answer it finished before its output ended, and the reader
+        // took them all before closing: the oldest call left is the one it ran.
+        let running = self.order().oldest();
+        let queued = |id: u64| {
+            self.is_pipelined() && Some(id) != running && !matches!(reason, CloseReason::Protocol(_))
+        };
         let drained: Vec<_> = self.pending().drain().collect();
-        for (_, w) in drained {
+        for (id, w) in drained {
             match w {
+                Some(Waiter::Slot { slot, command }) if queued(id) => {
+                    slot.fill(Err(Error::NotStarted { worker: self.worker, command: command.to_string() }))
+                }
                 Some(Waiter::Slot { slot, .. }) => slot.fill(Err(self.error_for(&reason))),
                 Some(Waiter::Call(tx)) => {
                     let _ = tx.send(Reply::Closed(reason.clone()));
+                }
+                Some(Waiter::Stream { tx, .. }) if queued(id) => {
+                    let _ = tx.try_send(StreamItem::NotStarted);
                 }
                 Some(Waiter::Stream { tx, .. }) => {
                     let _ = tx.try_send(StreamItem::Closed(reason.clone()));
@@ -349,6 +378,8 @@ impl StdioConnection {
             unknown_replies: Mutex::new(LogLimit::default()),
             segments: AtomicBool::new(false),
             shm: OnceLock::new(),
+            pipelined: AtomicBool::new(false),
+            order: Mutex::new(CallOrder::default()),
         });
         // This transport carries binary segments: offer them.
         let hello = hello.with_segments(true);
@@ -378,6 +409,7 @@ impl StdioConnection {
         };
         let ready = handshake::parse_ready(&hello, &first)?;
         shared.segments.store(ready.segments, Ordering::Release);
+        shared.pipelined.store(ready.pipeline_depth > 1, Ordering::Release);
         if let (true, Some(offer)) = (ready.shm && ready.segments, &hello.shm) {
             let _ = shared.shm.set(ShmState::new(offer.arena.clone(), offer.threshold));
         }
@@ -394,6 +426,18 @@ impl StdioConnection {
 
     fn send(&self, frame: Vec<u8>) -> Result<(), Error> {
         self.shared.outbox.push(frame).map_err(|_| self.closed_error())
+    }
+
+    /// Sends call `id`'s frame; on a pipelined connection, records its place in the order
+    /// under the same lock, so that positions follow the pipe.
+    fn send_call_frame(&self, id: u64, frame: Vec<u8>) -> Result<(), Error> {
+        if !self.shared.is_pipelined() {
+            return self.send(frame);
+        }
+        let mut order = self.shared.order();
+        self.send(frame)?;
+        order.sent(id);
+        Ok(())
     }
 
     fn closed_error(&self) -> Error {
@@ -474,7 +518,7 @@ impl StdioConnection {
         }
         // Before the frame goes out: the answer may come (and settle them) at once.
         self.lease(id, regions);
-        if let Err(e) = self.send(frame) {
+        if let Err(e) = self.send_call_frame(id, frame) {
             self.shared.forget(id);
             self.settle_unsent(id);
             return Err(e);
@@ -573,7 +617,7 @@ impl Connection for StdioConnection {
         self.shared.pending().insert(id, Some(Waiter::Stream { tx, credit: credit.clone(), received: 0 }));
         let stream = ReplyStream::new(rx, self.shared.clone(), credit, id, req.command.to_string(), window);
         // If the send fails, the stream's drop leaves a tombstone; the close drains it.
-        if let Err(e) = self.send(f) {
+        if let Err(e) = self.send_call_frame(id, f) {
             self.settle_unsent(id);
             return Err(e);
         }
@@ -630,6 +674,30 @@ impl Connection for StdioConnection {
 
     fn idle(&self) -> BoxFuture<'static, ()> {
         wait_idle(self.shared.clone())
+    }
+
+    fn running(&self, id: RequestId) -> Option<u64> {
+        if !self.shared.is_pipelined() {
+            return Some(0);
+        }
+        self.shared.order().running(id.0)
+    }
+
+    fn started(&self, id: RequestId) -> BoxFuture<'static, ()> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            loop {
+                let notified = shared.idle.notified();
+                if !shared.is_pipelined()
+                    || shared.order().running(id.0).is_some()
+                    || !shared.pending().contains_key(&id.0)
+                    || shared.close_reason().is_some()
+                {
+                    return;
+                }
+                notified.await;
+            }
+        })
     }
 
     fn answered(&self, id: RequestId) -> BoxFuture<'static, ()> {

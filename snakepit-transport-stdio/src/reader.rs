@@ -87,6 +87,10 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, body: Bytes, segmented: bool) -> Re
     let Some(id) = msg.id else {
         return Err(format!("`{tag}` message without an id"));
     };
+    if matches!(tag, "result" | "error" | "end") && shared.is_pipelined() {
+        // Call `id` is over: the next one in line is the one the worker runs.
+        shared.order().answered(id);
+    }
     if let (Some(shm), "result" | "error" | "end") = (shm, tag) {
         // The call is answered: the tool is done with its arguments in the arena.
         shm.settle(id, msg.keep == Some(true));

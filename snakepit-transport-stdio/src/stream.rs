@@ -58,6 +58,8 @@ pub(crate) enum StreamItem {
     Chunk(Payload),
     End,
     Err(WorkerError),
+    /// The worker died while the stream waited in its pipeline.
+    NotStarted,
     Closed(CloseReason),
 }
 
@@ -130,6 +132,13 @@ impl futures::Stream for ReplyStream {
                     worker: this.shared.worker,
                     command: std::mem::take(&mut this.command),
                     error,
+                })))
+            }
+            Some(StreamItem::NotStarted) => {
+                this.done = true;
+                Poll::Ready(Some(Err(Error::NotStarted {
+                    worker: this.shared.worker,
+                    command: std::mem::take(&mut this.command),
                 })))
             }
             Some(StreamItem::Closed(reason)) => {

@@ -77,6 +77,11 @@ class HostCallError(Exception):
 
 _host_seq = [0]
 _stash: list[Message] = []  # frames read while waiting for a host result that belong to someone else
+# Pipelining (docs/protocol.md, "Pipelining"): frames read ahead of the one being handled, in
+# order (queued calls, a `shutdown`; None for EOF), and the cancel signals by call position.
+_inbox: list[Message | None] = []
+_pipe_sigs: list[int] = []
+_calls_read = [0]
 _session_cache: dict[Any, dict[str, tuple[Json, float]]] = {}
 SESSION_CACHE_TTL = 1.0
 
@@ -158,12 +163,55 @@ def _await_frame(chan: _Channel, rid: Any, wanted: Callable[[Message], bool]) ->
         t = m.get("t")
         if t == "cancel" and m.get("id") == rid:
             raise Cancelled("call cancelled by the host")
-        if t == "ping":
-            chan.send({"t": "pong", "id": m.get("id")})
-        elif t == "credit" and m.get("id") == rid:
+        if t == "credit" and m.get("id") == rid:
             _stash.append(m)  # credit for this call's own stream, taken when it next yields
-        elif t not in ("credit", "cancel"):
-            _log("ignoring %r while call %r runs" % (t, rid))
+        else:
+            _route(chan, m)
+
+
+def _route(chan: _Channel, m: Message) -> None:
+    """Handles a frame read ahead of its turn (while a call runs, or before the next one
+    starts): answers a ping, answers a call waiting in the inbox that the host cancels (it
+    never runs), and keeps calls and `shutdown` in the inbox, in order. Credit and cancels
+    for calls already answered are dropped."""
+    t = m.get("t")
+    if t == "ping":
+        chan.send({"t": "pong", "id": m.get("id")})
+    elif t == "cancel":
+        rid = m.get("id")
+        for i, q in enumerate(_inbox):
+            if q is not None and q.get("t") == "call" and q.get("id") == rid:
+                del _inbox[i]
+                _cancel_queued(chan, q)
+                return
+    elif t == "call" or t == "shutdown":
+        _inbox.append(m)
+    elif t != "credit":
+        _log("ignoring %r while a call runs" % t)
+
+
+def _cancel_queued(chan: _Channel, msg: Message) -> None:
+    """Answers a call the host cancelled while it waited in the pipeline: `Cancelled`, and
+    it never ran."""
+    rid = msg.get("id")
+    reply = {"t": "error", "id": rid, "error": {"type": "Cancelled", "message": "cancelled before it started"}}
+    body: Body | None = _dumps(reply)
+    maps = msg.pop("$maps", None)
+    if maps is not None:
+        body = _let_go(msg, body, maps)
+    if body is not None:
+        chan.write(body)
+
+
+def _read_ahead(chan: _Channel) -> None:
+    """Before a pipelined call starts: takes the frames the host has already sent, so that a
+    `cancel` for that call (or one behind it) is honoured before it would run."""
+    while chan.ready():
+        m = _next_message(chan)
+        if m is None:
+            _inbox.append(None)
+            return
+        _route(chan, m)
 
 
 def _stashed_credit(rid: Any) -> int:
@@ -515,7 +563,11 @@ def _next_message(chan: _Channel) -> Message | None:
                 raise ValueError("not a JSON object with a string `t`")
         except ValueError as e:
             raise ProtocolError("malformed message from host: %s" % e)
-        if msg["t"] != "release":
+        t = msg["t"]
+        if t != "release":
+            if _pipe_sigs and t == "call":
+                msg["$pos"] = _calls_read[0]  # its place on the connection, for the cancel signal
+                _calls_read[0] += 1
             return msg
         # The host copied our regions out: taken here, whoever reads.
         arena = _arena[0]
@@ -529,7 +581,7 @@ def _next_message(chan: _Channel) -> Message | None:
                 _frame_boundary()
 
 
-def _split_segments(body: bytes) -> Any:
+def _split_segments(body: bytes | bytearray) -> Any:
     """A segmented frame's message, with "$segs": its segments as read-only memoryviews over
     the frame or, for `[offset, length]` entries, over the shared-memory arena (no copy; their
     mappings in "$maps", to be let go of once the call is answered). Raises ValueError when
@@ -545,7 +597,7 @@ def _split_segments(body: bytes) -> Any:
     table = msg.get("seg") if type(msg) is dict else None
     if type(table) is not list:
         raise ValueError("segmented frame without a valid `seg` table: %r" % (table,))
-    view = memoryview(body)
+    view = memoryview(body).toreadonly()
     segs = []
     lease = None
     for n in table:
@@ -617,6 +669,9 @@ class _Running:
 
     id: Any = None
     signum: int | None = None
+    # Pipelining: the signal that cancels the running call (by its position); another one is
+    # for a call that has already ended.
+    sig: int | None = None
     # The task running the call's coroutine on the bridge's event loop (serial profile): the
     # cancel signal cancels it instead of raising inside asyncio's own code.
     task: tuple[AbstractEventLoop, Any] | None = None
@@ -631,8 +686,10 @@ _run = _Running()
 
 def _on_cancel_signal(signum: int, frame: types.FrameType | None) -> None:
     # The host sends the cancel signal only while a call it cancelled has not been answered,
-    # and sends the next call only after that answer: so the running call is the cancelled one.
-    if _run.id is None:
+    # and (without pipelining) sends the next call only after that answer: so the running call
+    # is the cancelled one. With pipelining, the signal names the call's position: one meant
+    # for a call that ended as the host sent it is not this call's.
+    if _run.id is None or (_run.sig is not None and signum != _run.sig):
         return
     if _run.atomic:
         _run.pending = True
@@ -682,6 +739,33 @@ def _install_cancel_signal() -> int | None:
         return None
     signal.signal(signum, _on_cancel_signal)
     return int(signum)
+
+
+MAX_PIPELINE_DEPTH = 16
+
+
+def _pipeline_depth(hello: Message) -> int:
+    """The pipeline depth to accept: what `hello` offers, at most MAX_PIPELINE_DEPTH; 1 (none)
+    when SNAKEPIT_BRIDGE_PIPELINE=0."""
+    offered = hello.get("pipeline_depth")
+    if type(offered) is not int or offered < 2 or os.environ.get("SNAKEPIT_BRIDGE_PIPELINE", "1") == "0":
+        return 1
+    return min(offered, MAX_PIPELINE_DEPTH)
+
+
+def _install_pipeline_signals(depth: int) -> list[int]:
+    """Installs the cancel handler on `depth` real-time signals (the highest ones), one per
+    position in the pipe modulo `depth`; none if user code handles any of them."""
+    top = getattr(signal, "SIGRTMAX", None)
+    if top is None or threading.current_thread() is not threading.main_thread():
+        return []
+    sigs = [int(top) - k for k in range(depth)]
+    if any(signal.getsignal(x) not in (signal.SIG_DFL, None, _on_cancel_signal) for x in sigs):
+        _log("pipelining off: user code handles a real-time signal among %s" % sigs)
+        return []
+    for x in sigs:
+        signal.signal(x, _on_cancel_signal)
+    return sigs
 
 
 @overload
@@ -797,7 +881,12 @@ def _log(msg: str) -> None:
 
 class _Channel:
     def __init__(self, in_fd: int, out_fd: int) -> None:
-        self.reader = os.fdopen(in_fd, "rb", buffering=1 << 16, closefd=False)
+        self.in_fd = in_fd
+        # Our own input buffer (not a BufferedReader): pipelining asks whether a whole frame
+        # is already here before it polls the pipe.
+        self._buf = b""
+        self._at = 0
+        self._ready_poll: select.poll | None = None
         self.out_fd = out_fd
         self.max_frame = 64 * 1024 * 1024
         self._spin = 0.0
@@ -805,7 +894,7 @@ class _Channel:
         self.segments = False  # binary segments agreed in the handshake
         self.segmented = False  # whether the last frame read was segmented
 
-    def read(self) -> bytes | None:
+    def read(self) -> bytes | bytearray | None:
         """Returns the next frame body, or None at EOF. Never cut short by the cancel signal."""
         _run.atomic += 1
         try:
@@ -826,19 +915,43 @@ class _Channel:
             cpus = os.cpu_count() or 1
         if seconds > 0 and cpus > 1:
             self._poll = select.poll()
-            self._poll.register(self.reader.fileno(), select.POLLIN)
+            self._poll.register(self.in_fd, select.POLLIN)
             self._spin = seconds
 
-    def _read(self) -> bytes | None:
-        poll = self._poll
-        if poll is not None and self._spin and not poll.poll(0):
-            until = time.perf_counter() + self._spin
-            while not poll.poll(0) and time.perf_counter() < until:
-                os.sched_yield()  # lets the host run first when both share a CPU
-        hdr = self.reader.read(4)
-        if not hdr or len(hdr) < 4:
-            return None
-        (n,) = _HDR.unpack(hdr)
+    def ready(self) -> bool:
+        """Whether a frame can be read without waiting for the host: it is whole in the
+        buffer, or the pipe has bytes (or is at EOF)."""
+        buf = self._buf
+        at = self._at
+        if len(buf) - at >= 4:
+            (n,) = _HDR.unpack_from(buf, at)
+            if len(buf) - at - 4 >= n & ~_SEGMENTED:
+                return True
+        poll = self._ready_poll
+        if poll is None:
+            poll = self._ready_poll = select.poll()
+            poll.register(self.in_fd, select.POLLIN)
+        return bool(poll.poll(0))
+
+    def _read(self) -> bytes | bytearray | None:
+        buf = self._buf
+        at = self._at
+        if len(buf) - at < 4:
+            poll = self._poll
+            if poll is not None and self._spin and not poll.poll(0):
+                until = time.perf_counter() + self._spin
+                while not poll.poll(0) and time.perf_counter() < until:
+                    os.sched_yield()  # lets the host run first when both share a CPU
+            rest = buf[at:]
+            while len(rest) < 4:
+                chunk = os.read(self.in_fd, 65536)
+                if not chunk:
+                    self._buf, self._at = b"", 0
+                    return None
+                rest = rest + chunk if rest else chunk
+            buf = self._buf = rest
+            at = 0
+        (n,) = _HDR.unpack_from(buf, at)
         self.segmented = n >= _SEGMENTED
         if self.segmented:
             if not self.segments:
@@ -846,9 +959,22 @@ class _Channel:
             n -= _SEGMENTED
         if n > self.max_frame:
             raise ProtocolError("inbound frame of %d bytes exceeds max_frame %d" % (n, self.max_frame))
-        body = self.reader.read(n)
-        if len(body) < n:
-            return None
+        start = at + 4
+        end = start + n
+        if end <= len(buf):
+            self._at = end
+            return buf[start:end]
+        # Not all here yet: the rest goes straight into the body's own buffer.
+        body = bytearray(n)
+        got = len(buf) - start
+        body[:got] = memoryview(buf)[start:]
+        self._buf, self._at = b"", 0
+        view = memoryview(body)
+        while got < n:
+            k = os.readv(self.in_fd, [view[got:]])
+            if k == 0:
+                return None
+            got += k
         return body
 
     def write(self, body: bytes | tuple[bytes, list[memoryview]]) -> None:
@@ -1253,7 +1379,7 @@ def _dumps_std(msg: Json) -> bytes:
     )
 
 
-def _loads(body: bytes) -> Json:
+def _loads(body: bytes | bytearray) -> Json:
     """Parses one frame body (UTF-8 JSON, no surrounding whitespace); raises ValueError.
     orjson parses first when installed; what it refuses (NaN, integers past 64 bits, lone
     surrogates) goes to the stdlib parser, which accepts or reports it as without orjson."""
@@ -1522,6 +1648,10 @@ def _serve(
         _run.id = None
         _run.pending = False
         _run.task = None
+        _run.sig = None
+        del _inbox[:]
+        del _pipe_sigs[:]
+        _calls_read[0] = 0
 
 
 def _serve_inner(
@@ -1597,6 +1727,17 @@ def _serve_inner(
     else:
         _run.signum = _install_cancel_signal() if n == 1 else None
         ready["cancel_signal"] = _run.signum
+        depth = _pipeline_depth(hello) if n == 1 else 1
+        if depth > 1 and _run.signum is not None:
+            # The running call must stay interruptible: one signal per position in the pipe.
+            sigs = _install_pipeline_signals(depth)
+            if sigs:
+                ready["cancel_signals"] = sigs
+                _pipe_sigs[:] = sigs
+            else:
+                depth = 1
+        if depth > 1:
+            ready["pipeline_depth"] = depth
     offer = hello.get("shm")
     if offer is not None and ready.get("segments"):
         _map_arena(offer, ready)
@@ -1612,7 +1753,7 @@ def _serve_inner(
         elif n > 1:
             _loop_threaded(chan, tools, n)
         else:
-            _loop(chan, tools)
+            _loop(chan, tools, pipelined=ready.get("pipeline_depth", 1) > 1)
     finally:
         if server is not None:
             # Calls in flight get a second to finish, then are aborted; wait (bounded) until
@@ -1661,13 +1802,22 @@ def _close_arena_fd(offer: Any) -> None:
         pass
 
 
-def _loop(chan: _Channel, tools: dict[str, Callable[..., Any]]) -> None:
+def _loop(chan: _Channel, tools: dict[str, Callable[..., Any]], pipelined: bool = False) -> None:
+    inbox = _inbox
     while True:
-        msg = _next_message(chan)
+        msg = inbox.pop(0) if inbox else _next_message(chan)
         if msg is None:
             return
         t = msg["t"]
         if t == "call":
+            if pipelined:
+                # A cancel for this call may be right behind it: read what the host has sent
+                # with the call back at the head of the inbox, where a cancel finds it.
+                inbox.insert(0, msg)
+                _read_ahead(chan)
+                if not inbox or inbox[0] is not msg:
+                    continue  # cancelled while it waited, and answered so
+                del inbox[0]
             _call(chan, tools, msg)
         elif t == "ping":
             chan.send({"t": "pong", "id": msg.get("id")})
@@ -1886,6 +2036,9 @@ def _answer(chan: _Channel, tools: dict[str, Callable[..., Any]], msg: Message) 
     T = _threaded[0]
     try:
         _run.pending = False
+        if _pipe_sigs:
+            pos = msg.get("$pos")
+            _run.sig = _pipe_sigs[pos % len(_pipe_sigs)] if type(pos) is int else -1
         _run.id = rid
         try:
             args = msg.get("args")

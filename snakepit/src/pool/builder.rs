@@ -12,6 +12,9 @@ use snakepit_core::{
 use snakepit_supervisor::{registry, Heartbeat, Member, ProcessLauncher, Slot, SlotConfig};
 use tokio::sync::watch;
 
+/// The deepest pipeline [`PoolBuilder::pipeline_depth`] accepts.
+pub const MAX_PIPELINE_DEPTH: usize = 16;
+
 use super::manager::Manager;
 use super::queue::Queue;
 use super::stats::Counters;
@@ -236,6 +239,22 @@ impl PoolBuilder {
         self
     }
 
+    /// Pipelining (process profile): how many calls one worker may hold — the one it runs and
+    /// the next ones, already written to its input, that it runs in order right after (default
+    /// PIPELINE_DEFAULT_DOC). The worker never waits for the host between calls, and one read
+    /// of its input takes several calls. A call queued in a worker waits for the calls ahead of
+    /// it even if another worker frees up first, so calls of very uneven lengths are better
+    /// served by depth 1. Semantics stay exact: a queued call whose deadline passes or whose
+    /// caller goes away is answered `Cancelled` without running; a crash fails the running call
+    /// with `WorkerCrashed` and the queued ones with [`Error::NotStarted`]
+    /// (see [`CallOptions::retry_not_started`](crate::CallOptions::retry_not_started)).
+    /// Negotiated: a worker that does not announce pipelining gets one call at a time.
+    /// At most 16; ignored by the thread profile and the gRPC transport.
+    pub fn pipeline_depth(mut self, depth: usize) -> Self {
+        self.cfg.slot.pipeline_depth = depth.clamp(1, MAX_PIPELINE_DEPTH);
+        self
+    }
+
     /// Busy-poll window (default: none). After each message, the worker polls its input for up
     /// to `d` before sleeping, and on a current-thread runtime a waiting caller polls for its
     /// reply as long, so a call that follows soon after the last one does not pay the wake-up
@@ -397,6 +416,7 @@ impl PoolBuilder {
             .with_env(cfg.env.clone())
             .with_host(Some(host_handler))
             .with_max_in_flight(cfg.slot.max_in_flight)
+            .with_pipeline_depth(if cfg.slot.max_in_flight == 1 { cfg.slot.pipeline_depth } else { 1 })
             .with_busy_poll(cfg.busy_poll)
             .with_shm(cfg.shm);
         #[cfg(feature = "chaos")]

@@ -185,7 +185,8 @@ impl Inner {
     }
 
     /// Ends a failed call on its lease: a worker error completes it (the worker is fine); a
-    /// vanished connection becomes `WorkerCrashed` with the worker's exit status.
+    /// vanished connection becomes `WorkerCrashed` with the worker's exit status; a call that
+    /// was queued in a dead worker's pipeline stays `NotStarted`.
     pub(crate) async fn failed(&self, lease: &mut Lease, command: &str, e: Error) -> Error {
         match e {
             Error::Worker { .. } => {
@@ -227,7 +228,13 @@ impl Pool {
     ) -> Result<Payload, Error> {
         let inner = &self.inner;
         let adm = inner.admit(command, &args, &opts)?;
-        let r = self.round_trip(session, &adm, args, &opts).await;
+        let retry = opts.retry_not_started.then(|| args.clone());
+        let mut r = self.round_trip(session, &adm, args, &opts).await;
+        if let (Err(Error::NotStarted { worker, .. }), Some(args)) = (&r, retry) {
+            // It never ran: once more, on whichever worker is free (the dead one is not).
+            tracing::info!(%worker, command, "call queued on a worker that died before it started; retrying once");
+            r = self.round_trip(session, &adm, args, &opts).await;
+        }
         inner.finish(adm.poison, r.as_ref().map(|_| ()));
         r
     }

@@ -90,6 +90,9 @@ impl Drop for Lease {
         let detach = !self.timed_out && inner.cfg.drop_policy == DropPolicy::Detach;
         let conn = w.connection().clone();
         let id = self.request.map(|(id, _)| id);
+        // Queued in a pipelined worker behind another call (asked before the `cancel`, which
+        // interrupts the call only if it runs).
+        let queued = !detach && id.is_some_and(|id| conn.running(id).is_none());
         if !detach {
             if let Some(id) = id {
                 w.cancel(id);
@@ -110,11 +113,18 @@ impl Drop for Lease {
             return;
         };
         rt.spawn(async move {
-            let wait = match id {
-                Some(id) => conn.answered(id),
-                None => conn.idle(),
-            };
-            let answered = tokio::time::timeout(limit, wait).await.is_ok() && w.is_alive();
+            let answered = match id {
+                Some(id) if queued => {
+                    // The worker answers it without running it when it gets there: the grace
+                    // counts from then, not while the calls ahead run. If the worker started
+                    // it before reading the `cancel`, it is interrupted now that it runs.
+                    conn.started(id).await;
+                    w.interrupt(id);
+                    tokio::time::timeout(limit, conn.answered(id)).await.is_ok()
+                }
+                Some(id) => tokio::time::timeout(limit, conn.answered(id)).await.is_ok(),
+                None => tokio::time::timeout(limit, conn.idle()).await.is_ok(),
+            } && w.is_alive();
             inner.counters.call_done();
             w.release();
             if answered {

@@ -17,17 +17,22 @@ pub struct CallOptions {
     pub key: Option<u64>,
     /// Session affinity for this call (default: the pool's).
     pub affinity: Option<Affinity>,
+    /// Retry the call once on another worker if it fails with [`Error::NotStarted`](snakepit_core::Error::NotStarted)
+    /// (it was queued in a pipelined worker that died before it started, so it never ran).
+    /// Off by default: the caller decides whether a call may run twice. Plain calls only (a
+    /// stream that did not start is reported, not retried).
+    pub retry_not_started: bool,
 }
 
 impl CallOptions {
     /// Options with a timeout.
     pub fn timeout(t: Duration) -> Self {
-        CallOptions { timeout: Some(t), deadline: None, key: None, affinity: None }
+        CallOptions { timeout: Some(t), ..CallOptions::default() }
     }
 
     /// Options with an absolute deadline.
     pub fn deadline(d: Instant) -> Self {
-        CallOptions { timeout: None, deadline: Some(d), key: None, affinity: None }
+        CallOptions { deadline: Some(d), ..CallOptions::default() }
     }
 
     /// Sets or clears the timeout.
@@ -45,6 +50,13 @@ impl CallOptions {
     /// Sets the session affinity of this call.
     pub fn with_affinity(mut self, a: Affinity) -> Self {
         self.affinity = Some(a);
+        self
+    }
+
+    /// Retries the call once on another worker when it did not start (see
+    /// [`CallOptions::retry_not_started`]).
+    pub fn retry_not_started(mut self, on: bool) -> Self {
+        self.retry_not_started = on;
         self
     }
 

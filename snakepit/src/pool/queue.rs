@@ -55,6 +55,22 @@ impl Queue {
     }
 }
 
+/// The worker with the fewest calls, the most recently returned among equals (its caches are
+/// warm): an idle worker before one with calls queued in its pipeline or running on its threads.
+fn least_loaded(idle: &[Arc<Member>]) -> Option<usize> {
+    let mut best: Option<(usize, usize)> = None;
+    for (i, w) in idle.iter().enumerate().rev() {
+        let load = w.leases();
+        if load == 0 {
+            return Some(i);
+        }
+        if best.is_none_or(|(_, b)| load < b) {
+            best = Some((i, load));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
 impl State {
     fn queued(&self) -> usize {
         self.waiters.len() + self.pinned.iter().map(VecDeque::len).sum::<usize>()
@@ -220,14 +236,12 @@ impl Inner {
                 }
             }
             if !strict {
-                while let Some(w) = st.idle.last().cloned() {
-                    if !w.is_alive() {
-                        st.idle.pop();
-                        continue;
-                    }
+                st.idle.retain(|w| w.is_alive());
+                if let Some(i) = least_loaded(&st.idle) {
+                    let w = st.idle[i].clone();
                     let lease = Lease::new(w.clone(), self);
                     if !w.has_room() {
-                        st.idle.pop();
+                        st.idle.remove(i);
                     }
                     return Ok(lease);
                 }
