@@ -205,6 +205,42 @@ mod tests {
     }
 
     #[test]
+    fn pipelining_is_accepted_up_to_the_offer_and_only_one_call_at_a_time() {
+        let h = hello().with_pipeline_depth(4);
+        let mut out = Vec::new();
+        encode_hello(&mut out, &h);
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(v["pipeline_depth"], 4);
+        let r = parse_ready(
+            &h,
+            br#"{"t":"ready","version":1,"pid":9,"pipeline_depth":4,"cancel_signals":[64,63,62,61]}"#,
+        )
+        .expect("ready");
+        assert_eq!(
+            (r.pipeline_depth, r.cancel_signal_for(0), r.cancel_signal_for(5)),
+            (4, Some(64), Some(63))
+        );
+        // Fewer signals than the depth: none is sent (one could reach the wrong call).
+        let r = parse_ready(&h, br#"{"t":"ready","version":1,"pid":9,"pipeline_depth":4,"cancel_signals":[64],"cancel_signal":10}"#)
+            .expect("ready");
+        assert_eq!(r.cancel_signal_for(0), None);
+        for (body, want) in [
+            (&br#"{"t":"ready","version":1,"pid":9,"pipeline_depth":5}"#[..], "over the 4"),
+            (
+                br#"{"t":"ready","version":1,"pid":9,"pipeline_depth":2,"max_in_flight":2}"#,
+                "one call at a time",
+            ),
+        ] {
+            match parse_ready(&h, body) {
+                Err(Error::Protocol { detail, .. }) => assert!(detail.contains(want), "{detail}"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // Not offered (the default hello): a worker announcing it is refused.
+        assert!(parse_ready(&hello(), br#"{"t":"ready","version":1,"pid":9,"pipeline_depth":2}"#).is_err());
+    }
+
+    #[test]
     fn a_version_not_offered_is_a_version_mismatch() {
         match parse_ready(&hello(), br#"{"t":"ready","version":99,"pid":9}"#) {
             Err(Error::VersionMismatch { reason, offered, .. }) => {

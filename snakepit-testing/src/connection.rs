@@ -1,8 +1,8 @@
 //! One fake worker: its [`Connection`] and its [`WorkerHandle`], on tokio tasks only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,10 +33,23 @@ pub(crate) struct Link {
     /// How to cancel each running call.
     pending: Mutex<HashMap<u64, AbortHandle>>,
     next_id: AtomicU64,
+    /// Pipelining: the worker runs one call at a time, the others wait their turn in order.
+    pipelined: bool,
+    turns: Mutex<Turns>,
+    /// Notified when the running call changes.
+    turn_changed: tokio::sync::Notify,
+}
+
+/// A pipelined fake worker's calls: the one it runs, and the others in the order sent, each
+/// with the sender that starts it.
+#[derive(Debug, Default)]
+struct Turns {
+    running: Option<u64>,
+    waiting: VecDeque<(u64, oneshot::Sender<()>)>,
 }
 
 impl Link {
-    pub(crate) fn new(worker: WorkerId, spec: Arc<Spec>, control: FakeControl) -> Arc<Self> {
+    pub(crate) fn new(worker: WorkerId, spec: Arc<Spec>, control: FakeControl, pipelined: bool) -> Arc<Self> {
         Arc::new(Link {
             worker,
             spec,
@@ -45,7 +58,52 @@ impl Link {
             in_flight: InFlight::new(),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            pipelined,
+            turns: Mutex::new(Turns::default()),
+            turn_changed: tokio::sync::Notify::new(),
         })
+    }
+
+    fn turns(&self) -> std::sync::MutexGuard<'_, Turns> {
+        self.turns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Call `id` takes its place in line: `None` when it runs at once (not pipelined, or
+    /// nothing runs), else what starts it.
+    fn take_turn(&self, id: u64) -> Option<oneshot::Receiver<()>> {
+        if !self.pipelined {
+            return None;
+        }
+        let mut t = self.turns();
+        if t.running.is_none() {
+            t.running = Some(id);
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        t.waiting.push_back((id, tx));
+        Some(rx)
+    }
+
+    /// Call `id` is over (answered, cancelled or aborted): out of line; if it was running,
+    /// the next live one starts.
+    fn end_turn(&self, id: u64) {
+        if !self.pipelined {
+            return;
+        }
+        let mut t = self.turns();
+        if t.running == Some(id) {
+            t.running = None;
+            while let Some((next, tx)) = t.waiting.pop_front() {
+                if tx.send(()).is_ok() {
+                    t.running = Some(next);
+                    break;
+                }
+            }
+        } else {
+            t.waiting.retain(|(w, _)| *w != id);
+        }
+        drop(t);
+        self.turn_changed.notify_waiters();
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, AbortHandle>> {
@@ -82,15 +140,28 @@ impl Link {
         Error::Disconnected { worker: self.worker }
     }
 
-    /// Runs `task` as call `id`: registered until it ends (or is aborted by `cancel`/`end`).
-    fn spawn(self: &Arc<Self>, id: u64, task: impl std::future::Future<Output = ()> + Send + 'static) {
+    /// Runs `task` as call `id` (pipelined: when its turn comes; `started` is set then):
+    /// registered until it ends (or is aborted by `cancel`/`end`).
+    fn spawn(
+        self: &Arc<Self>,
+        id: u64,
+        started: Arc<AtomicBool>,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
         let done = Done(self.clone(), id);
         let guard = self.in_flight.enter(RequestId(id));
+        let turn = self.take_turn(id);
         // Spawned and registered under the lock: `end` (which takes the lock after setting the
         // exit) either finds the task registered and aborts it, or ran before and is seen below.
         let mut pending = self.pending();
         let handle = tokio::spawn(async move {
             let _done = (done, guard);
+            if let Some(turn) = turn {
+                if turn.await.is_err() {
+                    return;
+                }
+            }
+            started.store(true, Ordering::Release);
             task.await;
         });
         pending.insert(id, handle.abort_handle());
@@ -107,6 +178,7 @@ struct Done(Arc<Link>, u64);
 impl Drop for Done {
     fn drop(&mut self) {
         self.0.pending().remove(&self.1);
+        self.0.end_turn(self.1);
     }
 }
 
@@ -169,22 +241,29 @@ impl Connection for FakeConnection {
         let (tx, rx) = oneshot::channel();
         let task_link = link.clone();
         let cmd = command.clone();
-        link.spawn(id, async move {
+        let started = Arc::new(AtomicBool::new(false));
+        link.spawn(id, started.clone(), async move {
             let _ = tx.send(run_tool(&task_link, &cmd, args).await);
         });
+        // The worker died: the call it ran crashed with it; one still waiting in its pipeline
+        // never started.
+        let died = || match started.load(Ordering::Acquire) {
+            true => link.gone(),
+            false => Error::NotStarted { worker: link.worker, command: command.to_string() },
+        };
         tokio::select! {
             biased;
             r = rx => match r {
                 Ok(outcome) => outcome,
                 // The task was aborted: by `end` (the worker died) or by `cancel`.
-                Err(_) if link.exit().is_some() => Err(link.gone()),
+                Err(_) if link.exit().is_some() => Err(died()),
                 Err(_) => Err(Error::Worker {
                     worker: link.worker,
                     command: command.to_string(),
                     error: raise("Cancelled", "the call was cancelled"),
                 }),
             },
-            _ = link.ended() => Err(link.gone()),
+            _ = link.ended() => Err(died()),
         }
     }
 
@@ -205,7 +284,7 @@ impl Connection for FakeConnection {
         let (tx, rx) = mpsc::channel::<Result<Value, WorkerError>>(window.max(1) as usize);
         let task_link = link.clone();
         let cmd = command.clone();
-        link.spawn(id, async move {
+        link.spawn(id, Arc::new(AtomicBool::new(false)), async move {
             let items = match task_link.spec.tools.get(&cmd) {
                 Some(Tool::Stream(f)) => match std::panic::catch_unwind(AssertUnwindSafe(|| f(args))) {
                     Ok(items) => items,
@@ -295,6 +374,25 @@ impl Connection for FakeConnection {
 
     fn answered(&self, id: RequestId) -> BoxFuture<'static, ()> {
         Box::pin(self.0.in_flight.answered(id))
+    }
+
+    fn running(&self, id: RequestId) -> Option<u64> {
+        let link = &self.0;
+        (!link.pipelined || link.turns().running == Some(id.0)).then_some(0)
+    }
+
+    fn started(&self, id: RequestId) -> BoxFuture<'static, ()> {
+        let link = self.0.clone();
+        Box::pin(async move {
+            loop {
+                let changed = link.turn_changed.notified();
+                let waiting = link.turns().waiting.iter().any(|(w, _)| *w == id.0);
+                if !link.pipelined || !waiting || link.exit().is_some() {
+                    return;
+                }
+                changed.await;
+            }
+        })
     }
 }
 

@@ -149,7 +149,7 @@ impl FakeWorker {
         self.control.clone()
     }
 
-    fn ready(&self, max_in_flight: usize) -> Ready {
+    fn ready(&self, max_in_flight: usize, pipeline_depth: usize) -> Ready {
         let mut tools: Vec<ToolInfo> = self
             .spec
             .tools
@@ -163,6 +163,7 @@ impl FakeWorker {
         Ready::new(1, 0)
             .with_tools(tools)
             .with_max_in_flight(max_in_flight)
+            .with_pipeline_depth(if max_in_flight == 1 { pipeline_depth } else { 1 })
             .with_bridge(format!("snakepit-testing/{}", env!("CARGO_PKG_VERSION")))
             .with_segments(true)
     }
@@ -201,11 +202,11 @@ impl Launcher for FakeLauncher {
                 stderr_tail: "fake: start-up failure requested by FakeControl::fail_starts".into(),
             });
         }
-        let link = Link::new(opts.worker, self.spec.clone(), control.clone());
+        let ready = self.kind.ready(opts.max_in_flight, opts.pipeline_depth);
+        let link = Link::new(opts.worker, self.spec.clone(), control.clone(), ready.pipeline_depth > 1);
         control.state.links.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&link));
         control.state.starts.fetch_add(1, Ordering::SeqCst);
         let conn: Arc<dyn Connection> = Arc::new(FakeConnection(link.clone()));
-        let ready = self.kind.ready(opts.max_in_flight);
         Ok(Box::new(FakeHandle { link, conn, ready, started: Instant::now() }))
     }
 }

@@ -35,7 +35,8 @@ mod session;
 /// Reference-counted bytes (the `bytes` crate), as binary payloads travel: [`Pool::execute_bytes`], [`Payload::from_bytes`].
 pub use bytes::Bytes;
 pub use pool::{
-    Affinity, CallOptions, CallStream, DropPolicy, Pool, PoolBuilder, PoolStats, RehydrateHook, MAX_PIPELINE_DEPTH,
+    Affinity, CallOptions, CallStream, DropPolicy, Pool, PoolBuilder, PoolStats, RehydrateHook,
+    MAX_PIPELINE_DEPTH,
 };
 pub use session::Session;
 /// Shared-memory arenas: [`shm::counters`] tells how many segments took the arena or fell back

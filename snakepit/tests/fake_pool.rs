@@ -344,3 +344,54 @@ async fn fake_workers_take_and_return_bytes() {
     assert_eq!(e.kind(), "codec", "{e}");
     pool.shutdown().await;
 }
+
+/// A pipelined fake worker runs its calls one at a time in the order sent; a queued call whose
+/// deadline passes is answered without running; a crash fails the queued calls with
+/// `NotStarted`, which `retry_not_started` runs again.
+#[tokio::test(start_paused = true)]
+async fn a_pipelined_fake_worker_keeps_the_protocols_semantics() {
+    use std::sync::{Arc, Mutex};
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let log = ran.clone();
+    let w = worker().delay("record", Duration::from_millis(10)).tool("record", move |args| {
+        let log = log.clone();
+        async move {
+            log.lock().expect("log").push(args["i"].clone());
+            Ok(args["i"].clone())
+        }
+    });
+    let pool = Pool::builder().adapter(w).size(1).pipeline_depth(4).build().await.expect("pool");
+    assert_eq!(pool.worker_handshakes()[0].as_ref().map(|r| r.pipeline_depth), Some(4));
+    // In order, one at a time: 8 calls of 10 ms take 80 ms on the paused clock.
+    let t = tokio::time::Instant::now();
+    let calls = (0..8).map(|i| pool.execute("record", json!({"i": i})));
+    let out = futures::future::join_all(calls).await;
+    assert_eq!(
+        out.into_iter().map(|r| r.expect("record")).collect::<Vec<_>>(),
+        (0..8).map(|i| json!(i)).collect::<Vec<_>>()
+    );
+    assert_eq!(t.elapsed(), Duration::from_millis(80));
+    assert_eq!(*ran.lock().expect("log"), (0..8).map(|i| json!(i)).collect::<Vec<_>>());
+    // A queued call times out: it never runs, and the worker is kept.
+    ran.lock().expect("log").clear();
+    let slow = pool.execute("slow", json!(null));
+    let queued = pool.execute_timeout("record", json!({"i": "queued"}), Duration::from_millis(5));
+    let (slow, queued) = tokio::join!(slow, queued);
+    assert!(slow.is_ok(), "{slow:?}");
+    assert!(matches!(queued, Err(Error::Timeout { .. })), "{queued:?}");
+    assert!(ran.lock().expect("log").is_empty(), "the cancelled call ran");
+    // A crash: the running call crashed, the queued ones did not start (or ran again, opted in).
+    let die = pool.execute("die", json!(null));
+    let plain = pool.execute("record", json!({"i": 1}));
+    let retried = pool.execute_with(
+        "record",
+        Payload::from(json!({"i": 2})),
+        CallOptions::default().retry_not_started(true),
+    );
+    let (die, plain, retried) = tokio::join!(die, plain, retried);
+    assert!(matches!(die, Err(Error::WorkerCrashed { .. })), "{die:?}");
+    assert!(matches!(plain, Err(Error::NotStarted { .. })), "{plain:?}");
+    assert_eq!(retried.expect("retried").to_value().expect("json"), json!(2));
+    assert_eq!(pool.stats().restarts, 1);
+    pool.shutdown().await;
+}

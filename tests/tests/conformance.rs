@@ -271,6 +271,79 @@ async fn shared_memory(kind: Kind) {
     pool.shutdown().await;
 }
 
+/// A pool of one worker offered a pipeline of 4; `None` (and SKIP) when the worker does not
+/// pipeline (the gRPC transport never offers it).
+async fn pipelined(r: &Reaper, kind: Kind, case: &str) -> Option<Arc<Pool>> {
+    let pool = Arc::new(
+        builder(r, kind)
+            .size(1)
+            .pipeline_depth(4)
+            .cancel_grace(Duration::from_millis(300))
+            .build()
+            .await
+            .expect("pool"),
+    );
+    if pool.worker_handshakes().iter().flatten().all(|h| h.pipeline_depth == 4) {
+        return Some(pool);
+    }
+    eprintln!("SKIP {case} ({kind:?}): the worker does not announce pipelining");
+    pool.shutdown().await;
+    None
+}
+
+/// Pipelining: the worker runs queued calls in the order sent (`join_all` sends them in order).
+async fn pipeline_order_preserved(kind: Kind) {
+    let r = Reaper::new();
+    let Some(pool) = pipelined(&r, kind, "pipeline_order_preserved").await else { return };
+    let calls = (0..24).map(|i| pool.execute("journal", json!({"entry": i})));
+    let out = futures::future::join_all(calls).await;
+    assert!(out.iter().all(Result::is_ok), "{kind:?}: {out:?}");
+    let journal = pool.execute("journal", json!({})).await.expect("journal");
+    assert_eq!(journal, json!((0..24).collect::<Vec<_>>()), "{kind:?}");
+    assert_eq!(pool.stats().restarts, 0);
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}
+
+/// Pipelining: a call queued behind a long one whose deadline passes is answered `Cancelled`
+/// by the worker without running, and the worker is kept although the call ahead outlasts the
+/// cancel grace.
+async fn pipeline_cancel_of_a_queued_call(kind: Kind) {
+    let r = Reaper::new();
+    let Some(pool) = pipelined(&r, kind, "pipeline_cancel_of_a_queued_call").await else { return };
+    let pid = pool.execute("pid", json!(null)).await.expect("pid");
+    let marker = r.dir().join("ran");
+    let long = pool.execute("sleep", json!({"ms": 800}));
+    let queued =
+        pool.execute_timeout("touch", json!({"path": marker.to_string_lossy()}), Duration::from_millis(100));
+    let (long, queued) = tokio::join!(long, queued);
+    assert!(long.is_ok(), "{kind:?}: {long:?}");
+    assert!(matches!(queued, Err(Error::Timeout { .. })), "{kind:?}: {queued:?}");
+    // The worker has answered the queued call (the pool kept it): it never ran.
+    assert_eq!(pool.execute("pid", json!(null)).await.expect("pid"), pid, "{kind:?}: kept");
+    assert!(!marker.exists(), "{kind:?}: the cancelled call ran");
+    assert_eq!(pool.stats().restarts, 0);
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}
+
+/// Pipelining: a crash with a full pipeline fails the running call with `WorkerCrashed` and
+/// the queued ones with `NotStarted`.
+async fn pipeline_crash_with_a_full_pipeline(kind: Kind) {
+    let r = Reaper::new();
+    let Some(pool) = pipelined(&r, kind, "pipeline_crash_with_a_full_pipeline").await else { return };
+    let crash = pool.execute("crash", json!({"code": 3}));
+    let queued = futures::future::join_all((0..3).map(|i| pool.execute("echo", json!(i))));
+    let (crash, queued) = tokio::join!(crash, queued);
+    assert!(matches!(crash, Err(Error::WorkerCrashed { .. })), "{kind:?}: {crash:?}");
+    for q in queued {
+        assert!(matches!(q, Err(Error::NotStarted { .. })), "{kind:?}: {q:?}");
+    }
+    assert_eq!(pool.execute("add", json!({"a": 1, "b": 2})).await.expect("replaced"), json!(3));
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod stdio {
@@ -305,4 +378,7 @@ conformance!(
     cancel_interrupts_a_running_tool,
     binary_segments,
     shared_memory,
+    pipeline_order_preserved,
+    pipeline_cancel_of_a_queued_call,
+    pipeline_crash_with_a_full_pipeline,
 );

@@ -79,7 +79,8 @@ async fn the_worker_announces_its_depth_and_runs_queued_calls_in_the_order_sent(
     assert_eq!(ready.cancel_signal_for(5), Some(ready.cancel_signals[1]));
     // join_all polls in order: the first four frames go out in index order, the rest wait in
     // the pool's FIFO queue and follow in order.
-    let calls = (0..40).map(|i| call(&pool, "record", json!({"i": i, "sleep": if i == 0 { 0.05 } else { 0.0 }})));
+    let calls =
+        (0..40).map(|i| call(&pool, "record", json!({"i": i, "sleep": if i == 0 { 0.05 } else { 0.0 }})));
     let out: Vec<_> = join_all(calls).await.into_iter().map(|r| r.expect("record")).collect();
     assert_eq!(out, (0..40).map(|i| json!(i)).collect::<Vec<_>>());
     let ran = call(&pool, "order", json!({})).await.expect("order");
@@ -105,11 +106,8 @@ async fn a_queued_call_whose_deadline_passes_never_runs_and_its_worker_stays() {
     // The first call works 800 ms; the second waits behind it and times out after 100 ms: it
     // is cancelled by the frame alone. Its grace (200 ms) must not run while the first works.
     let long = call(&pool, "record", json!({"i": "long", "sleep": 0.8}));
-    let queued = call_with(&pool, 
-        "record",
-        json!({"i": "queued"}),
-        CallOptions::timeout(Duration::from_millis(100)),
-    );
+    let queued =
+        call_with(&pool, "record", json!({"i": "queued"}), CallOptions::timeout(Duration::from_millis(100)));
     let (long, queued) = tokio::join!(long, queued);
     assert_eq!(long.expect("long"), json!("long"));
     assert!(matches!(queued, Err(Error::Timeout { .. })), "{queued:?}");
@@ -136,7 +134,8 @@ async fn the_running_call_is_interrupted_by_its_own_signal_and_the_next_one_runs
     let before = call(&pool, "pid", json!({})).await.expect("pid");
     // Several rounds, so the interrupted call sits at different positions modulo the depth.
     for round in 0..6 {
-        let spin = call_with(&pool, 
+        let spin = call_with(
+            &pool,
             "spin",
             json!({"seconds": 30}),
             CallOptions::timeout(Duration::from_millis(150)),
@@ -197,8 +196,14 @@ async fn streams_and_host_calls_keep_the_calls_queued_behind_them() {
     let records = join_all((0..3).map(|i| call(&pool, "record", json!({"i": i}))));
     let (items, asks, records) = tokio::join!(stream, asks, records);
     assert_eq!(items, (0..50).map(|i| json!(i)).collect::<Vec<_>>());
-    assert_eq!(asks.into_iter().map(|a| a.expect("ask")).collect::<Vec<_>>(), vec![json!(0), json!(2), json!(4)]);
-    assert_eq!(records.into_iter().map(|a| a.expect("record")).collect::<Vec<_>>(), vec![json!(0), json!(1), json!(2)]);
+    assert_eq!(
+        asks.into_iter().map(|a| a.expect("ask")).collect::<Vec<_>>(),
+        vec![json!(0), json!(2), json!(4)]
+    );
+    assert_eq!(
+        records.into_iter().map(|a| a.expect("record")).collect::<Vec<_>>(),
+        vec![json!(0), json!(1), json!(2)]
+    );
     assert_eq!(pool.stats().restarts, 0);
     pool.shutdown().await;
     r.assert_none_left(Duration::from_secs(5));

@@ -305,6 +305,18 @@ def touch(path: str) -> str:
     return path
 
 
+_journal: list[Any] = []
+
+
+@tool
+def journal(entry: Any = None) -> list[Any]:
+    """Appends `entry` (when given) to this worker's journal and returns the journal: lets
+    tests see the order the worker ran calls in."""
+    if entry is not None:
+        _journal.append(entry)
+    return _journal
+
+
 @tool
 def wait_for(path: str, timeout_ms: float = 30000) -> bool:
     """Holds the worker until the file `path` exists (a test's gate) or `timeout_ms` passes;

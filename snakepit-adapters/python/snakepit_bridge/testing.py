@@ -105,6 +105,7 @@ class FakeHost:
         host_tools: Mapping[str, Callable[[Any], Any]] | None = None,
         timeout: float = 10.0,
         segments: bool = True,
+        pipeline_depth: int = 1,
     ) -> None:
         self._adapter = adapter
         self._tools = _tool_map(tools)
@@ -117,6 +118,8 @@ class FakeHost:
         self.timeout = timeout
         #: Whether binary segments are offered in ``hello`` (as the stdio host does).
         self.segments = segments
+        #: The pipeline depth offered in ``hello`` (1: none; docs/protocol.md §4e).
+        self.pipeline_depth = pipeline_depth
         #: Host tools by name; ``session.get``/``set``/``delete`` are built in.
         self.host_tools: dict[str, Callable[[Any], Any]] = dict(host_tools or {})
         #: The session store the built-in session host tools use: session id -> name -> value.
@@ -128,6 +131,8 @@ class FakeHost:
         self._next_id = 0
         self._session_of: dict[Any, str] = {}  # call id -> the session it runs in
         self._open: set[Any] = set()  # calls sent and not answered yet
+        self._position: dict[Any, int] = {}  # call id -> its place among the calls sent
+        self._calls_sent = 0
         self._credit: dict[Any, int] = {}  # stream id -> chunks it may still send
         self._replies: dict[Any, list[dict[str, Any]]] = {}
         self._buf = bytearray()
@@ -228,6 +233,8 @@ class FakeHost:
         }
         if self.segments:
             hello["segments"] = True
+        if self.pipeline_depth > 1:
+            hello["pipeline_depth"] = self.pipeline_depth
         self.send(hello)
         self.ready = self._recv()
         if self.ready.get("t") not in ("ready", "refuse"):
@@ -324,6 +331,8 @@ class FakeHost:
             msg["session"] = session
             self._session_of[self._next_id] = session
         self._open.add(self._next_id)
+        self._position[self._next_id] = self._calls_sent
+        self._calls_sent += 1
         self.send(msg)
         return self._next_id
 
@@ -376,17 +385,21 @@ class FakeHost:
     def cancel(self, rid: int) -> None:
         """Cancels call ``rid``: sends ``cancel``, and in process mode also the worker's cancel
         signal when it announced one and the call is not answered yet (as the host does for a
-        worker that runs one call at a time)."""
+        worker that runs one call at a time). A pipelined worker is signalled only when ``rid``
+        is the oldest open call (the one it runs), with its position's signal."""
         self.send({"t": "cancel", "id": rid})
         self._pump()  # an answer already written means the call is no longer open
+        if self._proc is None or rid not in self._open or self._proc.poll() is not None:
+            return
         signum = self.ready.get("cancel_signal")
-        if (
-            self._proc is not None
-            and isinstance(signum, int)
-            and rid in self._open
-            and self._proc.poll() is None
-        ):
-            self._proc.send_signal(signal.Signals(signum))
+        depth = self.ready.get("pipeline_depth", 1)
+        if isinstance(depth, int) and depth > 1:
+            sigs = self.ready.get("cancel_signals") or []
+            oldest = min(self._open, key=lambda c: self._position.get(c, 0))
+            pos = self._position.get(rid, 0)
+            signum = sigs[pos % len(sigs)] if len(sigs) >= depth and rid == oldest else None
+        if isinstance(signum, int):
+            os.kill(self._proc.pid, signum)
 
     def ping(self, pid: int = 0) -> None:
         """Sends ``ping`` and waits for its ``pong``."""

@@ -64,7 +64,7 @@ fn least_loaded(idle: &[Arc<Member>]) -> Option<usize> {
         if load == 0 {
             return Some(i);
         }
-        if best.is_none_or(|(_, b)| load < b) {
+        if best.map_or(true, |(_, b)| load < b) {
             best = Some((i, load));
         }
     }
