@@ -19,6 +19,7 @@ use serde_json::json;
 use snakepit::{Payload, Pool, Python};
 
 mod bytes;
+mod pipeline;
 mod startup;
 use bytes::{bytes_run, has_numpy, numpy_floor, numpy_run};
 use startup::{bare_pass, bare_spawns, pool_ready, HEAVY};
@@ -451,9 +452,11 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
     if let Ok(p) = idle16 {
         p.shutdown().await;
     }
+    let nw = cpus.max(2) * 2;
+    let want = |name: &str| args.only.as_deref().map_or(true, |o| name.contains(o));
+    let piped = pipeline::pools(&python, grpc_python.as_deref(), nw, args.quick, &want).await;
     let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
     let mut floors: BTreeMap<String, String> = BTreeMap::new();
-    let nw = cpus.max(2) * 2;
     let want = |name: &str| args.only.as_deref().map_or(true, |o| name.contains(o));
     for rep in 0..reps {
         eprintln!("repetition {}/{reps}", rep + 1);
@@ -565,6 +568,18 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
             floors.insert(name.clone(), kname.clone());
             results.entry(name).or_default().push(pool_run(&pb, 64, calls, 16).await);
         }
+        for p in &piped {
+            let name = format!("stdio 1 worker 16 callers 64 B{}", p.suffix);
+            if want(&name) {
+                floors.insert(name.clone(), kname.clone());
+                results.entry(name).or_default().push(pool_run(&p.one, 64, calls, 16).await);
+            }
+            let name = format!("stdio {nw} workers 32 callers 64 B{}", p.suffix);
+            if want(&name) {
+                floors.insert(name.clone(), kname.clone());
+                results.entry(name).or_default().push(pool_run(&p.many, 64, calls, 32).await);
+            }
+        }
         let sid = format!("bench-{rep}");
         let _ = p1.create_session(&sid, json!(null)).await;
         let name = "stdio session-routed call (ping)".to_string();
@@ -616,6 +631,13 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
     }
     if let Some(h) = &heavy {
         let _ = std::fs::remove_file(h);
+    }
+    for p in piped {
+        for p in [p.one, p.many] {
+            if let Ok(p) = Arc::try_unwrap(p) {
+                p.shutdown().await;
+            }
+        }
     }
     for p in [Some(p1), Some(pn), Some(pb), pg, Some(p_off), Some(p_all), p_np].into_iter().flatten() {
         if let Ok(p) = Arc::try_unwrap(p) {

@@ -36,7 +36,7 @@ mod session;
 pub use bytes::Bytes;
 pub use pool::{
     Affinity, CallOptions, CallStream, DropPolicy, Pool, PoolBuilder, PoolStats, RehydrateHook,
-    MAX_PIPELINE_DEPTH,
+    DEFAULT_PIPELINE_DEPTH, MAX_PIPELINE_DEPTH,
 };
 pub use session::Session;
 /// Shared-memory arenas: [`shm::counters`] tells how many segments took the arena or fell back

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub(crate) use builder::Config;
-pub use builder::{PoolBuilder, MAX_PIPELINE_DEPTH};
+pub use builder::{PoolBuilder, DEFAULT_PIPELINE_DEPTH, MAX_PIPELINE_DEPTH};
 pub use options::{Affinity, CallOptions, DropPolicy, RehydrateHook};
 pub use stats::PoolStats;
 pub use stream::CallStream;
