@@ -136,10 +136,15 @@ pub(super) fn numpy_floor(python: &std::path::Path, payload: usize, calls: u64) 
 }
 
 /// Whether `python` imports numpy.
-#[allow(clippy::disallowed_methods)] // a probe of the interpreter, not a worker
 pub(super) fn has_numpy(python: &std::path::Path) -> bool {
+    has_module(python, "numpy")
+}
+
+/// Whether `python` imports `module`.
+#[allow(clippy::disallowed_methods)] // a probe of the interpreter, not a worker
+pub(super) fn has_module(python: &std::path::Path, module: &str) -> bool {
     Command::new(python)
-        .args(["-c", "import numpy"])
+        .args(["-c", &format!("import {module}")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -3,7 +3,6 @@
 //! python) at depths 1 and 4.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use snakepit::{Pool, Python};
@@ -14,17 +13,6 @@ pub(super) struct Piped {
     pub(super) suffix: String,
     pub(super) one: Arc<Pool>,
     pub(super) many: Arc<Pool>,
-}
-
-/// Whether `python` can import orjson.
-fn has_orjson(python: &Path) -> bool {
-    Command::new(python)
-        .args(["-c", "import orjson"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// The pools of the pipelining rows (see the module docs) whose rows `want` picks; those that
@@ -39,7 +27,7 @@ pub(super) async fn pools(
     let depths: &[usize] = if quick { &[1, 4] } else { &[1, 2, 4, 8] };
     let mut plan: Vec<(usize, String, String)> =
         depths.iter().map(|&d| (d, python.to_owned(), format!(", pipeline {d}"))).collect();
-    if let Some(v) = venv.filter(|v| has_orjson(v)) {
+    if let Some(v) = venv.filter(|v| super::bytes::has_module(v, "orjson")) {
         for d in [1, 4] {
             plan.push((d, v.to_string_lossy().into_owned(), format!(", pipeline {d}, orjson")));
         }
