@@ -213,17 +213,20 @@ mod tests {
         assert_eq!(v["pipeline_depth"], 4);
         let r = parse_ready(
             &h,
-            br#"{"t":"ready","version":1,"pid":9,"pipeline_depth":4,"cancel_signals":[64,63,62,61]}"#,
+            br#"{"t":"ready","version":1,"pid":9,"pipeline_depth":4,"cancel_signals":[64,63,62,61,60]}"#,
         )
         .expect("ready");
         assert_eq!(
-            (r.pipeline_depth, r.cancel_signal_for(0), r.cancel_signal_for(5)),
+            (r.pipeline_depth, r.cancel_signal_for(0), r.cancel_signal_for(6)),
             (4, Some(64), Some(63))
         );
-        // Fewer signals than the depth: none is sent (one could reach the wrong call).
-        let r = parse_ready(&h, br#"{"t":"ready","version":1,"pid":9,"pipeline_depth":4,"cancel_signals":[64],"cancel_signal":10}"#)
-            .expect("ready");
-        assert_eq!(r.cancel_signal_for(0), None);
+        // No more signals than the depth: none is sent (one could reach the wrong call).
+        for body in [
+            &br#"{"t":"ready","version":1,"pid":9,"pipeline_depth":4,"cancel_signals":[64,63,62,61]}"#[..],
+            br#"{"t":"ready","version":1,"pid":9,"pipeline_depth":4,"cancel_signals":[64],"cancel_signal":10}"#,
+        ] {
+            assert_eq!(parse_ready(&h, body).expect("ready").cancel_signal_for(0), None);
+        }
         for (body, want) in [
             (&br#"{"t":"ready","version":1,"pid":9,"pipeline_depth":5}"#[..], "over the 4"),
             (

@@ -280,8 +280,10 @@ pub struct Ready {
     pub pipeline_depth: usize,
     /// A pipelined worker's cancel signals: the call at position `p` on the connection (calls
     /// counted from 0 in the order sent) is interrupted with `cancel_signals[p % len]`, so a
-    /// signal meant for a call that has just ended is ignored by the next one. Used only when
-    /// there are at least `pipeline_depth` of them; `cancel_signal` serves when not pipelining.
+    /// signal meant for a call that has just ended is ignored by the next ones. Used only when
+    /// there are more than `pipeline_depth` of them (a signal sent for call `p` just as it is
+    /// answered may land in any of the `pipeline_depth` calls sent after it);
+    /// `cancel_signal` serves when not pipelining.
     #[serde(default)]
     pub cancel_signals: Vec<i32>,
     /// Where the worker serves its transport (gRPC: `unix:/path`), if not on the pipe.
@@ -364,13 +366,13 @@ impl Ready {
 
     /// The signal that interrupts the call at `position` on the connection, if the worker
     /// announced one: `cancel_signal` without pipelining, else one of `cancel_signals` (none
-    /// when it announced fewer than its depth: a signal could then reach the wrong call).
+    /// when it announced no more than its depth: a signal could then reach the wrong call).
     pub fn cancel_signal_for(&self, position: u64) -> Option<i32> {
         if self.pipeline_depth <= 1 {
             return self.cancel_signal;
         }
         let n = self.cancel_signals.len();
-        (n >= self.pipeline_depth).then(|| self.cancel_signals[(position % n as u64) as usize])
+        (n > self.pipeline_depth).then(|| self.cancel_signals[(position % n as u64) as usize])
     }
 
     /// Sets whether the worker accepts binary segments (see [`Ready::segments`]).

@@ -151,13 +151,16 @@ impl Link {
         let done = Done(self.clone(), id);
         let guard = self.in_flight.enter(RequestId(id));
         let turn = self.take_turn(id);
+        let link = self.clone();
         // Spawned and registered under the lock: `end` (which takes the lock after setting the
         // exit) either finds the task registered and aborts it, or ran before and is seen below.
         let mut pending = self.pending();
         let handle = tokio::spawn(async move {
             let _done = (done, guard);
             if let Some(turn) = turn {
-                if turn.await.is_err() {
+                // A turn handed over while `end` aborts the calls one by one: the worker is
+                // dead, and this call never starts.
+                if turn.await.is_err() || link.exit().is_some() {
                     return;
                 }
             }
@@ -284,7 +287,8 @@ impl Connection for FakeConnection {
         let (tx, rx) = mpsc::channel::<Result<Value, WorkerError>>(window.max(1) as usize);
         let task_link = link.clone();
         let cmd = command.clone();
-        link.spawn(id, Arc::new(AtomicBool::new(false)), async move {
+        let started = Arc::new(AtomicBool::new(false));
+        link.spawn(id, started.clone(), async move {
             let items = match task_link.spec.tools.get(&cmd) {
                 Some(Tool::Stream(f)) => match std::panic::catch_unwind(AssertUnwindSafe(|| f(args))) {
                     Ok(items) => items,
@@ -315,11 +319,15 @@ impl Connection for FakeConnection {
         let worker = link.worker;
         let items = futures::stream::unfold(Some((rx, link)), move |st| {
             let command = command.clone();
+            let started = started.clone();
             async move {
                 let (mut rx, link) = st?;
                 match rx.recv().await {
                     Some(Ok(v)) => Some((Ok(Payload::from(v)), Some((rx, link)))),
                     Some(Err(error)) => Some((Err(Error::Worker { worker, command, error }), None)),
+                    None if link.exit().is_some() && !started.load(Ordering::Acquire) => {
+                        Some((Err(Error::NotStarted { worker, command }), None))
+                    }
                     None if link.exit().is_some() => Some((Err(link.gone()), None)),
                     None => None,
                 }

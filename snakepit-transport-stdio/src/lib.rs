@@ -181,10 +181,22 @@ impl Shared {
         self.pipelined.load(Ordering::Acquire)
     }
 
-    /// Marks the connection closed (first reason wins) and fails every pending call: on a
-    /// pipelined connection that ended (not one that broke the protocol), the calls queued
-    /// behind the running one with `NotStarted`, the others with the close's error.
+    /// Marks the connection closed (first reason wins) and fails every pending call with the
+    /// close's error.
     fn close(&self, reason: CloseReason) {
+        self.close_with(reason, false);
+    }
+
+    /// Like [`close`](Self::close), when the reader met the end of the worker's output: it has
+    /// read every answer the worker wrote, so on a pipelined connection the oldest unanswered
+    /// call is the one the worker ran, and the calls queued behind it fail with `NotStarted`.
+    /// (Closed from elsewhere — a failed write, the host dropping the connection — answers may
+    /// still be unread: no call is known not to have started.)
+    fn close_at_eof(&self) {
+        self.close_with(CloseReason::Eof, true);
+    }
+
+    fn close_with(&self, reason: CloseReason, exact_order: bool) {
         let mut first = false;
         self.closed.send_if_modified(|cur| {
             if cur.is_none() {
@@ -202,12 +214,8 @@ impl Shared {
                 r => tracing::debug!(worker = %self.worker, reason = ?r, "connection closed"),
             }
         }
-        // The worker wrote every answer it finished before its output ended, and the reader
-        // took them all before closing: the oldest call left is the one it ran.
         let running = self.order().oldest();
-        let queued = |id: u64| {
-            self.is_pipelined() && Some(id) != running && !matches!(reason, CloseReason::Protocol(_))
-        };
+        let queued = |id: u64| exact_order && self.is_pipelined() && Some(id) != running;
         let drained: Vec<_> = self.pending().drain().collect();
         for (id, w) in drained {
             match w {
@@ -342,6 +350,12 @@ impl Drop for PendingGuard<'_> {
 async fn write_loop(shared: Arc<Shared>) {
     if let Err(e) = std::future::poll_fn(|cx| shared.outbox.poll_drive(cx)).await {
         tracing::debug!(worker = %shared.worker, "write to worker failed: {e}");
+        if shared.is_pipelined() {
+            // The worker is most likely gone: let the reader take the answers it wrote first and
+            // close at their end, so that which call ran and which never started is exact.
+            let mut closed = shared.closed.subscribe();
+            let _ = tokio::time::timeout(Duration::from_secs(1), closed.wait_for(Option::is_some)).await;
+        }
         shared.close(CloseReason::Eof);
     }
 }

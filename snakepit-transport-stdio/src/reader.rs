@@ -36,7 +36,7 @@ pub(crate) async fn read_loop(mut reader: FrameReader, shared: Arc<Shared>) {
                 }
             }
             ReadOutcome::Eof => {
-                shared.close(CloseReason::Eof);
+                shared.close_at_eof();
                 return;
             }
             ReadOutcome::Broken(detail) => {

@@ -53,6 +53,10 @@ def count(n):
         yield i
 
 @tool
+def blob(n):
+    return bytes(n)
+
+@tool
 def ask(ctx, x):
     return ctx.call_host("double", {"x": x})
 "#;
@@ -75,8 +79,8 @@ async fn the_worker_announces_its_depth_and_runs_queued_calls_in_the_order_sent(
     let pool = r.builder().adapter(python(&r)).size(1).pipeline_depth(4).build().await.expect("pool");
     let ready = pool.worker_handshakes().remove(0).expect("ready");
     assert_eq!(ready.pipeline_depth, 4);
-    assert_eq!(ready.cancel_signals.len(), 4, "{ready:?}");
-    assert_eq!(ready.cancel_signal_for(5), Some(ready.cancel_signals[1]));
+    assert_eq!(ready.cancel_signals.len(), 5, "depth + 1: {ready:?}");
+    assert_eq!(ready.cancel_signal_for(6), Some(ready.cancel_signals[1]));
     // join_all polls in order: the first four frames go out in index order, the rest wait in
     // the pool's FIFO queue and follow in order.
     let calls =
@@ -204,6 +208,23 @@ async fn streams_and_host_calls_keep_the_calls_queued_behind_them() {
         records.into_iter().map(|a| a.expect("record")).collect::<Vec<_>>(),
         vec![json!(0), json!(1), json!(2)]
     );
+    assert_eq!(pool.stats().restarts, 0);
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}
+
+/// Results large enough for the shared-memory arena make the host send `release` frames while
+/// calls are queued: the bridge's read-ahead takes them without waiting for more input.
+#[tokio::test]
+async fn arena_releases_between_queued_calls_do_not_stall_the_worker() {
+    let r = Reaper::new();
+    let pool = r.builder().adapter(python(&r)).size(1).pipeline_depth(4).build().await.expect("pool");
+    let calls = (0..64).map(|i| {
+        let n = if i % 2 == 0 { 256 * 1024 } else { 16 };
+        call_with(&pool, "blob", json!({"n": n}), CallOptions::timeout(Duration::from_secs(20)))
+    });
+    let out = join_all(calls).await;
+    assert!(out.iter().all(Result::is_ok), "{:?}", out.iter().find(|r| r.is_err()));
     assert_eq!(pool.stats().restarts, 0);
     pool.shutdown().await;
     r.assert_none_left(Duration::from_secs(5));

@@ -153,20 +153,29 @@ def _host_call(chan: _Channel, rid: Any, name: str, args: Json) -> Json:
 def _await_frame(chan: _Channel, rid: Any, wanted: Callable[[Message], bool]) -> Message:
     """Reads frames while call `rid` runs (serial mode: nothing else reads the pipe) until one
     satisfies `wanted`, and returns it. Meanwhile answers pings, raises Cancelled on a cancel
-    for `rid` (or EOF), and keeps `credit` frames for `_stashed_credit`."""
+    for `rid` (or EOF), and keeps `credit` frames for `_stashed_credit`. A cancel signal waits
+    until the frame read is handled (a frame lost here could be a queued call)."""
     while True:
-        m = _next_message(chan)
+        _run.atomic += 1
+        try:
+            m = _next_message(chan)
+            got = m is not None and wanted(m)
+            if m is not None and not got:
+                t = m.get("t")
+                if t == "cancel" and m.get("id") == rid:
+                    raise Cancelled("call cancelled by the host")
+                if t == "credit" and m.get("id") == rid:
+                    _stash.append(m)  # credit for this call's own stream, taken when it next yields
+                else:
+                    _route(chan, m)
+        finally:
+            _run.atomic -= 1
+        if _run.pending:
+            _frame_boundary()
         if m is None:
             raise Cancelled("the host went away")
-        if wanted(m):
+        if got:
             return m
-        t = m.get("t")
-        if t == "cancel" and m.get("id") == rid:
-            raise Cancelled("call cancelled by the host")
-        if t == "credit" and m.get("id") == rid:
-            _stash.append(m)  # credit for this call's own stream, taken when it next yields
-        else:
-            _route(chan, m)
 
 
 def _route(chan: _Channel, m: Message) -> None:
@@ -207,7 +216,9 @@ def _read_ahead(chan: _Channel) -> None:
     """Before a pipelined call starts: takes the frames the host has already sent, so that a
     `cancel` for that call (or one behind it) is honoured before it would run."""
     while chan.ready():
-        m = _next_message(chan)
+        m = _next_message(chan, wait=False)
+        if m is _NOTHING:
+            return  # only a `release` was there
         if m is None:
             _inbox.append(None)
             return
@@ -547,9 +558,14 @@ def _format_exc() -> str:
     return traceback.format_exc()
 
 
-def _next_message(chan: _Channel) -> Message | None:
+_NOTHING: Message = {}  # `_next_message(wait=False)`: no message without waiting
+
+
+def _next_message(chan: _Channel, wait: bool = True) -> Message | None:
     """The next message from the host as a dict (with its type in "t"), or None at EOF. A
-    segmented frame's segments are in the message's "$segs" (memoryviews over the frame)."""
+    segmented frame's segments are in the message's "$segs" (memoryviews over the frame).
+    `release` messages are handled here; with `wait=False`, `_NOTHING` when no other message
+    is there without waiting."""
     while True:
         body = chan.read()
         if body is None:
@@ -579,6 +595,8 @@ def _next_message(chan: _Channel) -> Message | None:
                 _run.atomic -= 1
             if _run.pending:
                 _frame_boundary()
+        if not wait and not chan.ready():
+            return _NOTHING
 
 
 def _split_segments(body: bytes | bytearray) -> Any:
@@ -753,13 +771,13 @@ def _pipeline_depth(hello: Message) -> int:
     return min(offered, MAX_PIPELINE_DEPTH)
 
 
-def _install_pipeline_signals(depth: int) -> list[int]:
-    """Installs the cancel handler on `depth` real-time signals (the highest ones), one per
-    position in the pipe modulo `depth`; none if user code handles any of them."""
+def _install_pipeline_signals(n: int) -> list[int]:
+    """Installs the cancel handler on `n` real-time signals (the highest ones), one per
+    position in the pipe modulo `n`; none if user code handles any of them."""
     top = getattr(signal, "SIGRTMAX", None)
     if top is None or threading.current_thread() is not threading.main_thread():
         return []
-    sigs = [int(top) - k for k in range(depth)]
+    sigs = [int(top) - k for k in range(n)]
     if any(signal.getsignal(x) not in (signal.SIG_DFL, None, _on_cancel_signal) for x in sigs):
         _log("pipelining off: user code handles a real-time signal among %s" % sigs)
         return []
@@ -895,15 +913,14 @@ class _Channel:
         self.segmented = False  # whether the last frame read was segmented
 
     def read(self) -> bytes | bytearray | None:
-        """Returns the next frame body, or None at EOF. Never cut short by the cancel signal."""
+        """Returns the next frame body, or None at EOF. Never cut short by the cancel signal,
+        which does not raise here either: a frame read must not be lost (`_await_frame` raises
+        it once the frame is handled)."""
         _run.atomic += 1
         try:
-            body = self._read()
+            return self._read()
         finally:
             _run.atomic -= 1
-        if _run.pending:
-            _frame_boundary()
-        return body
 
     def busy_poll(self, seconds: float) -> None:
         """Polls the input for up to `seconds` before each blocking read (hello's busy_poll_us):
@@ -1729,8 +1746,10 @@ def _serve_inner(
         ready["cancel_signal"] = _run.signum
         depth = _pipeline_depth(hello) if n == 1 else 1
         if depth > 1 and _run.signum is not None:
-            # The running call must stay interruptible: one signal per position in the pipe.
-            sigs = _install_pipeline_signals(depth)
+            # The running call must stay interruptible: a signal per position modulo depth + 1
+            # (a signal sent for a call just as it is answered may land in any of the `depth`
+            # calls sent after it; they all have other signals).
+            sigs = _install_pipeline_signals(depth + 1)
             if sigs:
                 ready["cancel_signals"] = sigs
                 _pipe_sigs[:] = sigs

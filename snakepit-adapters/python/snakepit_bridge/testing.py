@@ -397,7 +397,7 @@ class FakeHost:
             sigs = self.ready.get("cancel_signals") or []
             oldest = min(self._open, key=lambda c: self._position.get(c, 0))
             pos = self._position.get(rid, 0)
-            signum = sigs[pos % len(sigs)] if len(sigs) >= depth and rid == oldest else None
+            signum = sigs[pos % len(sigs)] if len(sigs) > depth and rid == oldest else None
         if isinstance(signum, int):
             os.kill(self._proc.pid, signum)
 

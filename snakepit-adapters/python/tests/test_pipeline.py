@@ -142,7 +142,7 @@ def test_process_signals_go_by_position(tmp_path: Path) -> None:
     script.write_text(WORKER)
     with FakeHost.process(script=script, pipeline_depth=4, python=sys.executable) as host:
         sigs = host.ready["cancel_signals"]
-        assert len(sigs) == 4 and len(set(sigs)) == 4, sigs
+        assert len(sigs) == 5 and len(set(sigs)) == 5, sigs  # depth + 1
         assert sigs[0] == signal.SIGRTMAX
         # The running call (position 0) is interrupted by its own signal; the queued one runs.
         a = host.submit("spin", {"seconds": 30})
@@ -162,3 +162,16 @@ def test_process_signals_go_by_position(tmp_path: Path) -> None:
         host.host_tools["started"] = stale
         c = host.submit("signal_then_spin", {"seconds": 0.2})
         assert host.result(c) == "finished"
+
+
+def test_a_release_read_ahead_does_not_wait_for_more_input() -> None:
+    # Before the queued call starts, the read-ahead finds only a `release` (the host sends one
+    # after it copies arena segments out): it must take it and go on, not wait for a frame
+    # that the host, waiting for that call's answer, will never send.
+    with FakeHost(pipeline_depth=4, timeout=5.0) as host:
+        first = host.submit("gate", {"i": "first"})
+        queued = host.submit("record", {"i": 1})
+        host.send({"t": "release", "shm": []})
+        go.set()
+        assert host.result(first) == "first"
+        assert host.result(queued) == 1
