@@ -256,8 +256,10 @@ fn sigkill_host_with_busy_workers(extra: &[&str], expected: usize) {
     assert!(before.len() >= expected, "{before:?}");
     child.kill().expect("SIGKILL the host");
     child.wait().expect("reap the host");
-    let left = procs::wait_none_left(&g.0, Duration::from_secs(1));
-    assert!(left.is_empty(), "alive 1 s after the host was SIGKILLed: {left:?}");
+    // Usually well under a second; the bound leaves room for a loaded machine (the chain runs
+    // through the shepherds, the zygote and the workers' death signals).
+    let left = procs::wait_none_left(&g.0, Duration::from_secs(3));
+    assert!(left.is_empty(), "alive 3 s after the host was SIGKILLed: {left:?}");
 }
 
 /// Field 22 of /proc/<pid>/stat (start time in clock ticks), and field 4 (parent pid).

@@ -45,6 +45,7 @@ pub fn encode_hello(out: &mut Vec<u8>, hello: &Hello) {
         max_in_flight: hello.max_in_flight,
         pipeline_depth: (hello.pipeline_depth > 1).then_some(hello.pipeline_depth),
         transport: &hello.transport,
+        busy_ping: hello.busy_ping,
         busy_poll_us: (!hello.busy_poll.is_zero())
             .then(|| u64::try_from(hello.busy_poll.as_micros()).unwrap_or(u64::MAX)),
         segments: hello.segments,
@@ -91,6 +92,9 @@ pub fn parse_ready(hello: &Hello, body: &[u8]) -> Result<Ready, Error> {
     }
     if ready.shm && hello.shm.is_none() {
         return Err(protocol("`ready` announces a shared-memory arena, and the host offered none".into()));
+    }
+    if ready.busy_ping && !hello.busy_ping {
+        return Err(protocol("`ready` announces pings while busy, which the host did not offer".into()));
     }
     if ready.pipeline_depth > hello.pipeline_depth {
         return Err(protocol(format!(
@@ -241,6 +245,21 @@ mod tests {
         }
         // Not offered (the default hello): a worker announcing it is refused.
         assert!(parse_ready(&hello(), br#"{"t":"ready","version":1,"pid":9,"pipeline_depth":2}"#).is_err());
+    }
+
+    #[test]
+    fn busy_pings_are_announced_only_when_offered() {
+        let ready = br#"{"t":"ready","version":1,"pid":9,"busy_ping":true}"#;
+        match parse_ready(&hello(), ready) {
+            Err(Error::Protocol { detail, .. }) => assert!(detail.contains("did not offer"), "{detail}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        let h = hello().with_busy_ping(true);
+        let mut out = Vec::new();
+        encode_hello(&mut out, &h);
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(v["busy_ping"], true);
+        assert!(parse_ready(&h, ready).expect("ready").busy_ping);
     }
 
     #[test]

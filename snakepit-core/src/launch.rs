@@ -41,6 +41,8 @@ pub struct StartOptions {
     pub pipeline_depth: usize,
     /// The busy-poll window (told to the worker in `hello`, used by the host's transport).
     pub busy_poll: Duration,
+    /// Heartbeats of busy workers offered (see [`crate::Hello::busy_ping`]).
+    pub busy_ping: bool,
     /// The shared-memory arena to offer the worker, if its transport uses one.
     pub shm: ShmOptions,
 }
@@ -106,6 +108,7 @@ impl StartOptions {
             max_in_flight: 1,
             pipeline_depth: 1,
             busy_poll: Duration::ZERO,
+            busy_ping: false,
             shm: ShmOptions::OFF,
         }
     }
@@ -136,6 +139,12 @@ impl StartOptions {
     /// Sets how many calls the host may send at once.
     pub fn with_max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Offers heartbeats while busy (see [`crate::Hello::busy_ping`]).
+    pub fn with_busy_ping(mut self, on: bool) -> Self {
+        self.busy_ping = on;
         self
     }
 

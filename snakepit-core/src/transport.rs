@@ -136,6 +136,9 @@ pub struct Hello {
     /// Busy-poll window: how long both ends poll for the next message before they sleep
     /// (zero: never). Trades CPU for the wake-up latency of a sleeping process.
     pub busy_poll: std::time::Duration,
+    /// Whether the host will ping the worker while it runs calls (heartbeats of busy workers),
+    /// if the worker announces it can answer then ([`Ready::busy_ping`]).
+    pub busy_ping: bool,
     /// Whether the host offers binary segments (set by a transport that carries them; see
     /// [`Payload`] and docs/protocol.md).
     pub segments: bool,
@@ -191,9 +194,16 @@ impl Hello {
             pipeline_depth: 1,
             transport: serde_json::Value::Null,
             busy_poll: std::time::Duration::ZERO,
+            busy_ping: false,
             segments: false,
             shm: None,
         }
+    }
+
+    /// Offers heartbeats while busy (see [`Hello::busy_ping`]).
+    pub fn with_busy_ping(mut self, on: bool) -> Self {
+        self.busy_ping = on;
+        self
     }
 
     /// Offers a shared-memory arena (see [`Hello::shm`]).
@@ -286,6 +296,10 @@ pub struct Ready {
     /// `cancel_signal` serves when not pipelining.
     #[serde(default)]
     pub cancel_signals: Vec<i32>,
+    /// Whether the worker answers `ping` while it runs calls (only when the host offered
+    /// [`Hello::busy_ping`]): the host then pings it busy or idle.
+    #[serde(default)]
+    pub busy_ping: bool,
     /// Where the worker serves its transport (gRPC: `unix:/path`), if not on the pipe.
     #[serde(default)]
     pub address: Option<String>,
@@ -346,6 +360,7 @@ impl Ready {
             cancel_signal: None,
             pipeline_depth: 1,
             cancel_signals: Vec::new(),
+            busy_ping: false,
             address: None,
             segments: false,
             shm: false,
@@ -355,6 +370,12 @@ impl Ready {
     /// Sets the pipeline depth the worker accepts (see [`Ready::pipeline_depth`]).
     pub fn with_pipeline_depth(mut self, depth: usize) -> Self {
         self.pipeline_depth = depth.max(1);
+        self
+    }
+
+    /// Sets whether the worker answers pings while busy (see [`Ready::busy_ping`]).
+    pub fn with_busy_ping(mut self, on: bool) -> Self {
+        self.busy_ping = on;
         self
     }
 

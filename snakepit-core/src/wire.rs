@@ -33,6 +33,9 @@ pub struct HelloMsg<'a> {
     /// Transport-specific settings (absent for stdio).
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub transport: &'a serde_json::Value,
+    /// Heartbeats while busy offered (absent: no).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub busy_ping: bool,
     /// Busy-poll window in microseconds (absent: none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub busy_poll_us: Option<u64>,
@@ -151,6 +154,9 @@ pub struct Inbound<'a> {
     /// `ready`: a pipelined worker's cancel signals, by call position.
     #[serde(default)]
     pub cancel_signals: Option<Vec<i32>>,
+    /// `ready`: whether the worker answers pings while busy.
+    #[serde(default)]
+    pub busy_ping: Option<bool>,
     /// `ready`: where the worker serves its transport.
     #[serde(default)]
     pub address: Option<String>,
@@ -181,6 +187,7 @@ impl Inbound<'_> {
             cancel_signal: self.cancel_signal,
             pipeline_depth: self.pipeline_depth.unwrap_or(1).max(1),
             cancel_signals: self.cancel_signals.unwrap_or_default(),
+            busy_ping: self.busy_ping.unwrap_or(false),
             address: self.address,
             segments: self.segments.unwrap_or(false),
             shm: self.shm.unwrap_or(false),

@@ -619,6 +619,7 @@ pub(crate) async fn handshake(
         .with_host(opts.host.clone())
         .with_max_in_flight(opts.max_in_flight)
         .with_pipeline_depth(opts.pipeline_depth)
+        .with_busy_ping(opts.busy_ping)
         .with_busy_poll(opts.busy_poll)
         .with_shm(shm);
     let timeout = adapter.handshake_timeout();

@@ -111,6 +111,9 @@ pub struct SlotConfig {
     /// Calls one worker that runs them one at a time may hold, queued in its pipeline (offered
     /// in `hello`; the worker may announce fewer, 1 being none).
     pub pipeline_depth: usize,
+    /// Heartbeats also go to busy workers that announced `ready.busy_ping` (pinged in place,
+    /// their calls going on); others are pinged only when idle.
+    pub busy_heartbeat: bool,
 }
 
 impl Default for SlotConfig {
@@ -130,6 +133,7 @@ impl Default for SlotConfig {
             shutdown_grace: Duration::from_secs(2),
             max_in_flight: 1,
             pipeline_depth: 1,
+            busy_heartbeat: false,
         }
     }
 }
@@ -421,6 +425,10 @@ impl Slot {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await; // the first tick is immediate
         let mut missed = 0u32;
+        // Whether the worker is out of circulation for a heartbeat (an idle one is; a busy one
+        // that answers pings while busy is pinged in place).
+        let mut held = false;
+        let busy_ping = cfg.busy_heartbeat && member.ready().busy_ping;
         let mut hb_on = hb.is_some();
         let mem_limit = cfg.max_memory.map(|b| jittered(b as f64, cfg.recycle_jitter) as u64);
         let mut mem_ticker = tokio::time::interval(cfg.memory_check.max(min));
@@ -441,15 +449,22 @@ impl Slot {
                 }
                 _ = ticker.tick(), if hb_on => {
                     let Some(hb) = hb else { continue };
-                    // Only idle workers are pinged; a worker that already missed one stays out of
-                    // circulation until it answers again.
-                    if missed == 0 && !mgr.hold(member) {
-                        continue;
+                    // An idle worker is taken out of circulation for its ping, and one that
+                    // missed a ping stays out until it answers again; a busy one is pinged in
+                    // place if it answers while busy, else not at all.
+                    if !held {
+                        if mgr.hold(member) {
+                            held = true;
+                        } else if !busy_ping {
+                            continue;
+                        }
                     }
                     match tokio::time::timeout(hb.timeout, mgr.ping(member)).await {
                         Ok(Ok(_)) => {
                             missed = 0;
-                            mgr.admit(member);
+                            if std::mem::take(&mut held) {
+                                mgr.admit(member);
+                            }
                         }
                         _ => {
                             missed += 1;

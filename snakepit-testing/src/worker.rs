@@ -202,7 +202,8 @@ impl Launcher for FakeLauncher {
                 stderr_tail: "fake: start-up failure requested by FakeControl::fail_starts".into(),
             });
         }
-        let ready = self.kind.ready(opts.max_in_flight, opts.pipeline_depth);
+        // A fake worker answers pings whatever its calls do.
+        let ready = self.kind.ready(opts.max_in_flight, opts.pipeline_depth).with_busy_ping(opts.busy_ping);
         let link = Link::new(opts.worker, self.spec.clone(), control.clone(), ready.pipeline_depth > 1);
         control.state.links.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&link));
         control.state.starts.fetch_add(1, Ordering::SeqCst);

@@ -3,14 +3,15 @@
 //! * `ci`: the bridge package's checks (`py`), format check, clippy with `-D warnings` (the workspace, then the `snakepit` facade
 //!   alone with no default features, `stdio`, `grpc` and all features), rustdoc with
 //!   `-D warnings`, the quick bench, every test (cargo-nextest when it is installed, else
-//!   `cargo test`), then a one-minute soak. What `.ci/run` runs.
+//!   `cargo test`), then two one-minute soaks (default, and pipelined at depth 4). What
+//!   `.ci/run` runs.
 //! * `test`: only the tests.
-//! * `soak [--minutes N] [--size N]`: the soak driver (`snakepit-tests`' `soak` binary, in
+//! * `soak [--minutes N] [--size N] [--pipeline-depth N]`: the soak driver (`snakepit-tests`' `soak` binary, in
 //!   release mode): a pool of real Python workers under mixed load (sequential and concurrent
 //!   calls, streams, host calls, sessions) while crashes, hangs, garbage frames, SIGSTOPs,
 //!   chaos kills and recycling by count and memory are injected; fails, naming the violation, if
 //!   host RSS or fds grow, a reply is lost, duplicated or misrouted, or a process survives.
-//!   `ci` runs it for one minute after the tests.
+//!   `ci` runs it for one minute after the tests, then one more minute pipelined.
 //! * `bench [--quick]`: `snakepit bench` (the `snakepit-cli` package) in release mode (table,
 //!   `target/bench/bench.json`).
 //! * `setup`: creates `.venv` (the repository's Python virtualenv) with the gRPC transport's
@@ -251,7 +252,8 @@ fn bench(extra: Vec<String>) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs the soak driver in release mode with `args` (`--minutes N`, `--size N`).
+/// Runs the soak driver in release mode with `args` (`--minutes N`, `--size N`,
+/// `--pipeline-depth N`).
 fn soak(args: Vec<String>) -> Result<(), String> {
     let mut c = cargo();
     c.current_dir(root())
@@ -298,6 +300,8 @@ fn ci() -> Result<(), String> {
     // The soak is its own step, not a test: it needs the machine to itself for its RSS and fd
     // checks, and a release build.
     soak(vec!["--minutes".into(), "1".into()])?;
+    // Again with pipelined workers: the same faults with calls queued in the workers.
+    soak(vec!["--minutes".into(), "1".into(), "--pipeline-depth".into(), "4".into()])?;
     eprintln!("ci: all green in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
 }

@@ -897,6 +897,74 @@ def _log(msg: str) -> None:
         pass
 
 
+class _BusyReader:
+    """Heartbeats while busy (`hello.busy_ping`, serial profile): a thread that answers the
+    host's pings while the main thread runs one call for long. It reads only while the same
+    call has run for `LONG` seconds and the host has sent something, under the channel's lock
+    (the main thread holds it whenever it reads); it answers pings and keeps every other frame,
+    in order, for the main thread (`_Channel._early`), which handles them as if it had read
+    them itself. A tool that holds the GIL keeps this thread from running: its pings go
+    unanswered, which is what the host's busy heartbeat detects."""
+
+    LONG = 0.05
+
+    def __init__(self, chan: _Channel) -> None:
+        self.chan = chan
+        self.stop = threading.Event()
+        chan.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.run, name="snakepit-busy-ping", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        chan = self.chan
+        lock = chan.lock
+        assert lock is not None
+        poller = select.poll()
+        poller.register(chan.in_fd, select.POLLIN)
+        seen: Any = None
+        since = 0.0
+        while not self.stop.is_set():
+            if not poller.poll(200):
+                continue  # nothing sent (and the stop flag is looked at again)
+            rid = _run.id
+            now = time.monotonic()
+            if rid is None or rid != seen:
+                # No call, or a new one: the main thread reads between calls.
+                seen, since = rid, now
+                self.stop.wait(self.LONG)
+                continue
+            if now - since < self.LONG or not lock.acquire(blocking=False):
+                self.stop.wait(self.LONG)
+                continue
+            try:
+                while _run.id == rid and chan._ready():
+                    body = chan._read()
+                    if body is None:
+                        return  # EOF: the main thread meets it too
+                    if not chan.segmented and body.startswith(b'{"t":"ping"'):
+                        try:
+                            m = _loads(body)
+                            _pong_raw(chan, m.get("id") if type(m) is dict else None)
+                            continue
+                        except ValueError:
+                            pass
+                    chan._early.append((body, chan.segmented))
+            except (OSError, ProtocolError):
+                return  # the main thread meets the same trouble on its next read
+            finally:
+                lock.release()
+
+
+def _pong_raw(chan: _Channel, pid: Any) -> None:
+    """Writes a `pong` from another thread than the main one (no cancel-signal bookkeeping)."""
+    body = _dumps({"t": "pong", "id": pid})
+    with _write_lock:
+        chan._write_all(_HDR.pack(len(body)) + body)
+
+
+_busy: list[_BusyReader | None] = [None]
+
+
 class _Channel:
     def __init__(self, in_fd: int, out_fd: int) -> None:
         self.in_fd = in_fd
@@ -911,6 +979,10 @@ class _Channel:
         self._poll: select.poll | None = None
         self.segments = False  # binary segments agreed in the handshake
         self.segmented = False  # whether the last frame read was segmented
+        # Heartbeats while busy (`_BusyReader`): frames it read while a call ran, for the main
+        # thread, in order, and the lock that keeps the two readers apart (None: no such thread).
+        self._early: list[tuple[bytes | bytearray, bool]] = []
+        self.lock: threading.Lock | None = None
 
     def read(self) -> bytes | bytearray | None:
         """Returns the next frame body, or None at EOF. Never cut short by the cancel signal,
@@ -918,7 +990,14 @@ class _Channel:
         it once the frame is handled)."""
         _run.atomic += 1
         try:
-            return self._read()
+            lock = self.lock
+            if lock is None:
+                return self._read()
+            with lock:
+                if self._early:
+                    body, self.segmented = self._early.pop(0)
+                    return body
+                return self._read()
         finally:
             _run.atomic -= 1
 
@@ -938,6 +1017,13 @@ class _Channel:
     def ready(self) -> bool:
         """Whether a frame can be read without waiting for the host: it is whole in the
         buffer, or the pipe has bytes (or is at EOF)."""
+        lock = self.lock
+        if lock is None:
+            return self._ready()
+        with lock:
+            return bool(self._early) or self._ready()
+
+    def _ready(self) -> bool:
         buf = self._buf
         at = self._at
         if len(buf) - at >= 4:
@@ -1657,6 +1743,11 @@ def _serve(
         _threaded[0] = None
         if T is not None:
             T.stop()
+        B = _busy[0]
+        _busy[0] = None
+        if B is not None:
+            B.stop.set()
+            B.thread.join(1)
         del _hooks[:]
         del _stash[:]
         _segments_on[0] = False
@@ -1741,6 +1832,8 @@ def _serve_inner(
         _threaded[0] = T
         server = _grpc.start(tools, transport, n + 4, chan.max_frame, T)
         ready["address"] = "unix:" + transport["socket"]
+        if hello.get("busy_ping") is True:
+            ready["busy_ping"] = True  # the main loop reads the pipe whatever the calls do
     else:
         _run.signum = _install_cancel_signal() if n == 1 else None
         ready["cancel_signal"] = _run.signum
@@ -1757,6 +1850,12 @@ def _serve_inner(
                 depth = 1
         if depth > 1:
             ready["pipeline_depth"] = depth
+        if hello.get("busy_ping") is True and os.environ.get("SNAKEPIT_BRIDGE_BUSY_PING", "1") != "0":
+            # The thread profile's main loop reads the pipe whatever the calls do; the serial
+            # one needs a reader for the time a call runs.
+            ready["busy_ping"] = True
+            if n == 1:
+                _busy[0] = _BusyReader(chan)
     offer = hello.get("shm")
     if offer is not None and ready.get("segments"):
         _map_arena(offer, ready)

@@ -106,6 +106,7 @@ class FakeHost:
         timeout: float = 10.0,
         segments: bool = True,
         pipeline_depth: int = 1,
+        busy_ping: bool = False,
     ) -> None:
         self._adapter = adapter
         self._tools = _tool_map(tools)
@@ -120,6 +121,8 @@ class FakeHost:
         self.segments = segments
         #: The pipeline depth offered in ``hello`` (1: none; docs/protocol.md §4e).
         self.pipeline_depth = pipeline_depth
+        #: Whether ``hello`` offers pings while busy (docs/protocol.md §6).
+        self.busy_ping = busy_ping
         #: Host tools by name; ``session.get``/``set``/``delete`` are built in.
         self.host_tools: dict[str, Callable[[Any], Any]] = dict(host_tools or {})
         #: The session store the built-in session host tools use: session id -> name -> value.
@@ -235,6 +238,8 @@ class FakeHost:
             hello["segments"] = True
         if self.pipeline_depth > 1:
             hello["pipeline_depth"] = self.pipeline_depth
+        if self.busy_ping:
+            hello["busy_ping"] = True
         self.send(hello)
         self.ready = self._recv()
         if self.ready.get("t") not in ("ready", "refuse"):

@@ -253,6 +253,22 @@ impl PoolBuilder {
         self
     }
 
+    /// Heartbeats of busy workers (default off). Heartbeats normally go to idle workers only;
+    /// with this on, a worker that announces it can answer a `ping` while it runs a call (the
+    /// Python bridge does, from a reader thread in the process profile and from its main loop
+    /// in the thread profile) is pinged busy too, and killed and replaced after
+    /// `max_missed` missed pings like an idle one. That catches a worker that stopped (SIGSTOP,
+    /// a frozen VM) or hangs holding the GIL while a call with no deadline runs. It also kills
+    /// a tool that holds the GIL in C code for longer than `max_missed` pings (a long
+    /// `sorted()`, a regex that backtracks, some C extensions): opt in when your tools release
+    /// the GIL or have deadlines shorter than that. A tool blocked in C *with* the GIL
+    /// released (a socket read) still answers pings; deadlines catch that one. Needs
+    /// [`heartbeat`](Self::heartbeat) on.
+    pub fn busy_heartbeat(mut self, on: bool) -> Self {
+        self.cfg.slot.busy_heartbeat = on;
+        self
+    }
+
     /// Pipelining (process profile): how many calls one worker may hold — the one it runs and
     /// the next ones, already written to its input, that it runs in order right after (default
     /// [`DEFAULT_PIPELINE_DEPTH`]: 1, none; 4 doubles the throughput of a busy pool here). The worker never waits for the host between calls, and one read
@@ -431,6 +447,7 @@ impl PoolBuilder {
             .with_host(Some(host_handler))
             .with_max_in_flight(cfg.slot.max_in_flight)
             .with_pipeline_depth(if cfg.slot.max_in_flight == 1 { cfg.slot.pipeline_depth } else { 1 })
+            .with_busy_ping(cfg.slot.busy_heartbeat && cfg.slot.heartbeat.is_some())
             .with_busy_poll(cfg.busy_poll)
             .with_shm(cfg.shm);
         #[cfg(feature = "chaos")]
