@@ -16,8 +16,9 @@
 //! summary line and exits 1 naming every violation.
 //!
 //! `--pipeline-depth N` runs the pool pipelined: calls queued behind a crash then fail with
-//! `not_started` (clean calls opt in to one retry), which counts as ambient, not as a clean
-//! failure.
+//! `not_started` (clean calls opt in to one retry), and those queued behind a garbage frame with
+//! `protocol` (every call in flight on a connection that breaks the protocol); neither counts as
+//! a clean failure, and the second may not pass `depth - 1` per garbage frame.
 
 #![deny(unsafe_code)]
 
@@ -59,8 +60,11 @@ struct Ledger {
     violations: Mutex<Vec<String>>,
     /// Clean calls (not faults) that failed in a way only a fault explains.
     clean_failures: AtomicU64,
-    /// The pool pipelines: `not_started` is ambient (queued behind a crash).
-    pipelined: bool,
+    /// The pool pipelines at this depth (> 1): `not_started` is ambient (queued behind a
+    /// crash), and so is `protocol` (queued behind a garbage frame).
+    depth: usize,
+    /// Pipelined: calls that ended `protocol` queued behind a garbage frame.
+    queued_protocol: AtomicU64,
     /// Faults that may fail one clean call each (chaos kills, SIGSTOPs).
     ambient_faults: AtomicU64,
     injected: Mutex<BTreeMap<&'static str, u64>>,
@@ -91,7 +95,11 @@ impl Ledger {
             return;
         }
         *lock(&self.outcomes).entry(format!("{op}:{kind}")).or_default() += 1;
-        if self.pipelined && kind == "not_started" {
+        if self.depth > 1 && kind == "not_started" {
+            return;
+        }
+        if self.depth > 1 && kind == "protocol" && op != "garbage" {
+            self.queued_protocol.fetch_add(1, Ordering::Relaxed);
             return;
         }
         if !expected.contains(&kind) {
@@ -499,7 +507,7 @@ async fn soak(minutes: f64, size: usize, depth: usize, marker: String) -> Result
         .await
         .map_err(|e| format!("pool: {e}"))?;
     pool.register_host_tool("echo", |v| async move { Ok(v) });
-    let ledger = Ledger { pipelined: depth > 1, ..Ledger::default() };
+    let ledger = Ledger { depth, ..Ledger::default() };
     let d = Arc::new(Driver { pool, chaos, ledger, stop: AtomicBool::new(false), marker });
 
     let start = Instant::now();
@@ -568,6 +576,14 @@ async fn soak(minutes: f64, size: usize, depth: usize, marker: String) -> Result
         if !missing.is_empty() {
             l.violation(format!("{} calls without an outcome, e.g. {missing:?}", calls.len()));
         }
+    }
+    let garbage = lock(&l.outcomes).get("garbage:protocol").copied().unwrap_or(0);
+    let queued_protocol = l.queued_protocol.load(Ordering::Relaxed);
+    if queued_protocol > garbage * (l.depth.max(1) as u64 - 1) {
+        l.violation(format!(
+            "{queued_protocol} calls failed `protocol` behind {garbage} garbage frames at pipeline depth {}",
+            l.depth
+        ));
     }
     let (clean_failures, ambient) =
         (l.clean_failures.load(Ordering::Relaxed), l.ambient_faults.load(Ordering::Relaxed));
