@@ -19,6 +19,7 @@ use serde_json::json;
 use snakepit::{Payload, Pool, Python};
 
 mod bytes;
+mod model;
 mod pipeline;
 mod startup;
 use bytes::{bytes_run, has_numpy, numpy_floor, numpy_run};
@@ -632,6 +633,23 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
     if let Some(h) = &heavy {
         let _ = std::fs::remove_file(h);
     }
+    // The preload rows: full mode, with scikit-learn in `.venv`.
+    let mut models: BTreeMap<&str, Vec<model::ModelStart>> = BTreeMap::new();
+    let model_python = grpc_python.clone().filter(|p| !args.quick && want("preload") && model::available(p));
+    let model_script = std::env::temp_dir().join(format!("snakepit-model-{}.py", std::process::id()));
+    if let (Some(py), Ok(())) = (&model_python, std::fs::write(&model_script, model::MODEL)) {
+        for rep in 0..reps.min(3) {
+            eprintln!("preload repetition {}/{}", rep + 1, reps.min(3));
+            for (name, n, zygote) in
+                [("1 cold", 1, false), ("8 cold", 8, false), ("8 zygote+preload", 8, true)]
+            {
+                if let Some(s) = model::start(py, &model_script, n, zygote).await {
+                    models.entry(name).or_default().push(s);
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&model_script);
+    }
     for p in piped {
         for p in [p.one, p.many] {
             if let Ok(p) = Arc::try_unwrap(p) {
@@ -722,6 +740,33 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
                 json_rows.push(json!({"name": format!("startup {name}"), "cold_ms": cold, "bare_ms": bare,
                     "zygote_ms": zygote, "one_cold_ms": one_cold, "pass_ms": pass}));
             }
+        }
+    }
+    if !models.is_empty() {
+        let med = |name: &str| {
+            models.get(name).map_or((f64::NAN, f64::NAN), |v| {
+                (
+                    median(v.iter().map(|s| s.ms).collect()),
+                    median(v.iter().map(|s| s.pss_kib as f64).collect()),
+                )
+            })
+        };
+        let (one_ms, one_pss) = med("1 cold");
+        println!(
+            "{:<44} {:>9} {:>13} {:>9} {:>14}",
+            "preload: scikit-learn model (median)", "ready ms", "x 1 cold", "PSS MiB", "x 1 cold"
+        );
+        for name in ["1 cold", "8 cold", "8 zygote+preload"] {
+            let (ms, pss) = med(name);
+            println!(
+                "{:<44} {ms:>9.0} {:>12.2}x {:>9.0} {:>13.2}x",
+                format!("{name} worker(s)"),
+                ms / one_ms,
+                pss / 1024.0,
+                pss / one_pss
+            );
+            json_rows.push(json!({"name": format!("preload {name}"), "ready_ms": ms, "pss_kib": pss,
+                "one_cold_ms": one_ms, "one_cold_pss_kib": one_pss}));
         }
     }
     println!("host RSS per idle worker (16 workers started): {:.0} KiB", rss_per_worker as f64 / 1024.0);

@@ -16,8 +16,8 @@
 //!   `target/bench/bench.json`).
 //! * `setup`: creates `.venv` (the repository's Python virtualenv) with the gRPC transport's
 //!   Python dependencies (grpcio, protobuf; grpcio-tools for `proto`) and the bridge package's
-//!   test tools (pytest, pytest-timeout, mypy, numpy, pydantic) and orjson (the bridge's
-//!   optional fast JSON codec), pinned, from PyPI.
+//!   test tools (pytest, pytest-timeout, mypy, numpy, pydantic), orjson (the bridge's
+//!   optional fast JSON codec) and scikit-learn (the bench's preload rows), pinned, from PyPI.
 //!   Idempotent; a package pip cannot install fails it.
 //! * `py [--quick]`: the Python bridge package's checks: `mypy --strict`, its pytest suite (twice:
 //!   with orjson, and without it, `SNAKEPIT_BRIDGE_ORJSON=0`), and
@@ -89,7 +89,8 @@ fn test() -> Result<(), String> {
 }
 
 /// What `.venv` holds: the gRPC transport's packages, and the bridge package's test and type
-/// check tools plus the libraries its encoder tests convert (numpy, pydantic). Pinned.
+/// check tools plus the libraries its encoder tests convert (numpy, pydantic), orjson, and
+/// scikit-learn with its dependencies (the bench's preload rows: a real model worker). Pinned.
 const PY_DEPS: &[&str] = &[
     "grpcio==1.85.1",
     "protobuf==7.36.2",
@@ -100,6 +101,12 @@ const PY_DEPS: &[&str] = &[
     "pydantic==2.14.3",
     "numpy==2.4.6",
     "orjson==3.13.0",
+    "scikit-learn==1.9.1",
+    "scipy==1.17.1",
+    "joblib==1.6.0",
+    "threadpoolctl==3.8.0",
+    "narwhals==2.29.0",
+    "cloudpickle==3.1.3",
 ];
 
 fn root() -> std::path::PathBuf {
