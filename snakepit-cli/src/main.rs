@@ -98,6 +98,10 @@ pub struct TransportArgs {
     /// Fork the workers from a warm zygote that imported the worker code once.
     #[arg(long)]
     pub zygote: bool,
+    /// Calls one busy worker may hold, run in the order sent (pipelining; 1: none). A crash
+    /// then fails the calls queued behind the running one with `not_started`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub pipeline_depth: u16,
 }
 
 impl TransportArgs {
@@ -113,6 +117,7 @@ impl TransportArgs {
         };
         let b = b.adapter(adapter);
         let b = if self.zygote { b.profile(snakepit::Zygote(snakepit::ProcessProfile)) } else { b };
+        let b = b.pipeline_depth(usize::from(self.pipeline_depth));
         match self.transport {
             TransportKind::Stdio => b,
             TransportKind::Grpc => b.transport(snakepit::Grpc::default()),

@@ -109,6 +109,33 @@ fn serve_answers_each_line_and_exits_0_on_eof() {
 }
 
 #[test]
+fn serve_pipelines_with_pipeline_depth_and_reports_calls_that_did_not_start() {
+    let g = Guard::new();
+    let mut child = g.serve("1", &["--pipeline-depth", "4"]);
+    let mut stdin = child.stdin.take().expect("stdin");
+    // One worker: the crash runs first, the three calls behind it wait in its pipeline.
+    writeln!(stdin, r#"{{"id":0,"command":"sleep_then_crash_is_not_a_tool"}}"#).expect("write");
+    writeln!(stdin, r#"{{"id":1,"command":"crash","args":{{"code":3}}}}"#).expect("write");
+    for i in 2..5 {
+        writeln!(stdin, r#"{{"id":{i},"command":"echo","args":{{"i":{i}}}}}"#).expect("write");
+    }
+    drop(stdin);
+    let mut kinds = std::collections::BTreeMap::new();
+    for line in BufReader::new(child.stdout.take().expect("stdout")).lines() {
+        let v: Value = serde_json::from_str(&line.expect("line")).expect("json");
+        let kind = v["error"]["kind"].as_str().unwrap_or("ok").to_owned();
+        kinds.insert(v["id"].as_i64().expect("id"), kind);
+    }
+    assert!(child.wait().expect("wait").success());
+    assert_eq!(kinds[&0], "unknown_command");
+    assert_eq!(kinds[&1], "worker_crashed");
+    // Each queued call either never started (it was in the pipeline) or ran on the new worker.
+    for i in 2..5 {
+        assert!(["not_started", "ok"].contains(&kinds[&i].as_str()), "{kinds:?}");
+    }
+}
+
+#[test]
 fn serve_shuts_down_gracefully_on_sigterm() {
     let g = Guard::new();
     let mut child = g.serve("1", &[]);
