@@ -65,6 +65,12 @@ fn python(r: &Reaper) -> Python {
     Python::script(r.script("w.py", WORKER))
 }
 
+/// One worker with a pipeline of 4 and the given cancel grace.
+async fn pipelined(r: &Reaper, grace: Duration) -> snakepit::Pool {
+    let b = r.builder().adapter(python(r)).size(1).pipeline_depth(4).cancel_grace(grace);
+    b.build().await.expect("pool")
+}
+
 async fn call(pool: &snakepit::Pool, cmd: &str, args: Value) -> Result<Value, Error> {
     pool.execute(cmd, args).await
 }
@@ -76,7 +82,7 @@ async fn call_with(pool: &snakepit::Pool, cmd: &str, args: Value, opts: CallOpti
 #[tokio::test]
 async fn the_worker_announces_its_depth_and_runs_queued_calls_in_the_order_sent() {
     let r = Reaper::new();
-    let pool = r.builder().adapter(python(&r)).size(1).pipeline_depth(4).build().await.expect("pool");
+    let pool = pipelined(&r, Duration::from_secs(2)).await;
     let ready = pool.worker_handshakes().remove(0).expect("ready");
     assert_eq!(ready.pipeline_depth, 4);
     assert_eq!(ready.cancel_signals.len(), 5, "depth + 1: {ready:?}");
@@ -97,15 +103,7 @@ async fn the_worker_announces_its_depth_and_runs_queued_calls_in_the_order_sent(
 #[tokio::test]
 async fn a_queued_call_whose_deadline_passes_never_runs_and_its_worker_stays() {
     let r = Reaper::new();
-    let pool = r
-        .builder()
-        .adapter(python(&r))
-        .size(1)
-        .pipeline_depth(4)
-        .cancel_grace(Duration::from_millis(200))
-        .build()
-        .await
-        .expect("pool");
+    let pool = pipelined(&r, Duration::from_millis(200)).await;
     let before = call(&pool, "pid", json!({})).await.expect("pid");
     // The first call works 800 ms; the second waits behind it and times out after 100 ms: it
     // is cancelled by the frame alone. Its grace (200 ms) must not run while the first works.
@@ -126,15 +124,7 @@ async fn a_queued_call_whose_deadline_passes_never_runs_and_its_worker_stays() {
 #[tokio::test]
 async fn the_running_call_is_interrupted_by_its_own_signal_and_the_next_one_runs() {
     let r = Reaper::new();
-    let pool = r
-        .builder()
-        .adapter(python(&r))
-        .size(1)
-        .pipeline_depth(4)
-        .cancel_grace(Duration::from_secs(5))
-        .build()
-        .await
-        .expect("pool");
+    let pool = pipelined(&r, Duration::from_secs(5)).await;
     let before = call(&pool, "pid", json!({})).await.expect("pid");
     // Several rounds, so the interrupted call sits at different positions modulo the depth.
     for round in 0..6 {
@@ -158,7 +148,7 @@ async fn the_running_call_is_interrupted_by_its_own_signal_and_the_next_one_runs
 #[tokio::test]
 async fn a_crash_fails_the_running_call_and_the_queued_ones_did_not_start() {
     let r = Reaper::new();
-    let pool = r.builder().adapter(python(&r)).size(1).pipeline_depth(4).build().await.expect("pool");
+    let pool = pipelined(&r, Duration::from_secs(2)).await;
     let crash = call(&pool, "crash", json!({}));
     let queued = (0..3).map(|i| call(&pool, "record", json!({"i": i})));
     let (crash, queued) = tokio::join!(crash, join_all(queued));
@@ -187,7 +177,7 @@ async fn a_crash_fails_the_running_call_and_the_queued_ones_did_not_start() {
 #[tokio::test]
 async fn streams_and_host_calls_keep_the_calls_queued_behind_them() {
     let r = Reaper::new();
-    let pool = r.builder().adapter(python(&r)).size(1).pipeline_depth(4).build().await.expect("pool");
+    let pool = pipelined(&r, Duration::from_secs(2)).await;
     pool.register_host_tool("double", |args| async move {
         tokio::time::sleep(Duration::from_millis(20)).await;
         Ok(json!(args["x"].as_i64().unwrap_or(0) * 2))
@@ -218,7 +208,7 @@ async fn streams_and_host_calls_keep_the_calls_queued_behind_them() {
 #[tokio::test]
 async fn arena_releases_between_queued_calls_do_not_stall_the_worker() {
     let r = Reaper::new();
-    let pool = r.builder().adapter(python(&r)).size(1).pipeline_depth(4).build().await.expect("pool");
+    let pool = pipelined(&r, Duration::from_secs(2)).await;
     let calls = (0..64).map(|i| {
         let n = if i % 2 == 0 { 256 * 1024 } else { 16 };
         call_with(&pool, "blob", json!({"n": n}), CallOptions::timeout(Duration::from_secs(20)))
