@@ -559,7 +559,15 @@ async fn soak(minutes: f64, size: usize, depth: usize, marker: String) -> Result
         d.ledger
             .violation(format!("the pool did not come back whole and idle: {e:?} ({:?})", d.pool.stats()));
     }
-    let (rss1, fds1) = (rss_kib(), fds());
+    // A recycled or replaced worker may still be stopping (its pipes still open) when the pool
+    // is whole again: give the count up to 10 s to settle, checking every 100 ms.
+    let settle = Instant::now() + Duration::from_secs(10);
+    let mut fds1 = fds();
+    while fds1 > fds0 + size && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fds1 = fds();
+    }
+    let rss1 = rss_kib();
     let stats = d.pool.stats();
 
     let l = &d.ledger;
