@@ -219,3 +219,28 @@ async fn arena_releases_between_queued_calls_do_not_stall_the_worker() {
     pool.shutdown().await;
     r.assert_none_left(Duration::from_secs(5));
 }
+
+/// `DropPolicy::Detach`: a call dropped while queued behind another caller's long call runs when
+/// its turn comes (its deadline, passed meanwhile, makes it cancelled then); the worker is not
+/// killed for it while the call ahead runs.
+#[tokio::test]
+async fn a_detached_call_dropped_while_queued_does_not_cost_the_call_ahead() {
+    let r = Reaper::new();
+    let b =
+        r.builder().adapter(python(&r)).size(1).pipeline_depth(4).drop_policy(snakepit::DropPolicy::Detach);
+    let pool = b.cancel_grace(Duration::from_secs(2)).build().await.expect("pool");
+    let before = call(&pool, "pid", json!({})).await.expect("pid");
+    let long = call(&pool, "record", json!({"i": "long", "sleep": 0.8}));
+    // Dropped after 50 ms, long before its 300 ms deadline: detached.
+    let queued = tokio::time::timeout(
+        Duration::from_millis(50),
+        call_with(&pool, "record", json!({"i": "queued"}), CallOptions::timeout(Duration::from_millis(300))),
+    );
+    let (long, queued) = tokio::join!(long, queued);
+    assert!(queued.is_err(), "dropped: {queued:?}");
+    assert_eq!(long.expect("the call ahead is not killed"), json!("long"));
+    assert_eq!(call(&pool, "pid", json!({})).await.expect("pid"), before, "the worker was kept");
+    assert_eq!(pool.stats().restarts, 0);
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}

@@ -92,7 +92,9 @@ impl Drop for Lease {
         let id = self.request.map(|(id, _)| id);
         // Queued in a pipelined worker behind another call (asked before the `cancel`, which
         // interrupts the call only if it runs).
-        let queued = !detach && id.is_some_and(|id| conn.running(id).is_none());
+        let queued = id.is_some_and(|id| conn.running(id).is_none());
+        let deadline = self.request.and_then(|(_, d)| d);
+        let grace = inner.cfg.cancel_grace;
         if !detach {
             if let Some(id) = id {
                 w.cancel(id);
@@ -114,13 +116,30 @@ impl Drop for Lease {
         };
         rt.spawn(async move {
             let answered = match id {
-                Some(id) if queued => {
+                Some(id) if queued && !detach => {
                     // The worker answers it without running it when it gets there: the grace
                     // counts from then, not while the calls ahead run. If the worker started
                     // it before reading the `cancel`, it is interrupted now that it runs.
                     conn.started(id).await;
                     w.interrupt(id);
                     tokio::time::timeout(limit, conn.answered(id)).await.is_ok()
+                }
+                Some(id) if queued => {
+                    // Detached while queued: it runs when its turn comes, to its deadline (the
+                    // calls ahead of it are other callers' and must not be killed for it). A
+                    // deadline that passed meanwhile makes it a cancelled call.
+                    conn.started(id).await;
+                    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                    match left {
+                        Some(left) if left.is_zero() => {
+                            w.cancel(id);
+                            tokio::time::timeout(grace, conn.answered(id)).await.is_ok()
+                        }
+                        left => {
+                            let left = left.unwrap_or(limit);
+                            tokio::time::timeout(left, conn.answered(id)).await.is_ok()
+                        }
+                    }
                 }
                 Some(id) => tokio::time::timeout(limit, conn.answered(id)).await.is_ok(),
                 None => tokio::time::timeout(limit, conn.idle()).await.is_ok(),
