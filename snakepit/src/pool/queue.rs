@@ -236,9 +236,14 @@ impl Inner {
                 }
             }
             if !strict {
-                st.idle.retain(|w| w.is_alive());
-                if let Some(i) = least_loaded(&st.idle) {
+                // Only the chosen worker's liveness is checked; a dead one is dropped from the
+                // stack as it is met, and the next best taken.
+                while let Some(i) = least_loaded(&st.idle) {
                     let w = st.idle[i].clone();
+                    if !w.is_alive() {
+                        st.idle.remove(i);
+                        continue;
+                    }
                     let lease = Lease::new(w.clone(), self);
                     if !w.has_room() {
                         st.idle.remove(i);
