@@ -17,6 +17,25 @@
 //! # let _ = n; Ok(()) }
 //! ```
 //!
+//! A worker in any language that speaks the protocol itself (`docs/protocol.md`) runs through
+//! [`Generic`]: the program, its arguments and environment, and how long its start may take.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use snakepit::{Generic, Pool};
+//! use serde_json::json;
+//!
+//! # async fn demo() -> Result<(), snakepit::Error> {
+//! let worker = Generic::new("perl")
+//!     .arg("worker.pl")
+//!     .env("PERL5LIB", "lib")
+//!     .config(json!({"greeting": "hello"})) // sent in `hello.config`
+//!     .handshake_timeout(Duration::from_secs(10));
+//! let pool = Pool::builder().adapter(worker).size(2).build().await?;
+//! let sum = pool.execute("add", json!({"a": 1, "b": 2})).await?;
+//! # let _ = sum; pool.shutdown().await; Ok(()) }
+//! ```
+//!
 //! The pool starts its workers concurrently and returns once all are ready; calls wait in a
 //! bounded FIFO queue for a free worker; a worker that crashes, hangs past a call's timeout or
 //! breaks the protocol is replaced (with backoff) while its caller gets a precise [`Error`].
