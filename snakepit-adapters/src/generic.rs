@@ -5,10 +5,10 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use snakepit_core::{Adapter, Error, SpawnContext, SpawnSpec};
+use snakepit_core::{Adapter, Error, ProtocolIo, SpawnContext, SpawnSpec};
 
-/// Runs `program args...` as a worker; the program must speak protocol v1 on stdin/stdout
-/// (see `docs/protocol.md`).
+/// Runs `program args...` as a worker; the program must speak protocol v1 on stdin/stdout, or
+/// on fds 3 and 4 with [`protocol_io`](Self::protocol_io) (see `docs/protocol.md` §1).
 #[derive(Debug, Clone)]
 pub struct Generic {
     program: PathBuf,
@@ -20,6 +20,7 @@ pub struct Generic {
     handshake_timeout: Duration,
     timeouts: HashMap<String, Duration>,
     config: serde_json::Value,
+    protocol_io: ProtocolIo,
 }
 
 impl Generic {
@@ -35,6 +36,7 @@ impl Generic {
             handshake_timeout: Duration::from_secs(30),
             timeouts: HashMap::new(),
             config: serde_json::Value::Null,
+            protocol_io: ProtocolIo::Stdio,
         }
     }
 
@@ -88,6 +90,14 @@ impl Generic {
         self
     }
 
+    /// Where the worker speaks the protocol: its stdin/stdout (the default), or fds 3 and 4
+    /// ([`ProtocolIo::Fds`]: its stdout then goes to its stderr, so nothing it prints can
+    /// reach the protocol).
+    pub fn protocol_io(mut self, io: ProtocolIo) -> Self {
+        self.protocol_io = io;
+        self
+    }
+
     /// Sets the configuration sent to the worker in `hello`.
     pub fn config(mut self, config: serde_json::Value) -> Self {
         self.config = config;
@@ -107,6 +117,7 @@ impl Adapter for Generic {
         spec.env_clear = self.env_clear;
         spec.env_allow = self.env_allow.clone();
         spec.cwd = self.cwd.clone();
+        spec.protocol_io = self.protocol_io;
         Ok(spec)
     }
 

@@ -2,11 +2,15 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use snakepit_core::{Adapter, Error, SpawnContext, SpawnSpec};
+
+#[cfg(test)]
+use crate::cache::cache_root;
+use crate::cache::Bundle;
 
 /// The bridge package, embedded so that a built binary needs nothing else on disk.
 const BRIDGE_FILES: &[(&str, &str)] = &[
@@ -31,95 +35,18 @@ const BRIDGE_FILES: &[(&str, &str)] = &[
     ),
 ];
 
-/// A stable hash (FNV-1a) of the embedded sources, naming their cache directory.
+/// The embedded package as a cache bundle.
+const BUNDLE: Bundle =
+    Bundle { prefix: "bridge", subdir: "snakepit_bridge", files: BRIDGE_FILES, marker: "_core.py" };
+
+#[cfg(test)]
 fn bridge_hash() -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for (name, text) in BRIDGE_FILES {
-        for b in name.bytes().chain([0]).chain(text.bytes()).chain([0]) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h
+    BUNDLE.hash()
 }
 
-fn cache_root() -> PathBuf {
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("snakepit");
-    }
-    if let Some(h) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(h).join(".cache").join("snakepit");
-    }
-    std::env::temp_dir().join(format!("snakepit-{}", snakepit_fs::euid()))
-}
-
-/// A usable copy of the bridge under `root`: the existing `bridge-<hash>/` if it passes
-/// `snakepit_fs::check_private_dir`, else a fresh one written there. `root` (created 0700 if
-/// missing) is the bridge directory's parent and is checked as one
-/// (`snakepit_fs::check_parent_dir`: a real directory owned by root or the effective uid, not
-/// writable by others unless sticky), so a `~/.cache/snakepit` an older version created 0755
-/// still serves. Refuses (without touching them) a `root` or `bridge-<hash>/` that is a
-/// symlink or another user's, a `root` others may write to, or a `bridge-<hash>/` open to
-/// others.
-fn install_bridge(root: &Path) -> Result<PathBuf, snakepit_fs::Refused> {
-    if std::fs::symlink_metadata(root).is_err() {
-        snakepit_fs::ensure_private_dir(root)?;
-    }
-    let root = snakepit_fs::check_parent_dir(root)?;
-    let dir = root.join(format!("bridge-{:016x}", bridge_hash()));
-    if std::fs::symlink_metadata(&dir).is_ok() {
-        let dir = snakepit_fs::check_private_dir(&dir)?;
-        if dir.join("snakepit_bridge").join("_core.py").is_file() {
-            return Ok(dir);
-        }
-    }
-    // Write into a fresh private directory, then rename it into place atomically, so a
-    // concurrent host never sees half a package.
-    let tmp = snakepit_fs::private_tempdir(&root, ".tmp-")?;
-    let io = |e: std::io::Error| snakepit_fs::Refused {
-        path: tmp.clone(),
-        reason: format!("cannot write it: {e}"),
-    };
-    write_bridge(&tmp).map_err(io)?;
-    match std::fs::rename(&tmp, &dir) {
-        Ok(()) => snakepit_fs::check_private_dir(&dir),
-        Err(_)
-            if snakepit_fs::check_private_dir(&dir).is_ok()
-                && dir.join("snakepit_bridge").join("_core.py").is_file() =>
-        {
-            // A concurrent host put its copy there first.
-            let _ = std::fs::remove_dir_all(&tmp);
-            snakepit_fs::check_private_dir(&dir)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(snakepit_fs::Refused { path: dir, reason: format!("cannot move the bridge into place: {e}") })
-        }
-    }
-}
-
-/// Writes the embedded sources under `dir` (a fresh private directory): directories 0700,
-/// files created `O_EXCL|O_NOFOLLOW` with mode 0600.
-fn write_bridge(dir: &Path) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::DirBuilderExt;
-    for (name, text) in BRIDGE_FILES {
-        let path = dir.join("snakepit_bridge").join(name);
-        if let Some(parent) = path.parent() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
-        }
-        snakepit_fs::create_new(&path)?.write_all(text.as_bytes())?;
-    }
-    Ok(())
-}
-
-/// A fresh private copy of the bridge in a new `mkdtemp` directory under `$TMPDIR`, for when
-/// the cache directory was refused.
-fn fresh_bridge() -> Result<PathBuf, snakepit_fs::Refused> {
-    let dir = snakepit_fs::private_tempdir(&std::env::temp_dir(), "snakepit-bridge-")?;
-    write_bridge(&dir)
-        .map_err(|e| snakepit_fs::Refused { path: dir.clone(), reason: format!("cannot write it: {e}") })?;
-    Ok(dir)
+#[cfg(test)]
+fn install_bridge(root: &std::path::Path) -> Result<PathBuf, snakepit_fs::Refused> {
+    BUNDLE.install(root)
 }
 
 /// The directory to put on `PYTHONPATH` so that `import snakepit_bridge` works: the
@@ -138,23 +65,7 @@ pub fn bridge_dir() -> Result<PathBuf, crate::Error> {
         return Ok(PathBuf::from(p));
     }
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(d) = DIR.get() {
-        return Ok(d.clone());
-    }
-    // Concurrent first calls may both write the sources out; `install_bridge` lets the second
-    // one find the first one's copy.
-    let dir = match install_bridge(&cache_root()) {
-        Ok(d) => d,
-        Err(refused) => {
-            let fresh = fresh_bridge().map_err(|e| crate::Error::Bridge(e.into()))?;
-            tracing::warn!(
-                "bridge cache: {refused}; using the fresh private directory {} instead",
-                fresh.display()
-            );
-            fresh
-        }
-    };
-    Ok(DIR.get_or_init(|| dir).clone())
+    BUNDLE.dir(&DIR)
 }
 
 /// Runs the bridge like `python -m snakepit_bridge`, but without the working directory on
@@ -455,6 +366,7 @@ impl Python {
 mod tests {
     use super::*;
     use snakepit_core::WorkerId;
+    use std::path::Path;
 
     #[test]
     fn bridge_installs_once_and_is_complete() {

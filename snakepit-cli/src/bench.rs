@@ -20,6 +20,7 @@ use snakepit::{Payload, Pool, Python};
 
 mod bytes;
 mod model;
+mod node;
 mod pipeline;
 mod startup;
 use bytes::{bytes_run, has_numpy, numpy_floor, numpy_run};
@@ -456,6 +457,10 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
     let nw = cpus.max(2) * 2;
     let want = |name: &str| args.only.as_deref().map_or(true, |o| name.contains(o));
     let piped = pipeline::pools(&python, grpc_python.as_deref(), nw, args.quick, &want).await;
+    let node_seq = "node stdio 1 worker seq 64 B".to_string();
+    let node_many = format!("node stdio {nw} workers 32 callers 64 B");
+    let node_pools = if want(&node_seq) || want(&node_many) { node::pools(nw).await } else { None };
+    let has_node = node_pools.is_some();
     let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
     let mut floors: BTreeMap<String, String> = BTreeMap::new();
     let want = |name: &str| args.only.as_deref().map_or(true, |o| name.contains(o));
@@ -581,6 +586,16 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
                 results.entry(name).or_default().push(pool_run(&p.many, 64, calls, 32).await);
             }
         }
+        if let Some((one, many)) = &node_pools {
+            if want(&node_seq) {
+                floors.insert(node_seq.clone(), "floor seq 64 B".into());
+                results.entry(node_seq.clone()).or_default().push(pool_run(one, 64, calls, 1).await);
+            }
+            if want(&node_many) {
+                floors.insert(node_many.clone(), kname.clone());
+                results.entry(node_many.clone()).or_default().push(pool_run(many, 64, calls, 32).await);
+            }
+        }
         let sid = format!("bench-{rep}");
         let _ = p1.create_session(&sid, json!(null)).await;
         let name = "stdio session-routed call (ping)".to_string();
@@ -628,6 +643,12 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
                 let zygote = ms(pool_ready(&python, n, *script, true).await);
                 starts.entry((n, flavour, "zygote")).or_default().push(zygote);
             }
+            if has_node {
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                starts.entry((n, "node", "cold")).or_default().push(ms(node::pool_ready(n).await));
+                starts.entry((n, "node", "bare")).or_default().push(ms(node::bare_spawns(n)));
+                starts.entry((n, "node", "pass")).or_default().push(ms(node::bare_pass(n)));
+            }
         }
     }
     if let Some(h) = &heavy {
@@ -657,7 +678,11 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
             }
         }
     }
-    for p in [Some(p1), Some(pn), Some(pb), pg, Some(p_off), Some(p_all), p_np].into_iter().flatten() {
+    let (node_one, node_many_pool) = node_pools.map_or((None, None), |(a, b)| (Some(a), Some(b)));
+    for p in [Some(p1), Some(pn), Some(pb), pg, Some(p_off), Some(p_all), p_np, node_one, node_many_pool]
+        .into_iter()
+        .flatten()
+    {
         if let Ok(p) = Arc::try_unwrap(p) {
             p.shutdown().await;
         }
@@ -721,7 +746,8 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
             "-c pass",
             "cold-pass"
         );
-        for (flavour, _) in &flavours {
+        let node_flavour: &[&str] = if has_node { &["node"] } else { &[] };
+        for flavour in flavours.iter().map(|(f, _)| *f).chain(node_flavour.iter().copied()) {
             let one_cold = start_ms(1, flavour, "cold");
             for &n in sizes_up {
                 let (cold, bare, zygote, pass) = (

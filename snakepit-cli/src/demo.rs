@@ -1,4 +1,4 @@
-//! `snakepit demo`: a real pool of Python workers doing a mixed workload.
+//! `snakepit demo`: a real pool of Python (or Node) workers doing a mixed workload.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,7 +9,18 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use snakepit::{Pool, Python};
+use snakepit::{Node, Pool, Python};
+
+use crate::worker::Source;
+
+/// The showcase the demo runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Language {
+    /// `snakepit_bridge.showcase` on Python.
+    Python,
+    /// `snakepit-bridge/showcase.js` on Node.
+    Node,
+}
 
 /// The demo's log filter unless `$SNAKEPIT_LOG` is set: warnings, except the pool's and the
 /// supervisor's, which would report each planned worker crash in the middle of the progress bar.
@@ -31,6 +42,9 @@ pub(crate) struct DemoArgs {
     /// Concurrent callers.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// The workers' language: the Python or the Node showcase.
+    #[arg(long, value_enum, default_value = "python")]
+    language: Language,
     #[command(flatten)]
     transport: crate::TransportArgs,
 }
@@ -82,13 +96,20 @@ fn plan(i: usize) -> (Kind, serde_json::Value) {
 /// workers to be replaced and prints a summary table.
 pub(crate) async fn run(args: DemoArgs) -> std::process::ExitCode {
     let t0 = Instant::now();
-    eprintln!(
-        "starting {} Python workers (snakepit_bridge.showcase, {:?})...",
-        args.size, args.transport.transport
-    );
-    let pool = match args
-        .transport
-        .apply(Pool::builder(), Python::showcase())
+    let (source, showcase) = match args.language {
+        Language::Python => (Source::Python(Python::showcase()), "snakepit_bridge.showcase"),
+        Language::Node => (Source::Node(Node::showcase()), "snakepit-bridge/showcase.js"),
+    };
+    let lang = source.language();
+    eprintln!("starting {} {lang} workers ({showcase}, {:?})...", args.size, args.transport.transport);
+    let b = match args.transport.apply(Pool::builder(), source) {
+        Ok(b) => b,
+        Err(m) => {
+            eprintln!("snakepit demo: {m}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let pool = match b
         .size(args.size)
         .restart_backoff(Duration::from_millis(20), Duration::from_secs(1))
         .build()
@@ -185,7 +206,7 @@ pub(crate) async fn run(args: DemoArgs) -> std::process::ExitCode {
         .map(|h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max()))
         .unwrap_or_default();
     println!(
-        "snakepit demo: {} Python workers over {:?}, {} callers",
+        "snakepit demo: {} {lang} workers over {:?}, {} callers",
         args.size, args.transport.transport, args.concurrency
     );
     println!("  {:<22} {:>10}", "start-up (all ready)", format!("{:.0} ms", startup.as_secs_f64() * 1e3));

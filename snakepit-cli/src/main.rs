@@ -1,19 +1,22 @@
-//! The `snakepit` command-line tool (the `snakepit-cli` package): `demo`, `serve`, `call`, `reap`
-//! and `bench`, built on the `snakepit` library.
+//! The `snakepit` command-line tool (the `snakepit-cli` package): `demo`, `serve`, `call`,
+//! `conform`, `reap` and `bench`, built on the `snakepit` library.
 
 #![deny(unsafe_code)]
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
-use snakepit::{CallOptions, Payload, Pool, Python};
+use clap::{Parser, Subcommand};
+use snakepit::{CallOptions, Payload, Pool};
 
 mod b64;
 mod bench;
+mod conform;
 mod demo;
 mod serve;
+mod worker;
+
+pub(crate) use worker::{TransportArgs, TransportKind, WorkerArgs};
 
 /// Counts allocations (for `snakepit bench`'s allocations-per-call figure); one relaxed atomic
 /// add per allocation otherwise.
@@ -37,6 +40,9 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Serve JSON requests, one per line on stdin, replies one per line on stdout.
     Serve(serve::ServeArgs),
+    /// Check that a worker (any language) follows protocol v1: one PASS/FAIL/SKIP line per
+    /// behaviour (docs/conformance.md).
+    Conform(conform::ConformArgs),
     /// Measure snakepit against the raw-pipe floor (also `cargo xtask bench`).
     Bench(bench::BenchArgs),
     /// Kill what SIGKILLed hosts left behind (per the run registry); never touches live hosts.
@@ -65,76 +71,6 @@ enum Cmd {
     },
 }
 
-#[derive(Args)]
-#[group(required = true, multiple = false)]
-struct WorkerArgs {
-    /// A Python worker script.
-    #[arg(long)]
-    script: Option<PathBuf>,
-    /// An importable Python worker module (e.g. snakepit_bridge.showcase).
-    #[arg(long)]
-    module: Option<String>,
-}
-
-/// Which transport the workers speak.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum TransportKind {
-    /// Framed stdio (no dependencies).
-    Stdio,
-    /// gRPC over a Unix socket (the worker's python needs grpcio: `cargo xtask setup`).
-    Grpc,
-}
-
-/// Transport and interpreter options shared by the subcommands.
-#[derive(Args, Clone, Debug)]
-pub struct TransportArgs {
-    /// The transport.
-    #[arg(long, value_enum, default_value = "stdio")]
-    pub transport: TransportKind,
-    /// The Python interpreter (default: $SNAKEPIT_PYTHON, or for gRPC the repository's
-    /// .venv/bin/python when it exists, else python3).
-    #[arg(long)]
-    pub python: Option<PathBuf>,
-    /// Fork the workers from a warm zygote that imported the worker code once.
-    #[arg(long)]
-    pub zygote: bool,
-    /// Calls one busy worker may hold, run in the order sent (pipelining; 1: none). A crash
-    /// then fails the calls queued behind the running one with `not_started`.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
-    pub pipeline_depth: u16,
-}
-
-impl TransportArgs {
-    /// Applies the options to a builder and its adapter.
-    pub fn apply(&self, b: snakepit::PoolBuilder, adapter: Python) -> snakepit::PoolBuilder {
-        let venv = PathBuf::from(".venv/bin/python");
-        let adapter = match (&self.python, self.transport) {
-            (Some(p), _) => adapter.interpreter(p),
-            (None, TransportKind::Grpc) if std::env::var_os("SNAKEPIT_PYTHON").is_none() && venv.exists() => {
-                adapter.interpreter(venv)
-            }
-            _ => adapter,
-        };
-        let b = b.adapter(adapter);
-        let b = if self.zygote { b.profile(snakepit::Zygote(snakepit::ProcessProfile)) } else { b };
-        let b = b.pipeline_depth(usize::from(self.pipeline_depth));
-        match self.transport {
-            TransportKind::Stdio => b,
-            TransportKind::Grpc => b.transport(snakepit::Grpc::default()),
-        }
-    }
-}
-
-impl WorkerArgs {
-    fn adapter(&self) -> Python {
-        match (&self.script, &self.module) {
-            (Some(s), _) => Python::script(s),
-            (None, Some(m)) => Python::module(m),
-            (None, None) => Python::showcase(),
-        }
-    }
-}
-
 /// Logs to stderr, filtered by `$SNAKEPIT_LOG` (a `tracing` filter) or else by `default`.
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SNAKEPIT_LOG")
@@ -153,6 +89,8 @@ fn main() -> ExitCode {
         // The demo crashes workers on purpose and reports them in its summary: the pool's
         // warning for each planned exit would only interleave with the progress bar.
         Cmd::Demo(_) => demo::DEFAULT_LOG_FILTER,
+        // The kit crashes, stops and times out workers on purpose: only errors are news.
+        Cmd::Conform(_) => "error",
         _ => "warn",
     });
     if let Cmd::Bench(b) = &cli.cmd {
@@ -176,6 +114,7 @@ fn main() -> ExitCode {
             Cmd::Demo(args) => demo::run(args).await,
             Cmd::Bench(args) => bench::run(args).await,
             Cmd::Serve(args) => serve::run(args).await,
+            Cmd::Conform(args) => conform::run(args).await,
             Cmd::Reap { dry_run, instance } => reap(dry_run, instance),
             Cmd::Call { worker, transport, command, args, timeout_ms } => {
                 call(worker, transport, command, args, timeout_ms).await
@@ -203,7 +142,14 @@ async fn call(
             return ExitCode::FAILURE;
         }
     };
-    let pool = match transport.apply(Pool::builder(), worker.adapter()).size(1).build().await {
+    let b = match worker.source().and_then(|s| transport.apply(Pool::builder(), s)) {
+        Ok(b) => b,
+        Err(m) => {
+            eprintln!("snakepit call: {m}");
+            return ExitCode::from(2);
+        }
+    };
+    let pool = match b.size(1).build().await {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{}", e.to_json());

@@ -95,7 +95,14 @@ pub(crate) async fn run(a: ServeArgs) -> ExitCode {
     // admitted request, so that a worker being restarted, recycled or still answering a cancel
     // never turns `serve`'s read-ahead into a `pool_saturated` refusal.
     let admitted = a.max_queue + size;
-    let mut b = a.transport.apply(Pool::builder(), a.worker.adapter()).size(size).max_queue(admitted);
+    let b = match a.worker.source().and_then(|s| a.transport.apply(Pool::builder(), s)) {
+        Ok(b) => b,
+        Err(m) => {
+            eprintln!("snakepit serve: {m}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut b = b.size(size).max_queue(admitted);
     if let Some(i) = a.instance {
         b = b.instance(i);
     }

@@ -23,6 +23,21 @@ impl SpawnContext {
     }
 }
 
+/// Where a worker process speaks the protocol (`docs/protocol.md` §1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProtocolIo {
+    /// On its stdin (fd 0) and stdout (fd 1). A worker must move the protocol off fd 1 itself
+    /// before user code can print (the Python bootstrap does).
+    #[default]
+    Stdio,
+    /// On fd 3 (host → worker) and fd 4 (worker → host), for runtimes that cannot `dup2`
+    /// (Node): fd 0 is `/dev/null`, fds 1 and 2 are the worker's stderr pipe, and
+    /// `SNAKEPIT_PROTOCOL_FDS=3,4` is in its environment. Nothing the worker prints can reach
+    /// the protocol. The supervisor opens fds 3 and 4 in the worker only, not in its shepherd.
+    Fds,
+}
+
 /// How to start one worker process.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
@@ -46,6 +61,8 @@ pub struct SpawnSpec {
     pub env_allow: Vec<OsString>,
     /// The working directory (the host's when `None`).
     pub cwd: Option<PathBuf>,
+    /// Where the worker speaks the protocol (its stdin/stdout by default).
+    pub protocol_io: ProtocolIo,
 }
 
 impl SpawnSpec {
@@ -69,6 +86,12 @@ impl SpawnSpec {
     /// Sets the working directory.
     pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cwd = Some(dir.into());
+        self
+    }
+
+    /// Sets where the worker speaks the protocol (see [`ProtocolIo`]).
+    pub fn protocol_io(mut self, io: ProtocolIo) -> Self {
+        self.protocol_io = io;
         self
     }
 

@@ -45,6 +45,9 @@ pub struct StartOptions {
     pub busy_ping: bool,
     /// The shared-memory arena to offer the worker, if its transport uses one.
     pub shm: ShmOptions,
+    /// The protocol versions offered in `hello` instead of the host's own
+    /// ([`crate::PROTOCOL_VERSIONS`]): for conformance checks of a worker's `refuse` only.
+    pub offer_versions: Option<Vec<u32>>,
 }
 
 /// Size and threshold of the per-worker shared-memory arena (docs/protocol.md, "Shared
@@ -110,7 +113,15 @@ impl StartOptions {
             busy_poll: Duration::ZERO,
             busy_ping: false,
             shm: ShmOptions::OFF,
+            offer_versions: None,
         }
+    }
+
+    /// Offers these protocol versions instead of the host's own (see
+    /// [`offer_versions`](Self::offer_versions)).
+    pub fn with_offer_versions(mut self, versions: Option<Vec<u32>>) -> Self {
+        self.offer_versions = versions;
+        self
     }
 
     /// Sets the shared-memory arena to offer (see [`ShmOptions`]).

@@ -37,6 +37,7 @@ mod member;
 mod memory;
 mod pidfd;
 mod process;
+mod protocol_fds;
 pub mod registry;
 mod shepherd;
 mod slot;

@@ -11,12 +11,13 @@ use nix::unistd::Pid;
 use snakepit_core::shm::Arena;
 pub use snakepit_core::StartOptions;
 use snakepit_core::{
-    Adapter, Connection, Error, ExitInfo, Hello, Ready, RequestId, ShmOffer, SpawnContext, SpawnSpec,
-    Transport, WorkerHandle, WorkerId, WorkerIo,
+    Adapter, Connection, Error, ExitInfo, Hello, ProtocolIo, Ready, RequestId, ShmOffer, SpawnContext,
+    SpawnSpec, Transport, WorkerHandle, WorkerId, WorkerIo,
 };
 use tokio::io::unix::AsyncFd;
 
 pub(crate) use crate::pidfd::{async_fd, pidfd_exited, pidfd_open, pidfd_send_signal, pinned_start_time};
+use crate::protocol_fds;
 pub(crate) use crate::stderr::{spawn_stderr_pump, Tail};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -481,7 +482,8 @@ pub(crate) fn shm_offer(arena: Option<Arc<Arena>>, fd: i32, opts: &StartOptions)
 /// Spawns a process for `spec` under its own shepherd (see the `shepherd` module), with the
 /// given stdin and stdout and a piped stderr. The returned [`Shared`] owns the lifeline.
 /// `inherit` is a close-on-exec descriptor the worker (not its shepherd) keeps across `exec`,
-/// at the same number.
+/// at the same number. `protocol`: the worker's ends of the protocol pipes, put at fds 3 and 4
+/// in the worker (see `protocol_fds`); stdout then goes to the stderr pipe.
 #[allow(unsafe_code)] // pre_exec: the shepherd runs between fork and exec
 #[allow(clippy::disallowed_methods)] // the spawner: the one place that starts worker processes
 pub(crate) fn spawn_shepherded(
@@ -491,6 +493,7 @@ pub(crate) fn spawn_shepherded(
     stdout: Stdio,
     log_target: LogTarget,
     inherit: Option<std::os::fd::RawFd>,
+    protocol: Option<(std::os::fd::RawFd, std::os::fd::RawFd)>,
 ) -> Result<(Arc<Shared>, Child), Error> {
     let worker = opts.worker;
     let mut cmd = Command::new(&spec.program);
@@ -519,6 +522,9 @@ pub(crate) fn spawn_shepherded(
     cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
     cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
     cmd.env("SNAKEPIT_RUN_ID", &opts.run_id).env("SNAKEPIT_WORKER_ID", worker.to_string());
+    if protocol.is_some() {
+        cmd.env(protocol_fds::ENV.0, protocol_fds::ENV.1);
+    }
     if let Some(dir) = &spec.cwd {
         cmd.current_dir(dir);
     }
@@ -538,6 +544,9 @@ pub(crate) fn spawn_shepherded(
         cmd.pre_exec(move || {
             crate::shepherd::fork_shepherd(lifeline_fd, host)?;
             // Only the worker gets here (the shepherd closed everything but its lifeline).
+            if let Some(fds) = protocol {
+                protocol_fds::install(fds)?;
+            }
             if let Some(fd) = inherit {
                 if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -581,9 +590,12 @@ pub async fn start_worker(
     let worker = opts.worker;
     let spec = adapter.spawn_spec(&SpawnContext::new(worker, opts.run_id.clone()))?;
     let arena = new_arena(&opts, transport);
+    if spec.protocol_io == ProtocolIo::Fds {
+        return start_on_fds(adapter, transport, opts, &spec, arena).await;
+    }
     let fd = arena.as_ref().map(|a| a.fd().as_raw_fd());
     let (shared, mut child) =
-        spawn_shepherded(&spec, &opts, Stdio::piped(), Stdio::piped(), LogTarget::Worker, fd)?;
+        spawn_shepherded(&spec, &opts, Stdio::piped(), Stdio::piped(), LogTarget::Worker, fd, None)?;
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         // Cannot happen with piped stdio; treat it as a spawn failure anyway.
         shared.kill();
@@ -596,6 +608,48 @@ pub async fn start_worker(
         });
     };
     let io = WorkerIo { worker, input: Box::new(stdin), output: Box::new(stdout) };
+    let shm = shm_offer(arena, fd.unwrap_or(-1), &opts);
+    handshake(shared, Proc::Child(child), io, adapter, transport, &opts, shm).await
+}
+
+/// [`start_worker`] for a worker that speaks the protocol on fds 3 and 4
+/// ([`ProtocolIo::Fds`]).
+async fn start_on_fds(
+    adapter: &dyn Adapter,
+    transport: &dyn Transport,
+    opts: StartOptions,
+    spec: &SpawnSpec,
+    arena: Option<Arc<Arena>>,
+) -> Result<Worker, Error> {
+    let worker = opts.worker;
+    let program = spec.program.display().to_string();
+    let setup = |e| protocol_fds::setup_error(worker, &program, e);
+    let pipes = protocol_fds::ProtocolPipes::new().map_err(setup)?;
+    // The arena keeps its number across exec: it must not be one of the two the pipes take.
+    let arena_fd = match &arena {
+        Some(a) => Some(protocol_fds::above(a.fd().try_clone_to_owned().map_err(setup)?).map_err(setup)?),
+        None => None,
+    };
+    let fd = arena_fd.as_ref().map(|f| f.as_raw_fd());
+    let (shared, child) = spawn_shepherded(
+        spec,
+        &opts,
+        Stdio::null(),
+        Stdio::null(),
+        LogTarget::Worker,
+        fd,
+        Some(pipes.worker_fds()),
+    )?;
+    drop(arena_fd);
+    let io = match pipes.into_io(worker) {
+        Ok(io) => io,
+        Err(e) => {
+            shared.kill();
+            let mut proc = Proc::Child(child);
+            proc.wait().await;
+            return Err(setup(e));
+        }
+    };
     let shm = shm_offer(arena, fd.unwrap_or(-1), &opts);
     handshake(shared, Proc::Child(child), io, adapter, transport, &opts, shm).await
 }
@@ -615,13 +669,16 @@ pub(crate) async fn handshake(
     let pid = shared.pid;
     // If this future is dropped before the worker is handed out, the worker must die with it.
     let mut guard = KillOnDrop(Some(shared.clone()));
-    let hello = Hello::new(worker, opts.max_frame, adapter.worker_config())
+    let mut hello = Hello::new(worker, opts.max_frame, adapter.worker_config())
         .with_host(opts.host.clone())
         .with_max_in_flight(opts.max_in_flight)
         .with_pipeline_depth(opts.pipeline_depth)
         .with_busy_ping(opts.busy_ping)
         .with_busy_poll(opts.busy_poll)
         .with_shm(shm);
+    if let Some(v) = &opts.offer_versions {
+        hello.versions.clone_from(v);
+    }
     let timeout = adapter.handshake_timeout();
     let delay = opts.handshake_delay;
     let connect = async move {

@@ -202,6 +202,11 @@ pub enum SlotEvent<'a> {
         /// Consecutive misses so far.
         missed: u32,
     },
+    /// A worker answered a heartbeat ping.
+    HeartbeatAnswered {
+        /// The worker.
+        worker: WorkerId,
+    },
     /// A worker missed `max_missed` heartbeats and was killed.
     Unresponsive {
         /// The worker.
@@ -462,6 +467,7 @@ impl Slot {
                     match tokio::time::timeout(hb.timeout, mgr.ping(member)).await {
                         Ok(Ok(_)) => {
                             missed = 0;
+                            mgr.event(self.index, SlotEvent::HeartbeatAnswered { worker: member.id() });
                             if std::mem::take(&mut held) {
                                 mgr.admit(member);
                             }

@@ -243,6 +243,7 @@ impl Zygote {
             Stdio::null(),
             LogTarget::Zygote,
             None,
+            None,
         )?;
         let kill_on_fail = KillOnDrop(Some(shared.clone()));
         let sock = Arc::new(

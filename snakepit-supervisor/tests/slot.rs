@@ -22,6 +22,7 @@ enum Ev {
     StartFailed,
     Recycled { generation: u64, reason: RecycleReason },
     Missed(u32),
+    Answered,
     Unresponsive,
 }
 
@@ -110,6 +111,7 @@ impl SlotManager for TestManager {
             SlotEvent::StartFailed { .. } => Ev::StartFailed,
             SlotEvent::Recycled { worker, reason } => Ev::Recycled { generation: worker.generation, reason },
             SlotEvent::MissedHeartbeat { missed, .. } => Ev::Missed(missed),
+            SlotEvent::HeartbeatAnswered { .. } => Ev::Answered,
             SlotEvent::Unresponsive { .. } => Ev::Unresponsive,
             other => panic!("unexpected event {other:?}"),
         };
@@ -292,6 +294,7 @@ async fn a_worker_that_misses_heartbeats_is_killed_and_replaced() {
     // Answered pings change nothing.
     let_virtual_time_pass(Duration::from_secs(5)).await;
     assert_eq!(h.mgr.count(|e| matches!(e, Ev::Missed(_))), 0);
+    assert!(h.mgr.count(|e| matches!(e, Ev::Answered)) > 0, "answered pings are reported");
     assert_eq!(h.mgr.idle_ids().len(), 1, "a pinged worker goes back to the idle list");
     h.control.hang_pings(true);
     let t0 = Instant::now();

@@ -62,12 +62,15 @@ pub use session::Session;
 /// to the pipe.
 pub use snakepit_core::shm;
 pub use snakepit_core::{
-    ProcessProfile, SessionRecord, SessionStore, StartMode, ThreadProfile, VarType, WorkerProfile, Zygote,
+    ProcessProfile, ProtocolIo, SessionRecord, SessionStore, StartMode, ThreadProfile, VarType,
+    WorkerProfile, Zygote,
 };
 pub use snakepit_session::MemoryStore;
 
 pub use snakepit_adapters as adapters;
 pub use snakepit_adapters::Generic;
+#[cfg(feature = "node")]
+pub use snakepit_adapters::Node;
 #[cfg(feature = "python")]
 pub use snakepit_adapters::Python;
 pub use snakepit_core as core;

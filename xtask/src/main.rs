@@ -17,8 +17,13 @@
 //! * `setup`: creates `.venv` (the repository's Python virtualenv) with the gRPC transport's
 //!   Python dependencies (grpcio, protobuf; grpcio-tools for `proto`) and the bridge package's
 //!   test tools (pytest, pytest-timeout, mypy, numpy, pydantic), orjson (the bridge's
-//!   optional fast JSON codec) and scikit-learn (the bench's preload rows), pinned, from PyPI.
-//!   Idempotent; a package pip cannot install fails it.
+//!   optional fast JSON codec) and scikit-learn (the bench's preload rows), pinned, from PyPI;
+//!   then makes sure Node 18.19+ is there (as root with apt, it installs Debian's `nodejs` and
+//!   `npm` when missing; else a missing Node fails it) and runs `npm ci` in
+//!   `snakepit-adapters/node/` (the Node SDK's gRPC packages, from its committed lockfile).
+//!   Idempotent; a package pip or npm cannot install fails it.
+//! * `node`: the Node SDK's checks (`node --test` over `snakepit-adapters/node/test/`), after
+//!   `setup`'s Node part. `ci` runs it after `py`.
 //! * `py [--quick]`: the Python bridge package's checks: `mypy --strict`, its pytest suite (twice:
 //!   with orjson, and without it, `SNAKEPIT_BRIDGE_ORJSON=0`), and
 //!   (unless `--quick`) `pip install ./snakepit-adapters/python` into a fresh virtualenv with an
@@ -43,6 +48,8 @@
 
 use std::process::{Command, ExitCode};
 use std::time::Instant;
+
+mod node;
 
 fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
@@ -118,6 +125,11 @@ fn venv_python() -> std::path::PathBuf {
 }
 
 fn setup() -> Result<(), String> {
+    py_setup()?;
+    node::setup()
+}
+
+fn py_setup() -> Result<(), String> {
     let venv = root().join(".venv");
     let stamp = venv.join(".snakepit-deps");
     let want = PY_DEPS.join(" ");
@@ -283,6 +295,7 @@ fn ci() -> Result<(), String> {
     setup()?;
     proto(true)?;
     py(false)?;
+    node::check()?;
     let mut c = cargo();
     c.args(["fmt", "--all", "--", "--check"]);
     run("fmt", c)?;
@@ -440,10 +453,11 @@ fn main() -> ExitCode {
         "soak" => soak(std::env::args().skip(2).collect()),
         "proto" => proto(std::env::args().any(|a| a == "--check")),
         "py" => py(std::env::args().any(|a| a == "--quick")),
+        "node" => node::check(),
         "fuzz" => fuzz(std::env::args().skip(2).collect()),
         _ => {
             eprintln!(
-                "usage: cargo xtask <ci|test|setup|py [--quick]|proto [--check]|bench [--quick]|soak [--minutes N]|fuzz [--seconds N] [--target T]>"
+                "usage: cargo xtask <ci|test|setup|py [--quick]|node|proto [--check]|bench [--quick]|soak [--minutes N]|fuzz [--seconds N] [--target T]>"
             );
             return ExitCode::from(2);
         }

@@ -65,7 +65,7 @@ pub(super) fn bare_spawns(python: &str, n: usize, script: Option<&std::path::Pat
 
 /// Starts `n` processes made by `command` at once (stdio to /dev/null) and times them until
 /// the last has exited.
-fn spawn_all(n: usize, command: impl Fn() -> Command) -> Duration {
+pub(super) fn spawn_all(n: usize, command: impl Fn() -> Command) -> Duration {
     let t = Instant::now();
     let children: Vec<_> = (0..n)
         .filter_map(|_| {

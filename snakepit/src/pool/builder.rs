@@ -49,6 +49,7 @@ pub(crate) struct Config {
     pub(crate) stream_window: u32,
     start_mode: StartMode,
     busy_poll: Duration,
+    offer_versions: Option<Vec<u32>>,
     shm: snakepit_core::ShmOptions,
     instance: Option<String>,
     run_dir: Option<std::path::PathBuf>,
@@ -97,6 +98,7 @@ impl Default for PoolBuilder {
                 stream_window: 32,
                 start_mode: StartMode::Cold,
                 busy_poll: Duration::ZERO,
+                offer_versions: None,
                 shm: snakepit_core::ShmOptions::DEFAULT,
                 instance: None,
                 run_dir: None,
@@ -300,6 +302,15 @@ impl PoolBuilder {
         self
     }
 
+    /// Offers these protocol versions in `hello` instead of the host's own: for a conformance
+    /// check that a worker refuses versions it does not speak (`snakepit conform`). Not for
+    /// serving: the host speaks only its own versions whatever the worker answers.
+    #[doc(hidden)]
+    pub fn offer_versions(mut self, versions: Vec<u32>) -> Self {
+        self.cfg.offer_versions = Some(versions);
+        self
+    }
+
     /// The smallest binary segment that travels through the worker's shared-memory arena
     /// instead of its pipe (default 64 KiB; stdio transport only). Smaller segments are
     /// cheaper in the frame (no bookkeeping, no `release` message); larger ones cost one
@@ -449,7 +460,8 @@ impl PoolBuilder {
             .with_pipeline_depth(if cfg.slot.max_in_flight == 1 { cfg.slot.pipeline_depth } else { 1 })
             .with_busy_ping(cfg.slot.busy_heartbeat && cfg.slot.heartbeat.is_some())
             .with_busy_poll(cfg.busy_poll)
-            .with_shm(cfg.shm);
+            .with_shm(cfg.shm)
+            .with_offer_versions(cfg.offer_versions.clone());
         #[cfg(feature = "chaos")]
         let start_opts =
             start_opts.with_handshake_delay(cfg.chaos.as_ref().and_then(|c| c.handshake_delay()));

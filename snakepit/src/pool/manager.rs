@@ -51,6 +51,7 @@ impl SlotManager for Manager {
             SlotEvent::Exited { .. } => c.add(&c.crashes),
             SlotEvent::Recycled { .. } => c.add(&c.recycled),
             SlotEvent::Unresponsive { .. } => c.add(&c.unresponsive),
+            SlotEvent::HeartbeatAnswered { .. } => c.add(&c.heartbeats),
             SlotEvent::StartFailed { error, .. } => {
                 *inner.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
             }

@@ -34,6 +34,8 @@ pub struct PoolStats {
     pub recycled: u64,
     /// Workers killed for missing heartbeats.
     pub unresponsive: u64,
+    /// Heartbeat pings answered.
+    pub heartbeats: u64,
     /// Some slot crashed too often and stopped restarting for a while.
     pub degraded: bool,
     /// Every slot is failing to start: calls fail fast with `Unavailable`.
@@ -46,6 +48,7 @@ pub(crate) struct Counters {
     pub(crate) restarts: AtomicU64,
     pub(crate) recycled: AtomicU64,
     pub(crate) unresponsive: AtomicU64,
+    pub(crate) heartbeats: AtomicU64,
     pub(crate) calls_ok: AtomicU64,
     pub(crate) calls_failed: AtomicU64,
     /// Calls holding a worker right now.
@@ -63,6 +66,7 @@ impl Default for Counters {
             restarts: AtomicU64::new(0),
             recycled: AtomicU64::new(0),
             unresponsive: AtomicU64::new(0),
+            heartbeats: AtomicU64::new(0),
             calls_ok: AtomicU64::new(0),
             calls_failed: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
@@ -121,6 +125,7 @@ impl Inner {
             restarts: c.restarts.load(Ordering::Relaxed),
             recycled: c.recycled.load(Ordering::Relaxed),
             unresponsive: c.unresponsive.load(Ordering::Relaxed),
+            heartbeats: c.heartbeats.load(Ordering::Relaxed),
             degraded: self.slots.iter().any(|s| s.state() == snakepit_supervisor::SlotState::Failed),
             circuit_open: self.circuit_open(),
             calls_ok: c.calls_ok.load(Ordering::Relaxed),

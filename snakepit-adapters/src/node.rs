@@ -1,0 +1,314 @@
+//! The Node.js adapter and the embedded `snakepit-bridge` npm package.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use snakepit_core::{Adapter, Error, ProtocolIo, SpawnContext, SpawnSpec};
+
+use crate::cache::Bundle;
+
+/// The package, embedded so that a built binary needs nothing else on disk.
+const PACKAGE_FILES: &[(&str, &str)] = &[
+    ("package.json", include_str!("../node/package.json")),
+    ("index.js", include_str!("../node/index.js")),
+    ("index.mjs", include_str!("../node/index.mjs")),
+    ("index.d.ts", include_str!("../node/index.d.ts")),
+    ("bootstrap.mjs", include_str!("../node/bootstrap.mjs")),
+    ("hooks.mjs", include_str!("../node/hooks.mjs")),
+    ("lib/codec.js", include_str!("../node/lib/codec.js")),
+    ("lib/errors.js", include_str!("../node/lib/errors.js")),
+    ("lib/io.js", include_str!("../node/lib/io.js")),
+    ("lib/tools.js", include_str!("../node/lib/tools.js")),
+    ("lib/worker.js", include_str!("../node/lib/worker.js")),
+    ("showcase.js", include_str!("../node/showcase.js")),
+    ("README.md", include_str!("../node/README.md")),
+];
+
+/// Where the package goes in its cache directory: `NODE_PATH` names the `node_modules` above.
+const PACKAGE_DIR: &str = "node_modules/snakepit-bridge";
+
+const BUNDLE: Bundle =
+    Bundle { prefix: "node-bridge", subdir: PACKAGE_DIR, files: PACKAGE_FILES, marker: "index.js" };
+
+/// The directory holding `node_modules/snakepit-bridge/` (what the Node adapter puts on
+/// `NODE_PATH`): `SNAKEPIT_NODE_BRIDGE_PATH` if set, else the embedded package written out
+/// once to `$XDG_CACHE_HOME/snakepit/node-bridge-<hash>/` (or `~/.cache/snakepit/...`, or
+/// `$TMPDIR/snakepit-<euid>/...`), under the same rules as the Python bridge
+/// ([`bridge_dir`](crate::bridge_dir)).
+pub fn node_bridge_dir() -> Result<PathBuf, crate::Error> {
+    if let Some(p) = std::env::var_os("SNAKEPIT_NODE_BRIDGE_PATH").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    BUNDLE.dir(&DIR)
+}
+
+/// What a Node worker runs.
+#[derive(Debug, Clone)]
+enum Entry {
+    Script(PathBuf),
+    Showcase,
+}
+
+/// Runs a Node.js worker script (CommonJS or ESM) that uses the `snakepit-bridge` package:
+///
+/// ```js
+/// const { tool, serve } = require("snakepit-bridge");   // or: import { tool, serve } from "snakepit-bridge"
+/// tool("add", ({ a, b }) => a + b);
+/// serve();
+/// ```
+///
+/// The worker starts as `node --import <cache>/node_modules/snakepit-bridge/bootstrap.mjs
+/// SCRIPT` with that `node_modules` first on `NODE_PATH` (for `require`; the bootstrap
+/// registers a resolve hook for `import`), so nothing is installed by the user and nothing is
+/// written next to the script. It speaks the protocol on fds 3 and 4
+/// ([`ProtocolIo::Fds`]): `console.log` anywhere, even at load time, cannot corrupt it.
+///
+/// Concurrency is the pool's profile, as for Python: `ThreadProfile::new(n)` lets the bridge
+/// run up to `n` calls at once on its event loop (a synchronous tool still blocks it).
+/// Cancellation is cooperative (`ctx.signal`). The zygote start mode is not available for
+/// Node workers.
+#[derive(Debug, Clone)]
+pub struct Node {
+    entry: Entry,
+    interpreter: PathBuf,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    env_clear: bool,
+    env_allow: Vec<OsString>,
+    cwd: Option<PathBuf>,
+    handshake_timeout: Duration,
+    timeouts: HashMap<String, Duration>,
+    config: serde_json::Value,
+    bridge: Option<PathBuf>,
+}
+
+impl Node {
+    fn new(entry: Entry) -> Self {
+        let interpreter = std::env::var_os("SNAKEPIT_NODE")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("node"));
+        Node {
+            entry,
+            interpreter,
+            args: Vec::new(),
+            env: Vec::new(),
+            env_clear: false,
+            env_allow: Vec::new(),
+            cwd: None,
+            handshake_timeout: Duration::from_secs(30),
+            timeouts: HashMap::new(),
+            config: serde_json::Value::Null,
+            bridge: None,
+        }
+    }
+
+    /// Runs the worker script at `path` (`.js`, `.cjs` or `.mjs`).
+    pub fn script(path: impl Into<PathBuf>) -> Self {
+        Self::new(Entry::Script(path.into()))
+    }
+
+    /// The bundled showcase worker (`snakepit-bridge/showcase.js`): the conformance tools.
+    pub fn showcase() -> Self {
+        Self::new(Entry::Showcase)
+    }
+
+    /// The interpreter to run (default: `$SNAKEPIT_NODE` or `node`).
+    pub fn interpreter(mut self, path: impl Into<PathBuf>) -> Self {
+        self.interpreter = path.into();
+        self
+    }
+
+    /// Appends an argument for the script (it sees it in `process.argv`).
+    pub fn arg(mut self, a: impl Into<OsString>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    /// Sets an environment variable for the worker.
+    pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Starts the worker from an empty environment instead of the host's: it then gets only
+    /// `PATH`, the variables allowed with [`env_allow`](Self::env_allow), those set with
+    /// [`env`](Self::env) or on the pool, the bridge's `NODE_PATH` (the host's own entries
+    /// only if `NODE_PATH` is allowed), and `SNAKEPIT_*` variables snakepit sets.
+    pub fn env_clear(mut self) -> Self {
+        self.env_clear = true;
+        self
+    }
+
+    /// With [`env_clear`](Self::env_clear): host variables the worker still gets.
+    pub fn env_allow<I, K>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = K>,
+        K: Into<OsString>,
+    {
+        self.env_allow.extend(names.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets the worker's working directory.
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    /// How long start-up (loading the script and `setup()`) may take until `ready`; default
+    /// 30 s.
+    pub fn handshake_timeout(mut self, t: Duration) -> Self {
+        self.handshake_timeout = t;
+        self
+    }
+
+    /// A default timeout for one command.
+    pub fn command_timeout(mut self, command: impl Into<String>, t: Duration) -> Self {
+        self.timeouts.insert(command.into(), t);
+        self
+    }
+
+    /// Configuration handed to the worker (`this.config` of an `Adapter` class).
+    pub fn config(mut self, config: serde_json::Value) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Uses the package in `dir/node_modules/snakepit-bridge/` instead of the embedded one.
+    pub fn bridge_path(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.bridge = Some(dir.into());
+        self
+    }
+
+    fn spec(&self) -> Result<SpawnSpec, Error> {
+        let bad = |e: crate::Error| Error::Spawn {
+            worker: snakepit_core::WorkerId { slot: 0, generation: 0 },
+            program: self.interpreter.display().to_string(),
+            reason: e.to_string(),
+            source: None,
+        };
+        let dir = match &self.bridge {
+            Some(d) => d.clone(),
+            None => node_bridge_dir().map_err(bad)?,
+        };
+        let package = dir.join(PACKAGE_DIR);
+        let script = match &self.entry {
+            Entry::Script(p) => p.clone(),
+            Entry::Showcase => package.join("showcase.js"),
+        };
+        let mut spec = SpawnSpec::new(&self.interpreter).protocol_io(ProtocolIo::Fds);
+        spec.env_clear = self.env_clear;
+        spec.env_allow = self.env_allow.clone();
+        spec = spec.arg("--import").arg(file_url(&package.join("bootstrap.mjs"))).arg(script);
+        spec.args.extend(self.args.iter().cloned());
+        // The package's node_modules first on NODE_PATH, then the user's entries, then
+        // `$SNAKEPIT_NODE_PATH` (where `npm ci` put the gRPC packages).
+        let user = self
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "NODE_PATH")
+            .map(|(_, v)| v.clone())
+            .or_else(|| spec.inherited("NODE_PATH"));
+        let mut node_path = dir.join("node_modules").into_os_string();
+        for extra in [user, std::env::var_os("SNAKEPIT_NODE_PATH")].into_iter().flatten() {
+            if !extra.is_empty() {
+                node_path.push(":");
+                node_path.push(extra);
+            }
+        }
+        spec.env = self.env.iter().filter(|(k, _)| k != "NODE_PATH").cloned().collect();
+        spec.env.push(("NODE_PATH".into(), node_path));
+        spec.cwd = self.cwd.clone();
+        Ok(spec)
+    }
+}
+
+/// `path` as a `file://` URL (what `--import` takes), with the characters a URL path cannot
+/// hold percent-encoded.
+fn file_url(path: &Path) -> OsString {
+    use std::os::unix::ffi::OsStrExt;
+    let mut url = String::from("file://");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            url.push(char::from(b));
+        } else {
+            url.push_str(&format!("%{b:02X}"));
+        }
+    }
+    url.into()
+}
+
+impl Adapter for Node {
+    fn name(&self) -> String {
+        match &self.entry {
+            Entry::Script(p) => format!("node:{}", p.display()),
+            Entry::Showcase => "node:showcase".into(),
+        }
+    }
+
+    fn spawn_spec(&self, _ctx: &SpawnContext) -> Result<SpawnSpec, Error> {
+        self.spec()
+    }
+
+    fn zygote_spec(&self, _ctx: &SpawnContext) -> Result<Option<SpawnSpec>, Error> {
+        Err(Error::BadRequest("zygote start mode is not supported for Node workers".into()))
+    }
+
+    fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
+
+    fn worker_config(&self) -> serde_json::Value {
+        self.config.clone()
+    }
+
+    fn timeout_for(&self, command: &str) -> Option<Duration> {
+        self.timeouts.get(command).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_package_installs_and_is_complete() {
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let dir = BUNDLE.install(&scratch.path().join("cache")).expect("install");
+        for (name, text) in PACKAGE_FILES {
+            assert_eq!(std::fs::read_to_string(dir.join(PACKAGE_DIR).join(name)).expect("read"), *text);
+        }
+    }
+
+    #[test]
+    fn spec_runs_the_bootstrap_on_protocol_fds_with_node_path_first() {
+        let n = Node::script("w.mjs").bridge_path("/b").env("NODE_PATH", "/user").arg("x");
+        let spec = n.spec().expect("spec");
+        assert_eq!(spec.protocol_io, ProtocolIo::Fds);
+        let args: Vec<_> = spec.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(args, ["--import", "file:///b/node_modules/snakepit-bridge/bootstrap.mjs", "w.mjs", "x"]);
+        let np =
+            spec.env.iter().find(|(k, _)| k == "NODE_PATH").map(|(_, v)| v.to_string_lossy().into_owned());
+        assert!(np.is_some_and(|p| p.starts_with("/b/node_modules:/user")));
+    }
+
+    #[test]
+    fn file_urls_escape_what_a_url_path_cannot_hold() {
+        assert_eq!(file_url(Path::new("/a b/#c%.mjs")), OsString::from("file:///a%20b/%23c%25.mjs"));
+    }
+
+    /// The npm package's version is the crates' version.
+    #[test]
+    fn the_npm_package_version_is_the_crates() {
+        let pkg: serde_json::Value =
+            serde_json::from_str(include_str!("../node/package.json")).expect("json");
+        assert_eq!(pkg["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(pkg["name"], "snakepit-bridge");
+    }
+}
