@@ -207,7 +207,8 @@ impl Node {
         spec = spec.arg("--import").arg(file_url(&package.join("bootstrap.mjs"))).arg(script);
         spec.args.extend(self.args.iter().cloned());
         // The package's node_modules first on NODE_PATH, then the user's entries, then
-        // `$SNAKEPIT_NODE_PATH` (where `npm ci` put the gRPC packages).
+        // `$SNAKEPIT_NODE_PATH`, then this source tree's `node/node_modules` when it exists
+        // (where `cargo xtask setup` ran `npm ci`): the gRPC transport's packages.
         let user = self
             .env
             .iter()
@@ -216,7 +217,9 @@ impl Node {
             .map(|(_, v)| v.clone())
             .or_else(|| spec.inherited("NODE_PATH"));
         let mut node_path = dir.join("node_modules").into_os_string();
-        for extra in [user, std::env::var_os("SNAKEPIT_NODE_PATH")].into_iter().flatten() {
+        let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("node").join("node_modules");
+        let tree = tree.is_dir().then(|| tree.into_os_string());
+        for extra in [user, std::env::var_os("SNAKEPIT_NODE_PATH"), tree].into_iter().flatten() {
             if !extra.is_empty() {
                 node_path.push(":");
                 node_path.push(extra);

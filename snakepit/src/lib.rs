@@ -41,7 +41,7 @@
 //! breaks the protocol is replaced (with backoff) while its caller gets a precise [`Error`].
 //!
 //! Crates behind this facade: [`core`] (vocabulary and traits), [`supervisor`] (processes),
-//! [`adapters`] (Python, generic), and the transports (`stdio`).
+//! [`adapters`] (Python, Node, generic), and the transports (`stdio`, `grpc`).
 
 #![forbid(unsafe_code)]
 

@@ -28,8 +28,9 @@
 //!   with orjson, and without it, `SNAKEPIT_BRIDGE_ORJSON=0`), and
 //!   (unless `--quick`) `pip install ./snakepit-adapters/python` into a fresh virtualenv with an
 //!   import of the public API from `/`. `ci` runs it after `setup`.
-//! * `proto [--check]`: regenerates the Python stubs of `proto/` into the bridge (the Rust side
-//!   is generated at build time by protox); `--check` fails if the committed ones are stale.
+//! * `proto [--check]`: regenerates the Python stubs of `proto/` into the bridge and copies the
+//!   `.proto` into the Node SDK (the Rust side is generated at build time by protox); `--check`
+//!   fails if the committed ones are stale.
 //! * `fuzz [--seconds N] [--target T]`: runs the cargo-fuzz targets of `fuzz/` (all of them, or
 //!   `T`) for `N` seconds each (default 60), one after the other, installing cargo-fuzz from
 //!   crates.io first if it is missing (`cargo install cargo-fuzz --locked`). On the stable
@@ -226,6 +227,16 @@ fn proto(check: bool) -> Result<(), String> {
     c.arg("proto/snakepit/v1/snakepit.proto");
     run("protoc (python)", c)?;
     let mut stale = Vec::new();
+    // The Node SDK ships the .proto itself (its gRPC mode loads it with @grpc/proto-loader).
+    let node_copy = root().join("snakepit-adapters/node/proto/snakepit/v1/snakepit.proto");
+    let source = std::fs::read(root().join("proto/snakepit/v1/snakepit.proto")).map_err(|e| e.to_string())?;
+    if std::fs::read(&node_copy).ok().as_ref() != Some(&source) {
+        stale.push("node/proto/snakepit/v1/snakepit.proto");
+        if !check {
+            std::fs::create_dir_all(node_copy.parent().unwrap_or(&node_copy)).map_err(|e| e.to_string())?;
+            std::fs::write(&node_copy, &source).map_err(|e| e.to_string())?;
+        }
+    }
     for f in ["snakepit/v1/snakepit_pb2.py", "snakepit/v1/snakepit_pb2_grpc.py"] {
         let new = std::fs::read(tmp.join(f)).map_err(|e| e.to_string())?;
         let old = std::fs::read(out_dir.join(f)).unwrap_or_default();
@@ -239,13 +250,13 @@ fn proto(check: bool) -> Result<(), String> {
     }
     let _ = std::fs::remove_dir_all(&tmp);
     match (check, stale.is_empty()) {
-        (true, false) => Err(format!("Python stubs are stale ({stale:?}): run `cargo xtask proto`")),
+        (true, false) => Err(format!("generated files are stale ({stale:?}): run `cargo xtask proto`")),
         (false, false) => {
             eprintln!("proto: regenerated {stale:?}");
             Ok(())
         }
         _ => {
-            eprintln!("proto: Python stubs are current");
+            eprintln!("proto: Python stubs and the Node SDK's copy are current");
             Ok(())
         }
     }
@@ -287,6 +298,8 @@ const FACADE_FEATURE_SETS: &[&[&str]] = &[
     &["--no-default-features", "--features", "stdio"],
     // gRPC without the Python adapter.
     &["--no-default-features", "--features", "grpc"],
+    // Node without Python.
+    &["--no-default-features", "--features", "stdio,node"],
     &["--all-features"],
 ];
 

@@ -62,7 +62,7 @@ test("console.log and process.stdout at load time and in a tool go to stderr, no
   assert.deepEqual(await host.call(1, "shout", { text: "hi" }), { t: "result", id: 1, ok: "HI" });
   assert.deepEqual(await host.call(2, "shout", { text: "again" }), { t: "result", id: 2, ok: "AGAIN" });
   for (const line of ["load-time console.log", "load-time stdout.write", "tool console.log", "tool stdout.write"]) {
-    assert.ok(host.stderr.includes(line), `${line} in stderr: ${host.stderr}`);
+    await host.stderrMatches(line);
   }
 });
 
@@ -81,8 +81,8 @@ serve();
   );
   const host = await started(script, { stdio: true, bootstrap: false });
   assert.deepEqual(await host.call(1, "shout", { text: "hi" }), { t: "result", id: 1, ok: "HI" });
-  assert.ok(host.stderr.includes("load-time console.log"), host.stderr);
-  assert.ok(host.stderr.includes("tool stdout.write"), host.stderr);
+  await host.stderrMatches("load-time console.log");
+  await host.stderrMatches("tool stdout.write");
   host.closeInput();
   assert.deepEqual(await host.exit(), { code: 0, signal: null });
 });
@@ -112,7 +112,7 @@ serve();
   assert.equal((await host.call(1, "esm_add", { a: 40, b: 2 })).ok, 42);
   assert.equal((await host.call(2, "from_cjs")).ok, "registered through require()");
   assert.equal((await host.call(3, "bridge")).ok, host.ready.bridge);
-  assert.ok(host.stderr.includes("esm load-time print"));
+  await host.stderrMatches("esm load-time print");
 });
 
 test("ESM worker extending the showcase: import 'snakepit-bridge/showcase' registers its tools", async () => {
@@ -207,7 +207,7 @@ serve(Model);
   const host = new Host(script);
   host.send({ t: "hello", versions: [1], max_frame: 1 << 20 });
   assert.deepEqual(await host.exit(), { code: 1, signal: null });
-  assert.match(host.stderr, /setup failed:\nError: no model file/);
+  await host.stderrMatches(/setup failed:\nError: no model file/);
 });
 
 /** Starts the showcase, completes the handshake, sends `bytes`: the worker must exit 2. */
@@ -215,7 +215,7 @@ async function expectProtocolExit(bytes, pattern, hello = {}) {
   const host = await started(undefined, { hello });
   host.sendRaw(bytes);
   assert.deepEqual(await host.exit(), { code: 2, signal: null });
-  assert.match(host.stderr, pattern);
+  await host.stderrMatches(pattern);
 }
 
 test("bad frames from the host exit with status 2", async (t) => {
@@ -242,13 +242,13 @@ test("bad frames from the host exit with status 2", async (t) => {
     const host = new Host();
     host.send({ t: "call", id: 1, cmd: "add", args: { a: 1, b: 2 } });
     assert.deepEqual(await host.exit(), { code: 2, signal: null });
-    assert.match(host.stderr, /expected hello, got "call"/);
+    await host.stderrMatches(/expected hello, got "call"/);
   });
   await t.test("a hello without versions", async () => {
     const host = new Host();
     host.send({ t: "hello", max_frame: 1024 });
     assert.deepEqual(await host.exit(), { code: 2, signal: null });
-    assert.match(host.stderr, /hello: versions is undefined, not a list/);
+    await host.stderrMatches(/hello: versions is undefined, not a list/);
   });
 });
 
@@ -256,7 +256,7 @@ test("unknown message types after ready are ignored (logged)", async () => {
   const host = await started();
   host.send({ t: "mystery", id: 5 });
   assert.deepEqual(await host.call(1, "ping"), { t: "result", id: 1, ok: "pong" });
-  assert.match(host.stderr, /ignoring unknown message type "mystery"/);
+  await host.stderrMatches(/ignoring unknown message type "mystery"/);
 });
 
 test("a shared-memory offer is declined: no ready.shm, segments still agreed", async () => {

@@ -73,12 +73,11 @@ class Host {
   /**
    * Starts `script` as a worker. Options: env (added), pipes ("fifo": real pipes, as the
    * snakepit host uses, or "socketpair": Node's own stdio pipes), stdio (true: the protocol
-   * on the worker's stdin/stdout, without SNAKEPIT_PROTOCOL_FDS), bootstrap (default true),
-   * command (node's arguments instead of --import BOOTSTRAP SCRIPT).
+   * on the worker's stdin/stdout, without SNAKEPIT_PROTOCOL_FDS), bootstrap (default true).
    */
   constructor(script = SHOWCASE, options = {}) {
-    const { env = {}, pipes = "fifo", stdio = false, bootstrap = true, command } = options;
-    const argv = command || [...(bootstrap ? ["--import", BOOTSTRAP] : []), script];
+    const { env = {}, pipes = "fifo", stdio = false, bootstrap = true } = options;
+    const argv = [...(bootstrap ? ["--import", BOOTSTRAP] : []), script];
     const fullEnv = { ...process.env, NODE_PATH, ...env };
     delete fullEnv.SNAKEPIT_PROTOCOL_FDS;
     delete fullEnv.NODE_TEST_CONTEXT; // the worker is not a test file
@@ -98,7 +97,7 @@ class Host {
       });
       toWorker = this.child.stdin;
       fromWorker = this.child.stdout;
-      this.child.stderr.on("data", (d) => (this.stderr += d));
+      this.child.stderr.on("data", (d) => this.#gotStderr(d));
     } else if (pipes === "socketpair") {
       this.child = spawn(process.execPath, argv, {
         stdio: ["ignore", "pipe", "pipe", "pipe", "pipe"],
@@ -106,8 +105,8 @@ class Host {
       });
       toWorker = this.child.stdio[3];
       fromWorker = this.child.stdio[4];
-      this.child.stdio[1].on("data", (d) => (this.stderr += d));
-      this.child.stdio[2].on("data", (d) => (this.stderr += d));
+      this.child.stdio[1].on("data", (d) => this.#gotStderr(d));
+      this.child.stdio[2].on("data", (d) => this.#gotStderr(d));
     } else {
       const input = makePipe();
       const output = makePipe();
@@ -120,7 +119,7 @@ class Host {
       this.pipeFds = { input: input.write, output: output.read };
       toWorker = new net.Socket({ fd: input.write, readable: false, writable: true });
       fromWorker = new net.Socket({ fd: output.read, readable: true, writable: false });
-      new net.Socket({ fd: err.read, readable: true, writable: false }).on("data", (d) => (this.stderr += d));
+      new net.Socket({ fd: err.read, readable: true, writable: false }).on("data", (d) => this.#gotStderr(d));
     }
     this.input = toWorker;
     this.input.on("error", () => {}); // the worker may be gone: its exit is what tests look at
@@ -170,6 +169,11 @@ class Host {
     this.#wake();
   }
 
+  #gotStderr(data) {
+    this.stderr += data;
+    this.#wake();
+  }
+
   #wake() {
     for (const w of this.waiters.splice(0)) w();
   }
@@ -203,13 +207,32 @@ class Host {
       if (left <= 0) {
         throw new Error(`timed out waiting for ${what}; unread: ${JSON.stringify(this.messages)}; stderr:\n${this.stderr}`);
       }
-      await new Promise((resolve) => {
-        const timer = setTimeout(resolve, left);
-        this.waiters.push(() => {
-          clearTimeout(timer);
-          resolve();
-        });
+      await this.#news(left);
+    }
+  }
+
+  /** Resolves when a message or stderr output arrives, or after `ms`. */
+  #news(ms) {
+    return new Promise((resolve) => {
+      const timer = setTimeout(resolve, ms);
+      this.waiters.push(() => {
+        clearTimeout(timer);
+        resolve();
       });
+    });
+  }
+
+  /**
+   * Waits until the worker's stderr matches `pattern` (a RegExp or a string). Stderr is a pipe
+   * of its own: what the worker logged before an answer may still be on its way after it.
+   */
+  async stderrMatches(pattern) {
+    const deadline = Date.now() + WAIT_MS;
+    const found = () => (typeof pattern === "string" ? this.stderr.includes(pattern) : pattern.test(this.stderr));
+    while (!found()) {
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`stderr never matched ${pattern}; stderr:\n${this.stderr}`);
+      await this.#news(left);
     }
   }
 
@@ -276,13 +299,4 @@ async function started(script = SHOWCASE, options = {}) {
   return host;
 }
 
-/** Waits until `check()` is true (polled: for state outside the protocol, such as files). */
-async function until(check, what) {
-  const deadline = Date.now() + WAIT_MS;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
-
-module.exports = { Host, started, killAll, writeScript, tempPath, encodeFrame, until, withTimeout, SHOWCASE, BOOTSTRAP, NODE_PATH, PACKAGE };
+module.exports = { Host, started, killAll, writeScript, tempPath, encodeFrame, withTimeout, SHOWCASE, BOOTSTRAP, NODE_PATH, PACKAGE };

@@ -101,7 +101,7 @@ setInterval(() => {}, 1 << 30);
     host.child.kill("SIGKILL");
     // Its output ends when it exits (nothing else holds the pipe).
     await assert.rejects(host.next(), /worker output ended/);
-    assert.match(host.stderr, /parent process \d+ is gone; exiting/);
+    await host.stderrMatches(/parent process \d+ is gone; exiting/);
   } finally {
     killQuietly(worker);
   }
