@@ -84,6 +84,7 @@ pub struct Node {
     timeouts: HashMap<String, Duration>,
     config: serde_json::Value,
     bridge: Option<PathBuf>,
+    node_path: Vec<PathBuf>,
 }
 
 impl Node {
@@ -104,6 +105,7 @@ impl Node {
             timeouts: HashMap::new(),
             config: serde_json::Value::Null,
             bridge: None,
+            node_path: Vec::new(),
         }
     }
 
@@ -179,6 +181,14 @@ impl Node {
         self
     }
 
+    /// Appends `dir` to the worker's `NODE_PATH`, after the bridge's own entry, the user's
+    /// `NODE_PATH` and `$SNAKEPIT_NODE_PATH`: where packages the worker needs live (the gRPC
+    /// transport's `@grpc/grpc-js`, say, in a `node_modules` that `npm ci` filled).
+    pub fn node_path(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.node_path.push(dir.into());
+        self
+    }
+
     /// Uses the package in `dir/node_modules/snakepit-bridge/` instead of the embedded one.
     pub fn bridge_path(mut self, dir: impl Into<PathBuf>) -> Self {
         self.bridge = Some(dir.into());
@@ -196,6 +206,9 @@ impl Node {
             Some(d) => d.clone(),
             None => node_bridge_dir().map_err(bad)?,
         };
+        // Absolute: it becomes a file:// URL and a NODE_PATH entry the worker's cwd must not
+        // change.
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
         let package = dir.join(PACKAGE_DIR);
         let script = match &self.entry {
             Entry::Script(p) => p.clone(),
@@ -207,8 +220,8 @@ impl Node {
         spec = spec.arg("--import").arg(file_url(&package.join("bootstrap.mjs"))).arg(script);
         spec.args.extend(self.args.iter().cloned());
         // The package's node_modules first on NODE_PATH, then the user's entries, then
-        // `$SNAKEPIT_NODE_PATH`, then this source tree's `node/node_modules` when it exists
-        // (where `cargo xtask setup` ran `npm ci`): the gRPC transport's packages.
+        // `$SNAKEPIT_NODE_PATH` and the adapter's `node_path` entries (the gRPC transport's
+        // packages).
         let user = self
             .env
             .iter()
@@ -217,9 +230,8 @@ impl Node {
             .map(|(_, v)| v.clone())
             .or_else(|| spec.inherited("NODE_PATH"));
         let mut node_path = dir.join("node_modules").into_os_string();
-        let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("node").join("node_modules");
-        let tree = tree.is_dir().then(|| tree.into_os_string());
-        for extra in [user, std::env::var_os("SNAKEPIT_NODE_PATH"), tree].into_iter().flatten() {
+        let extras = [user, std::env::var_os("SNAKEPIT_NODE_PATH")].into_iter().flatten();
+        for extra in extras.chain(self.node_path.iter().map(|p| p.clone().into_os_string())) {
             if !extra.is_empty() {
                 node_path.push(":");
                 node_path.push(extra);
@@ -286,6 +298,17 @@ mod tests {
         let dir = BUNDLE.install(&scratch.path().join("cache")).expect("install");
         for (name, text) in PACKAGE_FILES {
             assert_eq!(std::fs::read_to_string(dir.join(PACKAGE_DIR).join(name)).expect("read"), *text);
+        }
+    }
+
+    /// Every file of the package's `lib/` is embedded (a file added there and not listed would
+    /// break every embedded worker that requires it).
+    #[test]
+    fn every_lib_file_is_embedded() {
+        let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("node").join("lib");
+        for e in std::fs::read_dir(&lib).expect("node/lib") {
+            let name = format!("lib/{}", e.expect("entry").file_name().to_string_lossy());
+            assert!(PACKAGE_FILES.iter().any(|(n, _)| *n == name), "{name} is not in PACKAGE_FILES");
         }
     }
 

@@ -123,6 +123,11 @@ pub(crate) async fn run(a: ConformArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(bad) = a.only.iter().find(|o| *o != "handshake" && !cases::ALL.iter().any(|(n, _, _)| n == o))
+    {
+        eprintln!("snakepit conform: --only: no behaviour named {bad:?} (see docs/conformance.md)");
+        return ExitCode::from(2);
+    }
     if let Err(m) = a.transport.apply(Pool::builder(), source.clone()) {
         eprintln!("snakepit conform: {m}");
         return ExitCode::from(2);

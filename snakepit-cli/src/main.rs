@@ -89,8 +89,9 @@ fn main() -> ExitCode {
         // The demo crashes workers on purpose and reports them in its summary: the pool's
         // warning for each planned exit would only interleave with the progress bar.
         Cmd::Demo(_) => demo::DEFAULT_LOG_FILTER,
-        // The kit crashes, stops and times out workers on purpose: only errors are news.
-        Cmd::Conform(_) => "error",
+        // The kit crashes, stops and times out workers on purpose: only errors are news, and
+        // the slots' reports of the workers it broke are not.
+        Cmd::Conform(_) => "error,snakepit_supervisor::slot=off",
         _ => "warn",
     });
     if let Cmd::Bench(b) = &cli.cmd {

@@ -44,7 +44,9 @@ pub(crate) struct TransportArgs {
     /// .venv/bin/python when it exists, else python3).
     #[arg(long)]
     pub(crate) python: Option<PathBuf>,
-    /// The Node interpreter (default: $SNAKEPIT_NODE, else node).
+    /// The Node interpreter (default: $SNAKEPIT_NODE, else node). Node workers find the gRPC
+    /// packages in $SNAKEPIT_NODE_PATH or in ./snakepit-adapters/node/node_modules (`cargo
+    /// xtask setup` runs `npm ci` there).
     #[arg(long)]
     pub(crate) node: Option<PathBuf>,
     /// Fork the workers from a warm zygote that imported the worker code once (Python only).
@@ -132,10 +134,18 @@ impl TransportArgs {
                     if matches!(source, Source::Node(_)) { "Node workers" } else { "--command workers" };
                 return Err(format!("zygote start mode is not supported for {what}"));
             }
-            Source::Node(adapter) => match &self.node {
-                Some(p) => b.adapter(adapter.interpreter(p)),
-                None => b.adapter(adapter),
-            },
+            Source::Node(adapter) => {
+                // The repository's `npm ci` (the gRPC packages), as `.venv` is for Python.
+                let tree = PathBuf::from("snakepit-adapters/node/node_modules");
+                let adapter = match std::path::absolute(&tree) {
+                    Ok(t) if t.is_dir() => adapter.node_path(t),
+                    _ => adapter,
+                };
+                match &self.node {
+                    Some(p) => b.adapter(adapter.interpreter(p)),
+                    None => b.adapter(adapter),
+                }
+            }
             Source::Command(adapter) => b.adapter(adapter),
         };
         let b = b.pipeline_depth(usize::from(self.pipeline_depth));

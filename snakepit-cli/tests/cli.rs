@@ -185,6 +185,35 @@ fn call_prints_the_result_or_the_error() {
     assert_eq!(err["type"], "TypeError");
 }
 
+/// `--script` ending in `.js` runs Node; `--command` runs any program speaking protocol v1
+/// (here the Perl worker written from docs/protocol.md), split with shell word rules.
+#[test]
+fn call_runs_node_scripts_and_any_command() {
+    let g = Guard::new();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let showcase = root.join("snakepit-adapters/node/showcase.js");
+    let out = g
+        .snakepit()
+        .args(["call", "--script"])
+        .arg(&showcase)
+        .args(["add", r#"{"a":20,"b":22}"#])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    let perl = root.join("tests/workers/protocol_only.pl");
+    let out = g
+        .snakepit()
+        .args(["call", "--command", &format!("perl '{}'", perl.display()), "echo", r#"{"x":"a b"}"#])
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"x":"a b"}"#);
+    let out = g.snakepit().args(["call", "--script", "w.mjs", "--zygote", "ping"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported for Node workers"));
+}
+
 #[test]
 fn serve_and_call_send_b64_objects_as_bytes_and_write_bytes_back_as_b64() {
     let g = Guard::new();

@@ -60,6 +60,10 @@ pub fn encode_hello(out: &mut Vec<u8>, hello: &Hello) {
     let _ = serde_json::to_writer(&mut *out, &msg);
 }
 
+/// How the reason of a [`Error::VersionMismatch`] starts when the worker answered `ready` with a
+/// version the host did not offer (rather than `refuse`).
+pub const CHOSE_UNOFFERED: &str = "the worker chose version";
+
 /// Interprets `body`, the worker's answer to `hello`, and returns its [`Ready`].
 ///
 /// Errors, all naming `hello.worker`:
@@ -109,12 +113,13 @@ pub fn parse_ready(hello: &Hello, body: &[u8]) -> Result<Ready, Error> {
             ready.pipeline_depth, ready.max_in_flight
         )));
     }
-    if !hello.versions.contains(&ready.version) {
+    // Offered, and spoken by this host (a conformance check may offer versions it does not).
+    if !hello.versions.contains(&ready.version) || !crate::PROTOCOL_VERSIONS.contains(&ready.version) {
         return Err(Error::VersionMismatch {
             worker,
             offered: hello.versions.clone(),
             speaks: vec![ready.version],
-            reason: format!("the worker chose version {}, which was not offered", ready.version),
+            reason: format!("{CHOSE_UNOFFERED} {}, which was not offered", ready.version),
         });
     }
     Ok(ready)

@@ -524,6 +524,9 @@ pub(crate) fn spawn_shepherded(
     cmd.env("SNAKEPIT_RUN_ID", &opts.run_id).env("SNAKEPIT_WORKER_ID", worker.to_string());
     if protocol.is_some() {
         cmd.env(protocol_fds::ENV.0, protocol_fds::ENV.1);
+    } else {
+        // Inherited from a host that is itself a worker on protocol fds: not this worker's.
+        cmd.env_remove(protocol_fds::ENV.0);
     }
     if let Some(dir) = &spec.cwd {
         cmd.current_dir(dir);
@@ -624,10 +627,10 @@ async fn start_on_fds(
     let worker = opts.worker;
     let program = spec.program.display().to_string();
     let setup = |e| protocol_fds::setup_error(worker, &program, e);
-    let pipes = protocol_fds::ProtocolPipes::new().map_err(setup)?;
+    let mut pipes = protocol_fds::ProtocolPipes::new().map_err(setup)?;
     // The arena keeps its number across exec: it must not be one of the two the pipes take.
     let arena_fd = match &arena {
-        Some(a) => Some(protocol_fds::above(a.fd().try_clone_to_owned().map_err(setup)?).map_err(setup)?),
+        Some(a) => Some(pipes.above(a.fd().try_clone_to_owned().map_err(setup)?).map_err(setup)?),
         None => None,
     };
     let fd = arena_fd.as_ref().map(|f| f.as_raw_fd());

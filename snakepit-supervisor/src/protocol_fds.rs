@@ -27,6 +27,10 @@ pub(crate) struct ProtocolPipes {
     worker_out: OwnedFd,
     host_in: OwnedFd,
     host_out: OwnedFd,
+    /// Descriptors below [`FIRST_FREE`] that were moved up: held open until after the spawn,
+    /// so that nothing made in between (the lifeline, std's exec-error pipe) takes fd 3 or 4,
+    /// which the worker's `dup2`s would then close under it.
+    low: Vec<OwnedFd>,
 }
 
 impl ProtocolPipes {
@@ -35,7 +39,16 @@ impl ProtocolPipes {
         let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
         let (worker_in, host_in) = nix::unistd::pipe2(cloexec)?;
         let (host_out, worker_out) = nix::unistd::pipe2(cloexec)?;
-        Ok(ProtocolPipes { worker_in: above(worker_in)?, worker_out: above(worker_out)?, host_in, host_out })
+        let mut low = Vec::new();
+        let worker_in = above(worker_in, &mut low)?;
+        let worker_out = above(worker_out, &mut low)?;
+        Ok(ProtocolPipes { worker_in, worker_out, host_in, host_out, low })
+    }
+
+    /// `fd` numbered at least [`FIRST_FREE`] (see [`above`]), its low original held with the
+    /// pipes until the spawn is done.
+    pub(crate) fn above(&mut self, fd: OwnedFd) -> std::io::Result<OwnedFd> {
+        above(fd, &mut self.low)
     }
 
     /// The worker's ends, for the pre-exec hook ([`install`]).
@@ -46,8 +59,8 @@ impl ProtocolPipes {
     /// After the spawn: closes the worker's ends in the host and wraps the host's for the
     /// transport (non-blocking, on the runtime's reactor).
     pub(crate) fn into_io(self, worker: WorkerId) -> std::io::Result<WorkerIo> {
-        let ProtocolPipes { worker_in, worker_out, host_in, host_out } = self;
-        drop((worker_in, worker_out));
+        let ProtocolPipes { worker_in, worker_out, host_in, host_out, low } = self;
+        drop((worker_in, worker_out, low));
         let input = tokio::net::unix::pipe::Sender::from_owned_fd(host_in)?;
         let output = tokio::net::unix::pipe::Receiver::from_owned_fd(host_out)?;
         Ok(WorkerIo { worker, input: Box::new(input), output: Box::new(output) })
@@ -55,13 +68,14 @@ impl ProtocolPipes {
 }
 
 /// `fd` itself when its number is at least [`FIRST_FREE`], else a close-on-exec copy that is
-/// (and `fd` is closed).
+/// (the original goes to `low`, to be closed after the spawn).
 #[allow(unsafe_code)] // adopting the descriptor F_DUPFD_CLOEXEC returns
-pub(crate) fn above(fd: OwnedFd) -> std::io::Result<OwnedFd> {
+fn above(fd: OwnedFd, low: &mut Vec<OwnedFd>) -> std::io::Result<OwnedFd> {
     if fd.as_raw_fd() >= FIRST_FREE {
         return Ok(fd);
     }
     let copy = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(FIRST_FREE))?;
+    low.push(fd);
     // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(copy) })
 }

@@ -304,7 +304,8 @@ impl PoolBuilder {
 
     /// Offers these protocol versions in `hello` instead of the host's own: for a conformance
     /// check that a worker refuses versions it does not speak (`snakepit conform`). Not for
-    /// serving: the host speaks only its own versions whatever the worker answers.
+    /// serving: a `ready` naming a version this host does not speak still fails the start with
+    /// `version_mismatch`.
     #[doc(hidden)]
     pub fn offer_versions(mut self, versions: Vec<u32>) -> Self {
         self.cfg.offer_versions = Some(versions);
