@@ -160,6 +160,12 @@ export class Adapter {
  * output printed after that, through process.stdout or console, is safe (not a direct write
  * to fd 1, nor a child process that inherits stdout).
  *
+ * When the host picks the gRPC transport (its `hello` names a Unix socket), the tools are
+ * served over gRPC on that socket, with the same behaviour, and the descriptors above carry
+ * only the control messages. That needs the packages `@grpc/grpc-js` and `@grpc/proto-loader`
+ * (optional peer dependencies); without them the worker exits with status 1 before it is
+ * ready, saying which one is missing.
+ *
  * @param adapter an {@link Adapter} subclass (instantiated with the config once `hello`
  *   arrives) or instance
  */
@@ -180,7 +186,11 @@ export class CancelledError extends Error {
 export class HostCallError extends Error {
   constructor(type: string, message: string);
   name: "HostCallError";
-  /** The host's error kind: `UnknownHostTool`, `NoSession`, `BadRequest`, or what a host tool raised. */
+  /**
+   * The host's error kind: `UnknownHostTool`, `NoSession`, `BadRequest`, or what a host tool
+   * raised; over the gRPC transport also `HostUnavailable` (the host's service could not be
+   * reached; the message says why).
+   */
   type: string;
 }
 

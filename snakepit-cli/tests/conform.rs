@@ -1,5 +1,5 @@
 //! `snakepit conform` against real workers: the Python showcase (stdio, gRPC, zygote), the Node
-//! showcase (stdio), a Perl worker written from `docs/protocol.md` alone (stdio), a worker that
+//! showcase (stdio, gRPC), a Perl worker written from `docs/protocol.md` alone (stdio), a worker that
 //! never answers, and the usage errors.
 
 use std::path::PathBuf;
@@ -17,12 +17,18 @@ fn root() -> PathBuf {
 
 /// Runs `snakepit conform ARGS` to its end; every process it started is reaped (and the test
 /// fails if one outlives it).
-#[allow(clippy::disallowed_methods)] // runs the CLI binary under test
 fn conform(args: &[&str]) -> (Output, String) {
+    conform_env(args, &[])
+}
+
+/// [`conform`] with extra environment variables.
+#[allow(clippy::disallowed_methods)] // runs the CLI binary under test
+fn conform_env(args: &[&str], env: &[(&str, PathBuf)]) -> (Output, String) {
     let marker = procs::new_marker();
     let out = Command::new(env!("CARGO_BIN_EXE_snakepit"))
         .arg("conform")
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env(procs::MARKER_VAR, &marker)
         .env("SNAKEPIT_LOG", "error")
         .output()
@@ -37,8 +43,12 @@ fn conform(args: &[&str]) -> (Output, String) {
 /// Asserts a clean pass: exit 0, no FAIL line, and the summary line last. Returns the SKIP
 /// lines.
 fn passes(args: &[&str]) -> Vec<String> {
+    passes_env(args, &[])
+}
+
+fn passes_env(args: &[&str], env: &[(&str, PathBuf)]) -> Vec<String> {
     let t = Instant::now();
-    let (out, stdout) = conform(args);
+    let (out, stdout) = conform_env(args, env);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{args:?}: exit {:?}\n{stdout}\nstderr:\n{stderr}", out.status);
     assert!(!stdout.contains("FAIL"), "{args:?}:\n{stdout}");
@@ -78,6 +88,29 @@ fn the_node_showcase_passes_over_stdio() {
     let skipped = passes(&["--script", &script.to_string_lossy()]);
     // Node has no mmap: no shared memory.
     assert!(skipped.iter().all(|l| l.contains("shared_memory")), "{skipped:?}");
+}
+
+/// Node over gRPC needs `@grpc/grpc-js` and `@grpc/proto-loader` (`npm ci` in
+/// snakepit-adapters/node, which `cargo xtask setup` runs); without them the test says so, and
+/// fails under `CI=true`.
+#[test]
+fn the_node_showcase_passes_over_grpc() {
+    let modules = root().join("snakepit-adapters/node/node_modules");
+    if !modules.join("@grpc/grpc-js").is_dir() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} has no @grpc/grpc-js: run `cargo xtask setup`",
+            modules.display()
+        );
+        eprintln!("SKIP: {} has no @grpc/grpc-js (run `cargo xtask setup`)", modules.display());
+        return;
+    }
+    let script = root().join("snakepit-adapters/node/showcase.js");
+    let skipped = passes_env(
+        &["--script", &script.to_string_lossy(), "--transport", "grpc"],
+        &[("SNAKEPIT_NODE_PATH", modules)],
+    );
+    assert!(skipped.iter().all(|l| l.contains("shared_memory") || l.contains("pipeline")), "{skipped:?}");
 }
 
 #[test]
