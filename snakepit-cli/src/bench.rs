@@ -460,7 +460,7 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
     let node_seq = "node stdio 1 worker seq 64 B".to_string();
     let node_many = format!("node stdio {nw} workers 32 callers 64 B");
     let node_pools = if want(&node_seq) || want(&node_many) { node::pools(nw).await } else { None };
-    let has_node = node_pools.is_some();
+    let has_node = node_pools.is_some() || (want("start-up") && node::available());
     let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
     let mut floors: BTreeMap<String, String> = BTreeMap::new();
     let want = |name: &str| args.only.as_deref().map_or(true, |o| name.contains(o));

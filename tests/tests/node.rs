@@ -128,3 +128,51 @@ async fn a_missing_interpreter_or_a_broken_script_fails_start_up_clearly() {
     }
     r.assert_none_left(Duration::from_secs(5));
 }
+
+/// The repository's `npm ci` (`cargo xtask setup`): the Node SDK's gRPC packages.
+fn grpc_modules() -> Option<std::path::PathBuf> {
+    let m = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../snakepit-adapters/node/node_modules");
+    if m.join("@grpc/grpc-js").is_dir() {
+        return Some(m);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} has no @grpc/grpc-js: run `cargo xtask setup`",
+        m.display()
+    );
+    eprintln!("SKIP: {} has no @grpc/grpc-js (run `cargo xtask setup`)", m.display());
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_node_worker_names_the_missing_package_or_serves() {
+    let r = Reaper::new();
+    let grpc = || snakepit::Grpc::default().socket_root(r.dir().join("s"));
+    // Without the packages on NODE_PATH (the library adds no build-tree path of its own).
+    let err = r
+        .builder()
+        .adapter(Node::showcase().env_clear())
+        .transport(grpc())
+        .size(1)
+        .build()
+        .await
+        .expect_err("no @grpc/grpc-js");
+    match err {
+        Error::StartupFailed { stderr_tail, .. } => {
+            assert!(stderr_tail.contains("@grpc/grpc-js"), "{stderr_tail}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let Some(modules) = grpc_modules() else { return };
+    let pool = r
+        .builder()
+        .adapter(Node::showcase().node_path(modules))
+        .transport(grpc())
+        .size(1)
+        .build()
+        .await
+        .expect("pool");
+    assert_eq!(pool.execute("add", json!({"a": 1, "b": 2})).await.expect("add"), json!(3));
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}

@@ -10,6 +10,12 @@ fn node() -> String {
     std::env::var("SNAKEPIT_NODE").unwrap_or_else(|_| "node".into())
 }
 
+/// Whether `node` runs here.
+#[allow(clippy::disallowed_methods)] // a probe of the interpreter, not a worker
+pub(super) fn available() -> bool {
+    Command::new(node()).arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
 fn build(n: usize) -> snakepit::PoolBuilder {
     Pool::builder().run_registry(false).heartbeat(None).adapter(Node::showcase()).size(n)
 }
