@@ -35,6 +35,28 @@ serve();
     r.assert_none_left(Duration::from_secs(5));
 }
 
+/// A `.js` ES module (its package.json says `"type": "module"`) gets the resolve hook too; a
+/// CommonJS script goes without it (it costs start-up time) and still finds the SDK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_js_module_under_a_type_module_package_imports_the_sdk() {
+    let r = Reaper::new();
+    std::fs::create_dir(r.dir().join("esm")).expect("mkdir");
+    std::fs::write(r.dir().join("esm/package.json"), r#"{"type": "module"}"#).expect("package.json");
+    let esm = r.script(
+        "esm/worker.js",
+        "import { tool, serve } from \"snakepit-bridge\";\ntool(\"kind\", () => \"esm\");\nserve();\n",
+    );
+    let cjs = r.script(
+        "worker.js",
+        "const { tool, serve } = require(\"snakepit-bridge\");\ntool(\"kind\", () => \"cjs\");\nserve();\n",
+    );
+    for (script, kind) in [(esm, "esm"), (cjs, "cjs")] {
+        let pool = r.builder().adapter(Node::script(&script)).size(1).build().await.expect("pool");
+        assert_eq!(pool.execute("kind", json!(null)).await.expect("kind"), json!(kind));
+        pool.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_class_form_runs_setup_with_the_hosts_config_before_ready() {
     let r = Reaper::new();
