@@ -4,7 +4,7 @@
 //!
 //! * [`Python`]: runs a worker script or module through the `snakepit_bridge` bootstrap, which
 //!   this crate ships (embedded, written out to a cache directory on first use);
-//! * [`Node`] (feature `node`): runs a Node.js worker script through the `snakepit-bridge` npm
+//! * `Node` (feature `node`): runs a Node.js worker script through the `snakepit-bridge` npm
 //!   package, which this crate ships the same way;
 //! * [`Generic`]: any program that speaks protocol v1 on its stdin/stdout itself.
 
@@ -12,6 +12,7 @@
 
 #[cfg(any(feature = "python", feature = "node"))]
 mod cache;
+mod common;
 mod generic;
 #[cfg(feature = "node")]
 mod node;

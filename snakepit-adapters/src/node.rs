@@ -1,14 +1,13 @@
 //! The Node.js adapter and the embedded `snakepit-bridge` npm package.
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use snakepit_core::{Adapter, Error, ProtocolIo, SpawnContext, SpawnSpec};
 
 use crate::cache::Bundle;
+use crate::common::{common_adapter_methods, common_builders, Common};
 
 /// The package, embedded so that a built binary needs nothing else on disk.
 const PACKAGE_FILES: &[(&str, &str)] = &[
@@ -80,14 +79,7 @@ enum Entry {
 pub struct Node {
     entry: Entry,
     interpreter: PathBuf,
-    args: Vec<OsString>,
-    env: Vec<(OsString, OsString)>,
-    env_clear: bool,
-    env_allow: Vec<OsString>,
-    cwd: Option<PathBuf>,
-    handshake_timeout: Duration,
-    timeouts: HashMap<String, Duration>,
-    config: serde_json::Value,
+    common: Common,
     bridge: Option<PathBuf>,
     node_path: Vec<PathBuf>,
 }
@@ -98,20 +90,7 @@ impl Node {
             .filter(|p| !p.is_empty())
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("node"));
-        Node {
-            entry,
-            interpreter,
-            args: Vec::new(),
-            env: Vec::new(),
-            env_clear: false,
-            env_allow: Vec::new(),
-            cwd: None,
-            handshake_timeout: Duration::from_secs(30),
-            timeouts: HashMap::new(),
-            config: serde_json::Value::Null,
-            bridge: None,
-            node_path: Vec::new(),
-        }
+        Node { entry, interpreter, common: Common::default(), bridge: None, node_path: Vec::new() }
     }
 
     /// Runs the worker script at `path` (`.js`, `.cjs` or `.mjs`).
@@ -130,61 +109,7 @@ impl Node {
         self
     }
 
-    /// Appends an argument for the script (it sees it in `process.argv`).
-    pub fn arg(mut self, a: impl Into<OsString>) -> Self {
-        self.args.push(a.into());
-        self
-    }
-
-    /// Sets an environment variable for the worker.
-    pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Self {
-        self.env.push((k.into(), v.into()));
-        self
-    }
-
-    /// Starts the worker from an empty environment instead of the host's: it then gets only
-    /// `PATH`, the variables allowed with [`env_allow`](Self::env_allow), those set with
-    /// [`env`](Self::env) or on the pool, the bridge's `NODE_PATH` (the host's own entries
-    /// only if `NODE_PATH` is allowed), and `SNAKEPIT_*` variables snakepit sets.
-    pub fn env_clear(mut self) -> Self {
-        self.env_clear = true;
-        self
-    }
-
-    /// With [`env_clear`](Self::env_clear): host variables the worker still gets.
-    pub fn env_allow<I, K>(mut self, names: I) -> Self
-    where
-        I: IntoIterator<Item = K>,
-        K: Into<OsString>,
-    {
-        self.env_allow.extend(names.into_iter().map(Into::into));
-        self
-    }
-
-    /// Sets the worker's working directory.
-    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.cwd = Some(dir.into());
-        self
-    }
-
-    /// How long start-up (loading the script and `setup()`) may take until `ready`; default
-    /// 30 s.
-    pub fn handshake_timeout(mut self, t: Duration) -> Self {
-        self.handshake_timeout = t;
-        self
-    }
-
-    /// A default timeout for one command.
-    pub fn command_timeout(mut self, command: impl Into<String>, t: Duration) -> Self {
-        self.timeouts.insert(command.into(), t);
-        self
-    }
-
-    /// Configuration handed to the worker (`this.config` of an `Adapter` class).
-    pub fn config(mut self, config: serde_json::Value) -> Self {
-        self.config = config;
-        self
-    }
+    common_builders!();
 
     /// Appends `dir` to the worker's `NODE_PATH`, after the bridge's own entry, the user's
     /// `NODE_PATH` and `$SNAKEPIT_NODE_PATH`: where packages the worker needs live (the gRPC
@@ -220,14 +145,15 @@ impl Node {
             Entry::Showcase => package.join("showcase.js"),
         };
         let mut spec = SpawnSpec::new(&self.interpreter).protocol_io(ProtocolIo::Fds);
-        spec.env_clear = self.env_clear;
-        spec.env_allow = self.env_allow.clone();
+        spec.env_clear = self.common.env_clear;
+        spec.env_allow = self.common.env_allow.clone();
         spec = spec.arg("--import").arg(file_url(&package.join("bootstrap.mjs"))).arg(script);
-        spec.args.extend(self.args.iter().cloned());
+        spec.args.extend(self.common.args.iter().cloned());
         // The package's node_modules first on NODE_PATH, then the user's entries, then
         // `$SNAKEPIT_NODE_PATH` and the adapter's `node_path` entries (the gRPC transport's
         // packages).
         let user = self
+            .common
             .env
             .iter()
             .rev()
@@ -242,9 +168,9 @@ impl Node {
                 node_path.push(extra);
             }
         }
-        spec.env = self.env.iter().filter(|(k, _)| k != "NODE_PATH").cloned().collect();
+        spec.env = self.common.env.iter().filter(|(k, _)| k != "NODE_PATH").cloned().collect();
         spec.env.push(("NODE_PATH".into(), node_path));
-        spec.cwd = self.cwd.clone();
+        spec.cwd = self.common.cwd.clone();
         Ok(spec)
     }
 }
@@ -280,17 +206,7 @@ impl Adapter for Node {
         Err(Error::BadRequest("zygote start mode is not supported for Node workers".into()))
     }
 
-    fn handshake_timeout(&self) -> Duration {
-        self.handshake_timeout
-    }
-
-    fn worker_config(&self) -> serde_json::Value {
-        self.config.clone()
-    }
-
-    fn timeout_for(&self, command: &str) -> Option<Duration> {
-        self.timeouts.get(command).copied()
-    }
+    common_adapter_methods!();
 }
 
 #[cfg(test)]

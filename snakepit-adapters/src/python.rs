@@ -1,16 +1,14 @@
 //! The Python adapter and the embedded `snakepit_bridge` package.
 
-use std::collections::HashMap;
-use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use snakepit_core::{Adapter, Error, SpawnContext, SpawnSpec};
 
 #[cfg(test)]
 use crate::cache::cache_root;
 use crate::cache::Bundle;
+use crate::common::{common_adapter_methods, common_builders, Common};
 
 /// The bridge package, embedded so that a built binary needs nothing else on disk.
 const BRIDGE_FILES: &[(&str, &str)] = &[
@@ -119,14 +117,7 @@ pub struct Python {
     entry: Entry,
     interpreter: PathBuf,
     adapter_class: Option<String>,
-    args: Vec<OsString>,
-    env: Vec<(OsString, OsString)>,
-    env_clear: bool,
-    env_allow: Vec<OsString>,
-    cwd: Option<PathBuf>,
-    handshake_timeout: Duration,
-    timeouts: HashMap<String, Duration>,
-    config: serde_json::Value,
+    common: Common,
     bridge: Bridge,
 }
 
@@ -151,14 +142,7 @@ impl Python {
             entry,
             interpreter,
             adapter_class: None,
-            args: Vec::new(),
-            env: Vec::new(),
-            env_clear: false,
-            env_allow: Vec::new(),
-            cwd: None,
-            handshake_timeout: Duration::from_secs(30),
-            timeouts: HashMap::new(),
-            config: serde_json::Value::Null,
+            common: Common::default(),
             bridge: Bridge::Embedded,
         }
     }
@@ -190,63 +174,7 @@ impl Python {
         self
     }
 
-    /// Appends an argument for the script (it sees it in `sys.argv`).
-    pub fn arg(mut self, a: impl Into<OsString>) -> Self {
-        self.args.push(a.into());
-        self
-    }
-
-    /// Sets an environment variable for the worker.
-    pub fn env(mut self, k: impl Into<OsString>, v: impl Into<OsString>) -> Self {
-        self.env.push((k.into(), v.into()));
-        self
-    }
-
-    /// Starts the worker from an empty environment instead of the host's (by default it
-    /// inherits the host's whole environment, secrets included): it then gets only `PATH`, the
-    /// variables allowed with [`env_allow`](Self::env_allow), those set with
-    /// [`env`](Self::env) or on the pool, the bridge's `PYTHONPATH` (the host's own entries
-    /// only if `PYTHONPATH` is allowed), `PYTHONUNBUFFERED`, and `SNAKEPIT_RUN_ID` /
-    /// `SNAKEPIT_WORKER_ID`.
-    pub fn env_clear(mut self) -> Self {
-        self.env_clear = true;
-        self
-    }
-
-    /// With [`env_clear`](Self::env_clear): host variables the worker still gets (`HOME`,
-    /// `LANG`, `VIRTUAL_ENV`, ...), when the host has them.
-    pub fn env_allow<I, K>(mut self, names: I) -> Self
-    where
-        I: IntoIterator<Item = K>,
-        K: Into<OsString>,
-    {
-        self.env_allow.extend(names.into_iter().map(Into::into));
-        self
-    }
-
-    /// Sets the worker's working directory.
-    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.cwd = Some(dir.into());
-        self
-    }
-
-    /// How long start-up (imports and `setup()`) may take until `ready`; default 30 s.
-    pub fn handshake_timeout(mut self, t: Duration) -> Self {
-        self.handshake_timeout = t;
-        self
-    }
-
-    /// A default timeout for one command.
-    pub fn command_timeout(mut self, command: impl Into<String>, t: Duration) -> Self {
-        self.timeouts.insert(command.into(), t);
-        self
-    }
-
-    /// Configuration handed to the worker (`self.config` of a `BaseAdapter`).
-    pub fn config(mut self, config: serde_json::Value) -> Self {
-        self.config = config;
-        self
-    }
+    common_builders!();
 
     /// Uses the `snakepit_bridge` package found in `dir` instead of the embedded one.
     pub fn bridge_path(mut self, dir: impl Into<PathBuf>) -> Self {
@@ -286,17 +214,7 @@ impl Adapter for Python {
         self.spec(ctx, true).map(Some)
     }
 
-    fn handshake_timeout(&self) -> Duration {
-        self.handshake_timeout
-    }
-
-    fn worker_config(&self) -> serde_json::Value {
-        self.config.clone()
-    }
-
-    fn timeout_for(&self, command: &str) -> Option<Duration> {
-        self.timeouts.get(command).copied()
-    }
+    common_adapter_methods!();
 }
 
 impl Python {
@@ -317,8 +235,8 @@ impl Python {
         };
         let bootstrap = if bridge.is_some() { BOOTSTRAP } else { INSTALLED_BOOTSTRAP };
         let mut spec = SpawnSpec::new(&self.interpreter).arg("-c").arg(bootstrap);
-        spec.env_clear = self.env_clear;
-        spec.env_allow = self.env_allow.clone();
+        spec.env_clear = self.common.env_clear;
+        spec.env_allow = self.common.env_allow.clone();
         if zygote {
             spec = spec.arg("--zygote");
         }
@@ -329,12 +247,13 @@ impl Python {
         if let Some(c) = &self.adapter_class {
             spec = spec.arg("--adapter").arg(c.as_str());
         }
-        if !self.args.is_empty() {
+        if !self.common.args.is_empty() {
             spec = spec.arg("--");
-            spec.args.extend(self.args.iter().cloned());
+            spec.args.extend(self.common.args.iter().cloned());
         }
         // The bridge goes first on PYTHONPATH, ahead of the user's own entries.
         let user_path = self
+            .common
             .env
             .iter()
             .rev()
@@ -352,12 +271,12 @@ impl Python {
             (Some(b), None) => Some(b.into_os_string()),
             (None, p) => p,
         };
-        spec.env = self.env.iter().filter(|(k, _)| k != "PYTHONPATH").cloned().collect();
+        spec.env = self.common.env.iter().filter(|(k, _)| k != "PYTHONPATH").cloned().collect();
         if let Some(pp) = pythonpath {
             spec.env.push(("PYTHONPATH".into(), pp));
         }
         spec.env.push(("PYTHONUNBUFFERED".into(), "1".into()));
-        spec.cwd = self.cwd.clone();
+        spec.cwd = self.common.cwd.clone();
         Ok(spec)
     }
 }
