@@ -34,19 +34,7 @@ pub(super) async fn pools(nw: usize) -> Option<(Arc<Pool>, Arc<Pool>)> {
 
 /// Time until a Node pool of `n` workers is ready and has answered its first call.
 pub(super) async fn pool_ready(n: usize) -> Duration {
-    let t = Instant::now();
-    let pool = build(n).build().await;
-    let ready = match &pool {
-        Ok(p) => {
-            let _ = p.execute("ping", json!(null)).await;
-            t.elapsed()
-        }
-        Err(_) => t.elapsed(),
-    };
-    if let Ok(p) = pool {
-        p.shutdown().await;
-    }
-    ready
+    super::startup::time_to_ready(build(n)).await
 }
 
 /// Time of `n` bare concurrent spawns of the same bootstrap and showcase (which load

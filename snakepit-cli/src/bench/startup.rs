@@ -20,9 +20,13 @@ pub(super) async fn pool_ready(
     };
     let b = Pool::builder().adapter(adapter.interpreter(python)).size(n).run_registry(false);
     let b = if zygote { b.profile(snakepit::Zygote(snakepit::ProcessProfile)) } else { b };
+    time_to_ready(b).await
+}
+
+/// Time until the pool `b` builds is ready and has answered its first call (`ping`).
+pub(super) async fn time_to_ready(b: snakepit::PoolBuilder) -> Duration {
     let t = Instant::now();
     let pool = b.build().await;
-    // Ready, and its first call answered.
     let ready = match &pool {
         Ok(p) => {
             let _ = p.execute("ping", json!(null)).await;
