@@ -258,6 +258,16 @@ fn demo_runs_a_mixed_workload() {
     assert!(stdout.contains("worker_crashed") && stdout.contains("latency p99"), "{stdout}");
 }
 
+#[test]
+fn demo_runs_the_mixed_workload_on_node_workers() {
+    let g = Guard::new();
+    let out = g.snakepit().args(["demo", "--language", "node", "--calls", "1200"]).output().expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("Node workers") && stdout.contains("worker_crashed"), "{stdout}");
+    assert!(stdout.contains("wrong results                   0"), "{stdout}");
+}
+
 /// As a new user runs it (no `SNAKEPIT_LOG`): the planned crashes are in the summary, each one
 /// restarted before it is printed, and no warning about them interleaves with the progress output.
 #[test]
