@@ -34,6 +34,17 @@ pub(crate) enum TransportKind {
     Grpc,
 }
 
+/// Which protocol the workers speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ProtocolKind {
+    /// snakepit's protocol v1 (docs/protocol.md).
+    V1,
+    /// The original Elixir Snakepit's stdio envelope (`--command` workers only, stdio, no
+    /// streams, no cancel: a timed-out call replaces the worker).
+    #[value(name = "snakepit-v0")]
+    SnakepitV0,
+}
+
 /// Transport and interpreter options shared by the subcommands.
 #[derive(Args, Clone, Debug)]
 pub(crate) struct TransportArgs {
@@ -56,6 +67,14 @@ pub(crate) struct TransportArgs {
     /// then fails the calls queued behind the running one with `not_started`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub(crate) pipeline_depth: u16,
+    /// The workers' protocol: `v1`, or `snakepit-v0` for bridge scripts of the original
+    /// Snakepit (with `--command`).
+    #[arg(long, value_enum, default_value = "v1")]
+    pub(crate) protocol: ProtocolKind,
+    /// With `--protocol snakepit-v0`: the worker's commands (comma-separated); others are
+    /// refused host-side with `unknown_command`. Without it every command is sent.
+    #[arg(long, value_delimiter = ',', value_name = "A,B,C")]
+    pub(crate) tools: Vec<String>,
 }
 
 /// A resolved worker source.
@@ -110,6 +129,12 @@ impl TransportArgs {
     /// Applies the options to a builder with the workers of `source`; an `Err` is a usage
     /// error (the CLI exits 2 with it).
     pub(crate) fn apply(&self, b: PoolBuilder, source: Source) -> Result<PoolBuilder, String> {
+        if self.protocol == ProtocolKind::SnakepitV0 {
+            return self.apply_v0(b, source);
+        }
+        if !self.tools.is_empty() {
+            return Err("--tools is for --protocol snakepit-v0 (v1 workers list their tools)".into());
+        }
         let b = match source {
             Source::Python(adapter) => {
                 let venv = PathBuf::from(".venv/bin/python");
@@ -153,6 +178,33 @@ impl TransportArgs {
             TransportKind::Stdio => b,
             TransportKind::Grpc => b.transport(snakepit::Grpc::default()),
         })
+    }
+}
+
+impl TransportArgs {
+    /// `--protocol snakepit-v0`: a `--command` worker on the v0 transport; what v0 cannot do is
+    /// refused.
+    fn apply_v0(&self, b: PoolBuilder, source: Source) -> Result<PoolBuilder, String> {
+        let Source::Command(adapter) = source else {
+            return Err(
+                "--protocol snakepit-v0 runs a bridge script given with --command \"CMD ARGS\"".into()
+            );
+        };
+        if self.transport == TransportKind::Grpc {
+            return Err("--protocol snakepit-v0 runs on stdio only (not --transport grpc)".into());
+        }
+        if self.zygote {
+            return Err("zygote start mode is not supported for snakepit-v0 workers".into());
+        }
+        if self.pipeline_depth > 1 {
+            return Err("snakepit-v0 workers run one call at a time (no --pipeline-depth)".into());
+        }
+        let transport = if self.tools.is_empty() {
+            snakepit::SnakepitV0::new()
+        } else {
+            snakepit::SnakepitV0::new().tools(self.tools.iter().cloned())
+        };
+        Ok(b.adapter(adapter).transport(transport))
     }
 }
 

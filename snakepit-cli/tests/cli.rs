@@ -214,6 +214,63 @@ fn call_runs_node_scripts_and_any_command() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not supported for Node workers"));
 }
 
+/// The original Snakepit's Ruby bridge (tests/workers/v0/bridge.rb, the seed's file unchanged)
+/// through `serve --protocol snakepit-v0`; what v0 cannot do exits 2.
+#[test]
+fn serve_runs_the_original_snakepits_ruby_bridge_with_protocol_snakepit_v0() {
+    #[allow(clippy::disallowed_methods)] // a probe of the interpreter
+    let ruby = Command::new("ruby").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ruby {
+        assert!(std::env::var_os("CI").is_none(), "no ruby: run `cargo xtask setup`");
+        eprintln!("SKIP: no ruby");
+        return;
+    }
+    let g = Guard::new();
+    let bridge = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/workers/v0/bridge.rb");
+    let command = format!("ruby -rtime '{}'", bridge.display());
+    let mut child = g
+        .snakepit()
+        .args(["serve", "--size", "1", "--protocol", "snakepit-v0", "--command", &command])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, r#"{{"id":1,"command":"ping","args":{{}}}}"#).expect("write");
+    writeln!(stdin, r#"{{"id":2,"command":"process_data","args":{{"data":"snake"}}}}"#).expect("write");
+    writeln!(stdin, r#"{{"id":3,"command":"nope","args":{{}}}}"#).expect("write");
+    drop(stdin);
+    let out = child.wait_with_output().expect("serve");
+    assert!(out.status.success());
+    let mut replies: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    replies.sort_by_key(|r| r["id"].as_i64());
+    assert_eq!(replies[0], json!({"id": 1, "ok": {"status": "ok", "message": "pong"}}));
+    assert_eq!(replies[1], json!({"id": 2, "ok": {"processed": "SNAKE", "length": 5}}));
+    assert_eq!(replies[2]["error"]["kind"], "worker");
+    assert_eq!(replies[2]["error"]["type"], "SnakepitV0Error");
+    assert_eq!(replies[2]["error"]["message"], "Unknown command: nope");
+    for extra in [&["--transport", "grpc"][..], &["--zygote"], &["--pipeline-depth", "2"]] {
+        let out = g
+            .snakepit()
+            .args(["call", "--protocol", "snakepit-v0", "--command", &command])
+            .args(extra)
+            .arg("ping")
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "{extra:?}");
+    }
+    let out = g
+        .snakepit()
+        .args(["call", "--protocol", "snakepit-v0", "--module", "m", "ping"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--command"));
+}
+
 #[test]
 fn serve_and_call_send_b64_objects_as_bytes_and_write_bytes_back_as_b64() {
     let g = Guard::new();

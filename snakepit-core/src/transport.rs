@@ -311,6 +311,11 @@ pub struct Ready {
     /// segments there); only when the host offered one.
     #[serde(default)]
     pub shm: bool,
+    /// The worker did not list its commands (a `snakepit-v0` worker without declared tools):
+    /// the pool sends any command instead of refusing those not in [`tools`](Self::tools).
+    /// Never on the wire: a transport sets it.
+    #[serde(skip)]
+    pub open_tools: bool,
 }
 
 fn one() -> usize {
@@ -364,6 +369,7 @@ impl Ready {
             address: None,
             segments: false,
             shm: false,
+            open_tools: false,
         }
     }
 

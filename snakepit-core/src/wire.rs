@@ -191,6 +191,7 @@ impl Inbound<'_> {
             address: self.address,
             segments: self.segments.unwrap_or(false),
             shm: self.shm.unwrap_or(false),
+            open_tools: false,
         })
     }
 }

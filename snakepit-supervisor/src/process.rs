@@ -707,8 +707,13 @@ pub(crate) async fn handshake(
         }
     };
     match outcome {
-        Handshake::Done(Ok((conn, ready))) => {
+        Handshake::Done(Ok((conn, mut ready))) => {
             tracing::debug!(worker = %worker, pid, bridge = %ready.bridge, "ready");
+            // A worker whose protocol has no pid (snakepit-v0) says 0: a cold worker is then
+            // its shepherd's only child.
+            if ready.pid == 0 && matches!(proc, Proc::Child(_)) {
+                ready.pid = only_child(pid).unwrap_or(0);
+            }
             // The pid in `ready` is the worker's word only: trusted once the process tree
             // confirms it, through a pidfd that then pins it.
             let worker_pidfd = proc.worker_pidfd(ready.pid, pid);
@@ -756,6 +761,16 @@ pub(crate) async fn handshake(
             shared.wait_stderr().await;
             Err(Error::StartupFailed { worker, exit: info, stderr_tail: shared.tail() })
         }
+    }
+}
+
+/// The only child of `pid` (from `/proc/<pid>/task/<pid>/children`), if it has exactly one.
+fn only_child(pid: u32) -> Option<u32> {
+    let list = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    let mut kids = list.split_whitespace().filter_map(|p| p.parse::<u32>().ok());
+    match (kids.next(), kids.next()) {
+        (Some(k), None) => Some(k),
+        _ => None,
     }
 }
 

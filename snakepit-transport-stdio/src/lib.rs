@@ -51,6 +51,7 @@ mod outbox;
 mod reader;
 mod shm;
 mod stream;
+pub mod v0;
 
 use frame::{frame, frame_segmented, segmented_json, segments_of, FrameReader, Placement, ReadOutcome};
 use host::host_call;
@@ -60,6 +61,7 @@ use outbox::Outbox;
 use reader::{read_loop, LogLimit};
 use shm::ShmState;
 use stream::{Credit, ReplyStream, StreamItem};
+pub use v0::SnakepitV0;
 
 /// The default time a frame's body may stall once its header has arrived.
 pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(10);

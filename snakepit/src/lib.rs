@@ -84,4 +84,4 @@ pub use snakepit_transport_grpc::Grpc;
 #[cfg(feature = "stdio")]
 pub use snakepit_transport_stdio as stdio;
 #[cfg(feature = "stdio")]
-pub use snakepit_transport_stdio::StdioTransport;
+pub use snakepit_transport_stdio::{SnakepitV0, StdioTransport};

@@ -20,7 +20,8 @@
 //!   optional fast JSON codec) and scikit-learn (the bench's preload rows), pinned, from PyPI;
 //!   then makes sure Node 18.19+ is there (as root with apt, it installs Debian's `nodejs` and
 //!   `npm` when missing; else a missing Node fails it) and runs `npm ci` in
-//!   `snakepit-adapters/node/` (the Node SDK's gRPC packages, from its committed lockfile).
+//!   `snakepit-adapters/node/` (the Node SDK's gRPC packages, from its committed lockfile);
+//!   then Ruby (the snakepit-v0 tests), from Debian when missing and run as root.
 //!   Idempotent; a package pip or npm cannot install fails it.
 //! * `node`: the Node SDK's checks (`node --test` over `snakepit-adapters/node/test/`), after
 //!   `setup`'s Node part. `ci` runs it after `py`.
@@ -50,6 +51,7 @@
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+mod debian;
 mod node;
 
 fn cargo() -> Command {
@@ -127,7 +129,8 @@ fn venv_python() -> std::path::PathBuf {
 
 fn setup() -> Result<(), String> {
     py_setup()?;
-    node::setup()
+    node::setup()?;
+    debian::ensure_ruby()
 }
 
 fn py_setup() -> Result<(), String> {

@@ -25,20 +25,11 @@ fn node_version() -> Option<(u32, u32)> {
     Some((parts.next()??, parts.next()??))
 }
 
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
 /// Makes sure Node (and npm) are there: installed from Debian (`nodejs`, `npm`) when missing
 /// and run as root; otherwise a missing or too old Node fails with what to install.
 fn ensure_node() -> Result<(), String> {
-    if node_version().is_none() && is_root() && Command::new("apt-get").arg("--version").output().is_ok() {
-        let mut c = Command::new("apt-get");
-        c.arg("update").arg("-q");
-        run("apt-get update", c)?;
-        let mut c = Command::new("apt-get");
-        c.args(["install", "-y", "-q", "nodejs", "npm"]).env("DEBIAN_FRONTEND", "noninteractive");
-        run("apt-get install nodejs npm", c)?;
+    if node_version().is_none() {
+        crate::debian::install(&["nodejs", "npm"])?;
     }
     match node_version() {
         Some(v) if v >= MIN_NODE => Ok(()),

@@ -71,6 +71,11 @@ pub(crate) struct Inner {
 impl Inner {
     /// Learns the tool catalog from the first worker that reports it.
     fn learn_tools(&self, ready: &Ready) {
+        // A worker that lists no commands (snakepit-v0) leaves the catalog unknown: every
+        // command is sent.
+        if ready.open_tools {
+            return;
+        }
         let mut tools = self.tools.write().unwrap_or_else(|p| p.into_inner());
         if tools.is_none() {
             let mut sorted: Vec<String> = ready.tools.iter().map(|t| t.name.clone()).collect();

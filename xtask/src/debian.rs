@@ -1,0 +1,46 @@
+//! Tools the tests need from Debian (`node`, `ruby`): installed with apt when missing and
+//! xtask runs as root, else a clear message of what to install.
+
+use std::process::Command;
+
+use crate::run;
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Installs `packages` with apt (after `apt-get update`) when run as root on a system with
+/// apt; does nothing otherwise (the caller then reports what is missing).
+pub(crate) fn install(packages: &[&str]) -> Result<(), String> {
+    if !is_root() || Command::new("apt-get").arg("--version").output().is_err() {
+        return Ok(());
+    }
+    let mut c = Command::new("apt-get");
+    c.args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive");
+    run("apt-get update", c)?;
+    let mut c = Command::new("apt-get");
+    c.args(["install", "-y", "-q"]).args(packages).env("DEBIAN_FRONTEND", "noninteractive");
+    run(&format!("apt-get install {}", packages.join(" ")), c)
+}
+
+/// Whether `program --version` runs.
+pub(crate) fn runs(program: &str) -> bool {
+    Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+/// Ruby, for the snakepit-v0 tests (the original Snakepit's Ruby bridge): installed from
+/// Debian when missing and run as root; a missing Ruby fails under `CI=true`, else it is a
+/// warning (those tests then say what to install).
+pub(crate) fn ensure_ruby() -> Result<(), String> {
+    if !runs("ruby") {
+        install(&["ruby"])?;
+    }
+    match (runs("ruby"), std::env::var_os("CI").is_some()) {
+        (true, _) => Ok(()),
+        (false, true) => Err("no `ruby`: install it (Debian: apt-get install ruby)".into()),
+        (false, false) => {
+            eprintln!("setup: no `ruby` (apt-get install ruby): the snakepit-v0 Ruby tests will fail");
+            Ok(())
+        }
+    }
+}
