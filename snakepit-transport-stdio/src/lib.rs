@@ -664,13 +664,7 @@ impl Connection for StdioConnection {
     }
 
     fn closed(&self) -> BoxFuture<'static, CloseReason> {
-        let mut rx = self.shared.closed.subscribe();
-        Box::pin(async move {
-            match rx.wait_for(|r| r.is_some()).await {
-                Ok(r) => r.clone().unwrap_or(CloseReason::Closed),
-                Err(_) => CloseReason::Closed,
-            }
-        })
+        when_closed(&self.shared.closed)
     }
 
     fn is_closed(&self) -> bool {
@@ -728,6 +722,17 @@ impl Connection for StdioConnection {
             }
         })
     }
+}
+
+/// Resolves with the reason once `closed` holds one (a connection's close signal).
+pub(crate) fn when_closed(closed: &watch::Sender<Option<CloseReason>>) -> BoxFuture<'static, CloseReason> {
+    let mut rx = closed.subscribe();
+    Box::pin(async move {
+        match rx.wait_for(|r| r.is_some()).await {
+            Ok(r) => r.clone().unwrap_or(CloseReason::Closed),
+            Err(_) => CloseReason::Closed,
+        }
+    })
 }
 
 #[cfg(test)]

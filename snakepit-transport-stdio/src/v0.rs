@@ -394,13 +394,7 @@ impl Connection for V0Connection {
     }
 
     fn closed(&self) -> BoxFuture<'static, CloseReason> {
-        let mut rx = self.shared.closed.subscribe();
-        Box::pin(async move {
-            match rx.wait_for(|r| r.is_some()).await {
-                Ok(r) => r.clone().unwrap_or(CloseReason::Closed),
-                Err(_) => CloseReason::Closed,
-            }
-        })
+        crate::when_closed(&self.shared.closed)
     }
 
     fn is_closed(&self) -> bool {
