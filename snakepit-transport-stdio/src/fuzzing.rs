@@ -89,3 +89,79 @@ async fn drive(bytes: Vec<u8>) -> Result<usize, Error> {
     tokio::task::yield_now().await;
     Ok(ok)
 }
+
+/// Runs `bytes` as everything a `snakepit-v0` worker writes on its stdout (the answer to the
+/// readiness probe first) through a real [`SnakepitV0`](crate::SnakepitV0) connection, with two
+/// calls and a ping in flight once the probe is answered; the end of the input closes the
+/// connection, so every run ends.
+///
+/// Properties (a violation panics): every call and ping ends with a value or a typed error a
+/// worker can cause (`Protocol`, `Disconnected`, `Worker`); the allocation bound is
+/// [`fuzz_worker_output`]'s (the same frame reader).
+///
+/// Returns the probe's error if the first reply is not a good answer to call 0, else how many
+/// of the calls and the ping got a value.
+pub fn fuzz_v0_output(bytes: &[u8]) -> Result<usize, Error> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime builds"); // not input data
+    rt.block_on(drive_v0(bytes.to_vec()))
+}
+
+async fn drive_v0(bytes: Vec<u8>) -> Result<usize, Error> {
+    use snakepit_core::Transport;
+    use tokio::io::AsyncWriteExt;
+    let worker = WorkerId { slot: 0, generation: 0 };
+    // When the first frame answers the probe, the rest of the input follows only once the
+    // calls and the ping are in flight, so that their answers find them waiting; otherwise it
+    // all goes at once (the probe fails, or is answered later).
+    let first = bytes.get(..4).map(|h| 4 + u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize);
+    let split = match first {
+        Some(n)
+            if n <= bytes.len()
+                && matches!(crate::v0::parse_reply(&bytes[4..n]), Ok(crate::v0::V0Reply::Ok(0, _))) =>
+        {
+            n
+        }
+        _ => bytes.len(),
+    };
+    let (mut tx, rx) = tokio::io::duplex(bytes.len().max(1));
+    tx.write_all(&bytes[..split]).await.expect("the pipe holds the whole input"); // not input data
+    if split == bytes.len() {
+        drop(tx);
+        tx = tokio::io::duplex(1).0;
+    }
+    let io = WorkerIo { worker, input: Box::new(tokio::io::sink()), output: Box::new(rx) };
+    let hello = Hello::new(worker, DEFAULT_MAX_FRAME, serde_json::Value::Null);
+    let (conn, _ready) = crate::SnakepitV0::new().connect(io, hello).await?;
+    let call =
+        |n: u64| Request::new("tool", Payload::json(&serde_json::json!({ "n": n })).expect("json args"));
+    let tasks = [
+        tokio::spawn({
+            let c = conn.clone();
+            async move { c.call(call(1)).await.map(|_| ()) }
+        }),
+        tokio::spawn({
+            let c = conn.clone();
+            async move { c.call(call(2)).await.map(|_| ()) }
+        }),
+        tokio::spawn({
+            let c = conn.clone();
+            async move { c.ping().await.map(|_| ()) }
+        }),
+    ];
+    // The spawned calls run up to their wait for an answer; then the rest of the input.
+    tokio::task::yield_now().await;
+    let _ = tx.write_all(&bytes[split..]).await;
+    drop(tx);
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.expect("a call task does not panic") {
+            Ok(()) => ok += 1,
+            Err(e) => assert!(expected(&e), "a v0 call failed with an unexpected error: {e:?}"),
+        }
+    }
+    conn.shutdown().await;
+    Ok(ok)
+}

@@ -84,3 +84,15 @@ fn zygote_control_corpus_replays() {
     assert_eq!(fuzz_zygote_packets(b"\x00\x02{}").map_err(|e| e.is_data()).err(), Some(true), "typed error");
     assert!(n >= 20);
 }
+
+#[test]
+fn v0_output_corpus_replays() {
+    use snakepit_transport_stdio::fuzzing::{fuzz_v0_output, WORKER_OUTPUT_C, WORKER_OUTPUT_K};
+    replay("v0_output", WORKER_OUTPUT_K, WORKER_OUTPUT_C, fuzz_v0_output);
+    // The well-formed seed gets through the probe and answers both calls and the ping.
+    let good = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/v0_output/probe_then_answers"),
+    )
+    .expect("seed");
+    assert_eq!(fuzz_v0_output(&good).expect("probe"), 2, "call 1 and the ping (call 2 failed in the worker)");
+}

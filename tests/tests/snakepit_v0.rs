@@ -175,3 +175,74 @@ async fn a_worker_that_fails_the_readiness_probe_does_not_start() {
     assert!(matches!(err, Error::HandshakeTimeout { .. }), "{err:?}");
     r.assert_none_left(Duration::from_secs(5));
 }
+
+/// One of the re-created v0.2.1 bridges in `tests/workers/v0/`, run as the original was.
+fn v0_bridge(program: &str, file: &str) -> Generic {
+    Generic::new(program).arg(root().join("tests/workers/v0").join(file)).arg("--mode").arg("pool-worker")
+}
+
+/// The expected worker error of a v0 reply.
+fn v0_error(r: Result<serde_json::Value, Error>) -> String {
+    match r {
+        Err(Error::Worker { error, .. }) if error.kind == "SnakepitV0Error" => error.message,
+        other => panic!("expected a SnakepitV0Error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_original_python_generic_bridge_runs_unchanged() {
+    let r = Reaper::new();
+    let pool = r
+        .builder()
+        .adapter(v0_bridge("python3", "generic_bridge.py"))
+        .transport(SnakepitV0::new())
+        .size(1)
+        .build()
+        .await
+        .expect("pool");
+    let ping = pool.execute("ping", json!({"x": 1})).await.expect("ping");
+    assert_eq!((ping["status"].clone(), ping["bridge_type"].clone()), (json!("ok"), json!("generic")));
+    assert_eq!(ping["echo"], json!({"x": 1}));
+    let echo = pool.execute("echo", json!({"message": "hello"})).await.expect("echo");
+    assert_eq!(echo["echoed"], json!({"message": "hello"}));
+    let sum = pool.execute("compute", json!({"operation": "add", "a": 5, "b": 3})).await.expect("compute");
+    assert_eq!((sum["result"].clone(), sum["inputs"].clone()), (json!(8), json!({"a": 5, "b": 3})));
+    // Its failures are successful replies whose result says "status": "error".
+    assert_eq!(
+        v0_error(pool.execute("compute", json!({"operation": "divide", "a": 1, "b": 0})).await),
+        "Division by zero"
+    );
+    assert_eq!(v0_error(pool.execute("nope", json!({})).await), "Unknown command: nope");
+    assert_eq!(pool.stats().crashes, 0);
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_original_node_generic_bridge_runs_unchanged() {
+    let r = Reaper::new();
+    let pool = r
+        .builder()
+        .adapter(v0_bridge("node", "generic_bridge.js"))
+        .transport(SnakepitV0::new())
+        .size(1)
+        .build()
+        .await
+        .expect("pool");
+    let ping = pool.execute("ping", json!({})).await.expect("ping");
+    assert_eq!(ping["bridge_type"], "generic_javascript");
+    let sqrt = pool.execute("compute", json!({"operation": "sqrt", "a": 16})).await.expect("sqrt");
+    assert_eq!(sqrt["result"], json!(4));
+    let random =
+        pool.execute("random", json!({"type": "uniform", "min": 0, "max": 100})).await.expect("random");
+    let v = random["value"].as_f64().expect("value");
+    assert!((0.0..100.0).contains(&v), "{v}");
+    // Its failures are `success: false`.
+    assert_eq!(
+        v0_error(pool.execute("compute", json!({"operation": "divide", "a": 1, "b": 0})).await),
+        "Division by zero"
+    );
+    assert_eq!(v0_error(pool.execute("nope", json!({})).await), "Unknown command: nope");
+    pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}

@@ -343,7 +343,7 @@ fn ci() -> Result<(), String> {
 }
 
 /// The cargo-fuzz targets of `fuzz/`.
-const FUZZ_TARGETS: &[&str] = &["worker_output", "serve_lines", "zygote_control"];
+const FUZZ_TARGETS: &[&str] = &["worker_output", "serve_lines", "zygote_control", "v0_output"];
 
 fn fuzz_dir() -> std::path::PathBuf {
     root().join("fuzz")
