@@ -39,6 +39,20 @@ export interface Session {
   delete(name: string): Promise<boolean>;
 }
 
+/**
+ * The pool's global variables: pool-wide values outside any session, shared by every worker and
+ * the host (`pool.globals()`), through the `global.*` host calls (docs/protocol.md §4b). Read
+ * through each time (no cache).
+ */
+export interface Globals {
+  /** The global's value, or null when it is not set. */
+  get(name: string): Promise<any>;
+  /** Sets the global. */
+  set(name: string, value: unknown): Promise<void>;
+  /** Deletes the global; resolves to whether it was set. */
+  delete(name: string): Promise<boolean>;
+}
+
 /** The second argument of every tool. */
 export interface Context {
   /** The host's id of the call. */
@@ -58,6 +72,8 @@ export interface Context {
   readonly signal: AbortSignal;
   /** The call's session, or null when the call runs in none. */
   readonly session: Session | null;
+  /** The pool's global variables. */
+  readonly globals: Globals;
   /**
    * Calls the host tool `name` (registered by the application) with `args`, while this call
    * runs. Rejects with {@link HostCallError} when the host answers an error (`UnknownHostTool`,

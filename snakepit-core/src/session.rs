@@ -153,4 +153,24 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<String>, Error>;
     /// Closes (deletes) a session; returns whether it existed.
     async fn close(&self, id: &str) -> Result<bool, Error>;
+
+    /// A global variable (pool-wide, outside any session; Snakepit's global programs and
+    /// values), if set. Globals never expire. The default: a store without globals, which
+    /// fails with [`Error::Unavailable`].
+    async fn get_global(&self, name: &str) -> Result<Option<serde_json::Value>, Error> {
+        let _ = name;
+        Err(Error::Unavailable("this session store keeps no global variables".into()))
+    }
+
+    /// Sets a global variable (see [`get_global`](Self::get_global)).
+    async fn set_global(&self, name: &str, value: serde_json::Value) -> Result<(), Error> {
+        let _ = (name, value);
+        Err(Error::Unavailable("this session store keeps no global variables".into()))
+    }
+
+    /// Deletes a global variable; returns whether it existed.
+    async fn delete_global(&self, name: &str) -> Result<bool, Error> {
+        let _ = name;
+        Err(Error::Unavailable("this session store keeps no global variables".into()))
+    }
 }

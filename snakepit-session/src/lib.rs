@@ -31,6 +31,8 @@ struct Shared {
     ttl: Duration,
     max: usize,
     count: AtomicUsize,
+    /// Global variables: pool-wide, never expiring.
+    globals: DashMap<String, serde_json::Value>,
 }
 
 /// The sharded in-memory session store. Cheap to clone (shared).
@@ -54,6 +56,7 @@ impl MemoryStore {
                 ttl,
                 max: max_sessions,
                 count: AtomicUsize::new(0),
+                globals: DashMap::new(),
             }),
         }
     }
@@ -215,6 +218,19 @@ impl SessionStore for MemoryStore {
             self.shared.count.fetch_sub(1, Ordering::AcqRel);
         }
         Ok(removed.is_some_and(|(_, e)| e.expires > Instant::now()))
+    }
+
+    async fn get_global(&self, name: &str) -> Result<Option<serde_json::Value>, Error> {
+        Ok(self.shared.globals.get(name).map(|v| v.value().clone()))
+    }
+
+    async fn set_global(&self, name: &str, value: serde_json::Value) -> Result<(), Error> {
+        self.shared.globals.insert(name.to_owned(), value);
+        Ok(())
+    }
+
+    async fn delete_global(&self, name: &str) -> Result<bool, Error> {
+        Ok(self.shared.globals.remove(name).is_some())
     }
 }
 

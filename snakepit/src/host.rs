@@ -95,6 +95,27 @@ impl PoolHost {
     }
 }
 
+impl PoolHost {
+    /// `global.get {name}`, `global.set {name, value}`, `global.delete {name}`: the store's
+    /// global variables, from any call (no session needed).
+    async fn global_op(&self, call: HostCall) -> Result<serde_json::Value, WorkerError> {
+        let args: serde_json::Value = call.args.decode().map_err(|e| werr("BadRequest", e.to_string()))?;
+        let name =
+            args.get("name").and_then(|n| n.as_str()).ok_or_else(|| werr("BadRequest", "missing `name`"))?;
+        let store = &self.store;
+        let r = match call.name.as_str() {
+            "global.get" => store.get_global(name).await.map(|v| v.unwrap_or(serde_json::Value::Null)),
+            "global.set" => {
+                let value = args.get("value").cloned().unwrap_or(serde_json::Value::Null);
+                store.set_global(name, value).await.map(|()| serde_json::Value::Null)
+            }
+            "global.delete" => store.delete_global(name).await.map(serde_json::Value::Bool),
+            other => return Err(werr("UnknownHostTool", format!("no global operation `{other}`"))),
+        };
+        r.map_err(from_error)
+    }
+}
+
 /// Forgets a session call's session when dropped.
 pub(crate) struct SessionScope {
     host: Arc<PoolHost>,
@@ -112,6 +133,9 @@ impl HostHandler for PoolHost {
     async fn host_call(&self, call: HostCall) -> Result<Payload, WorkerError> {
         if call.name.starts_with("session.") {
             return self.session_op(call).await.map(Payload::from);
+        }
+        if call.name.starts_with("global.") {
+            return self.global_op(call).await.map(Payload::from);
         }
         let tool = self.tools.read().unwrap_or_else(|p| p.into_inner()).get(&call.name).cloned();
         let Some(tool) = tool else {

@@ -57,7 +57,7 @@ pub use pool::{
     Affinity, CallOptions, CallStream, DropPolicy, Pool, PoolBuilder, PoolStats, RehydrateHook,
     DEFAULT_PIPELINE_DEPTH, MAX_PIPELINE_DEPTH,
 };
-pub use session::Session;
+pub use session::{Globals, Session};
 /// Shared-memory arenas: [`shm::counters`] tells how many segments took the arena or fell back
 /// to the pipe.
 pub use snakepit_core::shm;

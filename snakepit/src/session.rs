@@ -94,3 +94,35 @@ impl Pool {
         self.session_store().list().await
     }
 }
+
+/// The pool's global variables: pool-wide values outside any session (the original Snakepit's
+/// global programs and values), shared with every worker through the `global.*` host calls
+/// (`ctx.globals` in the Python and Node SDKs). They live in the session store and never expire.
+#[derive(Debug, Clone, Copy)]
+pub struct Globals<'a> {
+    pool: &'a Pool,
+}
+
+impl Globals<'_> {
+    /// A global's value, if it is set.
+    pub async fn get(&self, name: &str) -> Result<Option<Value>, Error> {
+        self.pool.session_store().get_global(name).await
+    }
+
+    /// Sets a global.
+    pub async fn set(&self, name: &str, value: Value) -> Result<(), Error> {
+        self.pool.session_store().set_global(name, value).await
+    }
+
+    /// Deletes a global; returns whether it was set.
+    pub async fn delete(&self, name: &str) -> Result<bool, Error> {
+        self.pool.session_store().delete_global(name).await
+    }
+}
+
+impl Pool {
+    /// The pool's global variables (see [`Globals`]).
+    pub fn globals(&self) -> Globals<'_> {
+        Globals { pool: self }
+    }
+}

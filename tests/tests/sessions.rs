@@ -183,3 +183,49 @@ async fn variables_quota_and_concurrent_creation_through_the_pool() {
     pool.create_session("d", json!(null)).await.expect("room again");
     pool.shutdown().await;
 }
+
+/// Global variables: pool-wide, outside any session; the host (`pool.globals()`) and workers of
+/// both SDKs (`ctx.globals`) see the same values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_variables_are_shared_by_the_host_and_python_and_node_workers() {
+    let r = Reaper::new();
+    let py = r.script(
+        "globals.py",
+        "from snakepit_bridge import tool, serve\n\n@tool\ndef bump(ctx):\n    n = ctx.globals.get('n', 0) + 1\n    ctx.globals.set('n', n)\n    return n\n\n@tool\ndef drop(ctx):\n    return ctx.globals.delete('n')\n\nserve()\n",
+    );
+    let js = r.script(
+        "globals.js",
+        "const { tool, serve } = require('snakepit-bridge');\ntool('bump', async (_a, ctx) => { const n = ((await ctx.globals.get('n')) || 0) + 1; await ctx.globals.set('n', n); return n; });\nserve();\n",
+    );
+    // One store for both pools: the globals are the store's.
+    let store = snakepit::MemoryStore::default();
+    let py_pool = r
+        .builder()
+        .adapter(Python::script(&py))
+        .session_store(store.clone())
+        .size(1)
+        .build()
+        .await
+        .expect("python");
+    let js_pool = r
+        .builder()
+        .adapter(snakepit::Node::script(&js))
+        .session_store(store)
+        .size(1)
+        .build()
+        .await
+        .expect("node");
+    py_pool.globals().set("n", json!(40)).await.expect("set");
+    assert_eq!(py_pool.execute("bump", json!(null)).await.expect("python bump"), json!(41));
+    assert_eq!(js_pool.execute("bump", json!(null)).await.expect("node bump"), json!(42));
+    // In a session too: the same globals.
+    let s = py_pool.create_session("g", json!(null)).await.expect("session");
+    assert_eq!(s.execute("bump", json!(null)).await.expect("bump in a session"), json!(43));
+    assert_eq!(js_pool.globals().get("n").await.expect("get"), Some(json!(43)));
+    assert_eq!(py_pool.execute("drop", json!(null)).await.expect("drop"), json!(true));
+    assert_eq!(py_pool.globals().get("n").await.expect("get"), None);
+    assert!(!py_pool.globals().delete("n").await.expect("delete"));
+    py_pool.shutdown().await;
+    js_pool.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}

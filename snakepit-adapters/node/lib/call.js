@@ -115,10 +115,34 @@ class Session {
   }
 }
 
+/** The pool's global variables, through the `global.*` host calls (read each time). */
+class Globals {
+  #ctx;
+  constructor(ctx) {
+    this.#ctx = ctx;
+  }
+
+  /** The global's value, or null when unset. */
+  get(name) {
+    return this.#ctx.callHost("global.get", { name });
+  }
+
+  /** Sets the global. */
+  async set(name, value) {
+    await this.#ctx.callHost("global.set", { name, value });
+  }
+
+  /** Deletes the global; resolves to whether it was set. */
+  delete(name) {
+    return this.#ctx.callHost("global.delete", { name });
+  }
+}
+
 /** What a tool gets as its second argument. */
 class Context {
   #call;
   #session;
+  #globals;
   constructor(call) {
     this.#call = call;
   }
@@ -141,10 +165,16 @@ class Context {
     return this.#session;
   }
 
+  /** The pool's global variables (pool-wide, outside any session). */
+  get globals() {
+    if (this.#globals === undefined) this.#globals = new Globals(this);
+    return this.#globals;
+  }
+
   /** Calls the host tool `name`; rejects with HostCallError (or CancelledError). */
   callHost(name, args = null) {
     return this.#call.worker.callHost(this.#call, name, args);
   }
 }
 
-module.exports = { Call, Context, Session };
+module.exports = { Call, Context, Globals, Session };

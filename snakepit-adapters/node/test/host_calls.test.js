@@ -11,6 +11,11 @@ const TOOLS = writeScript(
   "hostcalls.js",
   `const { tool, serve, HostCallError } = require("snakepit-bridge");
 tool("forget", async ({ name }, ctx) => ctx.session.delete(name));
+tool("visit", async (_args, ctx) => {
+  const n = ((await ctx.globals.get("visits")) || 0) + 1;
+  await ctx.globals.set("visits", n);
+  return [n, await ctx.globals.delete("other")];
+});
 tool("session_id", (_args, ctx) => (ctx.session ? ctx.session.id : null));
 tool("fan_out", async ({ n }, ctx) => {
   const answers = await Promise.all(Array.from({ length: n }, (_, i) => ctx.callHost("double", i)));
@@ -75,6 +80,23 @@ test("sessions: set then get, delete, the session id; none outside a session", a
   assert.deepEqual((await tools.next()).ok, true);
   assert.equal((await tools.call(2, "session_id", null, { session: "s9" })).ok, "s9");
   assert.equal((await tools.call(3, "session_id")).ok, null);
+});
+
+test("globals: get, set and delete as global.* host calls, in or out of a session", async () => {
+  const tools = await started(TOOLS);
+  for (const [id, session] of [[1, undefined], [2, "s1"]]) {
+    tools.send({ t: "call", id, cmd: "visit", ...(session ? { session } : {}) });
+    const get = await tools.next();
+    assert.deepEqual([get.call, get.name, get.args], [id, "global.get", { name: "visits" }]);
+    tools.send({ t: "host_result", id: get.id, ok: id === 1 ? null : 1 });
+    const set = await tools.next();
+    assert.deepEqual([set.name, set.args], ["global.set", { name: "visits", value: id }]);
+    tools.send({ t: "host_result", id: set.id, ok: null });
+    const del = await tools.next();
+    assert.deepEqual([del.name, del.args], ["global.delete", { name: "other" }]);
+    tools.send({ t: "host_result", id: del.id, ok: false });
+    assert.deepEqual(await tools.next(), { t: "result", id, ok: [id, false] });
+  }
 });
 
 test("at most 64 host calls are outstanding; the rest wait for results", async () => {

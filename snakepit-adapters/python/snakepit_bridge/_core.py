@@ -96,6 +96,8 @@ class Context:
         self.request_id = request_id
         #: The call's session (``None`` when the call runs in none).
         self.session = _SessionProxy(self, session_id) if session_id is not None else None
+        #: The pool's global variables (pool-wide, outside any session; never cached).
+        self.globals = _GlobalsProxy(self)
 
     def call_host(self, name: str, args: Json = None) -> Json:
         """Calls the host tool ``name`` and returns its result; raises ``HostCallError``."""
@@ -133,6 +135,27 @@ class _SessionProxy:
         """Deletes the session variable ``name``; returns what the host answered."""
         self._cache.pop(name, None)
         return self._ctx.call_host("session.delete", {"name": name})
+
+
+class _GlobalsProxy:
+    """The pool's global variables, through the ``global.*`` host calls (read each time: other
+    workers and the host write them)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    def get(self, name: str, default: Json = None) -> Json:
+        """The global ``name`` (``default`` when unset)."""
+        value = self._ctx.call_host("global.get", {"name": name})
+        return default if value is None else value
+
+    def set(self, name: str, value: Json) -> None:
+        """Sets the global ``name``."""
+        self._ctx.call_host("global.set", {"name": name, "value": value})
+
+    def delete(self, name: str) -> Json:
+        """Deletes the global ``name``; returns whether it was set."""
+        return self._ctx.call_host("global.delete", {"name": name})
 
 
 def _host_call(chan: _Channel, rid: Any, name: str, args: Json) -> Json:

@@ -123,10 +123,12 @@ class FakeHost:
         self.pipeline_depth = pipeline_depth
         #: Whether ``hello`` offers pings while busy (docs/protocol.md §6).
         self.busy_ping = busy_ping
-        #: Host tools by name; ``session.get``/``set``/``delete`` are built in.
+        #: Host tools by name; ``session.get``/``set``/``delete`` and ``global.*`` are built in.
         self.host_tools: dict[str, Callable[[Any], Any]] = dict(host_tools or {})
         #: The session store the built-in session host tools use: session id -> name -> value.
         self.sessions: dict[str, dict[str, Any]] = {}
+        #: The global variables the built-in ``global.*`` host tools use: name -> value.
+        self.globals: dict[str, Any] = {}
         #: Every host call the worker made, as ``(name, args)``, in order.
         self.host_calls: list[tuple[str, Any]] = []
         #: The worker's answer to ``hello`` (``ready`` or ``refuse``), once started.
@@ -527,6 +529,18 @@ class FakeHost:
             if op == "delete":
                 return store.pop(args["name"], None) is not None
             raise _HostError("UnknownHostTool", "no session operation `%s`" % name)
+        if name.startswith("global."):  # as the host: the store's global variables
+            if not isinstance(args, dict) or not isinstance(args.get("name"), str):
+                raise _HostError("BadRequest", "missing `name`")
+            op = name[len("global.") :]
+            if op == "get":
+                return self.globals.get(args["name"])
+            if op == "set":
+                self.globals[args["name"]] = args.get("value")
+                return None
+            if op == "delete":
+                return self.globals.pop(args["name"], None) is not None
+            raise _HostError("UnknownHostTool", "no global operation `%s`" % name)
         fn = self.host_tools.get(name)
         if fn is None:
             raise _HostError("UnknownHostTool", "the host has no tool `%s`" % name)

@@ -104,3 +104,28 @@ def test_session_calls_fail_like_the_hosts() -> None:
         assert host.call("session_op", ["session.get", {"name": "x"}], session="s") == {"ok": None}, (
             "session.* is always the session store, as in the host"
         )
+
+
+@tool
+def visits(ctx: Context) -> Any:
+    n = ctx.globals.get("visits", 0) + 1
+    ctx.globals.set("visits", n)
+    return n
+
+
+@tool
+def reset_visits(ctx: Context) -> Any:
+    return ctx.globals.delete("visits")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_global_variables_go_through_the_host_in_or_out_of_a_session(threads: int) -> None:
+    with FakeHost(tools=[visits, reset_visits], max_in_flight=threads) as host:
+        assert host.call("visits") == 1
+        assert host.call("visits", session="a") == 2, "globals are the same in every session"
+        assert host.globals == {"visits": 2}
+        host.globals["visits"] = 40  # as the host's pool.globals().set would
+        assert host.call("visits") == 41, "read through each time: no cache"
+        assert host.call("reset_visits") is True
+        assert host.call("reset_visits") is False
+        assert ("global.get", {"name": "visits"}) in host.host_calls
