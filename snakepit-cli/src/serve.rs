@@ -64,6 +64,10 @@ pub(crate) struct ServeArgs {
     /// `shutting_down`.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     shutdown_grace_ms: u64,
+    /// A request whose `"session"` does not exist creates it (else it fails with
+    /// `session_not_found`).
+    #[arg(long)]
+    create_sessions_on_use: bool,
 }
 
 /// How the read loop ended.
@@ -112,6 +116,7 @@ pub(crate) async fn run(a: ServeArgs) -> ExitCode {
     if let Some(ms) = a.max_call_time_ms {
         b = b.max_call_time(Duration::from_millis(ms));
     }
+    b = b.create_sessions_on_use(a.create_sessions_on_use);
     let pool = match b.build().await {
         Ok(p) => Arc::new(p),
         Err(e) => {
@@ -273,7 +278,11 @@ async fn run_request(pool: &Pool, req: Request, out: &Out) {
             return;
         }
     };
-    let line = match pool.execute_with(&req.command, args, opts).await.map(crate::b64::encode_result) {
+    let outcome = match &req.session {
+        Some(sid) => pool.execute_in_session_with(sid, &req.command, args, opts).await,
+        None => pool.execute_with(&req.command, args, opts).await,
+    };
+    let line = match outcome.map(crate::b64::encode_result) {
         Ok(Ok(p)) => output::value_line(&req.id, "ok", &p).unwrap_or_else(|e| e),
         Ok(Err(m)) => output::error_line(&req.id, &serde_json::json!({"kind": "protocol", "message": m})),
         Err(e) => output::error_line(&req.id, &e.to_json()),
@@ -292,7 +301,7 @@ async fn run_stream(pool: &Pool, req: Request, opts: CallOptions, out: &Out) {
             return;
         }
     };
-    let mut stream = match pool.execute_stream_with(None, &req.command, args, opts).await {
+    let mut stream = match pool.execute_stream_with(req.session.as_deref(), &req.command, args, opts).await {
         Ok(s) => s,
         Err(e) => {
             let _ = out.send(output::error_line(&req.id, &e.to_json())).await;

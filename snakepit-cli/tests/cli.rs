@@ -271,6 +271,28 @@ fn serve_runs_the_original_snakepits_ruby_bridge_with_protocol_snakepit_v0() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--command"));
 }
 
+/// A request's `"session"` routes it in that session; an unknown one is `session_not_found`
+/// unless `--create-sessions-on-use`.
+#[test]
+fn serve_runs_requests_in_their_session() {
+    let g = Guard::new();
+    for (flag, created) in [(None, false), (Some("--create-sessions-on-use"), true)] {
+        let mut child = g.serve("1", flag.as_slice());
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, r#"{{"id":1,"command":"remember","args":{{"name":"k","value":7}},"session":"s"}}"#)
+            .expect("write");
+        drop(stdin);
+        let out = child.wait_with_output().expect("serve");
+        assert!(out.status.success());
+        let reply: Value = serde_json::from_slice(&out.stdout).expect("one reply line");
+        if created {
+            assert_eq!(reply, json!({"id": 1, "ok": 7}));
+        } else {
+            assert_eq!(reply["error"]["kind"], "session_not_found", "{reply}");
+        }
+    }
+}
+
 #[test]
 fn serve_and_call_send_b64_objects_as_bytes_and_write_bytes_back_as_b64() {
     let g = Guard::new();

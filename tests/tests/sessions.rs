@@ -229,3 +229,32 @@ async fn global_variables_are_shared_by_the_host_and_python_and_node_workers() {
     js_pool.shutdown().await;
     r.assert_none_left(Duration::from_secs(5));
 }
+
+/// `create_sessions_on_use`: a call in an unknown session creates it (the original Snakepit's
+/// `execute_in_session`), within the quota; off, it is `SessionNotFound`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_created_on_use_when_asked_within_the_quota() {
+    let r = Reaper::new();
+    let off = r.builder().adapter(Python::showcase()).size(1).build().await.expect("pool");
+    let e = off.execute_in_session("nobody", "remember", json!({"name": "k", "value": 1})).await;
+    assert!(matches!(e, Err(Error::SessionNotFound { .. })), "{e:?}");
+    off.shutdown().await;
+    let on = r
+        .builder()
+        .adapter(Python::showcase())
+        .create_sessions_on_use(true)
+        .max_sessions(1)
+        .size(1)
+        .build()
+        .await
+        .expect("pool");
+    let v =
+        on.execute_in_session("new", "remember", json!({"name": "k", "value": 1})).await.expect("created");
+    assert_eq!(v, json!(1));
+    assert_eq!(on.list_sessions().await.expect("list"), ["new"]);
+    assert_eq!(on.session("new").await.expect("session").get("k").await.expect("get"), Some(json!(1)));
+    let full = on.execute_in_session("another", "ping", json!(null)).await;
+    assert!(matches!(full, Err(Error::SessionQuotaExceeded { .. })), "{full:?}");
+    on.shutdown().await;
+    r.assert_none_left(Duration::from_secs(5));
+}

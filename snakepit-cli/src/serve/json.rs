@@ -22,6 +22,8 @@ pub(super) struct LineRequest<'a> {
     pub(super) timeout_ms: Option<u64>,
     #[serde(default)]
     pub(super) stream: bool,
+    #[serde(default)]
+    pub(super) session: Option<String>,
 }
 
 /// The `id` member of a line that is not a valid request, if the line's top-level object can be
@@ -196,6 +198,8 @@ pub(super) struct Request {
     pub(super) args: Payload,
     pub(super) timeout: Option<Duration>,
     pub(super) stream: bool,
+    /// The session the request runs in (routed with its affinity).
+    pub(super) session: Option<String>,
 }
 
 /// Parses a request line, keeping `args` as the line's own bytes.
@@ -214,6 +218,7 @@ pub(super) fn parse(line: Vec<u8>) -> Result<Request, Vec<u8>> {
             command: r.command,
             timeout: r.timeout_ms.map(Duration::from_millis),
             stream: r.stream,
+            session: r.session,
         }),
         Err(e) => {
             let id = shallow_id(&line).map_or_else(Id::null, |r| Id::new(Some(r)));

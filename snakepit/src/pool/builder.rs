@@ -58,6 +58,8 @@ pub(crate) struct Config {
     pub(crate) affinity: Affinity,
     session_ttl: Duration,
     max_sessions: usize,
+    /// A call in an unknown session creates it (the original Snakepit's behaviour).
+    pub(crate) create_sessions_on_use: bool,
     pub(crate) slot: SlotConfig,
     #[cfg(feature = "chaos")]
     pub(crate) chaos: Option<crate::chaos::Chaos>,
@@ -107,6 +109,7 @@ impl Default for PoolBuilder {
                 affinity: Affinity::Hint,
                 session_ttl: Duration::from_secs(3600),
                 max_sessions: 100_000,
+                create_sessions_on_use: false,
                 slot: default_slot(),
                 #[cfg(feature = "chaos")]
                 chaos: None,
@@ -383,6 +386,14 @@ impl PoolBuilder {
     /// Time-to-live of idle sessions in the default store (default 1 h; refreshed on use).
     pub fn session_ttl(mut self, ttl: Duration) -> Self {
         self.cfg.session_ttl = ttl;
+        self
+    }
+
+    /// A call in a session that does not exist creates it (with `null` metadata) instead of
+    /// failing with `SessionNotFound`: the original Snakepit's `execute_in_session`. Off by
+    /// default; the store's quota still applies (`SessionQuotaExceeded`).
+    pub fn create_sessions_on_use(mut self, on: bool) -> Self {
+        self.cfg.create_sessions_on_use = on;
         self
     }
 

@@ -116,9 +116,13 @@ impl Inner {
     ) -> Result<Acquired, Error> {
         let command = &*adm.name;
         let record = match session {
-            Some(sid) => {
-                Some(self.store.get(sid).await?.ok_or_else(|| Error::SessionNotFound { id: sid.into() })?)
-            }
+            Some(sid) => match self.store.get(sid).await? {
+                Some(rec) => Some(rec),
+                None if self.cfg.create_sessions_on_use => {
+                    Some(self.store.create(sid, serde_json::Value::Null).await?)
+                }
+                None => return Err(Error::SessionNotFound { id: sid.into() }),
+            },
             None => None,
         };
         let pin = match (session, &record) {
