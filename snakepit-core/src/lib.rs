@@ -40,7 +40,9 @@ pub use launch::{Launcher, StartOptions, WorkerHandle};
 pub use payload::{Codec, Payload};
 pub use profile::{ProcessProfile, StartMode, ThreadProfile, WorkerProfile, Zygote};
 pub use reply::{ReplyFuture, ReplySlot, SlotOwner};
-pub use session::{SessionRecord, SessionStore, VarType, Variable};
+pub use session::{
+    MetadataUpdate, SessionOptions, SessionRecord, SessionStats, SessionStore, VarType, Variable,
+};
 /// The shared-memory arena crate ([`ShmOffer::arena`]).
 pub use snakepit_shm as shm;
 pub use transport::{

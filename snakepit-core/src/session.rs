@@ -124,6 +124,40 @@ impl SessionRecord {
     }
 }
 
+/// Options of a session at creation (see [`SessionStore::create_with`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionOptions {
+    /// Its own time-to-live (refreshed on use), instead of the store's.
+    pub ttl: Option<std::time::Duration>,
+}
+
+impl SessionOptions {
+    /// Options with this session's own time-to-live.
+    pub fn with_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+}
+
+/// A session store's counters (the original Snakepit store's `get_stats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionStats {
+    /// Sessions alive now.
+    pub live: u64,
+    /// Sessions created since the store started (a re-creation after expiry counts again).
+    pub created: u64,
+    /// Sessions that expired (found expired on access, or swept).
+    pub expired: u64,
+    /// Creations refused because the store was full.
+    pub quota_refusals: u64,
+}
+
+/// A change to a session's metadata, applied atomically (see
+/// [`SessionStore::update_metadata`]).
+pub type MetadataUpdate<'a> = Box<dyn FnOnce(&mut serde_json::Value) + Send + 'a>;
+
 /// Where sessions live. The default is the sharded in-memory store of `snakepit-session`; the
 /// trait is async so that a distributed backend (Redis) fits behind it.
 ///
@@ -153,6 +187,34 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<String>, Error>;
     /// Closes (deletes) a session; returns whether it existed.
     async fn close(&self, id: &str) -> Result<bool, Error>;
+
+    /// Creates a session with options (its own TTL); like [`create`](Self::create) otherwise
+    /// (an existing session is returned as it is, its options unchanged). The default: a
+    /// store without per-session TTLs, which accepts only default options.
+    async fn create_with(
+        &self,
+        id: &str,
+        metadata: serde_json::Value,
+        opts: SessionOptions,
+    ) -> Result<SessionRecord, Error> {
+        if opts.ttl.is_some() {
+            return Err(Error::Unavailable("this session store has no per-session TTL".into()));
+        }
+        self.create(id, metadata).await
+    }
+
+    /// Applies `update` to a live session's metadata, atomically with respect to other updates
+    /// of that session (read-modify-write), and returns the session.
+    /// [`Error::SessionNotFound`] if it does not exist. The default: unsupported.
+    async fn update_metadata(&self, id: &str, update: MetadataUpdate<'_>) -> Result<SessionRecord, Error> {
+        let _ = (id, update);
+        Err(Error::Unavailable("this session store cannot update metadata".into()))
+    }
+
+    /// The store's counters. The default: unsupported.
+    async fn stats(&self) -> Result<SessionStats, Error> {
+        Err(Error::Unavailable("this session store keeps no statistics".into()))
+    }
 
     /// A global variable (pool-wide, outside any session; Snakepit's global programs and
     /// values), if set. Globals never expire. The default: a store without globals, which

@@ -9,20 +9,25 @@
 
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
-use snakepit_core::{Error, SessionRecord, SessionStore, VarType, Variable, WorkerId};
+use snakepit_core::{
+    Error, MetadataUpdate, SessionOptions, SessionRecord, SessionStats, SessionStore, VarType, Variable,
+    WorkerId,
+};
 use tokio::time::Instant;
 
 #[derive(Debug)]
 struct Entry {
     record: SessionRecord,
     expires: Instant,
+    /// Its time-to-live (the store's, or its own from `create_with`).
+    ttl: Duration,
 }
 
 #[derive(Debug)]
@@ -33,6 +38,9 @@ struct Shared {
     count: AtomicUsize,
     /// Global variables: pool-wide, never expiring.
     globals: DashMap<String, serde_json::Value>,
+    created: AtomicU64,
+    expired: AtomicU64,
+    quota_refusals: AtomicU64,
 }
 
 /// The sharded in-memory session store. Cheap to clone (shared).
@@ -57,6 +65,9 @@ impl MemoryStore {
                 max: max_sessions,
                 count: AtomicUsize::new(0),
                 globals: DashMap::new(),
+                created: AtomicU64::new(0),
+                expired: AtomicU64::new(0),
+                quota_refusals: AtomicU64::new(0),
             }),
         }
     }
@@ -101,13 +112,14 @@ impl MemoryStore {
         {
             let mut e = s.map.get_mut(id)?;
             if e.expires > now {
-                e.expires = now + s.ttl;
+                e.expires = now + e.ttl;
                 return Some(f(&mut e.record));
             }
         }
         // Expired: drop it (only if still expired: a concurrent create may have renewed it).
         if s.map.remove_if(id, |_, e| e.expires <= now).is_some() {
             s.count.fetch_sub(1, Ordering::AcqRel);
+            s.expired.fetch_add(1, Ordering::Relaxed);
         }
         None
     }
@@ -124,6 +136,7 @@ fn sweep(s: &Shared) -> usize {
         keep
     });
     s.count.fetch_sub(removed, Ordering::AcqRel);
+    s.expired.fetch_add(removed as u64, Ordering::Relaxed);
     removed
 }
 
@@ -134,7 +147,17 @@ fn not_found(id: &str) -> Error {
 #[async_trait]
 impl SessionStore for MemoryStore {
     async fn create(&self, id: &str, metadata: serde_json::Value) -> Result<SessionRecord, Error> {
+        self.create_with(id, metadata, SessionOptions::default()).await
+    }
+
+    async fn create_with(
+        &self,
+        id: &str,
+        metadata: serde_json::Value,
+        opts: SessionOptions,
+    ) -> Result<SessionRecord, Error> {
         let s = &self.shared;
+        let ttl = opts.ttl.unwrap_or(s.ttl);
         let mut swept = false;
         loop {
             let now = Instant::now();
@@ -144,8 +167,11 @@ impl SessionStore for MemoryStore {
                     if e.expires <= now {
                         // An expired session with this id: start afresh (the count is unchanged).
                         e.record = SessionRecord::new(id, metadata);
+                        e.ttl = ttl;
+                        s.expired.fetch_add(1, Ordering::Relaxed);
+                        s.created.fetch_add(1, Ordering::Relaxed);
                     }
-                    e.expires = now + s.ttl;
+                    e.expires = now + e.ttl;
                     return Ok(e.record.clone());
                 }
                 MapEntry::Vacant(v) => {
@@ -158,10 +184,12 @@ impl SessionStore for MemoryStore {
                             sweep(s);
                             continue;
                         }
+                        s.quota_refusals.fetch_add(1, Ordering::Relaxed);
                         return Err(Error::SessionQuotaExceeded { max: s.max });
                     }
                     let record = SessionRecord::new(id, metadata);
-                    v.insert(Entry { record: record.clone(), expires: now + s.ttl });
+                    v.insert(Entry { record: record.clone(), expires: now + ttl, ttl });
+                    s.created.fetch_add(1, Ordering::Relaxed);
                     return Ok(record);
                 }
             }
@@ -218,6 +246,27 @@ impl SessionStore for MemoryStore {
             self.shared.count.fetch_sub(1, Ordering::AcqRel);
         }
         Ok(removed.is_some_and(|(_, e)| e.expires > Instant::now()))
+    }
+
+    async fn update_metadata(&self, id: &str, update: MetadataUpdate<'_>) -> Result<SessionRecord, Error> {
+        // The map's shard lock is held while `update` runs: updates of one session serialise.
+        self.with_live(id, |r| {
+            update(&mut r.metadata);
+            r.clone()
+        })
+        .ok_or_else(|| not_found(id))
+    }
+
+    async fn stats(&self) -> Result<SessionStats, Error> {
+        let s = &self.shared;
+        let now = Instant::now();
+        let live = s.map.iter().filter(|e| e.value().expires > now).count() as u64;
+        let mut stats = SessionStats::default();
+        stats.live = live;
+        stats.created = s.created.load(Ordering::Relaxed);
+        stats.expired = s.expired.load(Ordering::Relaxed);
+        stats.quota_refusals = s.quota_refusals.load(Ordering::Relaxed);
+        Ok(stats)
     }
 
     async fn get_global(&self, name: &str) -> Result<Option<serde_json::Value>, Error> {

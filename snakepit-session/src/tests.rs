@@ -211,3 +211,52 @@ proptest! {
         })?;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_session_may_have_its_own_ttl() {
+    let s = MemoryStore::new(Duration::from_secs(100), 10);
+    s.create_with("short", json!(null), SessionOptions::default().with_ttl(Duration::from_secs(5)))
+        .await
+        .expect("create");
+    s.create("long", json!(null)).await.expect("create");
+    // An existing session keeps its options.
+    s.create_with("short", json!(null), SessionOptions::default().with_ttl(Duration::from_secs(500)))
+        .await
+        .expect("again");
+    tokio::time::advance(Duration::from_secs(4)).await;
+    assert!(s.get("short").await.expect("get").is_some(), "refreshed on use, by its own ttl");
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert!(s.get("short").await.expect("get").is_none());
+    assert!(s.get("long").await.expect("get").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_updates_are_read_modify_write_and_stats_count() {
+    let s = MemoryStore::new(Duration::from_secs(100), 2);
+    s.create("a", json!({"n": 0})).await.expect("create");
+    // 50 concurrent increments on two threads: none is lost.
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let st = s.clone();
+            tokio::spawn(async move {
+                st.update_metadata(
+                    "a",
+                    Box::new(|m: &mut serde_json::Value| m["n"] = json!(m["n"].as_i64().unwrap_or(0) + 1)),
+                )
+                .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("join").expect("update");
+    }
+    assert_eq!(s.get("a").await.expect("get").expect("live").metadata, json!({"n": 50}));
+    assert!(matches!(
+        s.update_metadata("nope", Box::new(|_: &mut serde_json::Value| {})).await,
+        Err(Error::SessionNotFound { .. })
+    ));
+    s.create("b", json!(null)).await.expect("create");
+    assert!(matches!(s.create("c", json!(null)).await, Err(Error::SessionQuotaExceeded { .. })));
+    let st = s.stats().await.expect("stats");
+    assert_eq!((st.live, st.created, st.expired, st.quota_refusals), (2, 2, 0, 1));
+}

@@ -62,8 +62,8 @@ pub use session::{Globals, Session};
 /// to the pipe.
 pub use snakepit_core::shm;
 pub use snakepit_core::{
-    ProcessProfile, ProtocolIo, SessionRecord, SessionStore, StartMode, ThreadProfile, VarType,
-    WorkerProfile, Zygote,
+    ProcessProfile, ProtocolIo, SessionOptions, SessionRecord, SessionStats, SessionStore, StartMode,
+    ThreadProfile, VarType, WorkerProfile, Zygote,
 };
 pub use snakepit_session::MemoryStore;
 

@@ -126,3 +126,34 @@ impl Pool {
         Globals { pool: self }
     }
 }
+
+impl Pool {
+    /// Creates a session with options: its own time-to-live (`SessionOptions::with_ttl`),
+    /// instead of the pool's `session_ttl`. Idempotent as [`create_session`](Pool::create_session)
+    /// (an existing session keeps its options).
+    pub async fn create_session_with(
+        &self,
+        id: &str,
+        metadata: Value,
+        opts: snakepit_core::SessionOptions,
+    ) -> Result<Session<'_>, Error> {
+        self.session_store().create_with(id, metadata, opts).await?;
+        Ok(Session::new(self, id.to_owned()))
+    }
+
+    /// Changes a session's metadata with `update` (read-modify-write, atomic with respect to
+    /// other updates of that session) and returns the session's record. `SessionNotFound` if
+    /// it does not exist.
+    pub async fn update_session(
+        &self,
+        id: &str,
+        update: impl FnOnce(&mut Value) + Send,
+    ) -> Result<snakepit_core::SessionRecord, Error> {
+        self.session_store().update_metadata(id, Box::new(update)).await
+    }
+
+    /// The session store's counters: live sessions, created, expired, quota refusals.
+    pub async fn session_stats(&self) -> Result<snakepit_core::SessionStats, Error> {
+        self.session_store().stats().await
+    }
+}

@@ -258,3 +258,35 @@ async fn sessions_are_created_on_use_when_asked_within_the_quota() {
     on.shutdown().await;
     r.assert_none_left(Duration::from_secs(5));
 }
+
+/// The pool's session API beyond create/get: a per-session TTL, metadata updates, the store's
+/// counters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_session_ttl_metadata_updates_and_session_stats() {
+    let r = Reaper::new();
+    let pool = r.builder().adapter(Python::showcase()).max_sessions(2).size(1).build().await.expect("pool");
+    let opts = snakepit::SessionOptions::default().with_ttl(Duration::from_millis(200));
+    pool.create_session_with("brief", json!({"user": "ada", "turns": 0}), opts).await.expect("brief");
+    pool.create_session("kept", json!(null)).await.expect("kept");
+    let rec = pool
+        .update_session("brief", |m| m["turns"] = json!(m["turns"].as_i64().unwrap_or(0) + 1))
+        .await
+        .expect("update");
+    assert_eq!(rec.metadata, json!({"user": "ada", "turns": 1}));
+    assert!(matches!(
+        pool.create_session("third", json!(null)).await,
+        Err(Error::SessionQuotaExceeded { .. })
+    ));
+    // The brief session expires on its own TTL. Watched through the list, which does not
+    // refresh it (an access would: the TTL is refreshed on use).
+    let t = Instant::now();
+    while pool.list_sessions().await.expect("list").contains(&"brief".to_string()) {
+        assert!(t.elapsed() < Duration::from_secs(10), "the 200 ms session did not expire");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(pool.session("brief").await, Err(Error::SessionNotFound { .. })));
+    assert!(pool.session("kept").await.is_ok());
+    let st = pool.session_stats().await.expect("stats");
+    assert_eq!((st.live, st.created, st.expired, st.quota_refusals), (1, 2, 1, 1));
+    pool.shutdown().await;
+}
