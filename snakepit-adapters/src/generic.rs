@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use snakepit_core::{Adapter, Error, ProtocolIo, SpawnContext, SpawnSpec};
+use snakepit_core::{Adapter, Error, Protocol, ProtocolIo, SpawnContext, SpawnSpec};
 
 use crate::common::{common_adapter_methods, common_builders, Common};
 
@@ -13,15 +13,30 @@ pub struct Generic {
     program: PathBuf,
     common: Common,
     protocol_io: ProtocolIo,
+    protocol: Protocol,
 }
 
 impl Generic {
     /// A worker running `program` (a path, or a name looked up on `PATH`).
     pub fn new(program: impl Into<PathBuf>) -> Self {
-        Generic { program: program.into(), common: Common::default(), protocol_io: ProtocolIo::Stdio }
+        Generic {
+            program: program.into(),
+            common: Common::default(),
+            protocol_io: ProtocolIo::Stdio,
+            protocol: Protocol::V1,
+        }
     }
 
     common_builders!();
+
+    /// The protocol the program speaks: v1 (the default), or [`Protocol::SnakepitV0`] for a
+    /// bridge script of the original Snakepit. With `SnakepitV0` and no transport set, the
+    /// pool uses the `SnakepitV0` transport; another transport, the zygote start mode or
+    /// pipelining then fail `build()` with `bad_request`.
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
 
     /// Where the worker speaks the protocol: its stdin/stdout (the default), or fds 3 and 4
     /// ([`ProtocolIo::Fds`]: its stdout then goes to its stderr, so nothing it prints can
@@ -49,4 +64,8 @@ impl Adapter for Generic {
     }
 
     common_adapter_methods!();
+
+    fn protocol(&self) -> Protocol {
+        self.protocol
+    }
 }

@@ -38,6 +38,18 @@ pub enum ProtocolIo {
     Fds,
 }
 
+/// Which wire protocol a worker speaks: snakepit's own, or the original Snakepit's stdio
+/// envelope (`docs/protocol.md` §9), which only the `SnakepitV0` transport speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// Protocol v1 (`docs/protocol.md`).
+    #[default]
+    V1,
+    /// The original Elixir Snakepit's envelope (`snakepit-v0`).
+    SnakepitV0,
+}
+
 /// How to start one worker process.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
@@ -167,5 +179,11 @@ pub trait Adapter: Send + Sync + 'static {
     /// A default timeout for `command`, used when the caller gives none.
     fn timeout_for(&self, _command: &str) -> Option<Duration> {
         None
+    }
+
+    /// The protocol the worker speaks (default: v1). A pool refuses (`bad_request`) to run a
+    /// worker on a transport that does not speak it.
+    fn protocol(&self) -> Protocol {
+        Protocol::V1
     }
 }

@@ -32,7 +32,7 @@ mod session;
 mod transport;
 pub mod wire;
 
-pub use adapter::{Adapter, ProtocolIo, SpawnContext, SpawnSpec};
+pub use adapter::{Adapter, Protocol, ProtocolIo, SpawnContext, SpawnSpec};
 pub use error::{Error, ExitInfo, Result, WorkerError};
 pub use inflight::{InFlight, InFlightGuard};
 pub use launch::ShmOptions;

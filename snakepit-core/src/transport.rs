@@ -498,6 +498,11 @@ pub trait Transport: Send + Sync + 'static {
     /// The largest frame body this transport sends or accepts.
     fn max_frame(&self) -> usize;
 
+    /// The protocol this transport speaks (default: v1); see [`crate::Protocol`].
+    fn protocol(&self) -> crate::Protocol {
+        crate::Protocol::V1
+    }
+
     /// Whether this transport can use a shared-memory arena ([`Hello::shm`]); a launcher makes
     /// one for each worker only if so. `false` unless overridden.
     fn shared_memory(&self) -> bool {

@@ -114,6 +114,10 @@ impl Transport for SnakepitV0 {
     fn max_frame(&self) -> usize {
         self.max_frame
     }
+
+    fn protocol(&self) -> snakepit_core::Protocol {
+        snakepit_core::Protocol::SnakepitV0
+    }
 }
 
 /// A call sent and not yet answered: where its reply goes, and its place in the in-flight set

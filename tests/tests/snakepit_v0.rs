@@ -246,3 +246,33 @@ async fn the_original_node_generic_bridge_runs_unchanged() {
     pool.shutdown().await;
     r.assert_none_left(Duration::from_secs(5));
 }
+
+/// `Generic::protocol(Protocol::SnakepitV0)` picks the v0 transport by itself; what v0 cannot
+/// do fails `build()` with `bad_request`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generic_adapter_that_speaks_v0_gets_the_v0_transport_and_its_limits() {
+    use snakepit::core::Protocol;
+    let r = Reaper::new();
+    let adapter = || v0_bridge("python3", "generic_bridge.py").protocol(Protocol::SnakepitV0);
+    let pool = r.builder().adapter(adapter()).size(1).build().await.expect("pool");
+    let sum =
+        pool.execute("compute", json!({"operation": "multiply", "a": 10, "b": 5})).await.expect("compute");
+    assert_eq!(sum["result"], json!(50));
+    pool.shutdown().await;
+    let refused = [
+        r.builder().adapter(adapter()).transport(snakepit::StdioTransport::new()).size(1).build().await.err(),
+        r.builder()
+            .adapter(adapter())
+            .profile(snakepit::Zygote(snakepit::ProcessProfile))
+            .size(1)
+            .build()
+            .await
+            .err(),
+        r.builder().adapter(adapter()).pipeline_depth(2).size(1).build().await.err(),
+        r.builder().adapter(adapter()).profile(snakepit::ThreadProfile::new(4)).size(1).build().await.err(),
+    ];
+    for e in refused {
+        assert!(matches!(e, Some(Error::BadRequest(_))), "{e:?}");
+    }
+    r.assert_none_left(Duration::from_secs(5));
+}

@@ -445,8 +445,9 @@ impl PoolBuilder {
             None => {
                 let transport = match self.transport {
                     Some(t) => t,
-                    None => default_transport()?,
+                    None => default_transport_for(adapter.protocol())?,
                 };
+                check_protocol(adapter.protocol(), transport.protocol(), &cfg)?;
                 let instance = cfg.instance.clone().unwrap_or_else(|| adapter.name());
                 let run_file = cfg.registry.then(|| run_file(&cfg, &instance, &run_id)).flatten();
                 let max_frame = transport.max_frame();
@@ -591,13 +592,45 @@ async fn start_all(inner: &Inner) -> Result<Vec<Arc<Member>>, Error> {
 }
 
 #[cfg(feature = "stdio")]
-fn default_transport() -> Result<Arc<dyn Transport>, Error> {
-    Ok(Arc::new(snakepit_transport_stdio::StdioTransport::default()))
+fn default_transport_for(protocol: snakepit_core::Protocol) -> Result<Arc<dyn Transport>, Error> {
+    Ok(match protocol {
+        snakepit_core::Protocol::SnakepitV0 => Arc::new(snakepit_transport_stdio::SnakepitV0::default()),
+        _ => Arc::new(snakepit_transport_stdio::StdioTransport::default()),
+    })
 }
 
 #[cfg(not(feature = "stdio"))]
-fn default_transport() -> Result<Arc<dyn Transport>, Error> {
+fn default_transport_for(_protocol: snakepit_core::Protocol) -> Result<Arc<dyn Transport>, Error> {
     Err(Error::BadRequest("no transport set and the `stdio` feature is off".into()))
+}
+
+/// A worker's protocol against its transport's and what the pool asks of it: a snakepit-v0
+/// worker runs only on the `SnakepitV0` transport, and that transport only one call at a time
+/// per worker, on cold workers.
+fn check_protocol(
+    adapter: snakepit_core::Protocol,
+    transport: snakepit_core::Protocol,
+    cfg: &Config,
+) -> Result<(), Error> {
+    use snakepit_core::Protocol;
+    // Any adapter may run on the v0 transport (a `Generic` names the program); an adapter
+    // that says its workers speak v0 needs that transport.
+    if adapter == Protocol::SnakepitV0 && transport != Protocol::SnakepitV0 {
+        return Err(Error::BadRequest(format!(
+            "the adapter's workers speak {adapter:?} and the transport speaks {transport:?}"
+        )));
+    }
+    if transport == Protocol::SnakepitV0 {
+        if matches!(cfg.start_mode, StartMode::Zygote) {
+            return Err(Error::BadRequest(
+                "zygote start mode is not supported for snakepit-v0 workers".into(),
+            ));
+        }
+        if cfg.slot.pipeline_depth > 1 || cfg.slot.max_in_flight > 1 {
+            return Err(Error::BadRequest("snakepit-v0 workers run one call at a time".into()));
+        }
+    }
+    Ok(())
 }
 
 fn new_run_id() -> String {
