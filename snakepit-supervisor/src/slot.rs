@@ -150,6 +150,17 @@ pub enum RecycleReason {
     Memory,
 }
 
+impl RecycleReason {
+    /// The trigger as a metric label: `requests`, `age` or `memory`.
+    pub fn label(self) -> &'static str {
+        match self {
+            RecycleReason::Requests => "requests",
+            RecycleReason::Age => "age",
+            RecycleReason::Memory => "memory",
+        }
+    }
+}
+
 impl std::fmt::Display for RecycleReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -345,7 +356,13 @@ impl Slot {
                         _ = member.sessions_quiet(cfg.drain_timeout) => {}
                         _ = stopped(&mut shutdown) => return,
                     }
-                    tracing::info!(worker = %member.id(), "recycling ({reason}); starting its replacement first");
+                    tracing::info!(
+                        target: "snakepit::worker",
+                        event = "recycled",
+                        worker = %member.id(),
+                        trigger = reason.label(),
+                        "recycling ({reason}); starting its replacement first"
+                    );
                     // While the replacement starts, the old worker serves: the slot stays Ready
                     // (a failed start is reported, but it does not open the circuit).
                     let attempt =
@@ -367,6 +384,14 @@ impl Slot {
                         return;
                     }
                     mgr.event(self.index, SlotEvent::Exited { worker: member.id(), exit });
+                    tracing::warn!(
+                        target: "snakepit::worker",
+                        event = "crashed",
+                        worker = %member.id(),
+                        exit = %exit,
+                        uptime_ms = member.started().elapsed().as_millis() as u64,
+                        "worker exited ({exit})"
+                    );
                     let now = tokio::time::Instant::now();
                     crashes.push_back(now);
                     while crashes.front().is_some_and(|t| now.duration_since(*t) > cfg.restart_window) {
@@ -374,6 +399,8 @@ impl Slot {
                     }
                     if crashes.len() > cfg.max_restarts {
                         tracing::error!(
+                            target: "snakepit::worker",
+                            event = "degraded",
                             slot = self.index,
                             crashes = crashes.len(),
                             window = ?cfg.restart_window,
@@ -386,7 +413,6 @@ impl Slot {
                         }
                         crashes.clear();
                     } else {
-                        tracing::warn!(worker = %member.id(), "worker exited ({exit}); restarting");
                         self.set_state(mgr, SlotState::Backoff);
                     }
                     let started = Some(member.started());
@@ -448,7 +474,7 @@ impl Slot {
                 _ = mem_ticker.tick(), if mem_limit.is_some() => {
                     let limit = mem_limit.unwrap_or(u64::MAX);
                     if let Some(rss) = member.memory().filter(|rss| *rss > limit) {
-                        tracing::info!(worker = %member.id(), rss, limit, "over its memory limit");
+                        tracing::info!(target: "snakepit::worker", worker = %member.id(), rss, limit, "over its memory limit");
                         return Next::Recycle(RecycleReason::Memory);
                     }
                 }
@@ -475,9 +501,9 @@ impl Slot {
                         _ => {
                             missed += 1;
                             mgr.event(self.index, SlotEvent::MissedHeartbeat { worker: member.id(), missed });
-                            tracing::warn!(worker = %member.id(), missed, "missed a heartbeat");
+                            tracing::warn!(target: "snakepit::worker", event = "missed_heartbeat", worker = %member.id(), missed, "missed a heartbeat");
                             if missed >= hb.max_missed {
-                                tracing::error!(worker = %member.id(), "unresponsive; killing and replacing it");
+                                tracing::error!(target: "snakepit::worker", event = "unresponsive", worker = %member.id(), "unresponsive; killing and replacing it");
                                 mgr.event(self.index, SlotEvent::Unresponsive { worker: member.id() });
                                 hb_on = false;
                                 member.kill();
@@ -519,7 +545,7 @@ impl Slot {
             match attempt {
                 Ok(m) => return Some(m),
                 Err(e) => {
-                    tracing::error!(%id, "start failed: {e}");
+                    tracing::error!(target: "snakepit::worker", event = "start_failed", worker = %id, kind = e.kind(), "start failed: {e}");
                     mgr.event(self.index, SlotEvent::StartFailed { worker: id, error: &e });
                     if why == Start::Restart {
                         self.set_state(mgr, SlotState::Failing);

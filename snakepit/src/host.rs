@@ -23,6 +23,8 @@ pub(crate) struct PoolHost {
     store: Arc<dyn SessionStore>,
     /// The session of each session call in flight, by (worker, request id).
     sessions: Mutex<HashMap<(WorkerId, RequestId), String>>,
+    /// `snakepit_host_calls_total`.
+    calls: Arc<crate::pool::HostCallMetrics>,
 }
 
 fn werr(kind: &str, message: impl Into<String>) -> WorkerError {
@@ -37,8 +39,8 @@ fn from_error(e: Error) -> WorkerError {
 }
 
 impl PoolHost {
-    pub(crate) fn new(store: Arc<dyn SessionStore>) -> Self {
-        PoolHost { tools: RwLock::new(HashMap::new()), store, sessions: Mutex::new(HashMap::new()) }
+    pub(crate) fn new(store: Arc<dyn SessionStore>, calls: Arc<crate::pool::HostCallMetrics>) -> Self {
+        PoolHost { tools: RwLock::new(HashMap::new()), store, sessions: Mutex::new(HashMap::new()), calls }
     }
 
     pub(crate) fn register<F, Fut>(&self, name: &str, f: F)
@@ -131,6 +133,14 @@ impl Drop for SessionScope {
 #[async_trait]
 impl HostHandler for PoolHost {
     async fn host_call(&self, call: HostCall) -> Result<Payload, WorkerError> {
+        let r = self.answer(call).await;
+        self.calls.count(r.as_ref().err().map(|_| "error"));
+        r
+    }
+}
+
+impl PoolHost {
+    async fn answer(&self, call: HostCall) -> Result<Payload, WorkerError> {
         if call.name.starts_with("session.") {
             return self.session_op(call).await.map(Payload::from);
         }

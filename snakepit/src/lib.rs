@@ -48,6 +48,7 @@
 #[cfg(feature = "chaos")]
 pub mod chaos;
 mod host;
+pub mod metrics;
 mod pool;
 mod session;
 

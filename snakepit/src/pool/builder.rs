@@ -52,6 +52,8 @@ pub(crate) struct Config {
     offer_versions: Option<Vec<u32>>,
     shm: snakepit_core::ShmOptions,
     instance: Option<String>,
+    /// The pool's name in metrics and spans (the `pool` label).
+    name: Option<String>,
     run_dir: Option<std::path::PathBuf>,
     registry: bool,
     pub(crate) quarantine: Option<u32>,
@@ -103,6 +105,7 @@ impl Default for PoolBuilder {
                 offer_versions: None,
                 shm: snakepit_core::ShmOptions::DEFAULT,
                 instance: None,
+                name: None,
                 run_dir: None,
                 registry: true,
                 quarantine: None,
@@ -355,6 +358,14 @@ impl PoolBuilder {
         self
     }
 
+    /// Names the pool in its metrics (the `pool` label) and its tracing spans (default: the
+    /// [instance](PoolBuilder::instance) name, else the adapter's name, e.g. `python:worker.py`).
+    /// Give each pool of a process its own name: pools of one name add to the same series.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.cfg.name = Some(name.into());
+        self
+    }
+
     /// Where run files live (default: `snakepit_supervisor::registry::run_dir()`). The run
     /// registry, the instance name and the start mode apply to process workers only (not to an
     /// adapter that supplies its own launcher).
@@ -464,7 +475,9 @@ impl PoolBuilder {
                 (Arc::new(m) as Arc<dyn SessionStore>, Some(sweeper))
             }
         };
-        let host = Arc::new(crate::host::PoolHost::new(store.clone()));
+        let name = cfg.name.clone().or_else(|| cfg.instance.clone()).unwrap_or_else(|| adapter.name());
+        let metrics = super::metrics::PoolMetrics::new(&name, cfg.size);
+        let host = Arc::new(crate::host::PoolHost::new(store.clone(), metrics.host_calls.clone()));
         let host_handler: Arc<dyn snakepit_core::HostHandler> = host.clone();
         let start_opts = StartOptions::new(WorkerId { slot: 0, generation: 0 }, run_id.clone(), max_frame)
             .with_env(cfg.env.clone())
@@ -491,6 +504,8 @@ impl PoolBuilder {
             tools: RwLock::new(None),
             shutdown: watch::channel(false).0,
             counters: Counters::default(),
+            metrics,
+            circuit_was_open: std::sync::atomic::AtomicBool::new(false),
             last_error: Mutex::new(None),
             poison: Mutex::new(std::collections::HashMap::new()),
             cfg,
@@ -512,11 +527,28 @@ impl PoolBuilder {
             // Installed before `build` returns, so the pool is fully usable at once.
             let slot = inner.slots[w.id().slot].clone();
             slot.install(&*mgr, &w);
+            // The slot's lifecycle events carry the pool's name.
+            let span = tracing::info_span!("snakepit.slot", pool = &*inner.metrics.pool, slot = slot.index());
             let run = slot.run(mgr.clone(), slot_cfg.clone(), w, inner.shutdown.subscribe());
-            tasks.push(tokio::spawn(run));
+            tasks.push(tokio::spawn(tracing::Instrument::instrument(run, span)));
         }
-        tracing::info!(size = inner.cfg.size, adapter = %inner.adapter.name(), run_id = %inner.run_id, "pool ready");
+        tasks.push(tokio::spawn(sample_metrics(Arc::downgrade(&inner))));
+        tracing::info!(pool = &*inner.metrics.pool, size = inner.cfg.size, adapter = %inner.adapter.name(), run_id = %inner.run_id, "pool ready");
         Ok(Pool { inner, tasks: Mutex::new(tasks), sweeper })
+    }
+}
+
+/// Samples the pool's gauges every second, until the pool is gone.
+async fn sample_metrics(inner: std::sync::Weak<Inner>) {
+    let mut tick = tokio::time::interval(super::metrics::SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        if *inner.shutdown.borrow() {
+            return;
+        }
+        inner.sample_metrics().await;
     }
 }
 

@@ -8,19 +8,35 @@ use std::time::{Duration, Instant};
 
 use snakepit_core::{Error, ExitInfo, Payload, Request};
 use snakepit_supervisor::{Member, SessionCall};
+use tracing::Instrument;
 
 use super::lease::Lease;
+use super::metrics::CommandMetrics;
 use super::queue::Pin;
 use super::{CallOptions, Inner, Pool};
 
-/// A call that passed admission: the command's shared name, its deadline, and its identity for
-/// quarantine.
+/// A call that passed admission: the command's shared name, its deadline, its identity for
+/// quarantine, and where it is reported (its metric handles and its span).
 pub(crate) struct Admission {
     pub(crate) name: Arc<str>,
     pub(crate) deadline: Option<Instant>,
     pub(crate) started: Instant,
     /// The request's key, when quarantine is on.
     pub(crate) poison: Option<u64>,
+    pub(crate) metrics: Arc<CommandMetrics>,
+    /// `snakepit.call`: the call's span (disabled, and free, without a subscriber).
+    pub(crate) span: tracing::Span,
+}
+
+impl Admission {
+    /// Reports the call's end once: counters, metrics, span and the `call ended` event.
+    pub(crate) fn end(&self, inner: &Inner, outcome: Result<(), &Error>) {
+        let took = now().saturating_duration_since(self.started);
+        inner.finish(&self.metrics, Some(took), self.poison, outcome);
+        let kind = outcome.err().map_or("ok", Error::kind);
+        self.span.record("outcome", kind);
+        tracing::debug!(parent: &self.span, outcome = kind, duration_us = took.as_micros() as u64, "call ended");
+    }
 }
 
 /// A checked-out call: its lease (the worker) and, for a session call, the guard that defers
@@ -49,18 +65,46 @@ fn request_key(command: &str, args: &Payload) -> u64 {
 
 impl Inner {
     /// Checks a call before it may take a worker. Refusals cost no round trip and count as
-    /// failed calls.
+    /// failed calls. `session` only names the call's span.
     pub(crate) fn admit(
         &self,
+        session: Option<&str>,
         command: &str,
         args: &Payload,
         opts: &CallOptions,
     ) -> Result<Admission, Error> {
-        self.check(command, args, opts).inspect_err(|e| self.finish(None, Err(e)))
+        let span = tracing::info_span!(
+            "snakepit.call",
+            pool = &*self.metrics.pool,
+            command,
+            session,
+            worker = tracing::field::Empty,
+            attempt = 1u32,
+            outcome = tracing::field::Empty,
+        );
+        let (name, metrics) = match self.known_tool(command) {
+            Ok(t) => t,
+            Err(e) => {
+                self.finish(&self.metrics.unknown, None, None, Err(&e));
+                span.record("outcome", e.kind());
+                return Err(e);
+            }
+        };
+        self.check(command, args, opts, name, metrics.clone(), span.clone()).inspect_err(|e| {
+            self.finish(&metrics, None, None, Err(e));
+            span.record("outcome", e.kind());
+        })
     }
 
-    fn check(&self, command: &str, args: &Payload, opts: &CallOptions) -> Result<Admission, Error> {
-        let name = self.known_tool(command)?;
+    fn check(
+        &self,
+        command: &str,
+        args: &Payload,
+        opts: &CallOptions,
+        name: Arc<str>,
+        metrics: Arc<CommandMetrics>,
+        span: tracing::Span,
+    ) -> Result<Admission, Error> {
         self.adapter.validate(command, args)?;
         let poison = match self.cfg.quarantine {
             Some(limit) => {
@@ -81,7 +125,7 @@ impl Inner {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        Ok(Admission { name, deadline, started, poison })
+        Ok(Admission { name, deadline, started, poison, metrics, span })
     }
 
     /// The deadline of a call sent to its worker now: its own, or `max_call_time` from now if
@@ -94,9 +138,18 @@ impl Inner {
         }
     }
 
-    /// Counts a finished call (or stream) once, and a crash against its request.
-    pub(crate) fn finish(&self, poison: Option<u64>, outcome: Result<(), &Error>) {
-        self.counters.finished(outcome.is_ok());
+    /// Counts a finished call (or stream) once — in the pool's stats and its command's
+    /// metrics, `took` since admission (`None`: refused at admission) — and a crash against its
+    /// request.
+    pub(crate) fn finish(
+        &self,
+        metrics: &CommandMetrics,
+        took: Option<Duration>,
+        poison: Option<u64>,
+        outcome: Result<(), &Error>,
+    ) {
+        self.counters.finished(outcome);
+        metrics.record(outcome, took);
         if let (Some(key), Err(Error::WorkerCrashed { .. } | Error::Protocol { .. })) = (poison, outcome) {
             let mut poison = self.poison.lock().unwrap_or_else(|p| p.into_inner());
             if poison.len() >= 10_000 {
@@ -231,15 +284,16 @@ impl Pool {
         opts: CallOptions,
     ) -> Result<Payload, Error> {
         let inner = &self.inner;
-        let adm = inner.admit(command, &args, &opts)?;
+        let adm = inner.admit(session, command, &args, &opts)?;
         let retry = opts.retry_not_started.then(|| args.clone());
-        let mut r = self.round_trip(session, &adm, args, &opts).await;
+        let mut r = self.round_trip(session, &adm, args, &opts).instrument(adm.span.clone()).await;
         if let (Err(Error::NotStarted { worker, .. }), Some(args)) = (&r, retry) {
             // It never ran: once more, on whichever worker is free (the dead one is not).
-            tracing::info!(%worker, command, "call queued on a worker that died before it started; retrying once");
-            r = self.round_trip(session, &adm, args, &opts).await;
+            tracing::info!(parent: &adm.span, %worker, command, "call queued on a worker that died before it started; retrying once");
+            adm.span.record("attempt", 2u32);
+            r = self.round_trip(session, &adm, args, &opts).instrument(adm.span.clone()).await;
         }
-        inner.finish(adm.poison, r.as_ref().map(|_| ()));
+        adm.end(inner, r.as_ref().map(|_| ()));
         r
     }
 
@@ -252,8 +306,10 @@ impl Pool {
     ) -> Result<Payload, Error> {
         let inner = &self.inner;
         let command = &*adm.name;
-        let Acquired { mut lease, session_call: _session_call } = inner.acquire(session, adm, opts).await?;
+        let Acquired { mut lease, session_call: _session_call } =
+            inner.acquire(session, adm, opts).instrument(tracing::debug_span!("snakepit.queue_wait")).await?;
         let worker = lease.worker().clone();
+        adm.span.record("worker", tracing::field::display(worker.id()));
         let id = worker.connection().new_request_id();
         let deadline = inner.running_deadline(adm);
         lease.begin(id, deadline);
@@ -275,7 +331,7 @@ impl Pool {
             }
             None => None,
         };
-        let call = worker.connection().start(req);
+        let call = worker.connection().start(req).instrument(tracing::debug_span!("snakepit.round_trip"));
         let result = match deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), call).await {
                 Ok(r) => r,

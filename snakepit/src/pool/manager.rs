@@ -17,7 +17,20 @@ pub(crate) struct Manager(pub(crate) Arc<Inner>);
 impl Inner {
     /// Starts a worker through the launcher and wraps it with the slot's limits.
     pub(crate) async fn start_member(&self, id: WorkerId) -> Result<Arc<Member>, Error> {
+        let pool = &*self.metrics.pool;
+        tracing::debug!(target: "snakepit::worker", event = "started", pool, worker = %id, "starting a worker");
+        let t0 = std::time::Instant::now();
         let handle = self.launcher.launch(self.start_opts.for_worker(id)).await?;
+        let startup_ms = t0.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(
+            target: "snakepit::worker",
+            event = "ready",
+            pool,
+            worker = %id,
+            pid = handle.pid(),
+            startup_ms,
+            "worker ready"
+        );
         self.learn_tools(handle.ready());
         Ok(Arc::new(Member::new(handle, &self.cfg.slot)))
     }
@@ -46,10 +59,21 @@ impl SlotManager for Manager {
         let inner = &self.0;
         let c = &inner.counters;
         match event {
-            SlotEvent::State(s) if s.is_failing() => inner.check_circuit(),
-            SlotEvent::Started { restart: true, .. } => c.add(&c.restarts),
+            SlotEvent::State(s)
+                if s.is_failing() || inner.circuit_was_open.load(std::sync::atomic::Ordering::Acquire) =>
+            {
+                inner.check_circuit()
+            }
+            SlotEvent::Started { restart: true, worker } => {
+                tracing::info!(target: "snakepit::worker", event = "restarted", worker = %worker, "worker restarted");
+                inner.metrics.restarted();
+                c.add(&c.restarts);
+            }
             SlotEvent::Exited { .. } => c.add(&c.crashes),
-            SlotEvent::Recycled { .. } => c.add(&c.recycled),
+            SlotEvent::Recycled { reason, .. } => {
+                inner.metrics.recycled(reason);
+                c.add(&c.recycled);
+            }
             SlotEvent::Unresponsive { .. } => c.add(&c.unresponsive),
             SlotEvent::HeartbeatAnswered { .. } => c.add(&c.heartbeats),
             SlotEvent::StartFailed { error, .. } => {

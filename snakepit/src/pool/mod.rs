@@ -10,6 +10,7 @@ mod builder;
 mod call;
 mod lease;
 mod manager;
+mod metrics;
 mod options;
 mod queue;
 mod stats;
@@ -29,6 +30,7 @@ use tokio::task::JoinHandle;
 
 pub(crate) use builder::Config;
 pub use builder::{PoolBuilder, DEFAULT_PIPELINE_DEPTH, MAX_PIPELINE_DEPTH};
+pub(crate) use metrics::Outcomes as HostCallMetrics;
 pub use options::{Affinity, CallOptions, DropPolicy, RehydrateHook};
 pub use stats::PoolStats;
 pub use stream::CallStream;
@@ -40,8 +42,9 @@ pub(crate) fn far_future() -> tokio::time::Instant {
 
 /// The commands the workers announced.
 struct ToolSet {
-    /// Shared names: a call's request takes a clone of its tool's name, not a copy.
-    names: HashSet<Arc<str>>,
+    /// Shared names (a call's request takes a clone of its tool's name, not a copy) and each
+    /// command's metric handles.
+    names: HashMap<Arc<str>, Arc<metrics::CommandMetrics>>,
     sorted: Vec<String>,
     streams: HashSet<String>,
 }
@@ -62,6 +65,9 @@ pub(crate) struct Inner {
     tools: RwLock<Option<Arc<ToolSet>>>,
     shutdown: watch::Sender<bool>,
     pub(crate) counters: stats::Counters,
+    pub(crate) metrics: metrics::PoolMetrics,
+    /// Whether the circuit was open when last checked (its changes are logged).
+    circuit_was_open: std::sync::atomic::AtomicBool,
     /// The last start-up error (reported while the circuit is open).
     last_error: Mutex<Option<String>>,
     /// Crash counts per request key (only with quarantine on).
@@ -81,21 +87,22 @@ impl Inner {
             let mut sorted: Vec<String> = ready.tools.iter().map(|t| t.name.clone()).collect();
             sorted.sort();
             let streams = ready.tools.iter().filter(|t| t.stream).map(|t| t.name.clone()).collect();
-            let names = sorted.iter().map(|n| Arc::from(n.as_str())).collect();
+            let names = sorted.iter().map(|n| (Arc::from(n.as_str()), self.metrics.command(n))).collect();
             *tools = Some(Arc::new(ToolSet { names, sorted, streams }));
         }
     }
 
     /// Checks `command` against the workers' tool catalog (once known) and returns its name
-    /// as the catalog's shared copy (a new one when there is no catalog yet).
-    fn known_tool(&self, command: &str) -> Result<Arc<str>, Error> {
+    /// as the catalog's shared copy (a new one when there is no catalog) with its metric
+    /// handles.
+    fn known_tool(&self, command: &str) -> Result<(Arc<str>, Arc<metrics::CommandMetrics>), Error> {
         let tools = self.tools.read().unwrap_or_else(|p| p.into_inner());
         match tools.as_ref() {
-            Some(t) => match t.names.get(command) {
-                Some(name) => Ok(name.clone()),
+            Some(t) => match t.names.get_key_value(command) {
+                Some((name, m)) => Ok((name.clone(), m.clone())),
                 None => Err(Error::UnknownCommand { command: command.into(), available: t.sorted.clone() }),
             },
-            None => Ok(Arc::from(command)),
+            None => Ok((Arc::from(command), self.metrics.open_command(command))),
         }
     }
 }

@@ -178,7 +178,16 @@ impl Inner {
 
     /// Called when a slot enters a failing state: if the circuit is now open, fail the queue.
     pub(crate) fn check_circuit(&self) {
-        if self.circuit_open() {
+        let open = self.circuit_open();
+        if self.circuit_was_open.swap(open, std::sync::atomic::Ordering::AcqRel) != open {
+            let pool = &*self.metrics.pool;
+            if open {
+                tracing::error!(target: "snakepit::worker", event = "circuit_open", pool, "every worker is failing to start: calls fail fast with `unavailable`");
+            } else {
+                tracing::info!(target: "snakepit::worker", event = "circuit_closed", pool, "a worker started again: calls are served");
+            }
+        }
+        if open {
             let waiters = std::mem::take(&mut self.queue.lock().waiters);
             if !waiters.is_empty() {
                 tracing::error!(
@@ -222,6 +231,8 @@ impl Inner {
                     if !w.has_room() {
                         st.idle.remove(i);
                     }
+                    drop(st);
+                    self.metrics.queue_wait.record(0.0);
                     return Ok(lease);
                 }
                 if strict {
@@ -248,6 +259,8 @@ impl Inner {
                     if !w.has_room() {
                         st.idle.remove(i);
                     }
+                    drop(st);
+                    self.metrics.queue_wait.record(0.0);
                     return Ok(lease);
                 }
             }
@@ -281,7 +294,9 @@ impl Inner {
             Some(d) if d < queue_deadline => (d, true),
             _ => (queue_deadline, false),
         };
-        match tokio::time::timeout_at(limit.into(), rx).await {
+        let r = tokio::time::timeout_at(limit.into(), rx).await;
+        self.metrics.queue_wait.record(start.elapsed().as_secs_f64());
+        match r {
             Ok(Ok(lease)) => Ok(lease),
             Ok(Err(_)) if self.queue.lock().closed => Err(Error::ShuttingDown),
             Ok(Err(_)) => match pin {

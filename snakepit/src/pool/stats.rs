@@ -1,6 +1,10 @@
 //! The pool's counters and [`PoolStats`], their snapshot; [`Pool::wait_stats`] waits on them.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use snakepit_core::Error;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
@@ -30,6 +34,13 @@ pub struct PoolStats {
     pub calls_ok: u64,
     /// Calls that returned an error (a stream: that an error ended).
     pub calls_failed: u64,
+    /// Calls that waited for a worker longer than the queue timeout (`queue_timeout` errors).
+    pub queue_timeouts: u64,
+    /// Calls refused because the queue was full (`pool_saturated` errors).
+    pub saturated: u64,
+    /// Failed calls by error [kind](snakepit_core::Error::kind) (they add up to
+    /// `calls_failed`).
+    pub errors: BTreeMap<&'static str, u64>,
     /// Workers replaced by recycling (request count, age or memory).
     pub recycled: u64,
     /// Workers killed for missing heartbeats.
@@ -51,6 +62,8 @@ pub(crate) struct Counters {
     pub(crate) heartbeats: AtomicU64,
     pub(crate) calls_ok: AtomicU64,
     pub(crate) calls_failed: AtomicU64,
+    /// Failed calls by error kind.
+    errors: Mutex<BTreeMap<&'static str, u64>>,
     /// Calls holding a worker right now.
     pub(crate) busy: AtomicUsize,
     /// Notified when `busy` drops to zero.
@@ -69,6 +82,7 @@ impl Default for Counters {
             heartbeats: AtomicU64::new(0),
             calls_ok: AtomicU64::new(0),
             calls_failed: AtomicU64::new(0),
+            errors: Mutex::new(BTreeMap::new()),
             busy: AtomicUsize::new(0),
             all_idle: Notify::new(),
             changes: watch::channel(0).0,
@@ -104,9 +118,15 @@ impl Counters {
         self.bump();
     }
 
-    /// A call (or stream) finished: counted once, as a success or a failure.
-    pub(crate) fn finished(&self, ok: bool) {
-        self.add(if ok { &self.calls_ok } else { &self.calls_failed });
+    /// A call (or stream) finished: counted once, as a success or a failure (by kind).
+    pub(crate) fn finished(&self, outcome: Result<(), &Error>) {
+        match outcome {
+            Ok(()) => self.add(&self.calls_ok),
+            Err(e) => {
+                *self.errors.lock().unwrap_or_else(|p| p.into_inner()).entry(e.kind()).or_default() += 1;
+                self.add(&self.calls_failed);
+            }
+        }
     }
 }
 
@@ -115,6 +135,7 @@ impl Inner {
         let c = &self.counters;
         let ready = self.slots.iter().filter(|s| s.current().is_some_and(|w| w.is_alive())).count();
         let (idle, queued) = self.queue_lengths();
+        let errors = c.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
         PoolStats {
             size: self.cfg.size,
             ready,
@@ -130,6 +151,9 @@ impl Inner {
             circuit_open: self.circuit_open(),
             calls_ok: c.calls_ok.load(Ordering::Relaxed),
             calls_failed: c.calls_failed.load(Ordering::Relaxed),
+            queue_timeouts: errors.get("queue_timeout").copied().unwrap_or(0),
+            saturated: errors.get("pool_saturated").copied().unwrap_or(0),
+            errors,
         }
     }
 }

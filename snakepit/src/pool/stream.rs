@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use futures::stream::BoxStream;
 use snakepit_core::{Error, ExitInfo, Payload, Request};
 use snakepit_supervisor::SessionCall;
+use tracing::Instrument;
 
 use super::call::{crashed, Acquired, Admission};
 use super::lease::Lease;
@@ -25,7 +26,10 @@ use super::{CallOptions, Inner, Pool};
 /// closes the generator, so its `finally` runs) and returns to the pool once it has answered.
 pub struct CallStream {
     stream: BoxStream<'static, Result<Payload, Error>>,
-    lease: Lease,
+    /// The worker, until the stream ends (then it goes back to the pool at once, even if the
+    /// `CallStream` is kept).
+    lease: Option<Lease>,
+    worker: snakepit_core::WorkerId,
     inner: Arc<Inner>,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     adm: Admission,
@@ -36,10 +40,7 @@ pub struct CallStream {
 
 impl std::fmt::Debug for CallStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CallStream")
-            .field("command", &self.adm.name)
-            .field("worker", &self.lease.worker().id())
-            .finish()
+        f.debug_struct("CallStream").field("command", &self.adm.name).field("worker", &self.worker).finish()
     }
 }
 
@@ -50,10 +51,12 @@ impl CallStream {
         self.next().await.map(|r| r.and_then(|p| p.to_value()))
     }
 
-    /// Ends the stream: counted once, the error (if any) recorded against the request.
+    /// Ends the stream: counted once, the error (if any) recorded against the request, and the
+    /// worker released (returned, or cancelled if the stream timed out).
     fn finish(&mut self, outcome: Result<(), &Error>) {
         self.done = true;
-        self.inner.finish(self.adm.poison, outcome);
+        self.adm.end(&self.inner, outcome);
+        self.lease = None;
     }
 }
 
@@ -62,16 +65,16 @@ impl futures::Stream for CallStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if this.done {
+        let Some(lease) = this.lease.as_mut().filter(|_| !this.done) else {
             return Poll::Ready(None);
-        }
+        };
         if let Some(d) = this.deadline.as_mut() {
             if d.as_mut().poll(cx).is_ready() {
                 // The lease stays in its call: its drop cancels the generator.
-                this.lease.time_out();
+                lease.time_out();
                 let e = Error::Timeout {
                     command: this.adm.name.to_string(),
-                    worker: Some(this.lease.worker().id()),
+                    worker: Some(this.worker),
                     after: this.adm.started.elapsed(),
                 };
                 this.finish(Err(&e));
@@ -80,23 +83,26 @@ impl futures::Stream for CallStream {
         }
         let e = match this.stream.as_mut().poll_next(cx) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Some(Ok(p))) => return Poll::Ready(Some(Ok(p))),
+            Poll::Ready(Some(Ok(p))) => {
+                this.inner.metrics.stream_chunks.increment(1);
+                return Poll::Ready(Some(Ok(p)));
+            }
             Poll::Ready(None) => {
-                this.lease.completed();
+                lease.completed();
                 this.finish(Ok(()));
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(e @ Error::Worker { .. }))) => {
-                this.lease.completed();
+                lease.completed();
                 e
             }
             Poll::Ready(Some(Err(Error::Disconnected { .. }))) => {
-                this.lease.lost();
-                let worker = this.lease.worker();
+                lease.lost();
+                let worker = lease.worker();
                 crashed(worker, &this.adm.name, worker.exit_info().unwrap_or(ExitInfo::Unknown))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.lease.lost();
+                lease.lost();
                 e
             }
         };
@@ -115,14 +121,9 @@ impl Pool {
         opts: CallOptions,
     ) -> Result<CallStream, Error> {
         let inner = &self.inner;
-        let adm = inner.admit(command, &args, &opts)?;
-        match self.open_stream(session, adm, args, &opts).await {
-            Ok(s) => Ok(s),
-            Err((poison, e)) => {
-                inner.finish(poison, Err(&e));
-                Err(e)
-            }
-        }
+        let adm = inner.admit(session, command, &args, &opts)?;
+        let span = adm.span.clone();
+        self.open_stream(session, adm, args, &opts).instrument(span).await
     }
 
     async fn open_stream(
@@ -131,12 +132,17 @@ impl Pool {
         adm: Admission,
         args: Payload,
         opts: &CallOptions,
-    ) -> Result<CallStream, (Option<u64>, Error)> {
+    ) -> Result<CallStream, Error> {
         let inner = &self.inner;
-        let poison = adm.poison;
-        let fail = move |e| (poison, e);
-        let Acquired { mut lease, session_call } = inner.acquire(session, &adm, opts).await.map_err(fail)?;
+        let fail = |e| {
+            adm.end(inner, Err(&e));
+            e
+        };
+        let acquired =
+            inner.acquire(session, &adm, opts).instrument(tracing::debug_span!("snakepit.queue_wait")).await;
+        let Acquired { mut lease, session_call } = acquired.map_err(fail)?;
         let worker = lease.worker().clone();
+        adm.span.record("worker", tracing::field::display(worker.id()));
         let id = worker.connection().new_request_id();
         let deadline = inner.running_deadline(&adm);
         lease.begin(id, deadline);
@@ -156,7 +162,8 @@ impl Pool {
         }
         Ok(CallStream {
             stream,
-            lease,
+            lease: Some(lease),
+            worker: worker.id(),
             inner: inner.clone(),
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
             adm,
