@@ -19,6 +19,7 @@ use serde_json::json;
 use snakepit::{Payload, Pool, Python};
 
 mod bytes;
+mod metrics;
 mod model;
 mod node;
 mod pipeline;
@@ -461,6 +462,11 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
     let node_many = format!("node stdio {nw} workers 32 callers 64 B");
     let node_pools = if want(&node_seq) || want(&node_many) { node::pools(nw).await } else { None };
     let has_node = node_pools.is_some() || (want("start-up") && node::available());
+    // Last: the metrics recorder, once installed, is seen by every pool built after it.
+    let metrics_seq = "stdio 1 worker seq 64 B, metrics on".to_string();
+    let metrics_many = format!("stdio {nw} workers 32 callers 64 B, metrics on");
+    let metrics_pools =
+        if want(&metrics_seq) || want(&metrics_many) { metrics::pools(&python, nw).await } else { None };
     let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
     let mut floors: BTreeMap<String, String> = BTreeMap::new();
     let want = |name: &str| args.only.as_deref().map_or(true, |o| name.contains(o));
@@ -594,6 +600,16 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
             if want(&node_many) {
                 floors.insert(node_many.clone(), kname.clone());
                 results.entry(node_many.clone()).or_default().push(pool_run(many, 64, calls, 32).await);
+            }
+        }
+        if let Some((one, many)) = &metrics_pools {
+            if want(&metrics_seq) {
+                floors.insert(metrics_seq.clone(), "floor seq 64 B".into());
+                results.entry(metrics_seq.clone()).or_default().push(pool_run(one, 64, calls, 1).await);
+            }
+            if want(&metrics_many) {
+                floors.insert(metrics_many.clone(), kname.clone());
+                results.entry(metrics_many.clone()).or_default().push(pool_run(many, 64, calls, 32).await);
             }
         }
         let sid = format!("bench-{rep}");

@@ -14,6 +14,8 @@
 //!   `ci` runs it for one minute after the tests, then one more minute pipelined.
 //! * `bench [--quick]`: `snakepit bench` (the `snakepit-cli` package) in release mode (table,
 //!   `target/bench/bench.json`).
+//! * `callgrind [--calls N]`: instructions and allocations per call with metrics off and on
+//!   (the `metrics_cost` example under `valgrind --tool=callgrind`).
 //! * `setup`: creates `.venv` (the repository's Python virtualenv) with the gRPC transport's
 //!   Python dependencies (grpcio, protobuf; grpcio-tools for `proto`) and the bridge package's
 //!   test tools (pytest, pytest-timeout, mypy, numpy, pydantic), orjson (the bridge's
@@ -51,6 +53,7 @@
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+mod callgrind;
 mod debian;
 mod node;
 
@@ -467,13 +470,14 @@ fn main() -> ExitCode {
         "setup" => setup(),
         "bench" => bench(std::env::args().skip(2).collect()),
         "soak" => soak(std::env::args().skip(2).collect()),
+        "callgrind" => callgrind::callgrind(std::env::args().skip(2).collect()),
         "proto" => proto(std::env::args().any(|a| a == "--check")),
         "py" => py(std::env::args().any(|a| a == "--quick")),
         "node" => node::check(),
         "fuzz" => fuzz(std::env::args().skip(2).collect()),
         _ => {
             eprintln!(
-                "usage: cargo xtask <ci|test|setup|py [--quick]|node|proto [--check]|bench [--quick]|soak [--minutes N]|fuzz [--seconds N] [--target T]>"
+                "usage: cargo xtask <ci|test|setup|py [--quick]|node|proto [--check]|bench [--quick]|soak [--minutes N]|callgrind [--calls N]|fuzz [--seconds N] [--target T]>"
             );
             return ExitCode::from(2);
         }
