@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use snakepit::{CallOptions, Payload, Pool};
 
 mod b64;
@@ -84,14 +84,20 @@ fn init_tracing(default: &str) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `serve --config FILE` names its workers in the file, so there `--script`, `--module` and
+    // `--command` are optional.
+    let matches = Cli::command()
+        .mut_subcommand("serve", |s| s.mut_group("WorkerArgs", |g| g.required(false)))
+        .get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let explicit = serve::Explicit::of(matches.subcommand_matches("serve"));
     init_tracing(match cli.cmd {
         // The demo crashes workers on purpose and reports them in its summary: the pool's
         // warning for each planned exit would only interleave with the progress bar.
         Cmd::Demo(_) => demo::DEFAULT_LOG_FILTER,
         // The kit crashes, stops and times out workers on purpose: only errors are news, and
         // the slots' reports of the workers it broke are not.
-        Cmd::Conform(_) => "error,snakepit_supervisor::slot=off",
+        Cmd::Conform(_) => "error,snakepit::worker=off,snakepit_supervisor::slot=off",
         _ => "warn",
     });
     if let Cmd::Bench(b) = &cli.cmd {
@@ -114,7 +120,7 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Demo(args) => demo::run(args).await,
             Cmd::Bench(args) => bench::run(args).await,
-            Cmd::Serve(args) => serve::run(args).await,
+            Cmd::Serve(args) => serve::run(args, explicit).await,
             Cmd::Conform(args) => conform::run(args).await,
             Cmd::Reap { dry_run, instance } => reap(dry_run, instance),
             Cmd::Call { worker, transport, command, args, timeout_ms } => {

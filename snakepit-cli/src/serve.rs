@@ -14,7 +14,11 @@
 //! reading, gives running requests `--shutdown-grace-ms`, fails the rest with `shutting_down`,
 //! stops the workers and exits 0; a second signal exits at once (143 or 130), and the workers'
 //! shepherds kill them as the host's lifelines close.
+//!
+//! `--config FILE` takes the pool's settings and worker from a configuration file
+//! ([`config`]); the options given on the command line override it.
 
+mod config;
 mod input;
 mod json;
 mod output;
@@ -30,6 +34,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+pub(crate) use self::config::Explicit;
 use self::input::{Line, LineReader};
 use self::json::{parse, Request};
 use self::output::{Id, Out};
@@ -38,12 +43,20 @@ use crate::{TransportArgs, TransportKind, WorkerArgs};
 /// The `serve` subcommand's options.
 #[derive(clap::Args)]
 pub(crate) struct ServeArgs {
+    /// A configuration file (TOML, documented by snakepit.example.toml): the pool's settings
+    /// and its `[worker]`, with `SNAKEPIT_CFG_*` variables over the file and these options over
+    /// both (an option with a default only when given). Without it, no variable is read.
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    /// With a --config file of several `[pools.NAME]` tables: the pool to serve.
+    #[arg(long, value_name = "NAME", requires = "config")]
+    pool: Option<String>,
     #[command(flatten)]
     worker: WorkerArgs,
     #[command(flatten)]
     transport: TransportArgs,
     /// Number of workers (default: CPU count).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     size: Option<usize>,
     /// Pool instance name: a restart reaps what a SIGKILLed previous run of it left behind.
     #[arg(long)]
@@ -61,13 +74,27 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "MS")]
     max_call_time_ms: Option<u64>,
     /// On SIGTERM/SIGINT: how long running requests may take to finish before they fail with
-    /// `shutting_down`.
+    /// `shutting_down` (a --config file's `shutdown_grace` is each step of stopping a worker).
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     shutdown_grace_ms: u64,
     /// A request whose `"session"` does not exist creates it (else it fails with
     /// `session_not_found`).
     #[arg(long)]
     create_sessions_on_use: bool,
+    /// Serves Prometheus metrics at `http://ADDR/metrics` (port 0: a free port; the address is
+    /// printed on stderr as `metrics: http://ADDR/metrics`). An address that cannot be bound
+    /// makes `serve` exit 1 before it starts its workers.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// A count of at least 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// How the read loop ended.
@@ -78,7 +105,7 @@ enum End {
     Signal,
 }
 
-pub(crate) async fn run(a: ServeArgs) -> ExitCode {
+pub(crate) async fn run(a: ServeArgs, explicit: Explicit) -> ExitCode {
     // Installed first, so a signal during start-up already takes the graceful path.
     let (stop_tx, mut stop) = watch::channel(false);
     match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
@@ -90,34 +117,28 @@ pub(crate) async fn run(a: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let size = a.size.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).max(1);
-    let max_frame = match a.transport.transport {
-        TransportKind::Stdio => Transport::max_frame(&snakepit::StdioTransport::default()),
-        TransportKind::Grpc => Transport::max_frame(&snakepit::Grpc::default()),
+    let plan = match &a.config {
+        Some(file) => config::plan(&a, &explicit, file),
+        None => plan(&a),
     };
-    // `serve`'s own admission (below) bounds what it holds; the pool's queue may take every
-    // admitted request, so that a worker being restarted, recycled or still answering a cancel
-    // never turns `serve`'s read-ahead into a `pool_saturated` refusal.
-    let admitted = a.max_queue + size;
-    let b = match a.worker.source().and_then(|s| a.transport.apply(Pool::builder(), s)) {
-        Ok(b) => b,
+    let Plan { builder, admitted, max_frame, grace } = match plan {
+        Ok(p) => p,
         Err(m) => {
             eprintln!("snakepit serve: {m}");
             return ExitCode::from(2);
         }
     };
-    let mut b = b.size(size).max_queue(admitted);
-    if let Some(i) = a.instance {
-        b = b.instance(i);
+    if let Some(addr) = a.metrics_addr {
+        // Before the pool: it takes its metric handles when it starts.
+        match snakepit::metrics::install_prometheus(addr) {
+            Ok(bound) => eprintln!("metrics: http://{bound}/metrics"),
+            Err(e) => {
+                eprintln!("snakepit serve: --metrics-addr {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
     }
-    if let Some(ms) = a.default_timeout_ms {
-        b = b.default_timeout(Duration::from_millis(ms));
-    }
-    if let Some(ms) = a.max_call_time_ms {
-        b = b.max_call_time(Duration::from_millis(ms));
-    }
-    b = b.create_sessions_on_use(a.create_sessions_on_use);
-    let pool = match b.build().await {
+    let pool = match builder.build().await {
         Ok(p) => Arc::new(p),
         Err(e) => {
             eprintln!("snakepit serve: the pool could not start: {e}");
@@ -194,7 +215,6 @@ pub(crate) async fn run(a: ServeArgs) -> ExitCode {
         },
     };
     if signalled {
-        let grace = Duration::from_millis(a.shutdown_grace_ms);
         let finished =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         if finished.is_err() {
@@ -221,6 +241,56 @@ pub(crate) async fn run(a: ServeArgs) -> ExitCode {
         let _ = writer.await;
     }
     ExitCode::SUCCESS
+}
+
+/// What `serve` starts and how it bounds its work.
+struct Plan {
+    /// The pool.
+    builder: snakepit::PoolBuilder,
+    /// Requests admitted at once: `max_queue` plus one per worker (the pool's queue bound).
+    admitted: usize,
+    /// The transport's frame limit.
+    max_frame: usize,
+    /// How long running requests may take to finish after SIGTERM/SIGINT.
+    grace: Duration,
+}
+
+/// The frame limit of the transport's kind.
+fn max_frame(kind: TransportKind) -> usize {
+    match kind {
+        TransportKind::Stdio => Transport::max_frame(&snakepit::StdioTransport::default()),
+        TransportKind::Grpc => Transport::max_frame(&snakepit::Grpc::default()),
+    }
+}
+
+/// The pool the command line alone describes; an `Err` is a usage error.
+fn plan(a: &ServeArgs) -> Result<Plan, String> {
+    if a.worker.script.is_none() && a.worker.module.is_none() && a.worker.command.is_none() {
+        return Err("name the workers with --script, --module or --command, or give --config FILE".into());
+    }
+    let size = a.size.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).max(1);
+    // `serve`'s own admission (below) bounds what it holds; the pool's queue may take every
+    // admitted request, so that a worker being restarted, recycled or still answering a cancel
+    // never turns `serve`'s read-ahead into a `pool_saturated` refusal.
+    let admitted = a.max_queue + size;
+    let b = a.worker.source().and_then(|s| a.transport.apply(Pool::builder(), s))?;
+    let mut b = b.size(size).max_queue(admitted);
+    if let Some(i) = &a.instance {
+        b = b.instance(i);
+    }
+    if let Some(ms) = a.default_timeout_ms {
+        b = b.default_timeout(Duration::from_millis(ms));
+    }
+    if let Some(ms) = a.max_call_time_ms {
+        b = b.max_call_time(Duration::from_millis(ms));
+    }
+    b = b.create_sessions_on_use(a.create_sessions_on_use);
+    Ok(Plan {
+        builder: b,
+        admitted,
+        max_frame: max_frame(a.transport.transport),
+        grace: Duration::from_millis(a.shutdown_grace_ms),
+    })
 }
 
 /// The first SIGTERM/SIGINT starts the graceful stop; a second one exits at once with 128 + its

@@ -101,13 +101,30 @@ impl Source {
 
 /// Whether `path` names a Node script.
 pub(crate) fn is_node_script(path: &Path) -> bool {
-    matches!(path.extension().and_then(|e| e.to_str()), Some("js" | "mjs" | "cjs"))
+    snakepit::config::is_node_script(path)
+}
+
+/// Splits `--command`'s value with POSIX shell word rules (as the configuration's `command`).
+pub(crate) fn split_command(line: &str) -> Result<Vec<String>, String> {
+    snakepit::config::split_command(line).map_err(|e| format!("--command {e}"))
+}
+
+/// The repository's `.venv` python (grpcio), for gRPC workers that name no interpreter, unless
+/// `$SNAKEPIT_PYTHON` names one.
+pub(crate) fn repo_venv_python() -> Option<PathBuf> {
+    let venv = PathBuf::from(".venv/bin/python");
+    (std::env::var_os("SNAKEPIT_PYTHON").is_none() && venv.exists()).then_some(venv)
+}
+
+/// The repository's `npm ci` tree (the gRPC packages) for Node workers' `NODE_PATH`, as
+/// `.venv` is for Python.
+pub(crate) fn repo_node_modules() -> Option<PathBuf> {
+    std::path::absolute("snakepit-adapters/node/node_modules").ok().filter(|t| t.is_dir())
 }
 
 /// Splits `--command`'s value with POSIX shell word rules into a [`Generic`] adapter.
 pub(crate) fn generic_from_command(line: &str) -> Result<Generic, String> {
-    let words = shlex::split(line).ok_or_else(|| format!("--command {line:?}: unbalanced quotes"))?;
-    let mut words = words.into_iter();
+    let mut words = split_command(line)?.into_iter();
     let program = words.next().ok_or("--command is empty")?;
     Ok(words.fold(Generic::new(program), Generic::arg))
 }
@@ -137,14 +154,12 @@ impl TransportArgs {
         }
         let b = match source {
             Source::Python(adapter) => {
-                let venv = PathBuf::from(".venv/bin/python");
                 let adapter = match (&self.python, self.transport) {
                     (Some(p), _) => adapter.interpreter(p),
-                    (None, TransportKind::Grpc)
-                        if std::env::var_os("SNAKEPIT_PYTHON").is_none() && venv.exists() =>
-                    {
-                        adapter.interpreter(venv)
-                    }
+                    (None, TransportKind::Grpc) => match repo_venv_python() {
+                        Some(venv) => adapter.interpreter(venv),
+                        None => adapter,
+                    },
                     _ => adapter,
                 };
                 let b = b.adapter(adapter);
@@ -160,11 +175,9 @@ impl TransportArgs {
                 return Err(format!("zygote start mode is not supported for {what}"));
             }
             Source::Node(adapter) => {
-                // The repository's `npm ci` (the gRPC packages), as `.venv` is for Python.
-                let tree = PathBuf::from("snakepit-adapters/node/node_modules");
-                let adapter = match std::path::absolute(&tree) {
-                    Ok(t) if t.is_dir() => adapter.node_path(t),
-                    _ => adapter,
+                let adapter = match repo_node_modules() {
+                    Some(t) => adapter.node_path(t),
+                    None => adapter,
                 };
                 match &self.node {
                     Some(p) => b.adapter(adapter.interpreter(p)),

@@ -1250,3 +1250,64 @@ fn serve_never_refuses_what_it_admitted_while_a_worker_restarts() {
     assert_eq!(kinds.get("ok"), Some(&(N - N / 5)), "{kinds:?}");
     assert!(exit_within(&mut child, Duration::from_secs(20)).success());
 }
+
+/// `GET /metrics` over a plain TCP connection: the response's body.
+fn scrape(addr: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+}
+
+#[test]
+fn serve_metrics_addr_serves_prometheus_metrics_and_a_taken_address_exits_1() {
+    let g = Guard::new();
+    let mut child = g
+        .snakepit()
+        .args(["serve", "--module", "snakepit_bridge.showcase", "--size", "1", "--instance", "served"])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let (tx, errors) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let first = errors.recv_timeout(Duration::from_secs(30)).expect("serve prints its metrics address");
+    let addr = first
+        .strip_prefix("metrics: http://")
+        .and_then(|r| r.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("{first:?}"))
+        .to_owned();
+    let mut stdin = child.stdin.take().expect("stdin");
+    let replies = read_lines(child.stdout.take().expect("stdout"), Duration::ZERO, 0, Duration::ZERO);
+    for (id, command) in [(1, "ping"), (2, "ping"), (3, "fail")] {
+        writeln!(stdin, r#"{{"id":{id},"command":"{command}"}}"#).expect("write");
+        next_line(&replies, Duration::from_secs(30));
+    }
+    let text = scrape(&addr);
+    let has = |series: &str| text.lines().any(|l| l == series);
+    assert!(has(r#"snakepit_calls_total{pool="served",command="ping",outcome="ok"} 2"#), "{text}");
+    assert!(has(r#"snakepit_calls_total{pool="served",command="fail",outcome="worker"} 1"#), "{text}");
+    // The address is taken now: a second `serve` on it exits 1 at start, starting no worker.
+    let out = g
+        .snakepit()
+        .args(["serve", "--module", "snakepit_bridge.showcase", "--size", "1", "--metrics-addr", &addr])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--metrics-addr") && err.contains(&addr), "{err}");
+    drop(stdin);
+    assert!(exit_within(&mut child, Duration::from_secs(20)).success());
+}

@@ -308,6 +308,47 @@ pub enum Error {
         /// How many workers it crashed.
         crashes: u32,
     },
+    /// A configuration (`snakepit::config`: a file, `SNAKEPIT_CFG_*` variables, or one built
+    /// in code) is invalid, or a pool it describes could not start. Displayed as
+    /// `FILE:LINE: key 'x.y': reason`, each part left out when unknown.
+    #[error("{}{}", config_place(.origin, *.line, .key), config_reason(.reason, .source))]
+    Config {
+        /// Where the value came from: the file's path, or the environment variable's name
+        /// (`SNAKEPIT_CFG_SIZE`); `None` for a configuration built in code.
+        origin: Option<String>,
+        /// The line of the key in the file (1-based), when known.
+        line: Option<usize>,
+        /// The dotted key (`heartbeat.interval`, `pools.gpu.size`); empty when the error
+        /// concerns no key (a TOML syntax error, an unreadable file).
+        key: String,
+        /// What is wrong.
+        reason: String,
+        /// The error behind it: why a pool of a multi-pool configuration could not start.
+        #[source]
+        source: Option<Box<Error>>,
+    },
+}
+
+/// `FILE:LINE: key 'x.y': ` with the parts that are known.
+fn config_place(origin: &Option<String>, line: Option<usize>, key: &str) -> String {
+    let mut s = match (origin, line) {
+        (Some(o), Some(l)) => format!("{o}:{l}: "),
+        (Some(o), None) => format!("{o}: "),
+        (None, Some(l)) => format!("line {l}: "),
+        (None, None) => String::new(),
+    };
+    if !key.is_empty() {
+        s.push_str(&format!("key '{key}': "));
+    }
+    s
+}
+
+/// The reason, then the cause when there is one.
+fn config_reason(reason: &str, source: &Option<Box<Error>>) -> String {
+    match source {
+        Some(e) => format!("{reason}: {e}"),
+        None => reason.to_owned(),
+    }
 }
 
 fn on_worker(w: &Option<WorkerId>) -> String {
@@ -374,6 +415,7 @@ impl Error {
             Error::SessionLost { .. } => "session_lost",
             Error::WorkerBusy { .. } => "worker_busy",
             Error::InvalidVariable { .. } => "invalid_variable",
+            Error::Config { .. } => "config",
         }
     }
 
@@ -427,6 +469,19 @@ impl Error {
             }
             Error::UnknownCommand { available, .. } => {
                 obj.insert("available".into(), json!(available));
+            }
+            Error::Config { origin, line, key, reason, source } => {
+                if let Some(o) = origin {
+                    obj.insert("origin".into(), Value::String(o.clone()));
+                }
+                if let Some(l) = line {
+                    obj.insert("line".into(), json!(l));
+                }
+                obj.insert("key".into(), Value::String(key.clone()));
+                obj.insert("reason".into(), Value::String(reason.clone()));
+                if let Some(e) = source {
+                    obj.insert("cause".into(), e.to_json());
+                }
             }
             _ => {}
         }
@@ -508,5 +563,51 @@ mod tests {
         let e = Error::Protocol { worker: w, detail: "garbage".into(), source: None };
         assert_eq!(e.to_string(), "protocol error from worker 0.3: garbage");
         assert!(e.source().is_none());
+    }
+
+    #[test]
+    fn config_errors_show_file_line_key_and_reason() {
+        use std::error::Error as _;
+        let e = Error::Config {
+            origin: Some("pool.toml".into()),
+            line: Some(7),
+            key: "heartbeat.interval".into(),
+            reason: "invalid duration".into(),
+            source: None,
+        };
+        assert_eq!(e.kind(), "config");
+        assert_eq!(e.to_string(), "pool.toml:7: key 'heartbeat.interval': invalid duration");
+        let j = e.to_json();
+        assert_eq!((j["origin"].as_str(), j["line"].as_u64()), (Some("pool.toml"), Some(7)));
+        assert_eq!(
+            (j["key"].as_str(), j["reason"].as_str()),
+            (Some("heartbeat.interval"), Some("invalid duration"))
+        );
+        let e = Error::Config {
+            origin: Some("SNAKEPIT_CFG_SIZE".into()),
+            line: None,
+            key: "size".into(),
+            reason: "must be at least 1".into(),
+            source: None,
+        };
+        assert_eq!(e.to_string(), "SNAKEPIT_CFG_SIZE: key 'size': must be at least 1");
+        let e = Error::Config {
+            origin: None,
+            line: Some(3),
+            key: String::new(),
+            reason: "x".into(),
+            source: None,
+        };
+        assert_eq!(e.to_string(), "line 3: x");
+        let e = Error::Config {
+            origin: None,
+            line: None,
+            key: "pools.gpu".into(),
+            reason: "the pool could not start".into(),
+            source: Some(Box::new(Error::ShuttingDown)),
+        };
+        assert_eq!(e.to_string(), "key 'pools.gpu': the pool could not start: the pool is shutting down");
+        assert_eq!(e.to_json()["cause"]["kind"], "shutting_down");
+        assert!(e.source().is_some());
     }
 }

@@ -47,6 +47,8 @@
 
 #[cfg(feature = "chaos")]
 pub mod chaos;
+#[cfg(feature = "config")]
+pub mod config;
 mod host;
 pub mod metrics;
 mod pool;
@@ -54,6 +56,8 @@ mod session;
 
 /// Reference-counted bytes (the `bytes` crate), as binary payloads travel: [`Pool::execute_bytes`], [`Payload::from_bytes`].
 pub use bytes::Bytes;
+#[cfg(feature = "config")]
+pub use config::{PoolConfig, Pools, PoolsConfig};
 pub use pool::{
     Affinity, CallOptions, CallStream, DropPolicy, Pool, PoolBuilder, PoolStats, RehydrateHook,
     DEFAULT_PIPELINE_DEPTH, MAX_PIPELINE_DEPTH,

@@ -7,7 +7,7 @@
 //! |---|---|---|---|
 //! | [`CALLS_TOTAL`] | counter | `command`, `outcome` | calls and streams that ended: `outcome` is `ok` or the error's [kind](crate::Error::kind); a command the workers do not have counts as `command="_unknown"` |
 //! | [`CALL_DURATION_SECONDS`] | histogram | `command` | admission to answer (queue wait included) |
-//! | [`QUEUE_WAIT_SECONDS`] | histogram | | time from admission until a worker took the call (0 when one was free) |
+//! | [`QUEUE_WAIT_SECONDS`] | histogram | | how long calls that found no free worker waited for one (calls served at once are not samples: `calls_total` minus this count is how many were) |
 //! | [`QUEUE_DEPTH`] | gauge | | calls waiting for a worker (sampled) |
 //! | [`WORKERS`] | gauge | `state` | workers by state: `idle`, `busy`, `starting`, `backoff`, `failing`, `failed` (sampled) |
 //! | [`WORKER_RESTARTS_TOTAL`] | counter | | workers restarted after a crash |
@@ -37,7 +37,7 @@
 pub const CALLS_TOTAL: &str = "snakepit_calls_total";
 /// `snakepit_call_duration_seconds{pool, command}`: admission to answer.
 pub const CALL_DURATION_SECONDS: &str = "snakepit_call_duration_seconds";
-/// `snakepit_queue_wait_seconds{pool}`: admission until a worker took the call.
+/// `snakepit_queue_wait_seconds{pool}`: how long calls that found no free worker waited.
 pub const QUEUE_WAIT_SECONDS: &str = "snakepit_queue_wait_seconds";
 /// `snakepit_queue_depth{pool}`: calls waiting for a worker.
 pub const QUEUE_DEPTH: &str = "snakepit_queue_depth";
@@ -71,7 +71,11 @@ pub fn describe() {
         "Calls and streams that ended, by command and outcome (ok or error kind)."
     );
     describe_histogram!(CALL_DURATION_SECONDS, Unit::Seconds, "Call duration, admission to answer.");
-    describe_histogram!(QUEUE_WAIT_SECONDS, Unit::Seconds, "Time a call waited for a worker.");
+    describe_histogram!(
+        QUEUE_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time calls that found no free worker waited for one."
+    );
     describe_gauge!(QUEUE_DEPTH, "Calls waiting for a worker.");
     describe_gauge!(WORKERS, "Workers by state.");
     describe_counter!(WORKER_RESTARTS_TOTAL, "Workers restarted after a crash.");

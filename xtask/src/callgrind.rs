@@ -1,18 +1,17 @@
 //! `cargo xtask callgrind [--calls N]`: what metrics cost per call, in instructions.
 //!
 //! Runs the `metrics_cost` example (N sequential calls on one Python worker, current-thread
-//! runtime) under `valgrind --tool=callgrind`, without and with a Prometheus recorder, each
-//! twice: once with 1000 calls and once with 1000 + N. The difference divided by N is the
-//! host's instructions per call, start-up excluded (the worker is another process and is not
-//! counted). Instruction counts repeat to a fraction of a percent whatever else the machine
-//! does; the example also prints allocations per call.
+//! runtime) under `valgrind --tool=callgrind`, without and with a Prometheus recorder, counting
+//! only the instructions run inside its measured loop (`--toggle-collect`: start-up, warm-up
+//! and the recorder's clock calibration stay out), divided by N: the host's instructions per
+//! call (the worker is another process and is not counted). Instruction counts repeat to a
+//! fraction of a percent whatever else the machine does; the example also prints allocations
+//! per call.
 
 use std::path::Path;
 use std::process::Command;
 
 use crate::{cargo, root, run};
-
-const BASE: u64 = 1000;
 
 /// One run: the main process's instruction count and the example's own line.
 fn measure(bin: &Path, metrics: bool, calls: u64) -> Result<(u64, String), String> {
@@ -20,6 +19,7 @@ fn measure(bin: &Path, metrics: bool, calls: u64) -> Result<(u64, String), Strin
     #[allow(clippy::disallowed_methods)] // xtask drives tools; no worker is spawned here
     let mut c = Command::new("valgrind");
     c.arg("--tool=callgrind")
+        .arg("--toggle-collect=metrics_cost::measured_calls*")
         .arg(format!("--callgrind-out-file={}/callgrind.out.%p", dir.display()))
         .arg(bin)
         .args(["--calls", &calls.to_string()]);
@@ -77,9 +77,8 @@ pub(crate) fn callgrind(args: Vec<String>) -> Result<(), String> {
     println!("| metrics | instructions/call | allocations/call |");
     println!("|---|---:|---:|");
     for metrics in [false, true] {
-        let (base, _) = measure(&bin, metrics, BASE)?;
-        let (total, line) = measure(&bin, metrics, BASE + calls)?;
-        let each = total.saturating_sub(base) as f64 / calls as f64;
+        let (total, line) = measure(&bin, metrics, calls)?;
+        let each = total as f64 / calls as f64;
         let allocs = line.rsplit('=').next().unwrap_or("?").to_owned();
         println!("| {} | {each:.0} | {allocs} |", if metrics { "on" } else { "off" });
         per_call.push(each);

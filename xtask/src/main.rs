@@ -306,6 +306,9 @@ const FACADE_FEATURE_SETS: &[&[&str]] = &[
     &["--no-default-features", "--features", "grpc"],
     // Node without Python.
     &["--no-default-features", "--features", "stdio,node"],
+    // Configuration and the Prometheus exporter on their own.
+    &["--no-default-features", "--features", "config"],
+    &["--no-default-features", "--features", "prometheus"],
     &["--all-features"],
 ];
 

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use snakepit_core::{Error, ExitInfo, Payload, Request};
 use snakepit_supervisor::{Member, SessionCall};
-use tracing::Instrument;
 
 use super::lease::Lease;
 use super::metrics::CommandMetrics;
@@ -45,6 +44,21 @@ pub(crate) struct Acquired {
     pub(crate) lease: Lease,
     pub(crate) session_call: Option<SessionCall>,
 }
+
+/// Awaits a future inside a span, wrapping it only when the span is enabled: the wrapper moves
+/// the future (a copy of its whole state per call), which a pool without a subscriber should
+/// not pay for.
+macro_rules! in_span {
+    ($span:expr, $fut:expr) => {{
+        let span: &tracing::Span = $span;
+        if span.is_disabled() {
+            $fut.await
+        } else {
+            tracing::Instrument::instrument($fut, span.clone()).await
+        }
+    }};
+}
+pub(crate) use in_span;
 
 /// Now, on the runtime's clock: deadlines are awaited with tokio's timers, so they are taken
 /// from the same clock (the same as `Instant::now()` unless a test paused the clock).
@@ -286,12 +300,12 @@ impl Pool {
         let inner = &self.inner;
         let adm = inner.admit(session, command, &args, &opts)?;
         let retry = opts.retry_not_started.then(|| args.clone());
-        let mut r = self.round_trip(session, &adm, args, &opts).instrument(adm.span.clone()).await;
+        let mut r = in_span!(&adm.span, self.round_trip(session, &adm, args, &opts));
         if let (Err(Error::NotStarted { worker, .. }), Some(args)) = (&r, retry) {
             // It never ran: once more, on whichever worker is free (the dead one is not).
             tracing::info!(parent: &adm.span, %worker, command, "call queued on a worker that died before it started; retrying once");
             adm.span.record("attempt", 2u32);
-            r = self.round_trip(session, &adm, args, &opts).instrument(adm.span.clone()).await;
+            r = in_span!(&adm.span, self.round_trip(session, &adm, args, &opts));
         }
         adm.end(inner, r.as_ref().map(|_| ()));
         r
@@ -306,8 +320,9 @@ impl Pool {
     ) -> Result<Payload, Error> {
         let inner = &self.inner;
         let command = &*adm.name;
-        let Acquired { mut lease, session_call: _session_call } =
-            inner.acquire(session, adm, opts).instrument(tracing::debug_span!("snakepit.queue_wait")).await?;
+        let waiting = tracing::debug_span!(parent: &adm.span, "snakepit.queue_wait");
+        let Acquired { mut lease, session_call: _session_call } = inner.acquire(session, adm, opts).await?;
+        drop(waiting);
         let worker = lease.worker().clone();
         adm.span.record("worker", tracing::field::display(worker.id()));
         let id = worker.connection().new_request_id();
@@ -331,7 +346,10 @@ impl Pool {
             }
             None => None,
         };
-        let call = worker.connection().start(req).instrument(tracing::debug_span!("snakepit.round_trip"));
+        // The steps' spans are not entered: each opens now and closes when dropped, so its
+        // duration is the step's.
+        let round_trip = tracing::debug_span!(parent: &adm.span, "snakepit.round_trip");
+        let call = worker.connection().start(req);
         let result = match deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), call).await {
                 Ok(r) => r,
@@ -346,6 +364,7 @@ impl Pool {
             },
             None => call.await,
         };
+        drop(round_trip);
         #[cfg(feature = "chaos")]
         if let (Some(c), Some(n), Ok(_)) = (&inner.cfg.chaos, chaos_n, &result) {
             if c.after_reply(n) {

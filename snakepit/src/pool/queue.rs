@@ -231,8 +231,6 @@ impl Inner {
                     if !w.has_room() {
                         st.idle.remove(i);
                     }
-                    drop(st);
-                    self.metrics.queue_wait.record(0.0);
                     return Ok(lease);
                 }
                 if strict {
@@ -259,8 +257,6 @@ impl Inner {
                     if !w.has_room() {
                         st.idle.remove(i);
                     }
-                    drop(st);
-                    self.metrics.queue_wait.record(0.0);
                     return Ok(lease);
                 }
             }
@@ -295,6 +291,8 @@ impl Inner {
             _ => (queue_deadline, false),
         };
         let r = tokio::time::timeout_at(limit.into(), rx).await;
+        // Only calls that found no free worker are samples (one served at once costs no
+        // histogram record).
         self.metrics.queue_wait.record(start.elapsed().as_secs_f64());
         match r {
             Ok(Ok(lease)) => Ok(lease),

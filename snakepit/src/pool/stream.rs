@@ -9,7 +9,6 @@ use std::task::{Context, Poll};
 use futures::stream::BoxStream;
 use snakepit_core::{Error, ExitInfo, Payload, Request};
 use snakepit_supervisor::SessionCall;
-use tracing::Instrument;
 
 use super::call::{crashed, Acquired, Admission};
 use super::lease::Lease;
@@ -123,7 +122,7 @@ impl Pool {
         let inner = &self.inner;
         let adm = inner.admit(session, command, &args, &opts)?;
         let span = adm.span.clone();
-        self.open_stream(session, adm, args, &opts).instrument(span).await
+        super::call::in_span!(&span, self.open_stream(session, adm, args, &opts))
     }
 
     async fn open_stream(
@@ -138,8 +137,9 @@ impl Pool {
             adm.end(inner, Err(&e));
             e
         };
-        let acquired =
-            inner.acquire(session, &adm, opts).instrument(tracing::debug_span!("snakepit.queue_wait")).await;
+        let waiting = tracing::debug_span!(parent: &adm.span, "snakepit.queue_wait");
+        let acquired = inner.acquire(session, &adm, opts).await;
+        drop(waiting);
         let Acquired { mut lease, session_call } = acquired.map_err(fail)?;
         let worker = lease.worker().clone();
         adm.span.record("worker", tracing::field::display(worker.id()));

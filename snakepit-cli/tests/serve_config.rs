@@ -1,0 +1,201 @@
+//! `snakepit serve --config FILE [--pool NAME]` with real python3 workers: the file's worker
+//! and settings, `SNAKEPIT_CFG_*` over the file and flags over both, errors as
+//! `FILE:LINE: key 'x.y': reason` (exit 2), and the choice of a pool in a multi-pool file.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+#[path = "../../tests/src/procs.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod procs;
+
+/// A scratch directory and the marker of this test's processes (checked gone on drop).
+struct Guard(String, tempfile::TempDir);
+
+impl Guard {
+    fn new() -> Self {
+        Guard(procs::new_marker(), tempfile::tempdir().expect("tempdir"))
+    }
+
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.1.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    /// `snakepit serve` with `args`, in the scratch directory.
+    #[allow(clippy::disallowed_methods)] // runs the CLI binary under test
+    fn serve(&self, args: &[&str]) -> Command {
+        let bin =
+            std::env::var_os("SNAKEPIT_CLI_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_snakepit").into());
+        let mut c = Command::new(bin);
+        c.env(procs::MARKER_VAR, &self.0)
+            .env("SNAKEPIT_LOG", "warn")
+            .env("SNAKEPIT_RUN_DIR", self.1.path().join("runs"))
+            .current_dir(self.1.path())
+            .arg("serve")
+            .args(args);
+        c
+    }
+
+    /// Runs `serve` on `lines`, returning its replies by id and its output.
+    fn run(&self, mut c: Command, lines: &[String]) -> (Vec<Value>, Output) {
+        let mut child =
+            c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+        let mut stdin = child.stdin.take().expect("stdin");
+        for l in lines {
+            writeln!(stdin, "{l}").expect("write");
+        }
+        drop(stdin);
+        let stdout = child.stdout.take().expect("stdout");
+        let replies = BufReader::new(stdout)
+            .lines()
+            .map(|l| serde_json::from_str(&l.expect("line")).expect("a JSON reply"))
+            .collect();
+        let out = child.wait_with_output().expect("wait");
+        (replies, out)
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let left = procs::wait_none_left(&self.0, Duration::from_secs(5));
+        procs::kill_marked(&self.0);
+        if !left.is_empty() && !std::thread::panicking() {
+            panic!("processes left behind: {left:?}");
+        }
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A worker whose `who` tool sleeps, then names its process: `n` concurrent calls reach
+/// `min(n, size)` workers.
+const WHO: &str = r#"
+import os, time
+from snakepit_bridge import tool, serve
+
+@tool
+def who(ms: float) -> int:
+    time.sleep(ms / 1000)
+    return os.getpid()
+
+@tool
+def var(name: str):
+    return os.environ.get(name)
+
+serve()
+"#;
+
+/// How many workers answered 6 concurrent 700 ms calls.
+fn workers(g: &Guard, c: Command) -> usize {
+    let lines: Vec<String> =
+        (0..6).map(|i| format!(r#"{{"id":{i},"command":"who","args":{{"ms":700}}}}"#)).collect();
+    let (replies, out) = g.run(c, &lines);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(replies.len(), 6, "{replies:?}");
+    replies.iter().map(|r| r["ok"].as_i64().expect("a pid")).collect::<BTreeSet<_>>().len()
+}
+
+fn config(g: &Guard, text: &str) -> PathBuf {
+    g.file("who.py", WHO);
+    g.file("snakepit.toml", text)
+}
+
+fn arg(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 path")
+}
+
+#[test]
+fn serve_config_runs_the_files_worker_with_its_settings() {
+    let g = Guard::new();
+    let cfg = config(
+        &g,
+        "size = 2\nqueue_timeout = \"10s\"\n[worker]\nscript = \"who.py\"\nenv = { GREETING = \"hi\" }\n[heartbeat]\ninterval = \"1s\"\n",
+    );
+    let (replies, out) = g.run(
+        g.serve(&["--config", arg(&cfg)]),
+        &[r#"{"id":1,"command":"var","args":{"name":"GREETING"}}"#.into()],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(replies[0]["ok"], "hi", "{replies:?}");
+    assert_eq!(workers(&g, g.serve(&["--config", arg(&cfg)])), 2);
+}
+
+#[test]
+fn serve_config_env_beats_the_file_and_a_flag_beats_env() {
+    let g = Guard::new();
+    let cfg = config(&g, "size = 1\n[worker]\nscript = \"who.py\"\n");
+    let mut c = g.serve(&["--config", arg(&cfg)]);
+    c.env("SNAKEPIT_CFG_SIZE", "2").env("SNAKEPIT_CFG_NO_SUCH_KEY", "1");
+    assert_eq!(workers(&g, c), 2, "SNAKEPIT_CFG_SIZE beats the file");
+    let mut c = g.serve(&["--config", arg(&cfg), "--size", "3"]);
+    c.env("SNAKEPIT_CFG_SIZE", "2");
+    assert_eq!(workers(&g, c), 3, "--size beats SNAKEPIT_CFG_SIZE");
+}
+
+#[test]
+fn serve_config_with_an_invalid_file_exits_2_naming_its_line_and_key() {
+    let g = Guard::new();
+    let cfg = config(&g, "size = 1\n[worker]\nscript = \"who.py\"\n[heartbeat]\ninterval = \"often\"\n");
+    let (replies, out) = g.run(g.serve(&["--config", arg(&cfg)]), &[]);
+    assert!(replies.is_empty());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let want = format!(
+        "snakepit serve: {}:5: key 'heartbeat.interval': invalid value string \"often\", expected a duration",
+        cfg.display()
+    );
+    assert_eq!(stderr(&out).trim_end(), want);
+    // A variable's error names the variable.
+    let cfg = config(&g, "size = 1\n[worker]\nscript = \"who.py\"\n");
+    let mut c = g.serve(&["--config", arg(&cfg)]);
+    c.env("SNAKEPIT_CFG_PIPELINE_DEPTH", "99");
+    let (_, out) = g.run(c, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        stderr(&out).trim_end(),
+        "snakepit serve: SNAKEPIT_CFG_PIPELINE_DEPTH: key 'pipeline_depth': must be 1 to 16 (got 99)"
+    );
+}
+
+#[test]
+fn serve_config_with_several_pools_serves_the_one_named_by_pool() {
+    let g = Guard::new();
+    let cfg = config(
+        &g,
+        "size = 1\n[worker]\nscript = \"who.py\"\n[pools.a]\nworker.env = { WHICH = \"a\" }\n[pools.b]\nworker.env = { WHICH = \"b\" }\n",
+    );
+    let (_, out) = g.run(g.serve(&["--config", arg(&cfg)]), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("describes several pools (a, b): choose one with --pool NAME"),
+        "{}",
+        stderr(&out)
+    );
+    let (_, out) = g.run(g.serve(&["--config", arg(&cfg), "--pool", "c"]), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("no pool `c`; it describes: a, b"), "{}", stderr(&out));
+    let ask = [r#"{"id":1,"command":"var","args":{"name":"WHICH"}}"#.to_string()];
+    let (replies, out) = g.run(g.serve(&["--config", arg(&cfg), "--pool", "b"]), &ask);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(replies[0]["ok"], "b", "{replies:?}");
+}
+
+#[test]
+fn serve_without_a_worker_or_a_config_is_a_usage_error() {
+    let g = Guard::new();
+    let (_, out) = g.run(g.serve(&[]), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--script, --module or --command, or give --config FILE"),
+        "{}",
+        stderr(&out)
+    );
+}
