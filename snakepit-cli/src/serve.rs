@@ -41,7 +41,7 @@ use self::output::{Id, Out};
 use crate::{TransportArgs, TransportKind, WorkerArgs};
 
 /// The `serve` subcommand's options.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub(crate) struct ServeArgs {
     /// A configuration file (TOML, documented by snakepit.example.toml): the pool's settings
     /// and its `[worker]`, with `SNAKEPIT_CFG_*` variables over the file and these options over
@@ -139,7 +139,7 @@ pub(crate) async fn run(a: ServeArgs, explicit: Explicit) -> ExitCode {
         }
     }
     let pool = match builder.build().await {
-        Ok(p) => Arc::new(p),
+        Ok(p) => p,
         Err(e) => {
             eprintln!("snakepit serve: the pool could not start: {e}");
             return ExitCode::FAILURE;
@@ -148,6 +148,12 @@ pub(crate) async fn run(a: ServeArgs, explicit: Explicit) -> ExitCode {
     // What the pool runs or queues without refusing: `max_queue` plus one call per worker (the
     // CLI's profiles run one call at a time per worker).
     let admit = Arc::new(Semaphore::new(admitted));
+    match signal(SignalKind::hangup()) {
+        Ok(hup) => {
+            tokio::spawn(reload_on_hangup(hup, pool.clone(), a.clone(), explicit, admit.clone()));
+        }
+        Err(e) => tracing::warn!("cannot install the SIGHUP handler (no reloads): {e}"),
+    }
     let (out, rx) = tokio::sync::mpsc::channel(output::QUEUED_LINES);
     let writer = output::spawn_writer(rx);
     let (cancel_tx, cancel) = watch::channel(false);
@@ -310,6 +316,59 @@ async fn watch_signals(mut term: Signal, mut int: Signal, stop: watch::Sender<bo
     let (name, code) = next(&mut term, &mut int).await;
     eprintln!("snakepit serve: second signal ({name}): killing the workers");
     std::process::exit(code);
+}
+
+/// On each SIGHUP: with `--config`, reads the file again and reloads the workers with its
+/// `[worker]` (a rolling replacement: no request fails) and resizes the pool to its `size`; a
+/// file that does not parse or validate keeps the pool as it is, with one ERROR naming the
+/// key. Without `--config`, a rolling restart of the same workers. Other settings apply at the
+/// next start.
+async fn reload_on_hangup(
+    mut hup: Signal,
+    pool: Pool,
+    a: ServeArgs,
+    explicit: Explicit,
+    admit: Arc<Semaphore>,
+) {
+    while hup.recv().await.is_some() {
+        let Some(file) = &a.config else {
+            tracing::info!("SIGHUP: restarting the workers one by one");
+            match pool.rolling_restart().await {
+                Ok(()) => tracing::info!("SIGHUP: every worker restarted"),
+                Err(e) => tracing::error!("SIGHUP: the rolling restart stopped: {e}"),
+            }
+            continue;
+        };
+        let cfg = match config::load(&a, &explicit, file) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("SIGHUP: {e}; the pool is kept as it is");
+                continue;
+            }
+        };
+        let adapter = match cfg.adapter() {
+            Ok(ad) => ad,
+            Err(e) => {
+                tracing::error!("SIGHUP: {e}; the pool is kept as it is");
+                continue;
+            }
+        };
+        tracing::info!(file = %file.display(), "SIGHUP: reloading the workers");
+        if let Err(e) = pool.reload_shared(adapter).await {
+            tracing::error!("SIGHUP: the reload stopped: {e}");
+            continue;
+        }
+        let (before, size) = (pool.stats().size, cfg.size.unwrap_or(1));
+        if size != before {
+            match pool.resize(size).await {
+                // A larger pool admits more requests at once (a smaller one keeps the bound).
+                Ok(()) if size > before => admit.add_permits(size - before),
+                Ok(()) => {}
+                Err(e) => tracing::error!("SIGHUP: cannot resize to {size}: {e}"),
+            }
+        }
+        tracing::info!(workers = size, "SIGHUP: reloaded");
+    }
 }
 
 /// Answers one request line; on shutdown after the grace, answers `shutting_down` instead.

@@ -6,17 +6,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-#[path = "../../tests/src/procs.rs"]
-#[allow(dead_code, unreachable_pub)]
-mod procs;
-
-struct Guard(String, tempfile::TempDir);
+mod common;
+use common::{procs, snakepit, Guard};
 
 impl Guard {
-    fn new() -> Self {
-        Guard(procs::new_marker(), tempfile::tempdir().expect("tempdir"))
-    }
-
     fn run_dir(&self) -> std::path::PathBuf {
         self.1.path().join("runs")
     }
@@ -38,26 +31,6 @@ impl Guard {
             .spawn()
             .expect("spawn serve")
     }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let left = procs::wait_none_left(&self.0, Duration::from_secs(5));
-        procs::kill_marked(&self.0);
-        if !left.is_empty() && !std::thread::panicking() {
-            panic!("processes left behind: {left:?}");
-        }
-    }
-}
-
-/// The binary under test: this package's, or `$SNAKEPIT_CLI_BIN` (to show that a regression
-/// test fails on an older build).
-#[allow(clippy::disallowed_methods)] // runs the CLI binary under test
-fn snakepit(marker: &str) -> Command {
-    let bin = std::env::var_os("SNAKEPIT_CLI_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_snakepit").into());
-    let mut c = Command::new(bin);
-    c.env(procs::MARKER_VAR, marker).env("SNAKEPIT_LOG", "warn");
-    c
 }
 
 /// The value of a `snakepit demo` summary row (`  name   value`).

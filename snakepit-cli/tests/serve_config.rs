@@ -6,22 +6,13 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 use serde_json::Value;
 
-#[path = "../../tests/src/procs.rs"]
-#[allow(dead_code, unreachable_pub)]
-mod procs;
-
-/// A scratch directory and the marker of this test's processes (checked gone on drop).
-struct Guard(String, tempfile::TempDir);
+mod common;
+use common::{snakepit, Guard};
 
 impl Guard {
-    fn new() -> Self {
-        Guard(procs::new_marker(), tempfile::tempdir().expect("tempdir"))
-    }
-
     fn file(&self, name: &str, text: &str) -> PathBuf {
         let p = self.1.path().join(name);
         std::fs::write(&p, text).expect("write");
@@ -29,14 +20,9 @@ impl Guard {
     }
 
     /// `snakepit serve` with `args`, in the scratch directory.
-    #[allow(clippy::disallowed_methods)] // runs the CLI binary under test
     fn serve(&self, args: &[&str]) -> Command {
-        let bin =
-            std::env::var_os("SNAKEPIT_CLI_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_snakepit").into());
-        let mut c = Command::new(bin);
-        c.env(procs::MARKER_VAR, &self.0)
-            .env("SNAKEPIT_LOG", "warn")
-            .env("SNAKEPIT_RUN_DIR", self.1.path().join("runs"))
+        let mut c = snakepit(&self.0);
+        c.env("SNAKEPIT_RUN_DIR", self.1.path().join("runs"))
             .current_dir(self.1.path())
             .arg("serve")
             .args(args);
@@ -59,16 +45,6 @@ impl Guard {
             .collect();
         let out = child.wait_with_output().expect("wait");
         (replies, out)
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let left = procs::wait_none_left(&self.0, Duration::from_secs(5));
-        procs::kill_marked(&self.0);
-        if !left.is_empty() && !std::thread::panicking() {
-            panic!("processes left behind: {left:?}");
-        }
     }
 }
 

@@ -12,12 +12,12 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use snakepit_core::{Error, ExitInfo, WorkerId};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch, Notify};
 
 use crate::member::{jittered, Member};
 use crate::RestartBackoff;
@@ -148,6 +148,8 @@ pub enum RecycleReason {
     Age,
     /// Its memory passed `max_memory`.
     Memory,
+    /// The pool handed the slot a new worker ([`Slot::replace`]): a rolling reload.
+    Reload,
 }
 
 impl RecycleReason {
@@ -157,6 +159,7 @@ impl RecycleReason {
             RecycleReason::Requests => "requests",
             RecycleReason::Age => "age",
             RecycleReason::Memory => "memory",
+            RecycleReason::Reload => "reload",
         }
     }
 }
@@ -167,6 +170,7 @@ impl std::fmt::Display for RecycleReason {
             RecycleReason::Requests => "request count",
             RecycleReason::Age => "age",
             RecycleReason::Memory => "memory",
+            RecycleReason::Reload => "reload",
         })
     }
 }
@@ -259,6 +263,11 @@ pub struct Slot {
     state: AtomicU8,
     /// Recycled workers still draining (they belong to the pool until they have stopped).
     retiring: Mutex<Vec<Arc<Member>>>,
+    /// The next worker generation of this slot.
+    generation: AtomicU64,
+    /// A worker handed over by the pool ([`Slot::replace`]), and who waits for its install.
+    handover: Mutex<Option<(Arc<Member>, oneshot::Sender<()>)>>,
+    handover_ready: Notify,
 }
 
 /// Resolves once the pool is shutting down.
@@ -269,6 +278,8 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 enum Next {
     Exited(ExitInfo),
     Recycle(RecycleReason),
+    /// The pool handed over a replacement (already started).
+    Replace,
     Shutdown,
 }
 
@@ -280,7 +291,57 @@ impl Slot {
             current: Mutex::new(None),
             state: AtomicU8::new(SlotState::Starting as u8),
             retiring: Mutex::new(Vec::new()),
+            generation: AtomicU64::new(0),
+            handover: Mutex::new(None),
+            handover_ready: Notify::new(),
         }
+    }
+
+    /// A new worker id for this slot (generations count up from 0 and are never reused, so a
+    /// session pinned to a replaced worker never matches its successor).
+    pub fn next_id(&self) -> WorkerId {
+        WorkerId { slot: self.index, generation: self.generation.fetch_add(1, Ordering::Relaxed) }
+    }
+
+    /// Hands the slot `next` (started with an id from [`next_id`](Slot::next_id)) to replace its
+    /// current worker the way recycling does: `next` is admitted, then the old worker serves
+    /// no new call, finishes its calls (within the drain timeout) and stops. Resolves once
+    /// `next` is installed. `Err(next)` if the slot's task has stopped (the pool is shutting
+    /// down, or the slot was removed): the caller stops `next`.
+    pub async fn replace(&self, next: Arc<Member>) -> Result<(), Arc<Member>> {
+        let (tx, rx) = oneshot::channel();
+        *self.handover.lock().unwrap_or_else(|p| p.into_inner()) = Some((next, tx));
+        self.handover_ready.notify_one();
+        match rx.await {
+            Ok(()) => Ok(()),
+            Err(_) => match self.handover.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                Some((next, _)) => Err(next),
+                // Taken by the task, which stopped before installing it: it stops it.
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Takes the slot's workers out of the pool for good, once its task has stopped (the pool
+    /// shrinks): the current one serves no new call and is dismissed (strict session calls
+    /// waiting for it fail with `SessionLost`), finishes its calls within `drain`, then stops
+    /// gracefully (`grace` per step), as do recycled ones still draining.
+    pub async fn remove(&self, mgr: &impl SlotManager, drain: Duration, grace: Duration) {
+        if let Some((next, _)) = self.handover.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            next.kill();
+        }
+        if let Some(m) = self.take_current() {
+            m.set_retiring();
+            mgr.dismiss(&m);
+            if !m.drained(drain).await {
+                tracing::warn!(worker = %m.id(), "still busy after the drain timeout; stopping it anyway");
+            }
+            m.shutdown(grace).await;
+        }
+        for old in self.take_retiring() {
+            old.shutdown(grace).await;
+        }
+        self.state.store(SlotState::Stopped as u8, Ordering::Release);
     }
 
     /// The slot's number.
@@ -344,11 +405,39 @@ impl Slot {
         let mut backoff = RestartBackoff::new(cfg.restart_min, cfg.restart_max, Duration::from_secs(30));
         // Tokio's clock, so that tests with a paused clock see the window pass.
         let mut crashes: VecDeque<tokio::time::Instant> = VecDeque::new();
+        // Generations go on after the first worker's, whoever numbered it.
+        self.generation.fetch_max(first.id().generation + 1, Ordering::Relaxed);
         let mut member = first;
-        let mut generation = member.id().generation + 1;
         loop {
             match self.serve(mgr, cfg, &member, &mut shutdown).await {
                 Next::Shutdown => return,
+                Next::Replace => {
+                    let Some((next, installed)) =
+                        self.handover.lock().unwrap_or_else(|p| p.into_inner()).take()
+                    else {
+                        continue;
+                    };
+                    tracing::info!(
+                        target: "snakepit::worker",
+                        event = "recycled",
+                        worker = %member.id(),
+                        trigger = RecycleReason::Reload.label(),
+                        "replaced by {} (reload)",
+                        next.id()
+                    );
+                    member.set_retiring();
+                    mgr.dismiss(&member);
+                    mgr.event(
+                        self.index,
+                        SlotEvent::Recycled { worker: member.id(), reason: RecycleReason::Reload },
+                    );
+                    self.install(mgr, &next);
+                    mgr.event(self.index, SlotEvent::Started { worker: next.id(), restart: false });
+                    let old = std::mem::replace(&mut member, next);
+                    self.retiring.lock().unwrap_or_else(|p| p.into_inner()).push(old.clone());
+                    tokio::spawn(retire(self.clone(), old, cfg.drain_timeout, cfg.shutdown_grace));
+                    let _ = installed.send(());
+                }
                 Next::Recycle(reason) => {
                     // A worker serving a session call keeps it to the end before it is recycled
                     // (bounded by the drain timeout): its pinned sessions lose it only afterwards.
@@ -365,8 +454,7 @@ impl Slot {
                     );
                     // While the replacement starts, the old worker serves: the slot stays Ready
                     // (a failed start is reported, but it does not open the circuit).
-                    let attempt =
-                        self.start(mgr, &mut generation, &mut backoff, None, &mut shutdown, Start::Recycle);
+                    let attempt = self.start(mgr, &mut backoff, None, &mut shutdown, Start::Recycle);
                     let Some(next) = attempt.await else { return };
                     // The replacement is ready: only now does the old worker leave the pool.
                     member.set_retiring();
@@ -416,14 +504,7 @@ impl Slot {
                         self.set_state(mgr, SlotState::Backoff);
                     }
                     let started = Some(member.started());
-                    let attempt = self.start(
-                        mgr,
-                        &mut generation,
-                        &mut backoff,
-                        started,
-                        &mut shutdown,
-                        Start::Restart,
-                    );
+                    let attempt = self.start(mgr, &mut backoff, started, &mut shutdown, Start::Restart);
                     let Some(next) = attempt.await else { return };
                     member = next;
                     self.install(mgr, &member);
@@ -471,6 +552,7 @@ impl Slot {
                 _ = stopped(shutdown) => return Next::Shutdown,
                 _ = tokio::time::sleep_until(age_due) => return Next::Recycle(RecycleReason::Age),
                 _ = member.recycle_due.notified() => return Next::Recycle(RecycleReason::Requests),
+                _ = self.handover_ready.notified() => return Next::Replace,
                 _ = mem_ticker.tick(), if mem_limit.is_some() => {
                     let limit = mem_limit.unwrap_or(u64::MAX);
                     if let Some(rss) = member.memory().filter(|rss| *rss > limit) {
@@ -519,7 +601,6 @@ impl Slot {
     async fn start(
         &self,
         mgr: &impl SlotManager,
-        generation: &mut u64,
         backoff: &mut RestartBackoff,
         mut last_started: Option<Instant>,
         shutdown: &mut watch::Receiver<bool>,
@@ -536,8 +617,7 @@ impl Slot {
                 }
             }
             first_delay = true;
-            let id = WorkerId { slot: self.index, generation: *generation };
-            *generation += 1;
+            let id = self.next_id();
             let attempt = tokio::select! {
                 r = mgr.start(id) => r,
                 _ = stopped(shutdown) => return None,

@@ -43,6 +43,23 @@ impl ProcessLauncher {
         self
     }
 
+    /// A launcher of another adapter's workers, the same way as this one: the same transport,
+    /// start mode and run file (a pool's rolling reload). Its zygote, if any, is its own.
+    pub fn for_adapter(&self, adapter: Arc<dyn Adapter>) -> ProcessLauncher {
+        ProcessLauncher {
+            adapter,
+            transport: self.transport.clone(),
+            mode: self.mode,
+            run_file: self.run_file.clone(),
+            zygote: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The transport workers are started with.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
     /// The live zygote, started (again) if there is none: concurrent starts share one.
     async fn zygote(&self, opts: &StartOptions) -> Result<Arc<Zygote>, Error> {
         let mut z = self.zygote.lock().await;

@@ -6,16 +6,18 @@ use snakepit_core::{Error, Payload, SessionRecord, VarType};
 use crate::{CallOptions, Pool};
 
 /// A handle on one session of a [`Pool`]. Sessions are kept by the pool's session store; the
-/// handle only names one. Every use refreshes the session's time-to-live.
+/// handle only names one (and holds a clone of the pool: it is `Clone + Send + Sync + 'static`,
+/// so it can be kept in a service's state or moved into a task). Every use refreshes the
+/// session's time-to-live.
 #[derive(Debug, Clone)]
-pub struct Session<'p> {
-    pool: &'p Pool,
+pub struct Session {
+    pool: Pool,
     id: String,
 }
 
-impl<'p> Session<'p> {
-    pub(crate) fn new(pool: &'p Pool, id: String) -> Self {
-        Session { pool, id }
+impl Session {
+    pub(crate) fn new(pool: &Pool, id: String) -> Self {
+        Session { pool: pool.clone(), id }
     }
 
     /// The session id.
@@ -76,13 +78,13 @@ impl<'p> Session<'p> {
 impl Pool {
     /// Creates a session (or returns the existing one with that id: creation is idempotent and
     /// safe when many callers race). Fails with `SessionQuotaExceeded` when the store is full.
-    pub async fn create_session(&self, id: &str, metadata: Value) -> Result<Session<'_>, Error> {
+    pub async fn create_session(&self, id: &str, metadata: Value) -> Result<Session, Error> {
         self.session_store().create(id, metadata).await?;
         Ok(Session::new(self, id.to_owned()))
     }
 
     /// A handle on an existing session (`SessionNotFound` if it does not exist or expired).
-    pub async fn session(&self, id: &str) -> Result<Session<'_>, Error> {
+    pub async fn session(&self, id: &str) -> Result<Session, Error> {
         match self.session_store().get(id).await? {
             Some(_) => Ok(Session::new(self, id.to_owned())),
             None => Err(Error::SessionNotFound { id: id.to_owned() }),
@@ -136,7 +138,7 @@ impl Pool {
         id: &str,
         metadata: Value,
         opts: snakepit_core::SessionOptions,
-    ) -> Result<Session<'_>, Error> {
+    ) -> Result<Session, Error> {
         self.session_store().create_with(id, metadata, opts).await?;
         Ok(Session::new(self, id.to_owned()))
     }

@@ -40,6 +40,25 @@ impl Explicit {
 /// The pool of `file` (pool `--pool`), the options over it; an `Err` is a usage error (the
 /// file's own errors read `FILE:LINE: key 'x.y': reason`).
 pub(super) fn plan(a: &ServeArgs, explicit: &Explicit, file: &Path) -> Result<Plan, String> {
+    let mut cfg = load(a, explicit, file)?;
+    let size = cfg.size.unwrap_or(1);
+    // As without a file: the pool's queue takes every request `serve` admits.
+    let admitted = cfg.max_queue.saturating_add(size);
+    cfg.max_queue = admitted;
+    let kind = match cfg.transport {
+        CfgTransport::Grpc => TransportKind::Grpc,
+        _ => TransportKind::Stdio,
+    };
+    let builder = PoolBuilder::from_config(&cfg).map_err(|e| e.to_string())?;
+    // `--shutdown-grace-ms` is what running requests get after SIGTERM, with a file or
+    // without; the file's `shutdown_grace` is each step of stopping a worker.
+    let grace = Duration::from_millis(a.shutdown_grace_ms);
+    Ok(Plan { builder, admitted, max_frame: max_frame(kind), grace })
+}
+
+/// The configuration of the pool `serve` runs: the file's pool (`--pool`), its variables, the
+/// options over them, validated, with its size settled (SIGHUP reads it again).
+pub(super) fn load(a: &ServeArgs, explicit: &Explicit, file: &Path) -> Result<PoolConfig, String> {
     let f = ConfigFile::read(file).map_err(|e| e.to_string())?;
     let names = f.pool_names();
     let pool = match (&a.pool, names.is_empty()) {
@@ -71,18 +90,7 @@ pub(super) fn plan(a: &ServeArgs, explicit: &Explicit, file: &Path) -> Result<Pl
     f.check(pool, &cfg).map_err(|e| e.to_string())?;
     let size = cfg.size.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).max(1);
     cfg.size = Some(size);
-    // As without a file: the pool's queue takes every request `serve` admits.
-    let admitted = cfg.max_queue.saturating_add(size);
-    cfg.max_queue = admitted;
-    let kind = match cfg.transport {
-        CfgTransport::Grpc => TransportKind::Grpc,
-        _ => TransportKind::Stdio,
-    };
-    let builder = PoolBuilder::from_config(&cfg).map_err(|e| e.to_string())?;
-    // `--shutdown-grace-ms` is what running requests get after SIGTERM, with a file or
-    // without; the file's `shutdown_grace` is each step of stopping a worker.
-    let grace = Duration::from_millis(a.shutdown_grace_ms);
-    Ok(Plan { builder, admitted, max_frame: max_frame(kind), grace })
+    Ok(cfg)
 }
 
 /// The command line's options over the file's settings, and the CLI's conveniences (the

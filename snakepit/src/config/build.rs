@@ -1,7 +1,9 @@
 //! A [`PoolConfig`] becomes a [`PoolBuilder`]: the adapter its `[worker]` names, then every
 //! setting.
 
-use snakepit_core::Protocol;
+use std::sync::Arc;
+
+use snakepit_core::{Adapter, Protocol};
 
 use super::validate::{self, Language};
 use super::{PoolConfig, ProfileKind, TransportKind, WorkerConfig};
@@ -122,8 +124,22 @@ impl Pool {
     }
 }
 
-/// The adapter `[worker]` names (checked: exactly one source, an adapter this build has).
+/// The builder with the adapter `[worker]` names.
 fn with_worker(b: PoolBuilder, w: &WorkerConfig) -> Result<PoolBuilder, Error> {
+    adapter_of(w).map(|a| b.adapter_shared(a))
+}
+
+impl PoolConfig {
+    /// The adapter `[worker]` names, with its settings (the configuration validated first):
+    /// for [`Pool::reload_shared`](crate::Pool::reload_shared) when a configuration changes.
+    pub fn adapter(&self) -> Result<Arc<dyn Adapter>, Error> {
+        validate::check(self).map_err(validate::Invalid::into_error)?;
+        adapter_of(&self.worker)
+    }
+}
+
+/// The adapter `[worker]` names (checked: exactly one source, an adapter this build has).
+fn adapter_of(w: &WorkerConfig) -> Result<Arc<dyn Adapter>, Error> {
     let lang = w.language().map_err(validate::Invalid::into_error)?;
     let unavailable = |key: &str, feature: &str| Error::Config {
         origin: None,
@@ -142,7 +158,7 @@ fn with_worker(b: PoolBuilder, w: &WorkerConfig) -> Result<PoolBuilder, Error> {
             let g = words.fold(Generic::new(program), Generic::arg);
             let g = common!(g, w);
             let g = if w.protocol == Protocol::SnakepitV0 { g.protocol(Protocol::SnakepitV0) } else { g };
-            Ok(b.adapter(g))
+            Ok(Arc::new(g))
         }
         #[cfg(feature = "python")]
         Language::Python => {
@@ -158,7 +174,7 @@ fn with_worker(b: PoolBuilder, w: &WorkerConfig) -> Result<PoolBuilder, Error> {
             if let Some(c) = &w.adapter_class {
                 p = p.adapter_class(c);
             }
-            Ok(b.adapter(p))
+            Ok(Arc::new(p))
         }
         #[cfg(feature = "node")]
         Language::Node => {
@@ -170,7 +186,7 @@ fn with_worker(b: PoolBuilder, w: &WorkerConfig) -> Result<PoolBuilder, Error> {
             for dir in &w.node_path {
                 n = n.node_path(dir);
             }
-            Ok(b.adapter(n))
+            Ok(Arc::new(n))
         }
         #[cfg(not(feature = "python"))]
         Language::Python => {

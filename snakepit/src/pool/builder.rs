@@ -29,7 +29,6 @@ fn default_slot() -> SlotConfig {
 /// --only "4 workers"`).
 pub const DEFAULT_PIPELINE_DEPTH: usize = 1;
 
-use super::manager::Manager;
 use super::queue::Queue;
 use super::stats::Counters;
 use super::{Affinity, DropPolicy, Inner, Pool, RehydrateHook};
@@ -125,6 +124,12 @@ impl PoolBuilder {
     /// What the workers run (required), e.g. `Python::script("worker.py")`.
     pub fn adapter(mut self, adapter: impl Adapter) -> Self {
         self.adapter = Some(Arc::new(adapter));
+        self
+    }
+
+    /// What the workers run, already shared (e.g. `PoolConfig::adapter`'s).
+    pub fn adapter_shared(mut self, adapter: Arc<dyn Adapter>) -> Self {
+        self.adapter = Some(adapter);
         self
     }
 
@@ -451,8 +456,8 @@ impl PoolBuilder {
         let cfg = self.cfg;
         let run_id = new_run_id();
         // An adapter that supplies its own launcher needs no transport and keeps no run file.
-        let (launcher, max_frame): (Arc<dyn Launcher>, usize) = match adapter.launcher() {
-            Some(l) => (l, self.transport.map_or(DEFAULT_MAX_FRAME, |t| t.max_frame())),
+        let (launcher, template, max_frame): (Arc<dyn Launcher>, _, usize) = match adapter.launcher() {
+            Some(l) => (l, None, self.transport.map_or(DEFAULT_MAX_FRAME, |t| t.max_frame())),
             None => {
                 let transport = match self.transport {
                     Some(t) => t,
@@ -463,7 +468,8 @@ impl PoolBuilder {
                 let run_file = cfg.registry.then(|| run_file(&cfg, &instance, &run_id)).flatten();
                 let max_frame = transport.max_frame();
                 let launcher = ProcessLauncher::new(adapter.clone(), transport, cfg.start_mode);
-                (Arc::new(launcher.with_run_file(run_file)), max_frame)
+                let launcher = Arc::new(launcher.with_run_file(run_file));
+                (launcher.clone(), Some(launcher), max_frame)
             }
         };
         let (store, sweeper) = match self.store {
@@ -495,10 +501,14 @@ impl PoolBuilder {
             host,
             store,
             rehydrate: self.rehydrate,
-            slots: (0..cfg.size).map(|i| Arc::new(Slot::new(i))).collect(),
+            slots: RwLock::new(Arc::new((0..cfg.size).map(|i| Arc::new(Slot::new(i))).collect())),
+            slot_tasks: Mutex::new(Vec::new()),
+            size: std::sync::atomic::AtomicUsize::new(cfg.size),
+            admin: tokio::sync::Mutex::new(()),
             queue: Queue::new(cfg.size),
-            adapter,
-            launcher,
+            source: RwLock::new(Arc::new(super::WorkerSource { adapter, launcher })),
+            retired_launchers: Mutex::new(Vec::new()),
+            template,
             start_opts,
             run_id,
             tools: RwLock::new(None),
@@ -516,25 +526,16 @@ impl PoolBuilder {
                 if let Some(s) = &sweeper {
                     s.abort();
                 }
-                inner.launcher.abort();
+                inner.source().launcher.abort();
                 return Err(e);
             }
         };
-        let mgr = Arc::new(Manager(inner.clone()));
-        let slot_cfg = Arc::new(inner.cfg.slot.clone());
-        let mut tasks = Vec::with_capacity(workers.len());
-        for w in workers {
-            // Installed before `build` returns, so the pool is fully usable at once.
-            let slot = inner.slots[w.id().slot].clone();
-            slot.install(&*mgr, &w);
-            // The slot's lifecycle events carry the pool's name.
-            let span = tracing::info_span!("snakepit.slot", pool = &*inner.metrics.pool, slot = slot.index());
-            let run = slot.run(mgr.clone(), slot_cfg.clone(), w, inner.shutdown.subscribe());
-            tasks.push(tokio::spawn(tracing::Instrument::instrument(run, span)));
-        }
-        tasks.push(tokio::spawn(sample_metrics(Arc::downgrade(&inner))));
-        tracing::info!(pool = &*inner.metrics.pool, size = inner.cfg.size, adapter = %inner.adapter.name(), run_id = %inner.run_id, "pool ready");
-        Ok(Pool { inner, tasks: Mutex::new(tasks), sweeper })
+        // Installed before `build` returns, so the pool is fully usable at once.
+        inner.run_slots(workers);
+        let tasks = vec![tokio::spawn(sample_metrics(Arc::downgrade(&inner)))];
+        tracing::info!(pool = &*inner.metrics.pool, size = inner.cfg.size, adapter = %inner.source().adapter.name(), run_id = %inner.run_id, "pool ready");
+        let life = Arc::new(super::Life { inner: inner.clone(), tasks: Mutex::new(tasks), sweeper });
+        Ok(Pool { inner, life })
     }
 }
 
@@ -585,12 +586,13 @@ fn run_file(cfg: &Config, instance: &str, run_id: &str) -> Option<registry::RunF
 /// Starts every slot's first worker, `startup_concurrency` at a time; on the first error, stops
 /// the others and reports it.
 async fn start_all(inner: &Inner) -> Result<Vec<Arc<Member>>, Error> {
-    let size = inner.cfg.size;
+    let slots = inner.slots();
+    let size = slots.len();
     let limit = match inner.cfg.startup_concurrency {
         0 => size,
         n => n,
     };
-    let mut pending = (0..size).map(|slot| WorkerId { slot, generation: 0 });
+    let mut pending = slots.iter().map(|s| s.next_id());
     let mut running = FuturesUnordered::new();
     let mut ready = Vec::with_capacity(size);
     let mut first_err = None;
@@ -639,7 +641,7 @@ fn default_transport_for(_protocol: snakepit_core::Protocol) -> Result<Arc<dyn T
 /// A worker's protocol against its transport's and what the pool asks of it: a snakepit-v0
 /// worker runs only on the `SnakepitV0` transport, and that transport only one call at a time
 /// per worker, on cold workers.
-fn check_protocol(
+pub(super) fn check_protocol(
     adapter: snakepit_core::Protocol,
     transport: snakepit_core::Protocol,
     cfg: &Config,

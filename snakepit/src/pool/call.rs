@@ -119,7 +119,8 @@ impl Inner {
         metrics: Arc<CommandMetrics>,
         span: tracing::Span,
     ) -> Result<Admission, Error> {
-        self.adapter.validate(command, args)?;
+        let source = self.source();
+        source.adapter.validate(command, args)?;
         let poison = match self.cfg.quarantine {
             Some(limit) => {
                 let key = opts.key.unwrap_or_else(|| request_key(command, args));
@@ -133,7 +134,8 @@ impl Inner {
             None => None,
         };
         let started = now();
-        let timeout = opts.timeout.or_else(|| self.adapter.timeout_for(command)).or(self.cfg.default_timeout);
+        let timeout =
+            opts.timeout.or_else(|| source.adapter.timeout_for(command)).or(self.cfg.default_timeout);
         // An absurd timeout (past what an `Instant` holds) is no deadline, not a panic.
         let deadline = match (timeout.and_then(|t| started.checked_add(t)), opts.deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -19,8 +19,19 @@ impl Inner {
     pub(crate) async fn start_member(&self, id: WorkerId) -> Result<Arc<Member>, Error> {
         let pool = &*self.metrics.pool;
         tracing::debug!(target: "snakepit::worker", event = "started", pool, worker = %id, "starting a worker");
+        let launcher = self.source().launcher.clone();
+        self.start_member_with(&*launcher, id).await
+    }
+
+    /// Starts a worker through `launcher` (the pool's, or a reload's new one).
+    pub(crate) async fn start_member_with(
+        &self,
+        launcher: &dyn snakepit_core::Launcher,
+        id: WorkerId,
+    ) -> Result<Arc<Member>, Error> {
+        let pool = &*self.metrics.pool;
         let t0 = std::time::Instant::now();
-        let handle = self.launcher.launch(self.start_opts.for_worker(id)).await?;
+        let handle = launcher.launch(self.start_opts.for_worker(id)).await?;
         let startup_ms = t0.elapsed().as_secs_f64() * 1e3;
         tracing::info!(
             target: "snakepit::worker",

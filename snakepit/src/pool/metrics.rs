@@ -91,6 +91,14 @@ struct SlotGauges {
     rss: Gauge,
 }
 
+impl SlotGauges {
+    fn new(pool: &str, slot: usize) -> Self {
+        SlotGauges {
+            rss: gauge!(WORKER_TREE_RSS_BYTES, "pool" => pool.to_owned(), "worker" => slot.to_string()),
+        }
+    }
+}
+
 /// Every handle of one pool.
 pub(crate) struct PoolMetrics {
     pub(crate) pool: Arc<str>,
@@ -102,11 +110,12 @@ pub(crate) struct PoolMetrics {
     pub(crate) stream_chunks: Counter,
     pub(crate) host_calls: Arc<Outcomes>,
     restarts: Counter,
-    recycles: [Counter; 3],
+    recycles: [Counter; 4],
     queue_depth: Gauge,
     sessions: Gauge,
     workers: [(&'static str, Gauge); 6],
-    slots: Vec<SlotGauges>,
+    /// Per slot, registered as slots appear.
+    slots: Mutex<Vec<SlotGauges>>,
 }
 
 impl PoolMetrics {
@@ -122,7 +131,7 @@ impl PoolMetrics {
             stream_chunks: counter!(STREAM_CHUNKS_TOTAL, "pool" => p()),
             host_calls: Arc::new(Outcomes::new(HOST_CALLS_TOTAL, vec![("pool", p())])),
             restarts: counter!(WORKER_RESTARTS_TOTAL, "pool" => p()),
-            recycles: [recycle("requests"), recycle("age"), recycle("memory")],
+            recycles: [recycle("requests"), recycle("age"), recycle("memory"), recycle("reload")],
             queue_depth: gauge!(QUEUE_DEPTH, "pool" => p()),
             sessions: gauge!(SESSIONS, "pool" => p()),
             workers: [
@@ -133,11 +142,7 @@ impl PoolMetrics {
                 state("failing"),
                 state("failed"),
             ],
-            slots: (0..size)
-                .map(|i| SlotGauges {
-                    rss: gauge!(WORKER_TREE_RSS_BYTES, "pool" => p(), "worker" => i.to_string()),
-                })
-                .collect(),
+            slots: Mutex::new((0..size).map(|i| SlotGauges::new(pool, i)).collect()),
         }
     }
 
@@ -167,7 +172,8 @@ impl PoolMetrics {
         let i = match reason.label() {
             "requests" => 0,
             "age" => 1,
-            _ => 2,
+            "memory" => 2,
+            _ => 3,
         };
         self.recycles[i].increment(1);
     }
@@ -176,11 +182,29 @@ impl PoolMetrics {
 impl Inner {
     /// Reads the sampled gauges once.
     pub(crate) async fn sample_metrics(&self) {
+        self.sample_workers();
+        if let Ok(s) = self.store.stats().await {
+            self.metrics.sessions.set(s.live as f64);
+        }
+    }
+
+    /// The queue, the workers by state and their memory.
+    fn sample_workers(&self) {
         let m = &self.metrics;
         let (idle, queued) = self.queue_lengths();
         m.queue_depth.set(queued as f64);
         let mut by_state = [0usize; 6];
-        for (i, slot) in self.slots.iter().enumerate() {
+        let slots = self.slots();
+        let mut gauges = m.slots.lock().unwrap_or_else(|p| p.into_inner());
+        while gauges.len() < slots.len() {
+            let i = gauges.len();
+            gauges.push(SlotGauges::new(&m.pool, i));
+        }
+        // Slots removed by a resize hold no worker.
+        for g in gauges.iter().skip(slots.len()) {
+            g.rss.set(0.0);
+        }
+        for (i, slot) in slots.iter().enumerate() {
             let live = slot.current().filter(|w| w.is_alive());
             let state = match slot.state() {
                 SlotState::Ready if live.is_some() => None,
@@ -194,18 +218,16 @@ impl Inner {
                 by_state[s] += 1;
             }
             let rss = live.and_then(|w| w.pid()).and_then(snakepit_supervisor::tree_rss);
-            if let Some(g) = m.slots.get(i) {
+            if let Some(g) = gauges.get(i) {
                 g.rss.set(rss.unwrap_or(0) as f64);
             }
         }
-        let ready = self.slots.iter().filter(|s| s.current().is_some_and(|w| w.is_alive())).count();
+        drop(gauges);
+        let ready = slots.iter().filter(|s| s.current().is_some_and(|w| w.is_alive())).count();
         by_state[0] = idle.min(ready);
         by_state[1] = ready - by_state[0];
         for ((_, g), n) in m.workers.iter().zip(by_state) {
             g.set(n as f64);
-        }
-        if let Ok(s) = self.store.stats().await {
-            m.sessions.set(s.live as f64);
         }
     }
 }

@@ -8,6 +8,7 @@
 
 mod builder;
 mod call;
+mod elastic;
 mod lease;
 mod manager;
 mod metrics;
@@ -18,6 +19,7 @@ mod stream;
 
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -49,18 +51,36 @@ struct ToolSet {
     streams: HashSet<String>,
 }
 
+/// What the workers run: the adapter and the launcher that starts its workers.
+pub(crate) struct WorkerSource {
+    pub(crate) adapter: Arc<dyn Adapter>,
+    pub(crate) launcher: Arc<dyn Launcher>,
+}
+
 /// The pool's shared state (the slot tasks, leases and the handle all hold it).
 pub(crate) struct Inner {
     pub(crate) cfg: Config,
     pub(crate) store: Arc<dyn SessionStore>,
     pub(crate) host: Arc<crate::host::PoolHost>,
     rehydrate: Option<RehydrateHook>,
-    adapter: Arc<dyn Adapter>,
-    launcher: Arc<dyn Launcher>,
+    /// What the workers run and how they start (swapped by [`Pool::reload`]).
+    source: RwLock<Arc<WorkerSource>>,
+    /// Launchers replaced by a reload (stopped with the pool: a zygote may still serve).
+    retired_launchers: Mutex<Vec<Arc<dyn Launcher>>>,
+    /// The process launcher the pool was built with, to launch another adapter's workers the
+    /// same way on reload (`None` when the adapter supplies its own launcher).
+    template: Option<Arc<snakepit_supervisor::ProcessLauncher>>,
     /// What every worker start shares (the worker id is filled in per start).
     start_opts: StartOptions,
     run_id: String,
-    pub(crate) slots: Vec<Arc<Slot>>,
+    /// The slots, by index (grown and shrunk by [`Pool::resize`]; readers take a snapshot).
+    slots: RwLock<Arc<Vec<Arc<Slot>>>>,
+    /// Each slot's task and its stop signal, by index.
+    slot_tasks: Mutex<Vec<(watch::Sender<bool>, JoinHandle<()>)>>,
+    /// The number of slots now.
+    size: AtomicUsize,
+    /// Serialises resizes and reloads.
+    admin: tokio::sync::Mutex<()>,
     queue: queue::Queue,
     tools: RwLock<Option<Arc<ToolSet>>>,
     shutdown: watch::Sender<bool>,
@@ -75,6 +95,21 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// A snapshot of the slots.
+    pub(crate) fn slots(&self) -> Arc<Vec<Arc<Slot>>> {
+        self.slots.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The workers' adapter and launcher now.
+    pub(crate) fn source(&self) -> Arc<WorkerSource> {
+        self.source.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The number of slots now.
+    pub(crate) fn size(&self) -> usize {
+        self.size.load(Ordering::Acquire)
+    }
+
     /// Learns the tool catalog from the first worker that reports it.
     fn learn_tools(&self, ready: &Ready) {
         // A worker that lists no commands (snakepit-v0) leaves the catalog unknown: every
@@ -90,6 +125,14 @@ impl Inner {
             let names = sorted.iter().map(|n| (Arc::from(n.as_str()), self.metrics.command(n))).collect();
             *tools = Some(Arc::new(ToolSet { names, sorted, streams }));
         }
+    }
+
+    /// Replaces the tool catalog with a new worker's (a reload).
+    pub(crate) fn relearn_tools(&self, ready: &Ready) {
+        if !ready.open_tools {
+            *self.tools.write().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        self.learn_tools(ready);
     }
 
     /// Checks `command` against the workers' tool catalog (once known) and returns its name
@@ -109,9 +152,18 @@ impl Inner {
 
 /// A supervised pool of workers. See the [crate docs](crate).
 ///
-/// Dropping the pool kills every worker at once; [`Pool::shutdown`] stops them gracefully
-/// instead.
+/// A `Pool` is a handle: cloning it is cheap (two reference counts) and every clone is the same
+/// pool, so it can live in an axum or tonic state as it is. The workers stop when the last
+/// clone is dropped (killed at once) or when any clone calls [`Pool::shutdown`] (gracefully);
+/// calls on the other clones then fail with `ShuttingDown`.
+#[derive(Clone)]
 pub struct Pool {
+    inner: Arc<Inner>,
+    life: Arc<Life>,
+}
+
+/// What the last clone of a [`Pool`] stops on drop.
+struct Life {
     inner: Arc<Inner>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The default session store's sweeper (stopped with the pool).
@@ -305,7 +357,7 @@ impl Pool {
     /// or whose worker is not a process).
     pub fn worker_pids(&self) -> Vec<Option<u32>> {
         let live = |s: &Arc<Slot>| s.current().filter(|w| w.is_alive()).and_then(|w| w.pid());
-        self.inner.slots.iter().map(live).collect()
+        self.inner.slots().iter().map(live).collect()
     }
 
     /// What each live worker announced in its handshake (its bridge, tools, whether it takes
@@ -313,7 +365,7 @@ impl Pool {
     /// a live worker).
     pub fn worker_handshakes(&self) -> Vec<Option<Ready>> {
         let live = |s: &Arc<Slot>| s.current().filter(|w| w.is_alive()).map(|w| w.ready().clone());
-        self.inner.slots.iter().map(live).collect()
+        self.inner.slots().iter().map(live).collect()
     }
 
     /// Stops the pool gracefully: new calls fail with `ShuttingDown`, queued calls are failed,
@@ -336,24 +388,51 @@ impl Pool {
             }
         }
         inner.shutdown.send_replace(true);
-        if let Some(s) = &self.sweeper {
+        if let Some(s) = &self.life.sweeper {
             s.abort();
         }
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
-        for t in tasks {
+        let tasks = std::mem::take(&mut *self.life.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let slot_tasks = inner.stop_slot_tasks();
+        for t in tasks.into_iter().chain(slot_tasks) {
             let _ = t.await;
         }
         // The current workers, and recycled ones still draining: none outlives the pool.
-        let workers: Vec<Arc<Member>> =
-            inner.slots.iter().flat_map(|s| s.take_current().into_iter().chain(s.take_retiring())).collect();
+        let workers: Vec<Arc<Member>> = inner
+            .slots()
+            .iter()
+            .flat_map(|s| s.take_current().into_iter().chain(s.take_retiring()))
+            .collect();
         inner.drain_idle();
         futures::future::join_all(workers.iter().map(|w| w.shutdown(grace))).await;
-        inner.launcher.shutdown(grace).await;
+        for l in inner.launchers() {
+            l.shutdown(grace).await;
+        }
         tracing::info!(run_id = %inner.run_id, "pool stopped");
     }
 }
 
-impl Drop for Pool {
+impl Inner {
+    /// Tells every slot task to stop; returns their handles.
+    fn stop_slot_tasks(&self) -> Vec<JoinHandle<()>> {
+        let tasks = std::mem::take(&mut *self.slot_tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        tasks
+            .into_iter()
+            .map(|(stop, task)| {
+                stop.send_replace(true);
+                task
+            })
+            .collect()
+    }
+
+    /// The launcher now and those a reload replaced.
+    fn launchers(&self) -> Vec<Arc<dyn Launcher>> {
+        let mut all = vec![self.source().launcher.clone()];
+        all.extend(self.retired_launchers.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
+        all
+    }
+}
+
+impl Drop for Life {
     fn drop(&mut self) {
         let inner = &self.inner;
         inner.close_queue();
@@ -364,7 +443,10 @@ impl Drop for Pool {
         for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             t.abort();
         }
-        for s in &inner.slots {
+        for t in inner.stop_slot_tasks() {
+            t.abort();
+        }
+        for s in inner.slots().iter() {
             for w in s.take_current().into_iter().chain(s.take_retiring()) {
                 w.kill();
             }
@@ -372,6 +454,8 @@ impl Drop for Pool {
         for w in inner.drain_idle() {
             w.kill();
         }
-        inner.launcher.abort();
+        for l in inner.launchers() {
+            l.abort();
+        }
     }
 }

@@ -161,6 +161,18 @@ impl Inner {
         drop(waiters);
     }
 
+    /// Makes room for `n` slots' strict session waiters; those of removed slots are failed
+    /// (their callers get `SessionLost`).
+    pub(crate) fn resize_pinned(&self, n: usize) {
+        let dropped: Vec<_> = {
+            let mut st = self.queue.lock();
+            let gone = if st.pinned.len() > n { st.pinned.split_off(n) } else { Vec::new() };
+            st.pinned.resize_with(n, VecDeque::new);
+            gone
+        };
+        drop(dropped);
+    }
+
     /// Empties the idle stack (shutdown), returning what was in it.
     pub(crate) fn drain_idle(&self) -> Vec<Arc<Member>> {
         std::mem::take(&mut self.queue.lock().idle)
@@ -168,12 +180,12 @@ impl Inner {
 
     /// Whether `id` is the live current worker of its slot.
     fn is_current(&self, id: WorkerId) -> bool {
-        self.slots.get(id.slot).and_then(|s| s.current()).is_some_and(|m| m.id() == id && m.is_alive())
+        self.slots().get(id.slot).and_then(|s| s.current()).is_some_and(|m| m.id() == id && m.is_alive())
     }
 
     /// True when every slot is failing to start or has given up: calls fail fast.
     pub(crate) fn circuit_open(&self) -> bool {
-        self.slots.iter().all(|s| s.state().is_failing())
+        self.slots().iter().all(|s| s.state().is_failing())
     }
 
     /// Called when a slot enters a failing state: if the circuit is now open, fail the queue.
@@ -204,7 +216,7 @@ impl Inner {
         let last = self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
         Error::Unavailable(format!(
             "all {} workers are failing to start (circuit open){}",
-            self.cfg.size,
+            self.size(),
             last.map(|e| format!("; last error: {e}")).unwrap_or_default()
         ))
     }

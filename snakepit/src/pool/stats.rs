@@ -133,11 +133,12 @@ impl Counters {
 impl Inner {
     pub(crate) fn stats(&self) -> PoolStats {
         let c = &self.counters;
-        let ready = self.slots.iter().filter(|s| s.current().is_some_and(|w| w.is_alive())).count();
+        let slots = self.slots();
+        let ready = slots.iter().filter(|s| s.current().is_some_and(|w| w.is_alive())).count();
         let (idle, queued) = self.queue_lengths();
         let errors = c.errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
         PoolStats {
-            size: self.cfg.size,
+            size: slots.len(),
             ready,
             idle,
             busy: c.busy.load(Ordering::Relaxed),
@@ -147,7 +148,7 @@ impl Inner {
             recycled: c.recycled.load(Ordering::Relaxed),
             unresponsive: c.unresponsive.load(Ordering::Relaxed),
             heartbeats: c.heartbeats.load(Ordering::Relaxed),
-            degraded: self.slots.iter().any(|s| s.state() == snakepit_supervisor::SlotState::Failed),
+            degraded: slots.iter().any(|s| s.state() == snakepit_supervisor::SlotState::Failed),
             circuit_open: self.circuit_open(),
             calls_ok: c.calls_ok.load(Ordering::Relaxed),
             calls_failed: c.calls_failed.load(Ordering::Relaxed),
