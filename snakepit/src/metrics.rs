@@ -89,7 +89,7 @@ pub fn describe() {
 #[cfg(feature = "prometheus")]
 mod prometheus;
 #[cfg(feature = "prometheus")]
-pub use self::prometheus::{install_prometheus, prometheus_builder};
+pub use self::prometheus::{install_prometheus, install_prometheus_recorder, prometheus_builder};
 /// The Prometheus exporter crate (feature `prometheus`), for a setup of your own from
 /// [`prometheus_builder`].
 #[cfg(feature = "prometheus")]

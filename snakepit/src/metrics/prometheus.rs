@@ -50,6 +50,18 @@ pub fn install_prometheus(addr: SocketAddr) -> Result<SocketAddr, Error> {
         let _guard = rt.enter();
         tokio::net::TcpListener::from_std(std_listener).map_err(bind_err)?
     };
+    let handle = install_prometheus_recorder()?;
+    rt.spawn(serve(listener, handle));
+    Ok(local)
+}
+
+/// Installs a Prometheus recorder as the process's global `metrics` recorder, without an
+/// HTTP endpoint: serve [`PrometheusHandle::render`] from your own (an axum route, say). Call
+/// it inside a tokio runtime (it keeps an upkeep task), before building the pools it should
+/// see. `BadRequest` without a runtime or if another recorder is installed.
+pub fn install_prometheus_recorder() -> Result<PrometheusHandle, Error> {
+    let rt = tokio::runtime::Handle::try_current()
+        .map_err(|_| Error::BadRequest("install_prometheus_recorder needs a running tokio runtime".into()))?;
     let recorder = prometheus_builder().build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
@@ -64,8 +76,7 @@ pub fn install_prometheus(addr: SocketAddr) -> Result<SocketAddr, Error> {
             upkeep.run_upkeep();
         }
     });
-    rt.spawn(serve(listener, handle));
-    Ok(local)
+    Ok(handle)
 }
 
 /// Accepts scrapers, at most [`MAX_CONNECTIONS`] at once.
