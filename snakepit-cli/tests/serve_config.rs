@@ -175,3 +175,70 @@ fn serve_without_a_worker_or_a_config_is_a_usage_error() {
         stderr(&out)
     );
 }
+
+/// Lines of a child's pipe, read on a thread, so the test waits on each with a bound.
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The first line containing `text`, within 30 s.
+#[track_caller]
+fn wait_for(rx: &std::sync::mpsc::Receiver<String>, text: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(text) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {text:?}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn serve_reloads_the_config_file_on_sighup_and_keeps_the_pool_when_it_is_invalid() {
+    let g = Guard::new();
+    let cfg = config(&g, "size = 1\n[worker]\nscript = \"who.py\"\n");
+    let mut c = g.serve(&["--config", arg(&cfg)]);
+    c.env("SNAKEPIT_LOG", "info");
+    let mut child =
+        c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let replies = lines_of(child.stdout.take().expect("stdout"));
+    let log = lines_of(child.stderr.take().expect("stderr"));
+    let mut ask = |id: u32| -> Value {
+        writeln!(stdin, r#"{{"id":{id},"command":"var","args":{{"name":"GREETING"}}}}"#).expect("write");
+        let line = replies.recv_timeout(std::time::Duration::from_secs(30)).expect("a reply");
+        serde_json::from_str::<Value>(&line).expect("json")["ok"].clone()
+    };
+    assert_eq!(ask(1), Value::Null);
+    let hup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("SIGHUP")
+    };
+    // New settings for the workers, and one more of them.
+    std::fs::write(&cfg, "size = 2\n[worker]\nscript = \"who.py\"\nenv = { GREETING = \"hi\" }\n")
+        .expect("write");
+    hup();
+    wait_for(&log, "SIGHUP: reloaded");
+    assert_eq!(ask(2), Value::from("hi"));
+    // A file that does not validate: one ERROR naming the key, and the pool as it was.
+    std::fs::write(&cfg, "size = 0\n[worker]\nscript = \"who.py\"\n").expect("write");
+    hup();
+    let error = wait_for(&log, "SIGHUP:");
+    assert!(error.contains("ERROR") && error.contains("key 'size'") && error.contains("kept"), "{error}");
+    assert_eq!(ask(3), Value::from("hi"));
+    drop(stdin);
+    assert!(child.wait().expect("wait").success());
+}

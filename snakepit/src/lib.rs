@@ -59,7 +59,7 @@ pub use bytes::Bytes;
 #[cfg(feature = "config")]
 pub use config::{PoolConfig, Pools, PoolsConfig};
 pub use pool::{
-    Affinity, CallOptions, CallStream, DropPolicy, Pool, PoolBuilder, PoolStats, RehydrateHook,
+    Affinity, Autoscale, CallOptions, CallStream, DropPolicy, Pool, PoolBuilder, PoolStats, RehydrateHook,
     DEFAULT_PIPELINE_DEPTH, MAX_PIPELINE_DEPTH,
 };
 pub use session::{Globals, Session};

@@ -16,6 +16,8 @@
 //! | [`SESSIONS`] | gauge | | live sessions in the pool's store (sampled) |
 //! | [`HOST_CALLS_TOTAL`] | counter | `outcome` | worker → host calls: `ok` or `error` |
 //! | [`STREAM_CHUNKS_TOTAL`] | counter | | items delivered by streamed calls |
+//! | [`POOL_SIZE`] | gauge | | the pool's number of workers (slots) now: it changes with `resize` and the autoscaler (sampled) |
+//! | [`AUTOSCALE_TOTAL`] | counter | `direction` | the autoscaler's resizes: `up` or `down` |
 //!
 //! Gauges marked "sampled" are read every second by a task of the pool. The histograms use
 //! explicit buckets ([`DURATION_BUCKETS`]): [`prometheus_builder`] sets them for you.
@@ -56,6 +58,11 @@ pub const HOST_CALLS_TOTAL: &str = "snakepit_host_calls_total";
 /// `snakepit_stream_chunks_total{pool}`: items delivered by streamed calls.
 pub const STREAM_CHUNKS_TOTAL: &str = "snakepit_stream_chunks_total";
 
+/// `snakepit_pool_size{pool}`: workers (slots) now.
+pub const POOL_SIZE: &str = "snakepit_pool_size";
+/// `snakepit_autoscale_total{pool, direction}`: the autoscaler's resizes.
+pub const AUTOSCALE_TOTAL: &str = "snakepit_autoscale_total";
+
 /// The buckets (seconds) of the two histograms: 100 µs to 5 min.
 pub const DURATION_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -84,6 +91,8 @@ pub fn describe() {
     describe_gauge!(SESSIONS, "Live sessions.");
     describe_counter!(HOST_CALLS_TOTAL, "Worker to host calls, by outcome.");
     describe_counter!(STREAM_CHUNKS_TOTAL, "Items delivered by streamed calls.");
+    describe_gauge!(POOL_SIZE, "Workers (slots) in the pool now.");
+    describe_counter!(AUTOSCALE_TOTAL, "Resizes by the autoscaler, by direction.");
 }
 
 #[cfg(feature = "prometheus")]

@@ -220,3 +220,22 @@ async fn clones_are_one_pool_and_shutdown_on_any_stops_it_for_all() {
     assert_eq!(e.kind(), "shutting_down");
     assert!(live_pids(&pool).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_autoscaler_grows_under_queueing_and_shrinks_when_idle() {
+    let r = Reaper::new();
+    let scale = snakepit::Autoscale::new(1, 3).interval(Duration::from_millis(100)).after(2, 5);
+    let pool = r.builder().adapter(Python::showcase()).size(1).autoscale(scale).build().await.expect("pool");
+    assert_eq!(pool.stats().size, 1);
+    let (stop, out) = (Arc::new(AtomicBool::new(false)), Arc::new(Outcomes::default()));
+    let tasks = load(&pool, 4, 100, &stop, &out);
+    pool.wait_stats(|s| s.size == 3 && s.ready == 3, Duration::from_secs(20)).await.expect("grown to max");
+    finish(tasks, &stop).await;
+    assert_eq!(out.failed.load(Ordering::Relaxed), 0);
+    pool.wait_stats(|s| s.size == 1, Duration::from_secs(20)).await.expect("shrunk to min when idle");
+    assert_eq!(pool.execute("add", json!({"a": 1, "b": 1})).await.expect("add"), json!(2));
+    // Bounds are checked when the pool is built.
+    let bad = r.builder().adapter(Python::showcase()).autoscale(snakepit::Autoscale::new(3, 2)).build().await;
+    assert!(matches!(bad, Err(Error::BadRequest(_))), "{bad:?}");
+    pool.shutdown().await;
+}

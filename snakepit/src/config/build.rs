@@ -68,6 +68,9 @@ impl PoolBuilder {
             .max_sessions(cfg.sessions.max)
             .affinity(cfg.sessions.affinity)
             .create_sessions_on_use(cfg.sessions.create_on_use);
+        if let Some(a) = cfg.autoscale.autoscale() {
+            b = b.autoscale(a);
+        }
         if let Some(n) = cfg.size {
             b = b.size(n);
         }

@@ -75,6 +75,14 @@ pub(crate) const KEYS: &[(&str, Kind)] = &[
     ("sessions.max", Kind::Parsed),
     ("sessions.affinity", Kind::Text),
     ("sessions.create_on_use", Kind::Parsed),
+    ("autoscale.enabled", Kind::Parsed),
+    ("autoscale.min", Kind::Parsed),
+    ("autoscale.max", Kind::Parsed),
+    ("autoscale.interval", Kind::Text),
+    ("autoscale.up_after", Kind::Parsed),
+    ("autoscale.down_after", Kind::Parsed),
+    ("autoscale.idle_below", Kind::Parsed),
+    ("autoscale.step", Kind::Parsed),
 ];
 
 /// The key a variable's lower-cased parts name, its kind, and how many parts it takes (the

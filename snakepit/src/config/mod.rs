@@ -130,6 +130,8 @@ pub struct PoolConfig {
     pub restart: RestartConfig,
     /// `[sessions]`: the default session store and routing.
     pub sessions: SessionsConfig,
+    /// `[autoscale]`: growing and shrinking with the load (off by default).
+    pub autoscale: AutoscaleConfig,
 }
 
 impl Default for PoolConfig {
@@ -161,6 +163,7 @@ impl Default for PoolConfig {
             recycle: RecycleConfig::default(),
             restart: RestartConfig::default(),
             sessions: SessionsConfig::default(),
+            autoscale: AutoscaleConfig::default(),
         }
     }
 }
@@ -405,6 +408,60 @@ impl Default for RestartConfig {
             max_restarts: 10,
             window: Duration::from_secs(60),
         }
+    }
+}
+
+/// `[autoscale]`: the pool grows when calls wait for a worker and shrinks when most workers
+/// idle, between `min` and `max` (see [`Autoscale`](crate::Autoscale)).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AutoscaleConfig {
+    /// On or off (default off).
+    pub enabled: bool,
+    /// Fewest workers (default 1).
+    pub min: usize,
+    /// Most workers (default: the CPU count).
+    pub max: usize,
+    /// How often the load is looked at (default 1 s).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Looks in a row with calls waiting before growing (default 2).
+    pub up_after: u32,
+    /// Looks in a row mostly idle before shrinking (default 30).
+    pub down_after: u32,
+    /// The busy fraction below which a look is idle (default 0.5).
+    pub idle_below: f64,
+    /// Workers added or removed at once (default 1).
+    pub step: usize,
+}
+
+impl Default for AutoscaleConfig {
+    fn default() -> Self {
+        let a = crate::Autoscale::new(1, std::thread::available_parallelism().map_or(2, |n| n.get()));
+        AutoscaleConfig {
+            enabled: false,
+            min: a.min,
+            max: a.max,
+            interval: a.interval,
+            up_after: a.up_after,
+            down_after: a.down_after,
+            idle_below: a.idle_below,
+            step: a.step,
+        }
+    }
+}
+
+impl AutoscaleConfig {
+    /// The autoscaler these settings describe, when enabled.
+    pub fn autoscale(&self) -> Option<crate::Autoscale> {
+        self.enabled.then(|| {
+            let mut a = crate::Autoscale::new(self.min, self.max).interval(self.interval);
+            a = a.after(self.up_after, self.down_after);
+            a.idle_below = self.idle_below;
+            a.step = self.step;
+            a
+        })
     }
 }
 

@@ -380,6 +380,7 @@ fn the_examples_commented_values_are_the_defaults() {
     want.recycle.max_requests = Some(10_000);
     want.recycle.max_age = Some(Duration::from_secs(3600));
     want.recycle.max_memory = Some(1 << 30);
+    want.autoscale.max = 8;
     assert_eq!(got, want);
 }
 
@@ -387,7 +388,7 @@ fn the_examples_commented_values_are_the_defaults() {
 #[test]
 fn the_known_keys_are_the_structs_fields() {
     let mut fields = Vec::new();
-    for section in ["", "worker", "heartbeat", "recycle", "restart", "sessions"] {
+    for section in ["", "worker", "heartbeat", "recycle", "restart", "sessions", "autoscale"] {
         let text = match section {
             "" => "zzz = 1\n[worker]\nmodule = \"m\"\n".to_string(),
             "worker" => "[worker]\nmodule = \"m\"\nzzz = 1\n".to_string(),
@@ -400,7 +401,7 @@ fn the_known_keys_are_the_structs_fields() {
             .and_then(|k| k.strip_suffix(')'))
             .unwrap_or_else(|| panic!("{e}"));
         for k in known.split(", ") {
-            let tables = ["worker", "heartbeat", "recycle", "restart", "sessions"];
+            let tables = ["worker", "heartbeat", "recycle", "restart", "sessions", "autoscale"];
             if section.is_empty() && tables.contains(&k) {
                 continue;
             }

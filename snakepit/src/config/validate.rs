@@ -145,6 +145,24 @@ fn check_pool(c: &PoolConfig) -> Result<(), Invalid> {
     }
     positive("restart.window", c.restart.window)?;
     positive("worker.handshake_timeout", c.worker.handshake_timeout)?;
+    if let Some(a) = c.autoscale.autoscale() {
+        if a.min == 0 {
+            return Err(Invalid::new("autoscale.min", "must be at least 1"));
+        }
+        if a.max < a.min {
+            return Err(Invalid::new("autoscale.max", format!("is below min ({} < {})", a.max, a.min)));
+        }
+        positive("autoscale.interval", a.interval)?;
+        at_least_one("autoscale.up_after", u64::from(a.up_after))?;
+        at_least_one("autoscale.down_after", u64::from(a.down_after))?;
+        at_least_one("autoscale.step", a.step as u64)?;
+        if !(0.0..=1.0).contains(&a.idle_below) {
+            return Err(Invalid::new(
+                "autoscale.idle_below",
+                format!("must be between 0 and 1 (got {})", a.idle_below),
+            ));
+        }
+    }
     if c.restart.backoff_max < c.restart.backoff_min {
         return Err(Invalid::new(
             "restart.backoff_max",

@@ -61,6 +61,7 @@ pub(crate) struct Config {
     max_sessions: usize,
     /// A call in an unknown session creates it (the original Snakepit's behaviour).
     pub(crate) create_sessions_on_use: bool,
+    pub(crate) autoscale: Option<super::Autoscale>,
     pub(crate) slot: SlotConfig,
     #[cfg(feature = "chaos")]
     pub(crate) chaos: Option<crate::chaos::Chaos>,
@@ -112,6 +113,7 @@ impl Default for PoolBuilder {
                 session_ttl: Duration::from_secs(3600),
                 max_sessions: 100_000,
                 create_sessions_on_use: false,
+                autoscale: None,
                 slot: default_slot(),
                 #[cfg(feature = "chaos")]
                 chaos: None,
@@ -413,6 +415,15 @@ impl PoolBuilder {
         self
     }
 
+    /// Autoscaling between `min` and `max` workers (off by default; see [`Autoscale`]). The
+    /// pool starts with [`size`](PoolBuilder::size) workers brought within those bounds.
+    ///
+    /// [`Autoscale`]: super::Autoscale
+    pub fn autoscale(mut self, a: super::Autoscale) -> Self {
+        self.cfg.autoscale = Some(a);
+        self
+    }
+
     /// Most sessions the default store holds (default 100 000; more fail with
     /// `SessionQuotaExceeded`).
     pub fn max_sessions(mut self, n: usize) -> Self {
@@ -453,7 +464,11 @@ impl PoolBuilder {
     /// error (with every started worker stopped).
     pub async fn build(self) -> Result<Pool, Error> {
         let adapter = self.adapter.ok_or_else(|| Error::BadRequest("PoolBuilder: no adapter set".into()))?;
-        let cfg = self.cfg;
+        let mut cfg = self.cfg;
+        if let Some(a) = &cfg.autoscale {
+            a.check().map_err(Error::BadRequest)?;
+            cfg.size = cfg.size.clamp(a.min, a.max);
+        }
         let run_id = new_run_id();
         // An adapter that supplies its own launcher needs no transport and keeps no run file.
         let (launcher, template, max_frame): (Arc<dyn Launcher>, _, usize) = match adapter.launcher() {
@@ -532,7 +547,8 @@ impl PoolBuilder {
         };
         // Installed before `build` returns, so the pool is fully usable at once.
         inner.run_slots(workers);
-        let tasks = vec![tokio::spawn(sample_metrics(Arc::downgrade(&inner)))];
+        let mut tasks = vec![tokio::spawn(sample_metrics(Arc::downgrade(&inner)))];
+        tasks.extend(inner.spawn_autoscaler());
         tracing::info!(pool = &*inner.metrics.pool, size = inner.cfg.size, adapter = %inner.source().adapter.name(), run_id = %inner.run_id, "pool ready");
         let life = Arc::new(super::Life { inner: inner.clone(), tasks: Mutex::new(tasks), sweeper });
         Ok(Pool { inner, life })

@@ -59,26 +59,32 @@ impl Pool {
     /// another worker, `Strict` ones get `SessionLost` unless a rehydrate hook is set.
     /// `resize(0)` is `BadRequest`; after [`shutdown`](Pool::shutdown), `ShuttingDown`.
     pub async fn resize(&self, n: usize) -> Result<(), Error> {
+        self.inner.resize(n).await
+    }
+}
+
+impl Inner {
+    /// [`Pool::resize`] (the autoscaler calls it too).
+    pub(crate) async fn resize(self: &Arc<Self>, n: usize) -> Result<(), Error> {
         if n == 0 {
             return Err(Error::BadRequest("resize(0): a pool has at least one worker".into()));
         }
-        let inner = &self.inner;
-        let _admin = inner.admin.lock().await;
-        if inner.closed() {
+        let _admin = self.admin.lock().await;
+        if self.closed() {
             return Err(Error::ShuttingDown);
         }
-        let now = inner.size();
+        let now = self.size();
         if n > now {
             self.grow(now, n).await?;
         } else if n < now {
             self.shrink(n).await;
         }
-        inner.counters.bump();
+        self.counters.bump();
         Ok(())
     }
 
-    async fn grow(&self, now: usize, n: usize) -> Result<(), Error> {
-        let inner = &self.inner;
+    async fn grow(self: &Arc<Self>, now: usize, n: usize) -> Result<(), Error> {
+        let inner = self;
         let fresh: Vec<Arc<Slot>> = (now..n).map(|i| Arc::new(Slot::new(i))).collect();
         let started = futures::future::join_all(fresh.iter().map(|s| inner.start_member(s.next_id()))).await;
         let mut workers = Vec::with_capacity(started.len());
@@ -110,8 +116,8 @@ impl Pool {
         Ok(())
     }
 
-    async fn shrink(&self, n: usize) {
-        let inner = &self.inner;
+    async fn shrink(self: &Arc<Self>, n: usize) {
+        let inner = self;
         let now = inner.size();
         // Out of the routing first (a strict session call for them is `SessionLost` now), then
         // their tasks stopped, then their workers drained and stopped.
@@ -138,7 +144,9 @@ impl Pool {
         inner.resize_pinned(n);
         tracing::info!(target: "snakepit::worker", event = "resized", pool = &*inner.metrics.pool, from = now, to = n, "pool shrunk");
     }
+}
 
+impl Pool {
     /// Replaces every worker with one running `adapter` (new code, another model, another
     /// interpreter...), slot by slot, while the pool serves: each new worker is ready before
     /// the one it replaces stops taking calls, and that one finishes its calls first, so no
@@ -148,7 +156,7 @@ impl Pool {
     /// The first new worker is the test: if it cannot start, `reload` returns that error and
     /// nothing changed. From then on, restarts after a crash start the new adapter's workers,
     /// and the command catalog is the new workers'. A later slot whose new worker fails
-    /// [`RELOAD_ATTEMPTS`] times ends the reload with that error, the slots not yet replaced
+    /// three times ends the reload with that error, the slots not yet replaced
     /// still running the old adapter's workers. The transport, the start mode and every pool
     /// setting stay as built.
     pub async fn reload(&self, adapter: impl Adapter) -> Result<(), Error> {

@@ -14,8 +14,9 @@ use snakepit_supervisor::{RecycleReason, SlotState};
 
 use super::Inner;
 use crate::metrics::{
-    CALLS_TOTAL, CALL_DURATION_SECONDS, HOST_CALLS_TOTAL, QUEUE_DEPTH, QUEUE_WAIT_SECONDS, SESSIONS,
-    STREAM_CHUNKS_TOTAL, WORKERS, WORKER_RECYCLES_TOTAL, WORKER_RESTARTS_TOTAL, WORKER_TREE_RSS_BYTES,
+    AUTOSCALE_TOTAL, CALLS_TOTAL, CALL_DURATION_SECONDS, HOST_CALLS_TOTAL, POOL_SIZE, QUEUE_DEPTH,
+    QUEUE_WAIT_SECONDS, SESSIONS, STREAM_CHUNKS_TOTAL, WORKERS, WORKER_RECYCLES_TOTAL, WORKER_RESTARTS_TOTAL,
+    WORKER_TREE_RSS_BYTES,
 };
 
 /// How often the sampler reads the gauges.
@@ -113,6 +114,8 @@ pub(crate) struct PoolMetrics {
     recycles: [Counter; 4],
     queue_depth: Gauge,
     sessions: Gauge,
+    size: Gauge,
+    autoscaled: [Counter; 2],
     workers: [(&'static str, Gauge); 6],
     /// Per slot, registered as slots appear.
     slots: Mutex<Vec<SlotGauges>>,
@@ -134,6 +137,11 @@ impl PoolMetrics {
             recycles: [recycle("requests"), recycle("age"), recycle("memory"), recycle("reload")],
             queue_depth: gauge!(QUEUE_DEPTH, "pool" => p()),
             sessions: gauge!(SESSIONS, "pool" => p()),
+            size: gauge!(POOL_SIZE, "pool" => p()),
+            autoscaled: [
+                counter!(AUTOSCALE_TOTAL, "pool" => p(), "direction" => "up"),
+                counter!(AUTOSCALE_TOTAL, "pool" => p(), "direction" => "down"),
+            ],
             workers: [
                 state("idle"),
                 state("busy"),
@@ -162,6 +170,11 @@ impl PoolMetrics {
             return open.get(name).cloned().unwrap_or(other);
         }
         open.entry(Arc::from(name)).or_insert_with(|| self.command(name)).clone()
+    }
+
+    /// The autoscaler resized the pool (`direction`: `up` or `down`).
+    pub(crate) fn autoscaled(&self, direction: &str) {
+        self.autoscaled[usize::from(direction != "up")].increment(1);
     }
 
     pub(crate) fn restarted(&self) {
@@ -195,6 +208,7 @@ impl Inner {
         m.queue_depth.set(queued as f64);
         let mut by_state = [0usize; 6];
         let slots = self.slots();
+        m.size.set(slots.len() as f64);
         let mut gauges = m.slots.lock().unwrap_or_else(|p| p.into_inner());
         while gauges.len() < slots.len() {
             let i = gauges.len();

@@ -6,6 +6,7 @@
 //! (streamed calls), [`stats`] (counters), [`manager`] (what the supervisor's slots see of the
 //! pool). Supervision itself — restarts, heartbeats, recycling — is `snakepit_supervisor::Slot`.
 
+mod autoscale;
 mod builder;
 mod call;
 mod elastic;
@@ -30,6 +31,7 @@ use snakepit_supervisor::{Member, Slot};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use autoscale::Autoscale;
 pub(crate) use builder::Config;
 pub use builder::{PoolBuilder, DEFAULT_PIPELINE_DEPTH, MAX_PIPELINE_DEPTH};
 pub(crate) use metrics::Outcomes as HostCallMetrics;

@@ -306,6 +306,7 @@ impl Inner {
         // Only calls that found no free worker are samples (one served at once costs no
         // histogram record).
         self.metrics.queue_wait.record(start.elapsed().as_secs_f64());
+        self.counters.waited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match r {
             Ok(Ok(lease)) => Ok(lease),
             Ok(Err(_)) if self.queue.lock().closed => Err(Error::ShuttingDown),

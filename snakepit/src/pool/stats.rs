@@ -64,6 +64,8 @@ pub(crate) struct Counters {
     pub(crate) calls_failed: AtomicU64,
     /// Failed calls by error kind.
     errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Calls that found no free worker and waited in the queue (the autoscaler's signal).
+    pub(crate) waited: AtomicU64,
     /// Calls holding a worker right now.
     pub(crate) busy: AtomicUsize,
     /// Notified when `busy` drops to zero.
@@ -83,6 +85,7 @@ impl Default for Counters {
             calls_ok: AtomicU64::new(0),
             calls_failed: AtomicU64::new(0),
             errors: Mutex::new(BTreeMap::new()),
+            waited: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
             all_idle: Notify::new(),
             changes: watch::channel(0).0,
