@@ -265,14 +265,22 @@ pub struct Slot {
     retiring: Mutex<Vec<Arc<Member>>>,
     /// The next worker generation of this slot.
     generation: AtomicU64,
-    /// A worker handed over by the pool ([`Slot::replace`]), and who waits for its install.
-    handover: Mutex<Option<(Arc<Member>, oneshot::Sender<()>)>>,
+    /// A worker handed over by the pool ([`Slot::replace`]) and who waits for its install;
+    /// `closed` once the slot's task has ended (no handover is taken any more).
+    handover: Mutex<Handover>,
     handover_ready: Notify,
 }
 
 /// Resolves once the pool is shutting down.
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+/// The handover box of a slot.
+#[derive(Debug, Default)]
+struct Handover {
+    next: Option<(Arc<Member>, oneshot::Sender<()>)>,
+    closed: bool,
 }
 
 enum Next {
@@ -286,15 +294,26 @@ enum Next {
 impl Slot {
     /// Slot number `index`, with no worker yet.
     pub fn new(index: usize) -> Self {
+        Self::starting_at(index, 0)
+    }
+
+    /// Slot number `index` whose workers' generations start at `generation` (a slot that comes
+    /// back after the pool shrank: its new workers never take an id a session may still hold).
+    pub fn starting_at(index: usize, generation: u64) -> Self {
         Slot {
             index,
             current: Mutex::new(None),
             state: AtomicU8::new(SlotState::Starting as u8),
             retiring: Mutex::new(Vec::new()),
-            generation: AtomicU64::new(0),
-            handover: Mutex::new(None),
+            generation: AtomicU64::new(generation),
+            handover: Mutex::new(Handover::default()),
             handover_ready: Notify::new(),
         }
+    }
+
+    /// The generation the slot's next worker will get.
+    pub fn next_generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// A new worker id for this slot (generations count up from 0 and are never reused, so a
@@ -306,19 +325,35 @@ impl Slot {
     /// Hands the slot `next` (started with an id from [`next_id`](Slot::next_id)) to replace its
     /// current worker the way recycling does: `next` is admitted, then the old worker serves
     /// no new call, finishes its calls (within the drain timeout) and stops. Resolves once
-    /// `next` is installed. `Err(next)` if the slot's task has stopped (the pool is shutting
-    /// down, or the slot was removed): the caller stops `next`.
-    pub async fn replace(&self, next: Arc<Member>) -> Result<(), Arc<Member>> {
+    /// `next` is installed: `true`. `false` if the slot's task has ended or ends first (the
+    /// pool is shutting down, or the slot was removed): `next` has been killed.
+    pub async fn replace(&self, next: Arc<Member>) -> bool {
         let (tx, rx) = oneshot::channel();
-        *self.handover.lock().unwrap_or_else(|p| p.into_inner()) = Some((next, tx));
+        {
+            let mut h = self.handover.lock().unwrap_or_else(|p| p.into_inner());
+            if h.closed {
+                drop(h);
+                next.kill();
+                return false;
+            }
+            if let Some((earlier, _)) = h.next.replace((next, tx)) {
+                earlier.kill();
+            }
+        }
         self.handover_ready.notify_one();
-        match rx.await {
-            Ok(()) => Ok(()),
-            Err(_) => match self.handover.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                Some((next, _)) => Err(next),
-                // Taken by the task, which stopped before installing it: it stops it.
-                None => Ok(()),
-            },
+        rx.await.is_ok()
+    }
+
+    /// Ends handovers: the slot's task has ended; a worker handed over meanwhile is killed
+    /// (its `replace` returns `false`).
+    fn close_handover(&self) {
+        let pending = {
+            let mut h = self.handover.lock().unwrap_or_else(|p| p.into_inner());
+            h.closed = true;
+            h.next.take()
+        };
+        if let Some((next, _)) = pending {
+            next.kill();
         }
     }
 
@@ -327,20 +362,22 @@ impl Slot {
     /// waiting for it fail with `SessionLost`), finishes its calls within `drain`, then stops
     /// gracefully (`grace` per step), as do recycled ones still draining.
     pub async fn remove(&self, mgr: &impl SlotManager, drain: Duration, grace: Duration) {
-        if let Some((next, _)) = self.handover.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            next.kill();
-        }
+        self.close_handover();
+        let mut leaving: Vec<Arc<Member>> = self.take_retiring();
         if let Some(m) = self.take_current() {
             m.set_retiring();
             mgr.dismiss(&m);
+            leaving.push(m);
+        }
+        // Every worker of the slot, the current one and recycled ones still finishing a call,
+        // finishes its calls (within `drain`) before it stops.
+        futures::future::join_all(leaving.iter().map(|m| async move {
             if !m.drained(drain).await {
                 tracing::warn!(worker = %m.id(), "still busy after the drain timeout; stopping it anyway");
             }
             m.shutdown(grace).await;
-        }
-        for old in self.take_retiring() {
-            old.shutdown(grace).await;
-        }
+        }))
+        .await;
         self.state.store(SlotState::Stopped as u8, Ordering::Release);
     }
 
@@ -392,6 +429,7 @@ impl Slot {
         shutdown: watch::Receiver<bool>,
     ) {
         self.supervise(&*mgr, &cfg, first, shutdown).await;
+        self.close_handover();
         self.set_state(&*mgr, SlotState::Stopped);
     }
 
@@ -412,11 +450,8 @@ impl Slot {
             match self.serve(mgr, cfg, &member, &mut shutdown).await {
                 Next::Shutdown => return,
                 Next::Replace => {
-                    let Some((next, installed)) =
-                        self.handover.lock().unwrap_or_else(|p| p.into_inner()).take()
-                    else {
-                        continue;
-                    };
+                    let taken = self.handover.lock().unwrap_or_else(|p| p.into_inner()).next.take();
+                    let Some((next, installed)) = taken else { continue };
                     tracing::info!(
                         target: "snakepit::worker",
                         event = "recycled",

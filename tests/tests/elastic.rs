@@ -123,11 +123,35 @@ async fn sessions_on_a_removed_worker_move_on_hint_and_are_lost_when_strict() {
     let sid = on_slot1.expect("one session is pinned to slot 1");
     pool.resize(1).await.expect("shrink");
     let strict = CallOptions::default().with_affinity(Affinity::Strict);
-    let e = pool.execute_in_session_with(sid, "ping", Payload::null(), strict).await.expect_err("strict");
+    let e =
+        pool.execute_in_session_with(sid, "ping", Payload::null(), strict.clone()).await.expect_err("strict");
     assert_eq!(e.kind(), "session_lost", "{e}");
+    // The slot comes back with a new worker: a new id, never the one the session held.
+    pool.resize(2).await.expect("grow back");
+    let e = pool.execute_in_session_with(sid, "ping", Payload::null(), strict).await.expect_err("strict");
+    assert_eq!(e.kind(), "session_lost", "a returning slot's worker is not the session's: {e}");
     let hint = CallOptions::default().with_affinity(Affinity::Hint);
     pool.execute_in_session_with(sid, "ping", Payload::null(), hint).await.expect("hint moves on");
     pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_a_reload_ends_both_and_leaves_no_worker() {
+    let r = Reaper::new();
+    let new_code = r.script("v2.py", NEW_CODE);
+    let pool = r.builder().adapter(Python::showcase()).size(3).build().await.expect("pool");
+    let reloading = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.reload(Python::script(&new_code)).await })
+    };
+    // Once the first new worker is in, shut down mid-reload.
+    pool.wait_stats(|s| s.recycled >= 1, Duration::from_secs(20)).await.expect("reload started");
+    tokio::time::timeout(Duration::from_secs(30), pool.shutdown()).await.expect("shutdown ends");
+    let r2 =
+        tokio::time::timeout(Duration::from_secs(30), reloading).await.expect("reload ends").expect("join");
+    assert!(matches!(r2, Ok(()) | Err(Error::ShuttingDown)), "{r2:?}");
+    assert!(live_pids(&pool).is_empty());
+    // The Reaper checks on drop that no worker process is left.
 }
 
 const NEW_CODE: &str = r#"

@@ -128,7 +128,12 @@ pub(crate) async fn run(pool: Weak<Inner>, cfg: Autoscale, mut shutdown: watch::
         };
         let Some((to, direction, why)) = target else { continue };
         (hot, cold) = (0, 0);
-        match inner.resize(to).await {
+        // A resize waits for a reload in progress; shutting down does not wait for it.
+        let resized = tokio::select! {
+            r = inner.resize(to) => r,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        match resized {
             Ok(()) => {
                 inner.metrics.autoscaled(direction);
                 tracing::info!(

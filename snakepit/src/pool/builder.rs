@@ -520,6 +520,7 @@ impl PoolBuilder {
             slot_tasks: Mutex::new(Vec::new()),
             size: std::sync::atomic::AtomicUsize::new(cfg.size),
             admin: tokio::sync::Mutex::new(()),
+            retired_generations: Mutex::new(std::collections::HashMap::new()),
             queue: Queue::new(cfg.size),
             source: RwLock::new(Arc::new(super::WorkerSource { adapter, launcher })),
             retired_launchers: Mutex::new(Vec::new()),

@@ -85,7 +85,11 @@ impl Inner {
 
     async fn grow(self: &Arc<Self>, now: usize, n: usize) -> Result<(), Error> {
         let inner = self;
-        let fresh: Vec<Arc<Slot>> = (now..n).map(|i| Arc::new(Slot::new(i))).collect();
+        // A slot that comes back after a shrink goes on with its generations.
+        let fresh: Vec<Arc<Slot>> = {
+            let gens = inner.retired_generations.lock().unwrap_or_else(|p| p.into_inner());
+            (now..n).map(|i| Arc::new(Slot::starting_at(i, gens.get(&i).copied().unwrap_or(0)))).collect()
+        };
         let started = futures::future::join_all(fresh.iter().map(|s| inner.start_member(s.next_id()))).await;
         let mut workers = Vec::with_capacity(started.len());
         let mut failed = None;
@@ -97,11 +101,11 @@ impl Inner {
                 }
             }
         }
-        if let Some(e) = failed {
+        if failed.is_some() || inner.closed() {
             for w in &workers {
                 w.kill();
             }
-            return Err(e);
+            return Err(failed.unwrap_or(Error::ShuttingDown));
         }
         inner.resize_pinned(n);
         {
@@ -128,6 +132,12 @@ impl Inner {
             *slots = Arc::new(all);
             removed
         };
+        {
+            let mut gens = inner.retired_generations.lock().unwrap_or_else(|p| p.into_inner());
+            for s in &removed {
+                gens.insert(s.index(), s.next_generation());
+            }
+        }
         inner.size.store(n, Ordering::Release);
         let tasks: Vec<_> = {
             let mut tasks = inner.slot_tasks.lock().unwrap_or_else(|p| p.into_inner());
@@ -188,6 +198,9 @@ impl Pool {
         let name = adapter.name();
         tracing::info!(pool = &*inner.metrics.pool, adapter = %name, workers = slots.len(), "reloading");
         for (i, slot) in slots.iter().enumerate() {
+            if inner.closed() {
+                return Err(Error::ShuttingDown);
+            }
             let mut attempt = 0;
             let next = loop {
                 attempt += 1;
@@ -215,9 +228,9 @@ impl Pool {
                 inner.retired_launchers.lock().unwrap_or_else(|p| p.into_inner()).push(old.launcher.clone());
                 inner.relearn_tools(next.ready());
             }
-            if let Err(next) = slot.replace(next).await {
-                // The slot stopped meanwhile (a shutdown or a shrink): nothing to replace.
-                next.kill();
+            if !slot.replace(next).await && inner.closed() {
+                // The pool is shutting down (the new worker was killed): stop here.
+                return Err(Error::ShuttingDown);
             }
         }
         tracing::info!(pool = &*inner.metrics.pool, adapter = %name, "reloaded");

@@ -83,6 +83,9 @@ pub(crate) struct Inner {
     size: AtomicUsize,
     /// Serialises resizes and reloads.
     admin: tokio::sync::Mutex<()>,
+    /// The next generation of each slot index a shrink removed (a slot that comes back goes
+    /// on from there, so no worker id is ever reused).
+    retired_generations: Mutex<HashMap<usize, u64>>,
     queue: queue::Queue,
     tools: RwLock<Option<Arc<ToolSet>>>,
     shutdown: watch::Sender<bool>,
@@ -131,9 +134,8 @@ impl Inner {
 
     /// Replaces the tool catalog with a new worker's (a reload).
     pub(crate) fn relearn_tools(&self, ready: &Ready) {
-        if !ready.open_tools {
-            *self.tools.write().unwrap_or_else(|p| p.into_inner()) = None;
-        }
+        // A worker without a catalog leaves it open: every command is sent.
+        *self.tools.write().unwrap_or_else(|p| p.into_inner()) = None;
         self.learn_tools(ready);
     }
 
