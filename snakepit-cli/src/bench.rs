@@ -23,6 +23,7 @@ mod metrics;
 mod model;
 mod node;
 mod pipeline;
+mod redis;
 mod startup;
 use bytes::{bytes_run, has_numpy, numpy_floor, numpy_run};
 use startup::{bare_pass, bare_spawns, pool_ready, HEAVY};
@@ -462,6 +463,13 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
     let node_many = format!("node stdio {nw} workers 32 callers 64 B");
     let node_pools = if want(&node_seq) || want(&node_many) { node::pools(nw).await } else { None };
     let has_node = node_pools.is_some() || (want("start-up") && node::available());
+    let redis_rows =
+        ["stdio session-routed call (ping), redis", "session creates, memory", "session creates, redis"];
+    let redis_server = if redis_rows.iter().any(|r| want(r)) { redis::Server::start() } else { None };
+    let p_redis = match &redis_server {
+        Some(server) => redis::pool(&python, server).await,
+        None => None,
+    };
     // Last: the metrics recorder, once installed, is seen by every pool built after it.
     let metrics_seq = "stdio 1 worker seq 64 B, metrics on".to_string();
     let metrics_many = format!("stdio {nw} workers 32 callers 64 B, metrics on");
@@ -621,6 +629,25 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
                 .entry(name)
                 .or_default()
                 .push(seq_calls(&p1, Some(&sid), "ping", json!(null), calls / 2).await);
+        }
+        if let Some(pr) = &p_redis {
+            let _ = pr.create_session(&sid, json!(null)).await;
+            let name = redis_rows[0].to_string();
+            if want(&name) {
+                floors.insert(name.clone(), "floor seq 64 B".into());
+                results
+                    .entry(name)
+                    .or_default()
+                    .push(seq_calls(pr, Some(&sid), "ping", json!(null), calls / 2).await);
+            }
+            if want(redis_rows[1]) {
+                let r = redis::creates(&p1, &format!("c{rep}"), calls / 4).await;
+                results.entry(redis_rows[1].to_string()).or_default().push(r);
+            }
+            if want(redis_rows[2]) {
+                let r = redis::creates(pr, &format!("c{rep}"), calls / 4).await;
+                results.entry(redis_rows[2].to_string()).or_default().push(r);
+            }
         }
         let name = "stdio host callback round trip".to_string();
         if want(&name) {

@@ -86,6 +86,10 @@ pub(crate) struct ServeArgs {
     /// makes `serve` exit 1 before it starts its workers.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Keeps sessions in Redis, shared with other `serve` processes on it:
+    /// `redis://HOST:PORT/DB` or `redis+unix:///path/redis.sock` (default: in memory).
+    #[arg(long, value_name = "URL")]
+    session_store: Option<String>,
 }
 
 /// A count of at least 1.
@@ -291,6 +295,9 @@ fn plan(a: &ServeArgs) -> Result<Plan, String> {
         b = b.max_call_time(Duration::from_millis(ms));
     }
     b = b.create_sessions_on_use(a.create_sessions_on_use);
+    if let Some(url) = &a.session_store {
+        b = b.session_store_url(url);
+    }
     Ok(Plan {
         builder: b,
         admitted,

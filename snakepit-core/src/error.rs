@@ -282,6 +282,17 @@ pub enum Error {
         /// The busy worker.
         worker: WorkerId,
     },
+    /// The session store could not be reached or answered an error (a shared store such as
+    /// Redis is down, slow past the operation timeout, or refused the command). Calls outside
+    /// sessions are not affected; the store is used again as soon as it answers.
+    #[error("session store: {message}{}", cause(.source))]
+    SessionStore {
+        /// What failed.
+        message: String,
+        /// The store's own error, if any.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
     /// A session variable write does not fit the variable's declared type.
     #[error("session variable `{name}`: {reason}")]
     InvalidVariable {
@@ -415,6 +426,7 @@ impl Error {
             Error::SessionLost { .. } => "session_lost",
             Error::WorkerBusy { .. } => "worker_busy",
             Error::InvalidVariable { .. } => "invalid_variable",
+            Error::SessionStore { .. } => "session_store",
             Error::Config { .. } => "config",
         }
     }

@@ -107,6 +107,10 @@ pub struct SessionRecord {
     pub variables: BTreeMap<String, Variable>,
     /// The worker its last call ran on (affinity).
     pub worker: Option<WorkerId>,
+    /// The front end (pool) that worker belongs to, when the store is shared by several
+    /// (see [`SessionStore::front_end`]); `None` for a store of one pool.
+    #[serde(default)]
+    pub front: Option<String>,
     /// When it was created.
     pub created: SystemTime,
 }
@@ -119,6 +123,7 @@ impl SessionRecord {
             metadata,
             variables: BTreeMap::new(),
             worker: None,
+            front: None,
             created: SystemTime::now(),
         }
     }
@@ -214,6 +219,15 @@ pub trait SessionStore: Send + Sync + 'static {
     /// The store's counters. The default: unsupported.
     async fn stats(&self) -> Result<SessionStats, Error> {
         Err(Error::Unavailable("this session store keeps no statistics".into()))
+    }
+
+    /// The name of this front end when several share the store (two `serve` processes on one
+    /// Redis): a session's worker is recorded with it, and a pool trusts a session's worker
+    /// only when it was recorded by its own front end (else the session has no worker here:
+    /// `Hint` calls go anywhere, strict ones get `SessionLost` unless rehydrated). `None` (the
+    /// default): one pool owns the store.
+    fn front_end(&self) -> Option<&str> {
+        None
     }
 
     /// A global variable (pool-wide, outside any session; Snakepit's global programs and

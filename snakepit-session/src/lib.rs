@@ -283,5 +283,10 @@ impl SessionStore for MemoryStore {
     }
 }
 
+#[cfg(feature = "redis")]
+mod redis_store;
+#[cfg(feature = "redis")]
+pub use redis_store::RedisStore;
+
 #[cfg(test)]
 mod tests;

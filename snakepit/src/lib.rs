@@ -71,6 +71,8 @@ pub use snakepit_core::{
     ThreadProfile, VarType, WorkerProfile, Zygote,
 };
 pub use snakepit_session::MemoryStore;
+#[cfg(feature = "redis")]
+pub use snakepit_session::RedisStore;
 
 pub use snakepit_adapters as adapters;
 pub use snakepit_adapters::Generic;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use snakepit::{Pool, PoolBuilder};
 
 pub mod procs;
+pub mod redis;
 
 /// The repository's `.venv` python (grpcio, numpy, orjson), which `cargo xtask setup` creates
 /// (`cargo xtask ci` runs it); a clear failure when it is missing.

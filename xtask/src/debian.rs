@@ -28,6 +28,25 @@ pub(crate) fn runs(program: &str) -> bool {
     Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
+/// `redis-server`, for the shared-session tests (the harness starts its own on a Unix socket
+/// in a temporary directory): installed from Debian when missing and run as root; missing, it
+/// fails under `CI=true`, else it is a warning (those tests then skip, saying what to install).
+pub(crate) fn ensure_redis() -> Result<(), String> {
+    if !runs("redis-server") {
+        install(&["redis-server"])?;
+    }
+    match (runs("redis-server"), std::env::var_os("CI").is_some()) {
+        (true, _) => Ok(()),
+        (false, true) => Err("no `redis-server`: install it (Debian: apt-get install redis-server)".into()),
+        (false, false) => {
+            eprintln!(
+                "setup: no `redis-server` (apt-get install redis-server): the Redis session tests will skip"
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Ruby, for the snakepit-v0 tests (the original Snakepit's Ruby bridge): installed from
 /// Debian when missing and run as root; a missing Ruby fails under `CI=true`, else it is a
 /// warning (those tests then say what to install).

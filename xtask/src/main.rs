@@ -133,7 +133,8 @@ fn venv_python() -> std::path::PathBuf {
 fn setup() -> Result<(), String> {
     py_setup()?;
     node::setup()?;
-    debian::ensure_ruby()
+    debian::ensure_ruby()?;
+    debian::ensure_redis()
 }
 
 fn py_setup() -> Result<(), String> {
@@ -309,6 +310,7 @@ const FACADE_FEATURE_SETS: &[&[&str]] = &[
     // Configuration and the Prometheus exporter on their own.
     &["--no-default-features", "--features", "config"],
     &["--no-default-features", "--features", "prometheus"],
+    &["--no-default-features", "--features", "redis"],
     &["--all-features"],
 ];
 

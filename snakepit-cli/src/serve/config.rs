@@ -163,5 +163,8 @@ fn apply(a: &ServeArgs, explicit: &Explicit, cfg: &mut PoolConfig) -> Result<(),
     if a.create_sessions_on_use {
         cfg.sessions.create_on_use = true;
     }
+    if let Some(url) = &a.session_store {
+        cfg.sessions.store = Some(url.clone());
+    }
     Ok(())
 }

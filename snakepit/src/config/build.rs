@@ -71,6 +71,10 @@ impl PoolBuilder {
         if let Some(a) = cfg.autoscale.autoscale() {
             b = b.autoscale(a);
         }
+        #[cfg(feature = "redis")]
+        if let Some(url) = &cfg.sessions.store {
+            b = b.session_store_url(url);
+        }
         if let Some(n) = cfg.size {
             b = b.size(n);
         }

@@ -75,6 +75,7 @@ pub(crate) const KEYS: &[(&str, Kind)] = &[
     ("sessions.max", Kind::Parsed),
     ("sessions.affinity", Kind::Text),
     ("sessions.create_on_use", Kind::Parsed),
+    ("sessions.store", Kind::Text),
     ("autoscale.enabled", Kind::Parsed),
     ("autoscale.min", Kind::Parsed),
     ("autoscale.max", Kind::Parsed),

@@ -480,6 +480,9 @@ pub struct SessionsConfig {
     pub affinity: Affinity,
     /// A call in an unknown session creates it (default false).
     pub create_on_use: bool,
+    /// A shared store: `redis://HOST:PORT/DB` or `redis+unix:///path/redis.sock` (default: none,
+    /// the in-memory store; needs snakepit's `redis` feature).
+    pub store: Option<String>,
 }
 
 impl Default for SessionsConfig {
@@ -489,6 +492,7 @@ impl Default for SessionsConfig {
             max: 100_000,
             affinity: Affinity::Hint,
             create_on_use: false,
+            store: None,
         }
     }
 }

@@ -163,6 +163,17 @@ fn check_pool(c: &PoolConfig) -> Result<(), Invalid> {
             ));
         }
     }
+    if let Some(url) = &c.sessions.store {
+        if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
+            return Err(Invalid::new(
+                "sessions.store",
+                format!("{url:?}: expected redis://HOST:PORT/DB or redis+unix:///path/redis.sock"),
+            ));
+        }
+        if !cfg!(feature = "redis") {
+            return Err(Invalid::new("sessions.store", "a Redis store needs snakepit's `redis` feature"));
+        }
+    }
     if c.restart.backoff_max < c.restart.backoff_min {
         return Err(Invalid::new(
             "restart.backoff_max",

@@ -62,6 +62,8 @@ pub(crate) struct Config {
     /// A call in an unknown session creates it (the original Snakepit's behaviour).
     pub(crate) create_sessions_on_use: bool,
     pub(crate) autoscale: Option<super::Autoscale>,
+    /// A shared session store to connect to at build (`redis://...`).
+    store_url: Option<String>,
     pub(crate) slot: SlotConfig,
     #[cfg(feature = "chaos")]
     pub(crate) chaos: Option<crate::chaos::Chaos>,
@@ -114,6 +116,7 @@ impl Default for PoolBuilder {
                 max_sessions: 100_000,
                 create_sessions_on_use: false,
                 autoscale: None,
+                store_url: None,
                 slot: default_slot(),
                 #[cfg(feature = "chaos")]
                 chaos: None,
@@ -431,6 +434,17 @@ impl PoolBuilder {
         self
     }
 
+    /// Keeps sessions in Redis (`redis://HOST:PORT/DB` or `redis+unix:///path/redis.sock`),
+    /// connected at [`build`](PoolBuilder::build) with this pool's session TTL and quota and its
+    /// run id as its front-end name: pools of several processes on one Redis share sessions,
+    /// variables and globals (see [`RedisStore`](crate::RedisStore)). `build` fails with
+    /// `SessionStore` if Redis does not answer.
+    #[cfg(feature = "redis")]
+    pub fn session_store_url(mut self, url: impl Into<String>) -> Self {
+        self.cfg.store_url = Some(url.into());
+        self
+    }
+
     /// Uses another session store (e.g. a distributed one) instead of the in-memory default.
     pub fn session_store(mut self, store: impl SessionStore) -> Self {
         self.store = Some(Arc::new(store));
@@ -487,9 +501,18 @@ impl PoolBuilder {
                 (launcher.clone(), Some(launcher), max_frame)
             }
         };
-        let (store, sweeper) = match self.store {
-            Some(s) => (s, None),
-            None => {
+        let (store, sweeper) = match (self.store, &cfg.store_url) {
+            (Some(s), _) => (s, None),
+            #[cfg(feature = "redis")]
+            (None, Some(url)) => {
+                let redis = snakepit_session::RedisStore::connect(url)
+                    .await?
+                    .ttl(cfg.session_ttl)
+                    .max_sessions(cfg.max_sessions)
+                    .front_end_name(run_id.clone());
+                (Arc::new(redis) as Arc<dyn SessionStore>, None)
+            }
+            (None, _) => {
                 let m = snakepit_session::MemoryStore::new(cfg.session_ttl, cfg.max_sessions);
                 let every = (cfg.session_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
                 let sweeper = m.spawn_sweeper(every);

@@ -43,6 +43,9 @@ impl Admission {
 pub(crate) struct Acquired {
     pub(crate) lease: Lease,
     pub(crate) session_call: Option<SessionCall>,
+    /// The session's record already names this worker (of this front end): nothing to record
+    /// after the call (a store round trip saved per session call).
+    pub(crate) pinned_here: bool,
 }
 
 /// Awaits a future inside a span, wrapping it only when the span is enabled: the wrapper moves
@@ -194,16 +197,24 @@ impl Inner {
             },
             None => None,
         };
+        let mode = opts.affinity.unwrap_or(self.cfg.affinity);
+        // A worker recorded by another front end sharing the store is not one of ours.
+        let foreign = record
+            .as_ref()
+            .is_some_and(|r| r.worker.is_some() && r.front.as_deref() != self.store.front_end());
         let pin = match (session, &record) {
-            (Some(sid), Some(rec)) => rec.worker.map(|worker| Pin {
-                session: sid,
-                worker,
-                mode: opts.affinity.unwrap_or(self.cfg.affinity),
-            }),
+            (Some(sid), Some(rec)) if !foreign => rec.worker.map(|worker| Pin { session: sid, worker, mode }),
             _ => None,
         };
+        let first = match (session, &record) {
+            (Some(sid), Some(rec)) if foreign && mode != super::Affinity::Hint => {
+                let worker = rec.worker.unwrap_or(snakepit_core::WorkerId { slot: 0, generation: 0 });
+                Err(Error::SessionLost { session: sid.to_owned(), worker })
+            }
+            _ => self.checkout(command, adm.deadline, pin).await,
+        };
         let mut rehydrate = None;
-        let mut lease = match self.checkout(command, adm.deadline, pin).await {
+        let mut lease = match first {
             Err(Error::SessionLost { session: sid, worker: lost }) => match (&self.rehydrate, &record) {
                 (Some(hook), Some(rec)) => {
                     tracing::info!(session = sid, %lost, "session lost its worker; rehydrating on another");
@@ -238,7 +249,9 @@ impl Inner {
                 return Err(self.failed(&mut lease, &cmd, e).await);
             }
         }
-        Ok(Acquired { lease, session_call })
+        let here = lease.worker().id();
+        let pinned_here = record.as_ref().is_some_and(|r| r.worker == Some(here) && !foreign);
+        Ok(Acquired { lease, session_call, pinned_here })
     }
 
     /// Ends a call on its lease according to its outcome.
@@ -323,7 +336,8 @@ impl Pool {
         let inner = &self.inner;
         let command = &*adm.name;
         let waiting = tracing::debug_span!(parent: &adm.span, "snakepit.queue_wait");
-        let Acquired { mut lease, session_call: _session_call } = inner.acquire(session, adm, opts).await?;
+        let Acquired { mut lease, session_call: _session_call, pinned_here } =
+            inner.acquire(session, adm, opts).await?;
         drop(waiting);
         let worker = lease.worker().clone();
         adm.span.record("worker", tracing::field::display(worker.id()));
@@ -373,7 +387,7 @@ impl Pool {
                 worker.kill();
             }
         }
-        if let (Some(sid), Ok(_) | Err(Error::Worker { .. })) = (session, &result) {
+        if let (Some(sid), Ok(_) | Err(Error::Worker { .. }), false) = (session, &result, pinned_here) {
             // The session's worker-side state now lives on this worker.
             if let Err(e) = inner.store.set_worker(sid, Some(worker.id())).await {
                 tracing::debug!(session = sid, "cannot record the session's worker: {e}");

@@ -140,7 +140,7 @@ impl Pool {
         let waiting = tracing::debug_span!(parent: &adm.span, "snakepit.queue_wait");
         let acquired = inner.acquire(session, &adm, opts).await;
         drop(waiting);
-        let Acquired { mut lease, session_call } = acquired.map_err(fail)?;
+        let Acquired { mut lease, session_call, pinned_here } = acquired.map_err(fail)?;
         let worker = lease.worker().clone();
         adm.span.record("worker", tracing::field::display(worker.id()));
         let id = worker.connection().new_request_id();
@@ -155,7 +155,7 @@ impl Pool {
             Ok(s) => s,
             Err(e) => return Err(fail(inner.failed(&mut lease, &adm.name, e).await)),
         };
-        if let Some(sid) = session {
+        if let (Some(sid), false) = (session, pinned_here) {
             if let Err(e) = inner.store.set_worker(sid, Some(worker.id())).await {
                 tracing::debug!(session = sid, "cannot record the session's worker: {e}");
             }
