@@ -242,3 +242,35 @@ fn serve_reloads_the_config_file_on_sighup_and_keeps_the_pool_when_it_is_invalid
     drop(stdin);
     assert!(child.wait().expect("wait").success());
 }
+
+#[path = "../../tests/src/redis.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod redis;
+
+#[test]
+fn two_serve_processes_share_sessions_through_redis() {
+    if !redis::available() {
+        return;
+    }
+    let g = Guard::new();
+    let server = redis::RedisServer::start();
+    let url = server.url();
+    let args = [
+        "--module",
+        "snakepit_bridge.showcase",
+        "--size",
+        "1",
+        "--create-sessions-on-use",
+        "--session-store",
+        &url,
+    ];
+    let set = r#"{"id":1,"command":"remember","session":"s","args":{"name":"k","value":7}}"#.to_string();
+    let (replies, out) = g.run(g.serve(&args), &[set]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(replies[0]["ok"], 7, "{replies:?}");
+    // Another `serve` process on the same Redis reads what the first one's worker wrote.
+    let get = r#"{"id":2,"command":"recall","session":"s","args":{"name":"k"}}"#.to_string();
+    let (replies, out) = g.run(g.serve(&args), &[get]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(replies[0]["ok"], 7, "{replies:?}");
+}
