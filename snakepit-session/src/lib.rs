@@ -140,8 +140,25 @@ fn sweep(s: &Shared) -> usize {
     removed
 }
 
-fn not_found(id: &str) -> Error {
+pub(crate) fn not_found(id: &str) -> Error {
     Error::SessionNotFound { id: id.to_owned() }
+}
+
+/// The variable a write makes: its type (the one given, else the variable's declared one, else
+/// `Any`) checked against the value.
+pub(crate) fn typed_var(
+    existing: Option<&Variable>,
+    name: &str,
+    value: serde_json::Value,
+    ty: Option<VarType>,
+) -> Result<Variable, Error> {
+    let ty = match (ty, existing) {
+        (Some(t), _) => t,
+        (None, Some(v)) => v.ty.clone(),
+        (None, None) => VarType::Any,
+    };
+    ty.check(&value).map_err(|reason| Error::InvalidVariable { name: name.to_owned(), reason })?;
+    Ok(Variable { value, ty })
 }
 
 #[async_trait]
@@ -208,13 +225,8 @@ impl SessionStore for MemoryStore {
         ty: Option<VarType>,
     ) -> Result<(), Error> {
         self.with_live(id, |r| {
-            let ty = match (ty, r.variables.get(name)) {
-                (Some(t), _) => t,
-                (None, Some(v)) => v.ty.clone(),
-                (None, None) => VarType::Any,
-            };
-            ty.check(&value).map_err(|reason| Error::InvalidVariable { name: name.to_owned(), reason })?;
-            r.variables.insert(name.to_owned(), Variable { value, ty });
+            let var = typed_var(r.variables.get(name), name, value, ty)?;
+            r.variables.insert(name.to_owned(), var);
             Ok(())
         })
         .unwrap_or_else(|| Err(not_found(id)))

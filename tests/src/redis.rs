@@ -68,9 +68,20 @@ impl RedisServer {
 
     /// Stops the server (its data is gone: no persistence).
     pub fn stop(&mut self) {
+        self.freeze(false);
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Stops (SIGSTOP) or continues (SIGCONT) the server: a Redis that hangs without closing
+    /// its connections.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(c) = &self.child {
+            let sig =
+                if frozen { nix::sys::signal::Signal::SIGSTOP } else { nix::sys::signal::Signal::SIGCONT };
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig);
         }
     }
 

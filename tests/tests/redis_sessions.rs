@@ -150,5 +150,22 @@ async fn redis_going_away_fails_session_calls_fast_and_they_recover_when_it_retu
     }
     println!("redis restart: calls ok {ok}, typed errors {typed}, lost {lost}");
     assert_eq!((ok, lost), (20, 0));
+
+    // A Redis that hangs (SIGSTOP) without closing anything: session calls fail within the
+    // store's deadline, and work again once it answers (a new connection replaces the mute one).
+    redis.freeze(true);
+    for _ in 0..2 {
+        let t = Instant::now();
+        let e = pool.execute_in_session("s", "ping", json!(null)).await.expect_err("Redis hangs");
+        assert_eq!(e.kind(), "session_store", "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5), "a session call waited {:?}", t.elapsed());
+    }
+    assert_eq!(pool.execute("add", json!({"a": 2, "b": 2})).await.expect("plain call"), json!(4));
+    redis.freeze(false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pool.execute_in_session("s", "ping", json!(null)).await.is_err() {
+        assert!(Instant::now() < deadline, "session calls never recovered after the hang");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     pool.shutdown().await;
 }

@@ -1,4 +1,4 @@
-//! Tools the tests need from Debian (`node`, `ruby`): installed with apt when missing and
+//! Tools the tests need from Debian (`node`, `ruby`, `redis-server`): installed with apt when missing and
 //! xtask runs as root, else a clear message of what to install.
 
 use std::process::Command;
@@ -28,38 +28,29 @@ pub(crate) fn runs(program: &str) -> bool {
     Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
-/// `redis-server`, for the shared-session tests (the harness starts its own on a Unix socket
-/// in a temporary directory): installed from Debian when missing and run as root; missing, it
-/// fails under `CI=true`, else it is a warning (those tests then skip, saying what to install).
-pub(crate) fn ensure_redis() -> Result<(), String> {
-    if !runs("redis-server") {
-        install(&["redis-server"])?;
+/// `program` from Debian package `package` when missing and run as root; still missing, it
+/// fails under `CI=true`, else it is a warning naming what `needs` it.
+fn ensure(program: &str, package: &str, needs: &str) -> Result<(), String> {
+    if !runs(program) {
+        install(&[package])?;
     }
-    match (runs("redis-server"), std::env::var_os("CI").is_some()) {
+    match (runs(program), std::env::var_os("CI").is_some()) {
         (true, _) => Ok(()),
-        (false, true) => Err("no `redis-server`: install it (Debian: apt-get install redis-server)".into()),
+        (false, true) => Err(format!("no `{program}`: install it (Debian: apt-get install {package})")),
         (false, false) => {
-            eprintln!(
-                "setup: no `redis-server` (apt-get install redis-server): the Redis session tests will skip"
-            );
+            eprintln!("setup: no `{program}` (apt-get install {package}): {needs} will fail or skip");
             Ok(())
         }
     }
 }
 
-/// Ruby, for the snakepit-v0 tests (the original Snakepit's Ruby bridge): installed from
-/// Debian when missing and run as root; a missing Ruby fails under `CI=true`, else it is a
-/// warning (those tests then say what to install).
+/// `redis-server`, for the shared-session tests (the harness starts its own on a Unix socket
+/// in a temporary directory).
+pub(crate) fn ensure_redis() -> Result<(), String> {
+    ensure("redis-server", "redis-server", "the Redis session tests")
+}
+
+/// Ruby, for the snakepit-v0 tests (the original Snakepit's Ruby bridge).
 pub(crate) fn ensure_ruby() -> Result<(), String> {
-    if !runs("ruby") {
-        install(&["ruby"])?;
-    }
-    match (runs("ruby"), std::env::var_os("CI").is_some()) {
-        (true, _) => Ok(()),
-        (false, true) => Err("no `ruby`: install it (Debian: apt-get install ruby)".into()),
-        (false, false) => {
-            eprintln!("setup: no `ruby` (apt-get install ruby): the snakepit-v0 Ruby tests will fail");
-            Ok(())
-        }
-    }
+    ensure("ruby", "ruby", "the snakepit-v0 Ruby tests")
 }

@@ -63,6 +63,25 @@ macro_rules! in_span {
 }
 pub(crate) use in_span;
 
+/// A session-store operation within the call's deadline: a slow shared store fails the call
+/// with `Timeout` at its deadline, as any other step would.
+pub(crate) async fn within<T>(
+    adm: &Admission,
+    op: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match adm.deadline {
+        Some(d) => match tokio::time::timeout_at(d.into(), op).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout {
+                command: adm.name.to_string(),
+                worker: None,
+                after: d.saturating_duration_since(adm.started),
+            }),
+        },
+        None => op.await,
+    }
+}
+
 /// Now, on the runtime's clock: deadlines are awaited with tokio's timers, so they are taken
 /// from the same clock (the same as `Instant::now()` unless a test paused the clock).
 fn now() -> Instant {
@@ -188,10 +207,10 @@ impl Inner {
     ) -> Result<Acquired, Error> {
         let command = &*adm.name;
         let record = match session {
-            Some(sid) => match self.store.get(sid).await? {
+            Some(sid) => match within(adm, self.store.get(sid)).await? {
                 Some(rec) => Some(rec),
                 None if self.cfg.create_sessions_on_use => {
-                    Some(self.store.create(sid, serde_json::Value::Null).await?)
+                    Some(within(adm, self.store.create(sid, serde_json::Value::Null)).await?)
                 }
                 None => return Err(Error::SessionNotFound { id: sid.into() }),
             },
@@ -388,8 +407,9 @@ impl Pool {
             }
         }
         if let (Some(sid), Ok(_) | Err(Error::Worker { .. }), false) = (session, &result, pinned_here) {
-            // The session's worker-side state now lives on this worker.
-            if let Err(e) = inner.store.set_worker(sid, Some(worker.id())).await {
+            // The session's worker-side state now lives on this worker (recorded within the
+            // call's deadline: the answer is not held back by a slow store).
+            if let Err(e) = within(adm, inner.store.set_worker(sid, Some(worker.id()))).await {
                 tracing::debug!(session = sid, "cannot record the session's worker: {e}");
             }
         }

@@ -156,7 +156,7 @@ impl Pool {
             Err(e) => return Err(fail(inner.failed(&mut lease, &adm.name, e).await)),
         };
         if let (Some(sid), false) = (session, pinned_here) {
-            if let Err(e) = inner.store.set_worker(sid, Some(worker.id())).await {
+            if let Err(e) = super::call::within(&adm, inner.store.set_worker(sid, Some(worker.id()))).await {
                 tracing::debug!(session = sid, "cannot record the session's worker: {e}");
             }
         }
