@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use snakepit::{CallOptions, Payload, Pool};
 
+mod agent;
 mod b64;
 mod bench;
 mod conform;
@@ -40,6 +41,8 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Serve JSON requests, one per line on stdin, replies one per line on stdout.
     Serve(serve::ServeArgs),
+    /// Serve a local pool to remote front ends: gRPC on TCP with mutual TLS.
+    Agent(agent::AgentArgs),
     /// Check that a worker (any language) follows protocol v1: one PASS/FAIL/SKIP line per
     /// behaviour (docs/conformance.md).
     Conform(conform::ConformArgs),
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
     // `--command` are optional.
     let matches = Cli::command()
         .mut_subcommand("serve", |s| s.mut_group("WorkerArgs", |g| g.required(false)))
+        .mut_subcommand("agent", |s| s.mut_group("WorkerArgs", |g| g.required(false)))
         .get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let explicit = serve::Explicit::of(matches.subcommand_matches("serve"));
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
             Cmd::Demo(args) => demo::run(args).await,
             Cmd::Bench(args) => bench::run(args).await,
             Cmd::Serve(args) => serve::run(args, explicit).await,
+            Cmd::Agent(args) => agent::run(args).await,
             Cmd::Conform(args) => conform::run(args).await,
             Cmd::Reap { dry_run, instance } => reap(dry_run, instance),
             Cmd::Call { worker, transport, command, args, timeout_ms } => {

@@ -90,6 +90,23 @@ pub(crate) struct ServeArgs {
     /// `redis://HOST:PORT/DB` or `redis+unix:///path/redis.sock` (default: in memory).
     #[arg(long, value_name = "URL")]
     session_store: Option<String>,
+    /// Workers on remote agents (`snakepit agent`) instead of --script/--module/--command:
+    /// `https://HOST:PORT` URLs, comma-separated (a DNS name may stand for several agents; it
+    /// is resolved again every 10 s). Without --size, the pool has the agents' workers.
+    #[arg(long, value_delimiter = ',', value_name = "URL,...", conflicts_with_all = ["script", "module", "worker_command", "config"])]
+    remote: Vec<String>,
+    /// With --remote: the agents' CA (PEM).
+    #[arg(long, value_name = "PEM", requires = "remote")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// With --remote: this front end's client certificate (PEM).
+    #[arg(long, value_name = "PEM", requires = "remote")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// With --remote: its private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "remote")]
+    tls_key: Option<std::path::PathBuf>,
+    /// With --remote: allows `http://` agent URLs, on loopback addresses only.
+    #[arg(long, requires = "remote")]
+    insecure_plaintext: bool,
 }
 
 /// A count of at least 1.
@@ -125,7 +142,7 @@ pub(crate) async fn run(a: ServeArgs, explicit: Explicit) -> ExitCode {
         Some(file) => config::plan(&a, &explicit, file),
         None => plan(&a),
     };
-    let Plan { builder, admitted, max_frame, grace } = match plan {
+    let Plan { builder, mut admitted, max_frame, grace, size_known } = match plan {
         Ok(p) => p,
         Err(m) => {
             eprintln!("snakepit serve: {m}");
@@ -149,6 +166,10 @@ pub(crate) async fn run(a: ServeArgs, explicit: Explicit) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if !size_known {
+        // A remote pool without a size has its agents' workers, known now.
+        admitted += pool.stats().size;
+    }
     // What the pool runs or queues without refusing: `max_queue` plus one call per worker (the
     // CLI's profiles run one call at a time per worker).
     let admit = Arc::new(Semaphore::new(admitted));
@@ -263,6 +284,9 @@ struct Plan {
     max_frame: usize,
     /// How long running requests may take to finish after SIGTERM/SIGINT.
     grace: Duration,
+    /// Whether the size is known before the pool starts (not for remote agents without
+    /// `--size`).
+    size_known: bool,
 }
 
 /// The frame limit of the transport's kind.
@@ -275,6 +299,9 @@ fn max_frame(kind: TransportKind) -> usize {
 
 /// The pool the command line alone describes; an `Err` is a usage error.
 fn plan(a: &ServeArgs) -> Result<Plan, String> {
+    if !a.remote.is_empty() {
+        return remote_plan(a);
+    }
     if a.worker.script.is_none() && a.worker.module.is_none() && a.worker.command.is_none() {
         return Err("name the workers with --script, --module or --command, or give --config FILE".into());
     }
@@ -303,6 +330,42 @@ fn plan(a: &ServeArgs) -> Result<Plan, String> {
         admitted,
         max_frame: max_frame(a.transport.transport),
         grace: Duration::from_millis(a.shutdown_grace_ms),
+        size_known: true,
+    })
+}
+
+/// `serve --remote URL,...`: workers on agents.
+fn remote_plan(a: &ServeArgs) -> Result<Plan, String> {
+    let mut opts =
+        snakepit::RemoteOptions::new(a.remote.iter().cloned()).insecure_plaintext(a.insecure_plaintext);
+    match (&a.tls_ca, &a.tls_cert, &a.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => opts = opts.tls(snakepit::ClientTls::new(ca, cert, key)),
+        (None, None, None) => {}
+        _ => return Err("--tls-ca, --tls-cert and --tls-key go together".into()),
+    }
+    let mut b = Pool::builder().remote_options(opts);
+    // Without --size the pool takes the agents' workers; `serve` admits the queue plus them.
+    let admitted = a.max_queue + a.size.unwrap_or(0);
+    b = match a.size {
+        Some(n) => b.size(n).max_queue(admitted),
+        None => b.max_queue(a.max_queue + 4096),
+    };
+    if let Some(ms) = a.default_timeout_ms {
+        b = b.default_timeout(Duration::from_millis(ms));
+    }
+    if let Some(ms) = a.max_call_time_ms {
+        b = b.max_call_time(Duration::from_millis(ms));
+    }
+    b = b.create_sessions_on_use(a.create_sessions_on_use);
+    if let Some(url) = &a.session_store {
+        b = b.session_store_url(url);
+    }
+    Ok(Plan {
+        builder: b,
+        admitted,
+        max_frame: snakepit::core::DEFAULT_MAX_FRAME,
+        grace: Duration::from_millis(a.shutdown_grace_ms),
+        size_known: a.size.is_some(),
     })
 }
 
@@ -338,6 +401,10 @@ async fn reload_on_hangup(
     admit: Arc<Semaphore>,
 ) {
     while hup.recv().await.is_some() {
+        if !a.remote.is_empty() {
+            tracing::info!("SIGHUP: the workers are the agents' (send the agents SIGHUP to restart theirs)");
+            continue;
+        }
         let Some(file) = &a.config else {
             tracing::info!("SIGHUP: restarting the workers one by one");
             match pool.rolling_restart().await {
@@ -353,6 +420,10 @@ async fn reload_on_hangup(
                 continue;
             }
         };
+        if cfg.remote.is_remote() {
+            tracing::info!("SIGHUP: the workers are the agents' (send the agents SIGHUP to restart theirs)");
+            continue;
+        }
         let adapter = match cfg.adapter() {
             Ok(ad) => ad,
             Err(e) => {

@@ -253,6 +253,16 @@ pub enum Error {
     /// The pool has no live worker to run the call (all slots are down or restarting).
     #[error("no worker is available: {0}")]
     Unavailable(String),
+    /// The remote worker host (`snakepit agent`) running the call was lost: its connection
+    /// broke (the agent died, or a partition outlasted the HTTP/2 keepalive timeout) or it
+    /// stopped answering. Whether the call ran there is unknown.
+    #[error("agent {agent} was lost while it ran `{command}`")]
+    AgentLost {
+        /// The agent (its URL, or the address it was resolved to).
+        agent: String,
+        /// The command that was running.
+        command: String,
+    },
     /// No session with that id exists (or it expired).
     #[error("session `{id}` does not exist (or it expired)")]
     SessionNotFound {
@@ -419,6 +429,7 @@ impl Error {
             Error::ShuttingDown => "shutting_down",
             Error::Codec { .. } => "codec",
             Error::Unavailable(_) => "unavailable",
+            Error::AgentLost { .. } => "agent_lost",
             Error::Quarantined { .. } => "quarantined",
             Error::Signal { .. } => "signal",
             Error::SessionNotFound { .. } => "session_not_found",
@@ -478,6 +489,9 @@ impl Error {
             }
             Error::HandshakeTimeout { stderr_tail, .. } => {
                 obj.insert("stderr_tail".into(), Value::String(stderr_tail.clone()));
+            }
+            Error::AgentLost { agent, .. } => {
+                obj.insert("agent".into(), Value::String(agent.clone()));
             }
             Error::UnknownCommand { available, .. } => {
                 obj.insert("available".into(), json!(available));

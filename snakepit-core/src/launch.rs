@@ -206,6 +206,14 @@ pub trait WorkerHandle: Send + Sync + fmt::Debug + 'static {
     /// Stops the worker gracefully within about `grace` per step, killing it at the end.
     async fn shutdown(&self, grace: Duration) -> ExitInfo;
 
+    /// Resolves when the worker asks to leave the pool gracefully (a remote worker whose agent
+    /// is draining): the slot takes it out of routing, lets its calls finish (within the
+    /// drain timeout), stops it, and starts a replacement. Unlike an exit, this is not a crash.
+    /// The default never resolves.
+    fn leaving(&self) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(futures::future::pending())
+    }
+
     /// Cancels call `id`: by default, the protocol's `cancel`.
     fn cancel(&self, id: RequestId) {
         self.connection().cancel(id);

@@ -150,16 +150,20 @@ pub enum RecycleReason {
     Memory,
     /// The pool handed the slot a new worker ([`Slot::replace`]): a rolling reload.
     Reload,
+    /// The worker asked to leave ([`WorkerHandle::leaving`](snakepit_core::WorkerHandle::leaving)):
+    /// a remote agent draining.
+    Leaving,
 }
 
 impl RecycleReason {
-    /// The trigger as a metric label: `requests`, `age` or `memory`.
+    /// The trigger as a metric label: `requests`, `age`, `memory`, `reload` or `leaving`.
     pub fn label(self) -> &'static str {
         match self {
             RecycleReason::Requests => "requests",
             RecycleReason::Age => "age",
             RecycleReason::Memory => "memory",
             RecycleReason::Reload => "reload",
+            RecycleReason::Leaving => "leaving",
         }
     }
 }
@@ -171,6 +175,7 @@ impl std::fmt::Display for RecycleReason {
             RecycleReason::Age => "age",
             RecycleReason::Memory => "memory",
             RecycleReason::Reload => "reload",
+            RecycleReason::Leaving => "the worker leaving (its host drains)",
         })
     }
 }
@@ -288,6 +293,8 @@ enum Next {
     Recycle(RecycleReason),
     /// The pool handed over a replacement (already started).
     Replace,
+    /// The worker asked to leave gracefully (its agent drains).
+    Leave,
     Shutdown,
 }
 
@@ -501,6 +508,31 @@ impl Slot {
                     self.retiring.lock().unwrap_or_else(|p| p.into_inner()).push(old.clone());
                     tokio::spawn(retire(self.clone(), old, cfg.drain_timeout, cfg.shutdown_grace));
                 }
+                Next::Leave => {
+                    // Out of routing now; its calls finish (within the drain timeout) while a
+                    // replacement starts wherever there is room (not a crash: no restart counted).
+                    tracing::info!(
+                        target: "snakepit::worker",
+                        event = "recycled",
+                        worker = %member.id(),
+                        trigger = RecycleReason::Leaving.label(),
+                        "leaving (its host drains); starting a replacement"
+                    );
+                    member.set_retiring();
+                    mgr.dismiss(&member);
+                    mgr.event(
+                        self.index,
+                        SlotEvent::Recycled { worker: member.id(), reason: RecycleReason::Leaving },
+                    );
+                    self.retiring.lock().unwrap_or_else(|p| p.into_inner()).push(member.clone());
+                    tokio::spawn(retire(self.clone(), member.clone(), cfg.drain_timeout, cfg.shutdown_grace));
+                    self.set_state(mgr, SlotState::Backoff);
+                    let attempt = self.start(mgr, &mut backoff, None, &mut shutdown, Start::Replace);
+                    let Some(next) = attempt.await else { return };
+                    member = next;
+                    self.install(mgr, &member);
+                    mgr.event(self.index, SlotEvent::Started { worker: member.id(), restart: false });
+                }
                 Next::Exited(exit) => {
                     mgr.dismiss(&member);
                     if *shutdown.borrow() {
@@ -584,6 +616,7 @@ impl Slot {
         loop {
             tokio::select! {
                 e = member.exited() => return Next::Exited(e),
+                _ = member.leaving() => return Next::Leave,
                 _ = stopped(shutdown) => return Next::Shutdown,
                 _ = tokio::time::sleep_until(age_due) => return Next::Recycle(RecycleReason::Age),
                 _ = member.recycle_due.notified() => return Next::Recycle(RecycleReason::Requests),
@@ -641,7 +674,7 @@ impl Slot {
         shutdown: &mut watch::Receiver<bool>,
         why: Start,
     ) -> Option<Arc<Member>> {
-        // A restart waits before its first attempt; a recycle starts the replacement at once.
+        // A restart waits before its first attempt; a recycle or a replacement starts at once.
         let mut first_delay = why == Start::Restart;
         loop {
             if first_delay {
@@ -662,7 +695,7 @@ impl Slot {
                 Err(e) => {
                     tracing::error!(target: "snakepit::worker", event = "start_failed", worker = %id, kind = e.kind(), "start failed: {e}");
                     mgr.event(self.index, SlotEvent::StartFailed { worker: id, error: &e });
-                    if why == Start::Restart {
+                    if why != Start::Recycle {
                         self.set_state(mgr, SlotState::Failing);
                     }
                 }
@@ -678,6 +711,8 @@ enum Start {
     Restart,
     /// The current one is due for recycling and still serves: start at once, stay `Ready`.
     Recycle,
+    /// The last one left gracefully: start at once; failures make the slot `Failing`.
+    Replace,
 }
 
 /// Lets `old` finish its calls, then stops it gracefully and forgets it.

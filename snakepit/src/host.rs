@@ -17,8 +17,21 @@ pub(crate) enum HostTool {
     Payload(Arc<dyn Fn(Payload) -> BoxFuture<'static, Result<Payload, Error>> + Send + Sync>),
 }
 
+/// A call's own handler of its host calls (see [`PoolHost::forward`]).
+#[derive(Clone)]
+pub(crate) struct Forward(pub(crate) Arc<dyn HostHandler>);
+
+impl std::fmt::Debug for Forward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Forward(..)")
+    }
+}
+
 /// The pool's answer to its workers' `host_call`s.
 pub(crate) struct PoolHost {
+    /// Calls whose host calls go elsewhere, by (worker, request id): an agent's calls, whose
+    /// host calls (tools, session and global variables) belong to the front end that made them.
+    forwards: Mutex<HashMap<(WorkerId, RequestId), Arc<dyn HostHandler>>>,
     tools: RwLock<HashMap<String, HostTool>>,
     store: Arc<dyn SessionStore>,
     /// The session of each session call in flight, by (worker, request id).
@@ -40,7 +53,13 @@ fn from_error(e: Error) -> WorkerError {
 
 impl PoolHost {
     pub(crate) fn new(store: Arc<dyn SessionStore>, calls: Arc<crate::pool::HostCallMetrics>) -> Self {
-        PoolHost { tools: RwLock::new(HashMap::new()), store, sessions: Mutex::new(HashMap::new()), calls }
+        PoolHost {
+            forwards: Mutex::new(HashMap::new()),
+            tools: RwLock::new(HashMap::new()),
+            store,
+            sessions: Mutex::new(HashMap::new()),
+            calls,
+        }
     }
 
     pub(crate) fn register<F, Fut>(&self, name: &str, f: F)
@@ -70,6 +89,17 @@ impl PoolHost {
     ) -> SessionScope {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert((worker, request), session.to_owned());
         SessionScope { host: self.clone(), key: (worker, request) }
+    }
+
+    /// Sends the host calls of `request` on `worker` to `to` until the guard drops.
+    pub(crate) fn forward(
+        self: &Arc<Self>,
+        worker: WorkerId,
+        request: RequestId,
+        to: &Forward,
+    ) -> ForwardScope {
+        self.forwards.lock().unwrap_or_else(|p| p.into_inner()).insert((worker, request), to.0.clone());
+        ForwardScope { host: self.clone(), key: (worker, request) }
     }
 
     fn session_of(&self, call: &HostCall) -> Result<String, WorkerError> {
@@ -130,10 +160,28 @@ impl Drop for SessionScope {
     }
 }
 
+/// Stops forwarding a call's host calls when dropped.
+pub(crate) struct ForwardScope {
+    host: Arc<PoolHost>,
+    key: (WorkerId, RequestId),
+}
+
+impl Drop for ForwardScope {
+    fn drop(&mut self) {
+        self.host.forwards.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
+}
+
 #[async_trait]
 impl HostHandler for PoolHost {
     async fn host_call(&self, call: HostCall) -> Result<Payload, WorkerError> {
-        let r = self.answer(call).await;
+        let to = call.request.and_then(|r| {
+            self.forwards.lock().unwrap_or_else(|p| p.into_inner()).get(&(call.worker, r)).cloned()
+        });
+        let r = match to {
+            Some(to) => to.host_call(call).await,
+            None => self.answer(call).await,
+        };
         self.calls.count(r.as_ref().err().map(|_| "error"));
         r
     }

@@ -45,6 +45,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "remote")]
+pub mod agent;
 #[cfg(feature = "chaos")]
 pub mod chaos;
 #[cfg(feature = "config")]
@@ -82,6 +84,10 @@ pub use snakepit_adapters::Node;
 pub use snakepit_adapters::Python;
 pub use snakepit_core as core;
 pub use snakepit_core::{Adapter, Error, ExitInfo, Payload, Result, WorkerError, WorkerId};
+#[cfg(feature = "remote")]
+pub use snakepit_remote as remote;
+#[cfg(feature = "remote")]
+pub use snakepit_remote::{ClientTls, Remote, RemoteOptions, ServerTls};
 pub use snakepit_supervisor as supervisor;
 pub use snakepit_supervisor::{Heartbeat, SlotState};
 #[cfg(feature = "grpc")]

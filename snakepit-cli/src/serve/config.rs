@@ -41,10 +41,13 @@ impl Explicit {
 /// file's own errors read `FILE:LINE: key 'x.y': reason`).
 pub(super) fn plan(a: &ServeArgs, explicit: &Explicit, file: &Path) -> Result<Plan, String> {
     let mut cfg = load(a, explicit, file)?;
-    let size = cfg.size.unwrap_or(1);
+    // A remote pool without `size` takes its agents' workers (known once it starts).
+    let size_known = cfg.size.is_some();
+    let size = cfg.size.unwrap_or(0);
     // As without a file: the pool's queue takes every request `serve` admits.
     let admitted = cfg.max_queue.saturating_add(size);
-    cfg.max_queue = admitted;
+    // (Unknown size: room for a remote pool's workers, whatever the agents have.)
+    cfg.max_queue = if size_known { admitted } else { admitted + 4096 };
     let kind = match cfg.transport {
         CfgTransport::Grpc => TransportKind::Grpc,
         _ => TransportKind::Stdio,
@@ -53,7 +56,7 @@ pub(super) fn plan(a: &ServeArgs, explicit: &Explicit, file: &Path) -> Result<Pl
     // `--shutdown-grace-ms` is what running requests get after SIGTERM, with a file or
     // without; the file's `shutdown_grace` is each step of stopping a worker.
     let grace = Duration::from_millis(a.shutdown_grace_ms);
-    Ok(Plan { builder, admitted, max_frame: max_frame(kind), grace })
+    Ok(Plan { builder, admitted, max_frame: max_frame(kind), grace, size_known })
 }
 
 /// The configuration of the pool `serve` runs: the file's pool (`--pool`), its variables, the
@@ -88,8 +91,11 @@ pub(super) fn load(a: &ServeArgs, explicit: &Explicit, file: &Path) -> Result<Po
     }
     apply(a, explicit, &mut cfg)?;
     f.check(pool, &cfg).map_err(|e| e.to_string())?;
-    let size = cfg.size.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).max(1);
-    cfg.size = Some(size);
+    if !cfg.remote.is_remote() {
+        let size =
+            cfg.size.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())).max(1);
+        cfg.size = Some(size);
+    }
     Ok(cfg)
 }
 

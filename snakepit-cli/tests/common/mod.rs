@@ -9,6 +9,8 @@ use std::time::Duration;
 #[allow(dead_code, unreachable_pub)]
 pub(crate) mod procs;
 
+pub(crate) mod remote;
+
 /// A scratch directory and the marker of this test's processes: on drop, none may be left
 /// (they are killed, and the test fails unless it is failing already).
 pub(crate) struct Guard(pub(crate) String, pub(crate) tempfile::TempDir);

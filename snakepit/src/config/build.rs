@@ -1,12 +1,12 @@
-//! A [`PoolConfig`] becomes a [`PoolBuilder`]: the adapter its `[worker]` names, then every
-//! setting.
+//! A [`PoolConfig`] becomes a [`PoolBuilder`]: the adapter its `[worker]` names (or the remote
+//! agents its `[remote]` names), then every setting.
 
 use std::sync::Arc;
 
 use snakepit_core::{Adapter, Protocol};
 
 use super::validate::{self, Language};
-use super::{PoolConfig, ProfileKind, TransportKind, WorkerConfig};
+use super::{PoolConfig, ProfileKind, RemoteConfig, TransportKind, WorkerConfig};
 use crate::{Error, Generic, Heartbeat, Pool, PoolBuilder, ProcessProfile, ThreadProfile, Zygote};
 
 /// The adapter settings `Python`, `Node` and `Generic` share.
@@ -43,9 +43,19 @@ impl PoolBuilder {
     /// A builder with every setting of `cfg` (validated first; an invalid one is an
     /// [`Error::Config`] naming the key), to which a program may add what a configuration
     /// cannot hold (a session store, a rehydrate hook) before [`build`](PoolBuilder::build).
+    ///
+    /// A remote pool (`remote.agents`; feature `remote`) gets `remote_options` (from
+    /// `RemoteConfig::options`) instead of an adapter, and its `size` only when the
+    /// configuration sets one (otherwise the pool takes the agents' workers); without the
+    /// feature it is an [`Error::Config`] at `remote.agents`.
     pub fn from_config(cfg: &PoolConfig) -> Result<PoolBuilder, Error> {
         validate::check(cfg).map_err(validate::Invalid::into_error)?;
-        let b = with_worker(Pool::builder(), &cfg.worker)?;
+        let remote = cfg.remote.is_remote();
+        let b = if remote {
+            with_remote(Pool::builder(), &cfg.remote)?
+        } else {
+            with_worker(Pool::builder(), &cfg.worker)?
+        };
         let b = with_transport(b, cfg)?;
         let mut b = b
             .max_queue(cfg.max_queue)
@@ -114,6 +124,10 @@ impl PoolBuilder {
         if let Some(bytes) = r.max_memory {
             b = b.max_memory(bytes, r.memory_check);
         }
+        if remote {
+            // One call at a time on each remote worker; `[worker]` is not theirs.
+            return Ok(b);
+        }
         let w = &cfg.worker;
         Ok(match (w.profile, w.threads, w.zygote) {
             (ProfileKind::Thread, Some(n), false) => b.profile(ThreadProfile::new(n)),
@@ -136,11 +150,35 @@ fn with_worker(b: PoolBuilder, w: &WorkerConfig) -> Result<PoolBuilder, Error> {
     adapter_of(w).map(|a| b.adapter_shared(a))
 }
 
+/// The builder with the remote agents `[remote]` names (`size` is left to the caller: unset,
+/// the pool takes the agents' workers).
+#[cfg(feature = "remote")]
+fn with_remote(b: PoolBuilder, r: &RemoteConfig) -> Result<PoolBuilder, Error> {
+    Ok(b.remote_options(r.options()))
+}
+
+/// Without the `remote` feature, agents are an error (validation says so first).
+#[cfg(not(feature = "remote"))]
+fn with_remote(_b: PoolBuilder, _r: &RemoteConfig) -> Result<PoolBuilder, Error> {
+    Err(validate::Invalid::new("remote.agents", validate::NO_REMOTE).into_error())
+}
+
 impl PoolConfig {
     /// The adapter `[worker]` names, with its settings (the configuration validated first):
     /// for [`Pool::reload_shared`](crate::Pool::reload_shared) when a configuration changes.
+    ///
+    /// A remote pool (`remote.agents`) has no local adapter: its workers are its agents'. For
+    /// one this is an [`Error::Config`] at `remote.agents`; check
+    /// [`RemoteConfig::is_remote`] first.
     pub fn adapter(&self) -> Result<Arc<dyn Adapter>, Error> {
         validate::check(self).map_err(validate::Invalid::into_error)?;
+        if self.remote.is_remote() {
+            return Err(validate::Invalid::new(
+                "remote.agents",
+                "a remote pool's workers are its agents': it has no local adapter to reload",
+            )
+            .into_error());
+        }
         adapter_of(&self.worker)
     }
 }

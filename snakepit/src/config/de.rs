@@ -1,6 +1,7 @@
 //! The human forms a configuration accepts: sizes (`"512MiB"` or a number of bytes), command
-//! lines (a string split with shell word rules, or an array), and the names of the library's
-//! enums (`"kill"`, `"strict"`, `"snakepit-v0"`). Durations use `humantime-serde` directly.
+//! lines (a string split with shell word rules, or an array), lists of URLs (an array, or a
+//! string split at commas), and the names of the library's enums (`"kill"`, `"strict"`,
+//! `"snakepit-v0"`). Durations use `humantime-serde` directly.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -85,6 +86,35 @@ pub fn split_command(line: &str) -> Result<Vec<String>, String> {
 /// `[worker] command`.
 pub(crate) fn command<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
     d.deserialize_any(CommandLine).map(Some)
+}
+
+/// A list of URLs: an array of strings, or one string split at commas (what a variable holds:
+/// `https://a:7443,https://b:7443`), blanks around each trimmed and empty ones dropped.
+struct UrlList;
+
+impl<'de> Visitor<'de> for UrlList {
+    type Value = Vec<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of URLs, or a string of URLs separated by commas")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+        Ok(v.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+        let mut urls = Vec::new();
+        while let Some(u) = seq.next_element::<String>()? {
+            urls.push(u);
+        }
+        Ok(urls)
+    }
+}
+
+/// `remote.agents`.
+pub(crate) fn url_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    d.deserialize_any(UrlList)
 }
 
 /// A string naming one of `names`, as its index.

@@ -84,6 +84,15 @@ pub(crate) const KEYS: &[(&str, Kind)] = &[
     ("autoscale.down_after", Kind::Parsed),
     ("autoscale.idle_below", Kind::Parsed),
     ("autoscale.step", Kind::Parsed),
+    ("remote.agents", Kind::Parsed),
+    ("remote.tls_ca", Kind::Text),
+    ("remote.tls_cert", Kind::Text),
+    ("remote.tls_key", Kind::Text),
+    ("remote.insecure_plaintext", Kind::Parsed),
+    ("remote.keepalive_interval", Kind::Text),
+    ("remote.keepalive_timeout", Kind::Text),
+    ("remote.connect_timeout", Kind::Text),
+    ("remote.resolve_every", Kind::Text),
 ];
 
 /// The key a variable's lower-cased parts name, its kind, and how many parts it takes (the

@@ -253,7 +253,8 @@ impl ConfigFile {
 
 /// Makes the file's relative paths (`run_dir`; `[worker]` `script`, `cwd`, `node_path`, and
 /// `interpreter` or the `command`'s program when they contain a `/`: a bare name is looked up
-/// on `PATH`) relative to `dir`, at the top level and in every `[pools.NAME]` table.
+/// on `PATH`; `[remote]` `tls_ca`, `tls_cert`, `tls_key`) relative to `dir`, at the top level
+/// and in every `[pools.NAME]` table.
 fn anchor_paths(file: &mut Dict, dir: &Path) {
     anchor_table(file, dir);
     if let Some(Value::Dict(_, pools)) = file.get_mut("pools") {
@@ -267,6 +268,11 @@ fn anchor_paths(file: &mut Dict, dir: &Path) {
 
 fn anchor_table(t: &mut Dict, dir: &Path) {
     anchor(t.get_mut("run_dir"), dir, false);
+    if let Some(Value::Dict(_, r)) = t.get_mut("remote") {
+        for key in ["tls_ca", "tls_cert", "tls_key"] {
+            anchor(r.get_mut(key), dir, false);
+        }
+    }
     let Some(Value::Dict(_, w)) = t.get_mut("worker") else { return };
     anchor(w.get_mut("script"), dir, false);
     anchor(w.get_mut("cwd"), dir, false);
@@ -307,19 +313,35 @@ fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
 }
 
-/// The top-level defaults (all keys but `pools` and `name`) with a pool's own table over them;
-/// a pool whose `[worker]` names a source inherits none of the top level's sources.
+/// The top-level defaults (all keys but `pools` and `name`) with a pool's own table over them.
+/// A pool's own choice of workers replaces the top level's: a pool whose `[worker]` names a
+/// source inherits none of the top level's sources nor its `remote.agents`, and one whose
+/// `[remote]` names agents inherits none of the top level's sources.
 fn inherit(top: &Dict, own: &Dict) -> Dict {
     let mut base = top.clone();
     base.remove("pools");
     base.remove("name");
     let names_source =
         matches!(own.get("worker"), Some(Value::Dict(_, w)) if SOURCES.iter().any(|s| w.contains_key(*s)));
-    if names_source {
+    let names_agents = match own.get("remote") {
+        Some(Value::Dict(_, r)) => match r.get("agents") {
+            Some(Value::Array(_, urls)) => !urls.is_empty(),
+            Some(Value::String(_, urls)) => urls.split(',').any(|u| !u.trim().is_empty()),
+            Some(_) => true,
+            None => false,
+        },
+        _ => false,
+    };
+    if names_source || names_agents {
         if let Some(Value::Dict(_, w)) = base.get_mut("worker") {
             for s in super::WorkerConfig::SOURCE_KEYS {
                 w.remove(*s);
             }
+        }
+    }
+    if names_source {
+        if let Some(Value::Dict(_, r)) = base.get_mut("remote") {
+            r.remove("agents");
         }
     }
     merge(base, own)
@@ -437,8 +459,8 @@ impl PoolConfig {
         Ok(cfg)
     }
 
-    /// Validates the configuration: ranges, exactly one worker source, what its protocol and
-    /// transport allow, adapters this build has. [`PoolBuilder::from_config`](crate::PoolBuilder::from_config)
+    /// Validates the configuration: ranges, exactly one worker source (or remote agents
+    /// instead), what its protocol and transport allow, adapters this build has. [`PoolBuilder::from_config`](crate::PoolBuilder::from_config)
     /// does it too.
     pub fn validate(&self) -> Result<(), Error> {
         validate::check(self).map_err(validate::Invalid::into_error)

@@ -28,6 +28,10 @@
 //! A file with `[pools.NAME]` tables describes several pools ([`PoolsConfig`], started as
 //! [`Pools`]): its top-level keys are defaults that every pool inherits, and each pool's table
 //! overrides them.
+//!
+//! A `[remote]` section whose `agents` names some makes the pool's workers remote (agents
+//! reached over gRPC with mutual TLS, feature `remote`; see [`RemoteConfig`]) instead of the
+//! local processes `[worker]` describes.
 
 mod build;
 mod de;
@@ -132,6 +136,9 @@ pub struct PoolConfig {
     pub sessions: SessionsConfig,
     /// `[autoscale]`: growing and shrinking with the load (off by default).
     pub autoscale: AutoscaleConfig,
+    /// `[remote]`: workers on remote agents instead of local processes (off unless `agents`
+    /// names some).
+    pub remote: RemoteConfig,
 }
 
 impl Default for PoolConfig {
@@ -164,6 +171,7 @@ impl Default for PoolConfig {
             restart: RestartConfig::default(),
             sessions: SessionsConfig::default(),
             autoscale: AutoscaleConfig::default(),
+            remote: RemoteConfig::default(),
         }
     }
 }
@@ -192,7 +200,8 @@ pub enum ProfileKind {
     Thread,
 }
 
-/// `[worker]`: what the workers run. Exactly one of `script`, `module` and `command` names it.
+/// `[worker]`: what the workers run. Exactly one of `script`, `module` and `command` names it
+/// (none in a remote pool: see [`RemoteConfig`]).
 ///
 /// A `script` ending in `.js`, `.mjs` or `.cjs` runs on Node ([`Node::script`], feature
 /// `node`), any other on Python ([`Python::script`], feature `python`); a `module` is a Python
@@ -494,5 +503,85 @@ impl Default for SessionsConfig {
             create_on_use: false,
             store: None,
         }
+    }
+}
+
+/// `[remote]`: the pool's workers are on remote agents (`snakepit agent`), reached over gRPC on
+/// TCP with mutual TLS, instead of local processes (feature `remote`: `PoolBuilder::remote`).
+///
+/// A pool whose `agents` names some is remote: it has no `[worker]` source (`script`, `module`
+/// or `command`; naming one as well is an error), and unless `size` is set it has as many
+/// workers as the agents reachable when it starts. With `agents` empty (the default) the
+/// other keys are unused.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RemoteConfig {
+    /// The agents: `https://HOST[:PORT]` URLs (port 7443 by default; a DNS name may stand for
+    /// several agents, resolved again every `resolve_every`). In a file, an array; a string is
+    /// split at commas (`SNAKEPIT_CFG_REMOTE__AGENTS=https://a,https://b`). Default: none (the
+    /// workers are local).
+    #[serde(deserialize_with = "de::url_list")]
+    pub agents: Vec<String>,
+    /// The agents' CA certificate (PEM), for `https://` agents.
+    pub tls_ca: Option<PathBuf>,
+    /// This front end's client certificate (PEM), for `https://` agents.
+    pub tls_cert: Option<PathBuf>,
+    /// This front end's private key (PEM), for `https://` agents.
+    pub tls_key: Option<PathBuf>,
+    /// Allow `http://` agent URLs: plaintext, for loopback addresses only (default false).
+    pub insecure_plaintext: bool,
+    /// An HTTP/2 keepalive ping this often on each agent connection (default 2 s).
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the agent is lost (default 3 s).
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// How long a TCP connection and TLS handshake to an agent may take (default 5 s).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How often the agents' DNS names are resolved again (default 10 s).
+    #[serde(with = "humantime_serde")]
+    pub resolve_every: Duration,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            agents: Vec::new(),
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            insecure_plaintext: false,
+            keepalive_interval: Duration::from_secs(2),
+            keepalive_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(5),
+            resolve_every: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RemoteConfig {
+    /// Whether the pool's workers are remote: `agents` names some.
+    pub fn is_remote(&self) -> bool {
+        !self.agents.is_empty()
+    }
+
+    /// The remote settings these describe (feature `remote`), for
+    /// [`PoolBuilder::remote_options`](crate::PoolBuilder::remote_options): the agents, mutual
+    /// TLS when `tls_ca`, `tls_cert` and `tls_key` are all set, and the timings; the rest are
+    /// [`RemoteOptions`](snakepit_remote::RemoteOptions)' defaults.
+    #[cfg(feature = "remote")]
+    pub fn options(&self) -> snakepit_remote::RemoteOptions {
+        let mut o = snakepit_remote::RemoteOptions::new(self.agents.iter().cloned());
+        if let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            o.tls = Some(snakepit_remote::ClientTls::new(ca.clone(), cert.clone(), key.clone()));
+        }
+        o.insecure_plaintext = self.insecure_plaintext;
+        o.keepalive_interval = self.keepalive_interval;
+        o.keepalive_timeout = self.keepalive_timeout;
+        o.connect_timeout = self.connect_timeout;
+        o.resolve_every = self.resolve_every;
+        o
     }
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::keys::KEYS;
+use super::validate;
 use super::*;
 
 /// A TOML file in the temporary directory, removed on drop.
@@ -381,6 +382,9 @@ fn the_examples_commented_values_are_the_defaults() {
     want.recycle.max_age = Some(Duration::from_secs(3600));
     want.recycle.max_memory = Some(1 << 30);
     want.autoscale.max = 8;
+    want.remote.tls_ca = Some("/etc/snakepit/ca.pem".into());
+    want.remote.tls_cert = Some("/etc/snakepit/client.pem".into());
+    want.remote.tls_key = Some("/etc/snakepit/client.key".into());
     assert_eq!(got, want);
 }
 
@@ -388,7 +392,7 @@ fn the_examples_commented_values_are_the_defaults() {
 #[test]
 fn the_known_keys_are_the_structs_fields() {
     let mut fields = Vec::new();
-    for section in ["", "worker", "heartbeat", "recycle", "restart", "sessions", "autoscale"] {
+    for section in ["", "worker", "heartbeat", "recycle", "restart", "sessions", "autoscale", "remote"] {
         let text = match section {
             "" => "zzz = 1\n[worker]\nmodule = \"m\"\n".to_string(),
             "worker" => "[worker]\nmodule = \"m\"\nzzz = 1\n".to_string(),
@@ -401,7 +405,7 @@ fn the_known_keys_are_the_structs_fields() {
             .and_then(|k| k.strip_suffix(')'))
             .unwrap_or_else(|| panic!("{e}"));
         for k in known.split(", ") {
-            let tables = ["worker", "heartbeat", "recycle", "restart", "sessions", "autoscale"];
+            let tables = ["worker", "heartbeat", "recycle", "restart", "sessions", "autoscale", "remote"];
             if section.is_empty() && tables.contains(&k) {
                 continue;
             }
@@ -507,4 +511,250 @@ fn settings_that_would_churn_or_stall_workers_are_refused() {
     }
     let (_f, e) = error_text("[worker]\nmodule = \"m\"\nhandshake_timeout = \"0s\"\n", &[]);
     assert!(e.contains("key 'worker.handshake_timeout'"), "{e}");
+}
+
+/// The directory a test file is in (what its relative paths are relative to).
+fn dir_of(f: &File) -> PathBuf {
+    std::path::absolute(f.path()).unwrap().parent().unwrap().to_path_buf()
+}
+
+#[test]
+fn a_remote_section_loads() {
+    let f = File::new(
+        r#"
+size = 2
+[remote]
+agents = ["https://a.example:7443", "https://b.example"]
+tls_ca = "certs/ca.pem"
+tls_cert = "./certs/client.pem"
+tls_key = "/abs/client.key"
+keepalive_interval = "500ms"
+keepalive_timeout = "1s"
+connect_timeout = "2s"
+resolve_every = "1m"
+"#,
+    );
+    let dir = dir_of(&f);
+    let file = ConfigFile::read_with_env(f.path(), NO_ENV).unwrap();
+    let c = file.pool(None).unwrap();
+    let r = &c.remote;
+    assert!(r.is_remote());
+    assert_eq!(r.agents, ["https://a.example:7443", "https://b.example"]);
+    assert_eq!(r.tls_ca, Some(dir.join("certs/ca.pem")), "relative to the file");
+    assert_eq!(r.tls_cert, Some(dir.join("certs/client.pem")));
+    assert_eq!(r.tls_key, Some(PathBuf::from("/abs/client.key")));
+    assert!(!r.insecure_plaintext);
+    assert_eq!(
+        (r.keepalive_interval, r.keepalive_timeout),
+        (Duration::from_millis(500), Duration::from_secs(1))
+    );
+    assert_eq!((r.connect_timeout, r.resolve_every), (Duration::from_secs(2), Duration::from_secs(60)));
+    assert_eq!((c.size, c.worker.script.as_ref(), c.worker.module.as_ref()), (Some(2), None, None));
+    // A remote pool needs no [worker]; a build without remote workers refuses it.
+    let checked = file.check(None, &c);
+    if cfg!(feature = "remote") {
+        checked.unwrap();
+    } else {
+        let e = checked.unwrap_err().to_string();
+        assert_eq!(e, format!("{}: key 'remote.agents': {}", f.at(4), validate::NO_REMOTE));
+    }
+
+    // Variables: agents separated by commas, paths kept as given.
+    let env = [
+        ("SNAKEPIT_CFG_REMOTE__AGENTS", "http://127.0.0.1:7001, http://[::1]:7002,"),
+        ("SNAKEPIT_CFG_REMOTE__INSECURE_PLAINTEXT", "true"),
+        ("SNAKEPIT_CFG_REMOTE__TLS_CA", "env/ca.pem"),
+        ("SNAKEPIT_CFG_REMOTE__CONNECT_TIMEOUT", "250ms"),
+    ];
+    let file = ConfigFile::read_with_env(f.path(), env).unwrap();
+    let r = file.pool(None).unwrap().remote;
+    assert_eq!(r.agents, ["http://127.0.0.1:7001", "http://[::1]:7002"]);
+    assert!(r.insecure_plaintext);
+    assert_eq!(r.tls_ca, Some(PathBuf::from("env/ca.pem")));
+    assert_eq!(r.connect_timeout, Duration::from_millis(250));
+
+    // The defaults: no agents, local workers.
+    let r = RemoteConfig::default();
+    assert!(!r.is_remote());
+    assert_eq!((r.keepalive_interval, r.keepalive_timeout), (Duration::from_secs(2), Duration::from_secs(3)));
+    assert_eq!((r.connect_timeout, r.resolve_every), (Duration::from_secs(5), Duration::from_secs(10)));
+}
+
+#[test]
+fn remote_pools_are_validated() {
+    let tls = "tls_ca = \"/ca.pem\"\ntls_cert = \"/c.pem\"\ntls_key = \"/c.key\"\n";
+    let cases: Vec<(String, usize, &str, &str)> = vec![
+        (
+            format!("[worker]\nmodule = \"m\"\n[remote]\nagents = [\"https://a\"]\n{tls}"),
+            4,
+            "remote.agents",
+            validate::REMOTE_OR_LOCAL,
+        ),
+        (
+            format!("[remote]\nagents = [\"https://a\"]\n{tls}[worker]\ncommand = \"perl w.pl\"\n"),
+            2,
+            "remote.agents",
+            validate::REMOTE_OR_LOCAL,
+        ),
+        (
+            "[remote]\nagents = [\"https://a\"]\n".into(),
+            1,
+            "remote.tls_ca",
+            "https:// agents (\"https://a\") need mutual TLS: set `tls_ca`, `tls_cert` and `tls_key`",
+        ),
+        (
+            "[remote]\nagents = [\"https://a\"]\ntls_ca = \"/ca.pem\"\ntls_key = \"/c.key\"\n".into(),
+            1,
+            "remote.tls_cert",
+            "mutual TLS needs all of `tls_ca`, `tls_cert` and `tls_key`",
+        ),
+        (
+            "[remote]\nagents = [\"http://127.0.0.1:7443\"]\n".into(),
+            2,
+            "remote.agents",
+            "\"http://127.0.0.1:7443\": http:// is plaintext: it needs `insecure_plaintext = true`",
+        ),
+        (
+            "[remote]\nagents = [\"ftp://a\"]\ninsecure_plaintext = true\n".into(),
+            2,
+            "remote.agents",
+            "\"ftp://a\": expected https://HOST[:PORT]",
+        ),
+        (
+            "[worker]\nmodule = \"m\"\n[remote]\nconnect_timeout = \"0s\"\n".into(),
+            4,
+            "remote.connect_timeout",
+            "must be longer than 0",
+        ),
+        (
+            "[worker]\nmodule = \"m\"\n[remote]\n\nkeepalive_timeout = \"0s\"\n".into(),
+            5,
+            "remote.keepalive_timeout",
+            "must be longer than 0",
+        ),
+    ];
+    for (text, line, key, want) in &cases {
+        let (f, got) = error_text(text, &[]);
+        let want = format!("{}: key '{key}': {want}", f.at(*line));
+        assert!(got.starts_with(&want), "{text:?}:\n got  {got}\n want {want}");
+    }
+
+    // Plaintext on loopback, when allowed.
+    let (f, r) = load("[remote]\nagents = [\"http://127.0.0.1:7443\"]\ninsecure_plaintext = true\n", &[]);
+    if cfg!(feature = "remote") {
+        assert!(r.unwrap().remote.is_remote());
+        let (f, got) =
+            error_text("[remote]\nagents = [\"http://10.0.0.7:7443\"]\ninsecure_plaintext = true\n", &[]);
+        let want = format!(
+            "{}: key 'remote.agents': \"http://10.0.0.7:7443\": plaintext (http://) is for loopback",
+            f.at(2)
+        );
+        assert!(got.starts_with(&want), "got  {got}\nwant {want}");
+    } else {
+        let e = r.unwrap_err().to_string();
+        assert_eq!(e, format!("{}: key 'remote.agents': {}", f.at(2), validate::NO_REMOTE));
+    }
+
+    // In code: no key, no line.
+    let mut c = showcase();
+    c.remote.agents = vec!["https://a".into()];
+    let e = c.validate().unwrap_err().to_string();
+    assert_eq!(e, format!("key 'remote.agents': {}", validate::REMOTE_OR_LOCAL));
+}
+
+#[test]
+fn a_pools_choice_of_remote_or_local_workers_replaces_the_top_levels() {
+    let f = File::new(
+        r#"
+[worker]
+module = "m"
+env = { A = "kept" }
+[remote]
+tls_ca = "ca.pem"
+tls_cert = "client.pem"
+tls_key = "client.key"
+[pools.local]
+[pools.far]
+remote.agents = ["https://far.example:7443"]
+[pools.empty]
+remote.agents = []
+"#,
+    );
+    let dir = dir_of(&f);
+    let file = ConfigFile::read_with_env(f.path(), NO_ENV).unwrap();
+    let local = file.pool(Some("local")).unwrap();
+    assert_eq!((local.worker.module.as_deref(), local.remote.is_remote()), (Some("m"), false));
+    file.check(Some("local"), &local).unwrap();
+    let empty = file.pool(Some("empty")).unwrap();
+    assert_eq!((empty.worker.module.as_deref(), empty.remote.is_remote()), (Some("m"), false));
+    let far = file.pool(Some("far")).unwrap();
+    assert_eq!(far.worker.module, None, "a pool naming agents inherits no worker source");
+    assert_eq!(far.worker.env.get("A").map(String::as_str), Some("kept"));
+    assert_eq!(far.remote.agents, ["https://far.example:7443"]);
+    assert_eq!(far.remote.tls_ca, Some(dir.join("ca.pem")), "inherited, relative to the file");
+    let checked = file.check(Some("far"), &far);
+    if cfg!(feature = "remote") {
+        checked.unwrap();
+    } else {
+        let e = checked.unwrap_err().to_string();
+        assert_eq!(e, format!("{}: key 'pools.far.remote.agents': {}", f.at(11), validate::NO_REMOTE));
+    }
+
+    // The other way round: the top level's agents, a pool with its own worker.
+    let f = File::new(
+        "[remote]\nagents = [\"https://a:7443\"]\ninsecure_plaintext = true\n[pools.far]\n[pools.near.worker]\nmodule = \"m\"\n",
+    );
+    let file = ConfigFile::read_with_env(f.path(), NO_ENV).unwrap();
+    let near = file.pool(Some("near")).unwrap();
+    assert_eq!((near.worker.module.as_deref(), near.remote.is_remote()), (Some("m"), false));
+    assert!(near.remote.insecure_plaintext, "the rest of [remote] is inherited");
+    file.check(Some("near"), &near).unwrap();
+    let far = file.pool(Some("far")).unwrap();
+    assert_eq!((far.worker.module.as_ref(), far.remote.agents.len()), (None, 1));
+}
+
+/// The section's defaults are the remote client's.
+#[cfg(feature = "remote")]
+#[test]
+fn the_remote_defaults_are_the_clients() {
+    let d = RemoteConfig::default();
+    let o = snakepit_remote::RemoteOptions::new(Vec::<String>::new());
+    assert_eq!(
+        (d.insecure_plaintext, d.keepalive_interval, d.keepalive_timeout, d.connect_timeout, d.resolve_every),
+        (o.insecure_plaintext, o.keepalive_interval, o.keepalive_timeout, o.connect_timeout, o.resolve_every)
+    );
+}
+
+/// A remote pool's builder gets the remote options and no adapter; its size only when set.
+/// Nothing connects before `build`.
+#[cfg(feature = "remote")]
+#[test]
+fn a_remote_pool_becomes_a_builder_with_remote_options() {
+    let mut c = PoolConfig::default();
+    c.remote.agents = vec!["https://a.example:7443".into(), "https://b.example".into()];
+    c.remote.tls_ca = Some("/ca.pem".into());
+    c.remote.tls_cert = Some("/client.pem".into());
+    c.remote.tls_key = Some("/client.key".into());
+    c.remote.keepalive_interval = Duration::from_secs(7);
+    c.remote.resolve_every = Duration::from_secs(30);
+    let b = crate::PoolBuilder::from_config(&c).unwrap();
+    let o = b.remote.as_ref().unwrap();
+    assert_eq!(o.agents, ["https://a.example:7443", "https://b.example"]);
+    let tls = o.tls.as_ref().unwrap();
+    assert_eq!(
+        (tls.ca.as_path(), tls.cert.as_path(), tls.key.as_path()),
+        (Path::new("/ca.pem"), Path::new("/client.pem"), Path::new("/client.key"))
+    );
+    assert_eq!((o.keepalive_interval, o.keepalive_timeout), (Duration::from_secs(7), Duration::from_secs(3)));
+    assert_eq!((o.connect_timeout, o.resolve_every), (Duration::from_secs(5), Duration::from_secs(30)));
+    assert!(!o.insecure_plaintext);
+    assert!(b.adapter.is_none(), "the agents are the adapter, at build");
+    assert!(!b.cfg.size_set, "no size: the agents' workers");
+    c.size = Some(3);
+    let b = crate::PoolBuilder::from_config(&c).unwrap();
+    assert!(b.cfg.size_set);
+    assert_eq!(b.cfg.size, 3);
+    // No local adapter to reload.
+    let e = c.adapter().map(|_| ()).unwrap_err();
+    assert!(e.to_string().starts_with("key 'remote.agents': "), "{e}");
 }

@@ -1,11 +1,12 @@
-//! What a [`PoolConfig`] must satisfy beyond its types: ranges, one worker source, what the
-//! chosen worker, protocol and transport allow, and which adapters this build has.
+//! What a [`PoolConfig`] must satisfy beyond its types: ranges, one worker source (or remote
+//! agents instead), what the chosen worker, protocol and transport allow, and which adapters
+//! this build has.
 
 use std::time::Duration;
 
 use snakepit_core::Protocol;
 
-use super::{PoolConfig, ProfileKind, TransportKind, WorkerConfig};
+use super::{PoolConfig, ProfileKind, RemoteConfig, TransportKind, WorkerConfig};
 use crate::Error;
 
 /// A key and what is wrong with its value.
@@ -87,10 +88,87 @@ fn positive(key: &str, d: Duration) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// Checks everything [`PoolConfig`]'s types cannot say; the first problem found.
+/// Why a pool cannot name both remote agents and a local worker.
+pub(crate) const REMOTE_OR_LOCAL: &str =
+    "a pool's workers are either remote (remote.agents) or local ([worker])";
+
+/// Why a build without the `remote` feature refuses agents.
+pub(crate) const NO_REMOTE: &str = "this build has no remote workers (the `remote` feature)";
+
+/// Checks everything [`PoolConfig`]'s types cannot say; the first problem found. A remote pool
+/// (`remote.agents`) has no worker source, and its `[worker]` is not checked.
 pub(crate) fn check(c: &PoolConfig) -> Result<(), Invalid> {
     check_pool(c)?;
+    check_remote(&c.remote, &c.worker)?;
+    if c.remote.is_remote() {
+        return Ok(());
+    }
     check_worker(c)
+}
+
+/// `[remote]`: positive timings, all three TLS files or none; with agents, no worker source,
+/// URLs that are `https://` (with TLS) or `http://` (with `insecure_plaintext`), and a build
+/// that has remote workers.
+fn check_remote(r: &RemoteConfig, w: &WorkerConfig) -> Result<(), Invalid> {
+    positive("remote.keepalive_interval", r.keepalive_interval)?;
+    positive("remote.keepalive_timeout", r.keepalive_timeout)?;
+    positive("remote.connect_timeout", r.connect_timeout)?;
+    positive("remote.resolve_every", r.resolve_every)?;
+    let tls =
+        [("remote.tls_ca", &r.tls_ca), ("remote.tls_cert", &r.tls_cert), ("remote.tls_key", &r.tls_key)];
+    let missing = tls.iter().find(|(_, p)| p.is_none()).map(|(k, _)| *k);
+    let some_set = tls.iter().any(|(_, p)| p.is_some());
+    if let (true, Some(key)) = (some_set, missing) {
+        return Err(Invalid::new(key, "mutual TLS needs all of `tls_ca`, `tls_cert` and `tls_key`"));
+    }
+    if !r.is_remote() {
+        return Ok(());
+    }
+    if w.script.is_some() || w.module.is_some() || w.command.is_some() {
+        return Err(Invalid::new("remote.agents", REMOTE_OR_LOCAL));
+    }
+    for url in &r.agents {
+        let lower = url.to_ascii_lowercase();
+        if lower.starts_with("http://") {
+            if !r.insecure_plaintext {
+                return Err(Invalid::new(
+                    "remote.agents",
+                    format!("{url:?}: http:// is plaintext: it needs `insecure_plaintext = true` (loopback only); use https://"),
+                ));
+            }
+        } else if lower.starts_with("https://") {
+            if let Some(key) = missing {
+                return Err(Invalid::new(
+                    key,
+                    format!(
+                        "https:// agents ({url:?}) need mutual TLS: set `tls_ca`, `tls_cert` and `tls_key`"
+                    ),
+                ));
+            }
+        } else {
+            return Err(Invalid::new(
+                "remote.agents",
+                format!(
+                    "{url:?}: expected https://HOST[:PORT] (or http:// with `insecure_plaintext = true`)"
+                ),
+            ));
+        }
+        #[cfg(feature = "remote")]
+        {
+            let u = snakepit_remote::AgentUrl::parse(url)
+                .map_err(|e| Invalid::new("remote.agents", e.to_string()))?;
+            if u.plaintext && !u.is_loopback() {
+                return Err(Invalid::new(
+                    "remote.agents",
+                    format!("{url:?}: plaintext (http://) is for loopback addresses only; use https://"),
+                ));
+            }
+        }
+    }
+    if !cfg!(feature = "remote") {
+        return Err(Invalid::new("remote.agents", NO_REMOTE));
+    }
+    Ok(())
 }
 
 fn check_pool(c: &PoolConfig) -> Result<(), Invalid> {

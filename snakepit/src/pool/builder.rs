@@ -62,6 +62,11 @@ pub(crate) struct Config {
     /// A call in an unknown session creates it (the original Snakepit's behaviour).
     pub(crate) create_sessions_on_use: bool,
     pub(crate) autoscale: Option<super::Autoscale>,
+    /// Retry every call once that failed with `NotStarted` (a remote pool: an agent that
+    /// drains refuses calls it never ran).
+    pub(crate) retry_not_started: bool,
+    /// Whether `size` was set (a remote pool otherwise takes its agents' workers).
+    pub(crate) size_set: bool,
     /// A shared session store to connect to at build (`redis://...`).
     store_url: Option<String>,
     pub(crate) slot: SlotConfig,
@@ -71,11 +76,14 @@ pub(crate) struct Config {
 
 /// Builds a [`Pool`]; see [`Pool::builder`].
 pub struct PoolBuilder {
-    adapter: Option<Arc<dyn Adapter>>,
+    pub(crate) adapter: Option<Arc<dyn Adapter>>,
+    /// Workers on remote agents instead of the adapter (feature `remote`).
+    #[cfg(feature = "remote")]
+    pub(crate) remote: Option<snakepit_remote::RemoteOptions>,
     transport: Option<Arc<dyn Transport>>,
     store: Option<Arc<dyn SessionStore>>,
     rehydrate: Option<RehydrateHook>,
-    cfg: Config,
+    pub(crate) cfg: Config,
 }
 
 impl std::fmt::Debug for PoolBuilder {
@@ -88,6 +96,8 @@ impl Default for PoolBuilder {
     fn default() -> Self {
         PoolBuilder {
             adapter: None,
+            #[cfg(feature = "remote")]
+            remote: None,
             transport: None,
             store: None,
             rehydrate: None,
@@ -116,6 +126,8 @@ impl Default for PoolBuilder {
                 max_sessions: 100_000,
                 create_sessions_on_use: false,
                 autoscale: None,
+                retry_not_started: false,
+                size_set: false,
                 store_url: None,
                 slot: default_slot(),
                 #[cfg(feature = "chaos")]
@@ -148,6 +160,7 @@ impl PoolBuilder {
     /// Number of workers (default: the CPU count).
     pub fn size(mut self, n: usize) -> Self {
         self.cfg.size = n.max(1);
+        self.cfg.size_set = true;
         self
     }
 
@@ -476,7 +489,12 @@ impl PoolBuilder {
 
     /// Starts the workers concurrently and returns once all are ready, or the first start-up
     /// error (with every started worker stopped).
-    pub async fn build(self) -> Result<Pool, Error> {
+    pub async fn build(mut self) -> Result<Pool, Error> {
+        #[cfg(feature = "remote")]
+        let remote = match self.remote.take() {
+            Some(opts) => Some(super::remote::prepare(opts, &mut self).await?),
+            None => None,
+        };
         let adapter = self.adapter.ok_or_else(|| Error::BadRequest("PoolBuilder: no adapter set".into()))?;
         let mut cfg = self.cfg;
         if let Some(a) = &cfg.autoscale {
@@ -573,6 +591,11 @@ impl PoolBuilder {
         inner.run_slots(workers);
         let mut tasks = vec![tokio::spawn(sample_metrics(Arc::downgrade(&inner)))];
         tasks.extend(inner.spawn_autoscaler());
+        #[cfg(feature = "remote")]
+        if let Some(remote) = remote {
+            let follow = super::remote::follow(Arc::downgrade(&inner), remote, inner.shutdown.subscribe());
+            tasks.push(tokio::spawn(follow));
+        }
         tracing::info!(pool = &*inner.metrics.pool, size = inner.cfg.size, adapter = %inner.source().adapter.name(), run_id = %inner.run_id, "pool ready");
         let life = Arc::new(super::Life { inner: inner.clone(), tasks: Mutex::new(tasks), sweeper });
         Ok(Pool { inner, life })

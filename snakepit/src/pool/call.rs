@@ -333,7 +333,7 @@ impl Pool {
     ) -> Result<Payload, Error> {
         let inner = &self.inner;
         let adm = inner.admit(session, command, &args, &opts)?;
-        let retry = opts.retry_not_started.then(|| args.clone());
+        let retry = (opts.retry_not_started || inner.cfg.retry_not_started).then(|| args.clone());
         let mut r = in_span!(&adm.span, self.round_trip(session, &adm, args, &opts));
         if let (Err(Error::NotStarted { worker, .. }), Some(args)) = (&r, retry) {
             // It never ran: once more, on whichever worker is free (the dead one is not).
@@ -368,6 +368,7 @@ impl Pool {
             .with_id(id)
             .with_session(session.map(str::to_owned));
         let _scope = session.map(|sid| inner.host.enter(worker.id(), id, sid));
+        let _forward = opts.host.as_ref().map(|to| inner.host.forward(worker.id(), id, to));
         #[cfg(feature = "chaos")]
         let chaos_n = match &inner.cfg.chaos {
             Some(c) => {

@@ -15,6 +15,8 @@ mod manager;
 mod metrics;
 mod options;
 mod queue;
+#[cfg(feature = "remote")]
+mod remote;
 mod stats;
 mod stream;
 

@@ -22,6 +22,9 @@ pub struct CallOptions {
     /// Off by default: the caller decides whether a call may run twice. Plain calls only (a
     /// stream that did not start is reported, not retried).
     pub retry_not_started: bool,
+    /// Where this call's host calls go instead of the pool's own handler (an agent forwards
+    /// them to the front end that made the call).
+    pub(crate) host: Option<crate::host::Forward>,
 }
 
 impl CallOptions {

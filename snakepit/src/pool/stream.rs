@@ -35,6 +35,7 @@ pub struct CallStream {
     done: bool,
     _session_call: Option<SessionCall>,
     _scope: Option<crate::host::SessionScope>,
+    _forward: Option<crate::host::ForwardScope>,
 }
 
 impl std::fmt::Debug for CallStream {
@@ -151,6 +152,7 @@ impl Pool {
             .with_id(id)
             .with_session(session.map(str::to_owned));
         let scope = session.map(|sid| inner.host.enter(worker.id(), id, sid));
+        let forward = opts.host.as_ref().map(|to| inner.host.forward(worker.id(), id, to));
         let stream = match worker.connection().stream(req, inner.cfg.stream_window).await {
             Ok(s) => s,
             Err(e) => return Err(fail(inner.failed(&mut lease, &adm.name, e).await)),
@@ -170,6 +172,7 @@ impl Pool {
             done: false,
             _session_call: session_call,
             _scope: scope,
+            _forward: forward,
         })
     }
 }
