@@ -4,7 +4,7 @@
 //! reached over what people already run: gRPC over TCP with mutual TLS, the standard gRPC
 //! health service, DNS names re-resolved as a Kubernetes headless service changes.
 //!
-//! * The **agent** side ([`server`]): [`server::serve`] serves any [`Backend`] — in practice a
+//! * The **agent** side ([`server`]): [`server::bind`] and [`server::Listener::serve`] serve any [`Backend`] — in practice a
 //!   local snakepit pool, whose workers keep their local stdio transport, supervision and
 //!   no-orphans guarantee — as the `snakepit.v1.Agent` service (`proto/snakepit/v1/agent.proto`).
 //!   Each call is one bidirectional stream carrying the call, its stream chunks and credit, its

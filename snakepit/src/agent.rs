@@ -1,5 +1,5 @@
 //! Serving a pool to remote front ends (feature `remote`): a [`Pool`] is an agent
-//! [`Backend`](snakepit_remote::Backend).
+//! [`Backend`].
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {

@@ -311,6 +311,9 @@ const FACADE_FEATURE_SETS: &[&[&str]] = &[
     &["--no-default-features", "--features", "config"],
     &["--no-default-features", "--features", "prometheus"],
     &["--no-default-features", "--features", "redis"],
+    // Remote workers and the agent side, without any local transport.
+    &["--no-default-features", "--features", "remote"],
+    &["--no-default-features", "--features", "remote,config"],
     &["--all-features"],
 ];
 

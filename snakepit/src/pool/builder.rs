@@ -489,6 +489,7 @@ impl PoolBuilder {
 
     /// Starts the workers concurrently and returns once all are ready, or the first start-up
     /// error (with every started worker stopped).
+    #[cfg_attr(not(feature = "remote"), allow(unused_mut))]
     pub async fn build(mut self) -> Result<Pool, Error> {
         #[cfg(feature = "remote")]
         let remote = match self.remote.take() {
