@@ -24,6 +24,7 @@ mod model;
 mod node;
 mod pipeline;
 mod redis;
+mod remote;
 mod startup;
 use bytes::{bytes_run, has_numpy, numpy_floor, numpy_run};
 use startup::{bare_pass, bare_spawns, pool_ready, HEAVY};
@@ -470,6 +471,11 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
         Some(server) => redis::pool(&python, server).await,
         None => None,
     };
+    let remote_pools = if want(remote::SEQ) || want(&remote::rows(1)) || want(&remote::rows(2)) {
+        remote::pools(&python, want(remote::SEQ), want(&remote::rows(1)) || want(&remote::rows(2))).await
+    } else {
+        None
+    };
     // Last: the metrics recorder, once installed, is seen by every pool built after it.
     let metrics_seq = "stdio 1 worker seq 64 B, metrics on".to_string();
     let metrics_many = format!("stdio {nw} workers 32 callers 64 B, metrics on");
@@ -647,6 +653,18 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
             if want(redis_rows[2]) {
                 let r = redis::creates(pr, &format!("c{rep}"), calls / 4).await;
                 results.entry(redis_rows[2].to_string()).or_default().push(r);
+            }
+        }
+        if let Some(rp) = &remote_pools {
+            if let (Some(p), true) = (&rp.seq, want(remote::SEQ)) {
+                floors.insert(remote::SEQ.to_string(), "floor seq 64 B".into());
+                results.entry(remote::SEQ.to_string()).or_default().push(pool_run(p, 64, calls, 1).await);
+            }
+            let n = if args.quick { 200 } else { 800 };
+            for (agents, pool) in [(1, &rp.one), (2, &rp.two)] {
+                if let (Some(p), true) = (pool, want(&remote::rows(agents))) {
+                    results.entry(remote::rows(agents)).or_default().push(remote::sleep_rate(p, n).await);
+                }
             }
         }
         let name = "stdio host callback round trip".to_string();
