@@ -236,6 +236,17 @@ async fn pool_run(pool: &Arc<Pool>, payload: usize, calls: u64, callers: usize) 
     for _ in 0..20 {
         let _ = pool.execute_with("echo", args.clone(), Default::default()).await;
     }
+    callers_run(pool, "echo", args, calls, callers).await
+}
+
+/// `calls` calls of `command` shared by `callers` concurrent callers, each round trip recorded.
+async fn callers_run(
+    pool: &Arc<Pool>,
+    command: &'static str,
+    args: Payload,
+    calls: u64,
+    callers: usize,
+) -> Sample {
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -247,7 +258,7 @@ async fn pool_run(pool: &Arc<Pool>, payload: usize, calls: u64, callers: usize) 
             let mut h = hist();
             while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < calls {
                 let t = Instant::now();
-                if pool.execute_with("echo", args.clone(), Default::default()).await.is_ok() {
+                if pool.execute_with(command, args.clone(), Default::default()).await.is_ok() {
                     let _ = h.record(t.elapsed().as_nanos() as u64);
                 }
             }

@@ -311,7 +311,18 @@ fn plan(a: &ServeArgs) -> Result<Plan, String> {
     // never turns `serve`'s read-ahead into a `pool_saturated` refusal.
     let admitted = a.max_queue + size;
     let b = a.worker.source().and_then(|s| a.transport.apply(Pool::builder(), s))?;
-    let mut b = b.size(size).max_queue(admitted);
+    let b = settings(a, b.size(size).max_queue(admitted));
+    Ok(Plan {
+        builder: b,
+        admitted,
+        max_frame: max_frame(a.transport.transport),
+        grace: Duration::from_millis(a.shutdown_grace_ms),
+        size_known: true,
+    })
+}
+
+/// The options that apply to any pool `serve` runs (without a file).
+fn settings(a: &ServeArgs, mut b: snakepit::PoolBuilder) -> snakepit::PoolBuilder {
     if let Some(i) = &a.instance {
         b = b.instance(i);
     }
@@ -325,13 +336,7 @@ fn plan(a: &ServeArgs) -> Result<Plan, String> {
     if let Some(url) = &a.session_store {
         b = b.session_store_url(url);
     }
-    Ok(Plan {
-        builder: b,
-        admitted,
-        max_frame: max_frame(a.transport.transport),
-        grace: Duration::from_millis(a.shutdown_grace_ms),
-        size_known: true,
-    })
+    b
 }
 
 /// `serve --remote URL,...`: workers on agents.
@@ -350,16 +355,7 @@ fn remote_plan(a: &ServeArgs) -> Result<Plan, String> {
         Some(n) => b.size(n).max_queue(admitted),
         None => b.max_queue(a.max_queue + 4096),
     };
-    if let Some(ms) = a.default_timeout_ms {
-        b = b.default_timeout(Duration::from_millis(ms));
-    }
-    if let Some(ms) = a.max_call_time_ms {
-        b = b.max_call_time(Duration::from_millis(ms));
-    }
-    b = b.create_sessions_on_use(a.create_sessions_on_use);
-    if let Some(url) = &a.session_store {
-        b = b.session_store_url(url);
-    }
+    b = settings(a, b);
     Ok(Plan {
         builder: b,
         admitted,

@@ -27,6 +27,7 @@ pub mod proto {
 
 mod client;
 mod error;
+mod io;
 mod resolve;
 pub mod server;
 pub mod tls;

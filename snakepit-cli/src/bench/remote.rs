@@ -128,28 +128,5 @@ pub(super) async fn pools(python: &str, seq: bool, scale: bool) -> Option<Pools>
 
 /// `calls` calls of a 20 ms sleep from 16 callers: calls per second.
 pub(super) async fn sleep_rate(pool: &Arc<Pool>, calls: u64) -> Sample {
-    let args = Payload::from(json!({"ms": 20}));
-    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let (pool, args, next) = (pool.clone(), args.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut h = hist();
-            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < calls {
-                let t = Instant::now();
-                if pool.execute_with("sleep", args.clone(), Default::default()).await.is_ok() {
-                    let _ = h.record(t.elapsed().as_nanos() as u64);
-                }
-            }
-            h
-        }));
-    }
-    let mut h = hist();
-    for t in tasks {
-        if let Ok(x) = t.await {
-            let _ = h.add(x);
-        }
-    }
-    sample(&h, calls, start.elapsed())
+    callers_run(pool, "sleep", Payload::from(json!({"ms": 20})), calls, 16).await
 }
