@@ -55,6 +55,9 @@ fn builder(a: &AgentArgs) -> Result<snakepit::PoolBuilder, String> {
     let b = match &a.config {
         Some(file) => {
             let mut cfg = snakepit::PoolConfig::load(file).map_err(|e| e.to_string())?;
+            if cfg.remote.is_remote() {
+                return Err(format!("{}: an agent runs local workers (not [remote] agents)", file.display()));
+            }
             if a.worker.script.is_some() || a.worker.module.is_some() || a.worker.command.is_some() {
                 return Err(
                     "give the workers either in --config's [worker] or with --script/--module/--command"

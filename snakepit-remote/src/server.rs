@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use snakepit_core::{Error as CoreError, HostCall, HostHandler, Payload, ToolInfo, WorkerError, WorkerId};
+use snakepit_core::{Error as CoreError, HostCall, HostHandler, Payload, ToolInfo, WorkerError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
@@ -190,6 +190,7 @@ impl Listener {
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(opts.keepalive_interval))
             .http2_keepalive_timeout(Some(opts.keepalive_timeout))
+            .max_concurrent_streams(Some(MAX_STREAMS))
             .add_service(health)
             .add_service(
                 AgentServer::new(Service { shared: shared.clone() })
@@ -234,7 +235,9 @@ impl Listener {
                 "calls still running after the shutdown grace; stopping anyway"
             );
         }
-        // Give the front ends a moment to see `draining` before the connections close.
+        // A moment more, still refusing: a call a front end sent before it saw `draining` is
+        // refused (and sent elsewhere) rather than cut off by the connection's close.
+        tokio::time::sleep(DRAIN_NOTICE).await;
         stopping.send_replace(true);
         accept.abort();
         let _ = stop_server.send(());
@@ -252,6 +255,7 @@ async fn accept_loop(
     handshake_timeout: Duration,
 ) {
     let mut handshakes = tokio::task::JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
         let (stream, peer) = tokio::select! {
             r = tcp.accept() => match r {
@@ -275,7 +279,9 @@ async fn accept_loop(
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 let conns = conns.clone();
+                let Ok(slot) = slots.clone().acquire_owned().await else { return };
                 handshakes.spawn(async move {
+                    let _slot = slot;
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let _ = conns.send(Ok(Io::Tls(Box::new(tls)))).await;
@@ -333,8 +339,14 @@ fn out(msg: Out) -> Result<AgentOut, Status> {
     Ok(AgentOut { msg: Some(msg) })
 }
 
-/// The worker id an agent reports in errors it builds itself (the front end puts its own).
-const AGENT: WorkerId = WorkerId { slot: 0, generation: 0 };
+/// How long a drained agent keeps refusing calls before it closes its connections.
+const DRAIN_NOTICE: Duration = Duration::from_secs(1);
+
+/// TLS handshakes in progress at once (more wait for their turn).
+const MAX_HANDSHAKES: usize = 256;
+
+/// Streams (calls) one front end's connection may have open at once.
+const MAX_STREAMS: u32 = 4096;
 
 #[tonic::async_trait]
 impl Agent for Service {
@@ -350,13 +362,14 @@ impl Agent for Service {
             Err(_) => return Err(Status::deadline_exceeded("no `call` within 10 s")),
         };
         let (tx, rx) = mpsc::channel(16);
+        // Counted before the check, so that a drain cannot find the agent idle and stop while
+        // this call slips in.
+        let running = Running::new(&self.shared);
         if *self.shared.draining.borrow() {
-            // Never ran: the front end may send it elsewhere.
-            let e = CoreError::NotStarted { worker: AGENT, command: first.command.clone() };
-            let _ = tx.try_send(out(Out::Error(wire::call_error(&e))));
+            // Never ran: the front end sends it elsewhere (and learns that this agent drains).
+            let _ = tx.try_send(out(Out::Error(wire::call_error(&CoreError::ShuttingDown))));
             return Ok(Response::new(ReceiverStream::new(rx)));
         }
-        let running = Running::new(&self.shared);
         let backend = self.shared.backend.clone();
         tokio::spawn(async move {
             run_call(backend, first, inbound, tx).await;
@@ -521,7 +534,7 @@ async fn run_call(
                 r = &mut fut => break r,
                 m = inbound.message() => match said(m, &host) {
                     Said::Cancel => break Err(cancelled()),
-                    Said::Credit(n) => credit += u64::from(n),
+                    Said::Credit(n) => credit = credit.saturating_add(u64::from(n)),
                     Said::Nothing => {}
                 },
             }
@@ -542,7 +555,7 @@ async fn run_call(
                     let _ = tx.send(out(Out::Error(wire::call_error(&cancelled())))).await;
                     return;
                 }
-                Said::Credit(n) => credit += u64::from(n),
+                Said::Credit(n) => credit = credit.saturating_add(u64::from(n)),
                 Said::Nothing => {}
             }
         }
@@ -555,7 +568,7 @@ async fn run_call(
                         let _ = tx.send(out(Out::Error(wire::call_error(&cancelled())))).await;
                         return;
                     }
-                    Said::Credit(n) => credit += u64::from(n),
+                    Said::Credit(n) => credit = credit.saturating_add(u64::from(n)),
                     Said::Nothing => {}
                 }
                 continue;

@@ -256,6 +256,15 @@ impl AgentProc {
     /// process died, its exit status), leaving no process behind.
     pub(crate) fn start(mut cmd: Command, timeout: Duration) -> AgentProc {
         cmd.stdout(Stdio::piped());
+        // If the test process is killed (a nextest timeout), its agents go with it (and their
+        // workers with them, through their shepherds).
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec here.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
         let out = child.stdout.take().expect("the agent's stdout is piped");
         let stdout = Arc::new(Mutex::new(Vec::new()));
@@ -579,6 +588,22 @@ impl Netns {
             agent_ip: Ipv4Addr::new(10, 213, subnet, 4 * n + 2),
         };
         ns.remove();
+        sweep_stale();
+        // An interface left by a killed run of a process with the same pid % 250 may still
+        // hold this subnet: it is nobody's now (ours were just removed).
+        if let Some(o) = run_ip(&[
+            "-o",
+            "-4",
+            "addr",
+            "show",
+            "to",
+            &format!("{}/30", Ipv4Addr::new(10, 213, subnet, 4 * n)),
+        ]) {
+            for dev in String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.split_whitespace().nth(1))
+            {
+                let _ = ip_quiet(&["link", "del", "dev", dev.trim_end_matches(':')]);
+            }
+        }
 
         let ns_mac = format!("02:73:70:{subnet:02x}:{n:02x}:02");
         let host_cidr = format!("{}/30", ns.host_ip);
@@ -782,4 +807,20 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut paused: watch
     if unpaused(&mut paused).await {
         let _ = to.shutdown().await;
     }
+}
+
+/// Deletes the `sp-<pid>-<n>` namespaces of test processes that are gone (a run killed before
+/// its guards could), once per process.
+fn sweep_stale() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let Some(o) = run_ip(&["netns", "list"]) else { return };
+        for line in String::from_utf8_lossy(&o.stdout).lines() {
+            let Some(name) = line.split_whitespace().next() else { continue };
+            let Some(pid) = name.strip_prefix("sp-").and_then(|r| r.split('-').next()) else { continue };
+            if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = ip_quiet(&["netns", "del", name]);
+            }
+        }
+    });
 }

@@ -19,6 +19,9 @@ use crate::proto::agent_client::AgentClient;
 use crate::proto::{AgentStatus, StatusRequest};
 use crate::AgentUrl;
 
+/// The most workers one agent is taken to have, whatever it says.
+const MAX_AGENT_WORKERS: usize = 4096;
+
 /// Where a live agent stands, as its workers see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LiveState {
@@ -45,7 +48,8 @@ impl Live {
     }
 
     fn workers(&self) -> usize {
-        self.status.lock().unwrap_or_else(|p| p.into_inner()).workers as usize
+        // What an agent says is input from the network: no more than MAX_AGENT_WORKERS.
+        (self.status.lock().unwrap_or_else(|p| p.into_inner()).workers as usize).min(MAX_AGENT_WORKERS)
     }
 
     fn tools(&self) -> Vec<ToolInfo> {
@@ -69,10 +73,13 @@ impl Live {
         let _ = rx.wait_for(|s| *s == LiveState::Lost).await;
     }
 
-    /// Resolves once the agent drains (or is lost).
+    /// Resolves once the agent drains (never for one lost without draining first: its workers
+    /// exit instead).
     pub(crate) async fn leaving(&self) {
         let mut rx = self.state.subscribe();
-        let _ = rx.wait_for(|s| *s != LiveState::Up).await;
+        if rx.wait_for(|s| *s == LiveState::Draining).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -387,11 +394,26 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 fn failure(what: &str, e: &(dyn std::error::Error + 'static)) -> Failure {
     let reason = format!("{what}: {}", chain(e));
-    let l = reason.to_ascii_lowercase();
-    // A TLS refusal either way (a bad or missing client certificate, an agent certificate we do
-    // not trust): a misconfiguration, not an outage.
-    let refused = ["certificate", "alert", "invalid peer", "handshake"].iter().any(|w| l.contains(w));
-    Failure { reason, refused }
+    Failure { reason, refused: tls_refusal(e) }
+}
+
+/// Whether a rustls error is in the chain: a TLS refusal either way (a bad or missing client
+/// certificate, an agent certificate this front end does not trust) — a misconfiguration, not
+/// an outage. (A connection closed mid-handshake is an I/O error, not this.)
+fn tls_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(inner) = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            if inner.is::<rustls::Error>() {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
 }
 
 async fn establish(

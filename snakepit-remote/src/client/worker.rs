@@ -1,7 +1,7 @@
 //! A remote worker: one worker's worth of an agent's capacity, and its connection (each call
 //! one `Agent.Call` stream on the agent's HTTP/2 connection).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -177,6 +177,7 @@ impl RemoteConnection {
         chunks: Option<&mpsc::Sender<Result<Payload, Error>>>,
     ) -> Result<Payload, Error> {
         let command = first.command.clone();
+        let window = first.window.max(1) as usize;
         if self.is_gone() {
             return Err(self.lost(&command));
         }
@@ -206,9 +207,21 @@ impl RemoteConnection {
             _ = &mut gone => return Err(self.lost(&command)),
         };
         let mut hosts = tokio::task::JoinSet::new();
+        // A stream's chunks not yet taken by the consumer: the call's HTTP/2 stream is always
+        // read (a slow consumer must not hold the connection's flow-control window, which the
+        // agent's other calls and its status share); the credit bounds this buffer.
+        let mut pending: VecDeque<Payload> = VecDeque::new();
         loop {
             let m = tokio::select! {
                 m = stream.message() => m,
+                permit = reserve(chunks), if !pending.is_empty() => {
+                    let Ok(permit) = permit else { return Err(Error::Cancelled { command }) };
+                    if let Some(item) = pending.pop_front() {
+                        permit.send(Ok(item));
+                    }
+                    let _ = tx.send(AgentIn { msg: Some(In::Credit(1)) }).await;
+                    continue;
+                }
                 _ = &mut gone => return Err(self.lost(&command)),
                 _ = &mut consumer_gone => return Err(Error::Cancelled { command }),
                 Some(_) = hosts.join_next(), if !hosts.is_empty() => continue,
@@ -225,21 +238,50 @@ impl RemoteConnection {
             match msg {
                 Out::Ok(v) => return Ok(wire::payload(v)),
                 Out::Error(e) => {
-                    return Err(wire::from_call_error(e, self.worker, &command, &self.host.name))
-                }
-                Out::End(_) => return Ok(Payload::null()),
-                Out::Chunk(v) => {
-                    let Some(c) = chunks else {
-                        return Err(Error::Protocol {
-                            worker: self.worker,
-                            detail: format!("agent {} sent a chunk for a plain call", self.host.name),
-                            source: None,
+                    if e.kind == "shutting_down" {
+                        // The agent drains: its workers leave now, before their next call.
+                        self.live.state.send_if_modified(|s| {
+                            let up = *s == LiveState::Up;
+                            if up {
+                                *s = LiveState::Draining;
+                            }
+                            up
                         });
-                    };
-                    if c.send(Ok(wire::payload(v))).await.is_err() {
+                    }
+                    flush(chunks, &mut pending).await;
+                    return Err(wire::from_call_error(e, self.worker, &command, &self.host.name));
+                }
+                Out::End(_) => {
+                    if !flush(chunks, &mut pending).await {
                         return Err(Error::Cancelled { command });
                     }
-                    let _ = tx.send(AgentIn { msg: Some(In::Credit(1)) }).await;
+                    return Ok(Payload::null());
+                }
+                Out::Chunk(v) => {
+                    if chunks.is_none() || pending.len() >= window {
+                        let why = if chunks.is_none() {
+                            "a chunk for a plain call"
+                        } else {
+                            "more chunks than its credit"
+                        };
+                        return Err(Error::Protocol {
+                            worker: self.worker,
+                            detail: format!("agent {} sent {why}", self.host.name),
+                            source: None,
+                        });
+                    }
+                    pending.push_back(wire::payload(v));
+                }
+                Out::HostCall(h) if hosts.len() >= MAX_HOST_CALLS => {
+                    let r = proto::HostResult {
+                        id: h.id,
+                        outcome: Some(proto::host_result::Outcome::Error(proto::RemoteWorkerError {
+                            r#type: "TooManyHostCalls".into(),
+                            message: format!("more than {MAX_HOST_CALLS} host calls at once in one call"),
+                            traceback: String::new(),
+                        })),
+                    };
+                    let _ = tx.send(AgentIn { msg: Some(In::HostResult(r)) }).await;
                 }
                 Out::HostCall(h) => {
                     let tx = tx.clone();
@@ -269,6 +311,33 @@ impl RemoteConnection {
             }
         }
     }
+}
+
+/// Host calls one call may have outstanding on the front end (more are answered with an error).
+const MAX_HOST_CALLS: usize = 64;
+
+/// A slot in the consumer's channel (never, for a plain call).
+async fn reserve(
+    chunks: Option<&mpsc::Sender<Result<Payload, Error>>>,
+) -> Result<mpsc::Permit<'_, Result<Payload, Error>>, mpsc::error::SendError<()>> {
+    match chunks {
+        Some(c) => c.reserve().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands the consumer the chunks still buffered; false if it went away.
+async fn flush(
+    chunks: Option<&mpsc::Sender<Result<Payload, Error>>>,
+    pending: &mut VecDeque<Payload>,
+) -> bool {
+    let Some(c) = chunks else { return true };
+    for item in pending.drain(..) {
+        if c.send(Ok(item)).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 fn agent_call(req: &Request, stream: bool, window: u32) -> proto::AgentCall {
@@ -344,7 +413,8 @@ impl Connection for RemoteConnection {
     }
 
     fn is_closed(&self) -> bool {
-        self.is_gone()
+        // A worker of a draining agent takes no new call (the slot retires it).
+        self.is_gone() || self.live.state() != LiveState::Up
     }
 
     fn new_request_id(&self) -> RequestId {

@@ -249,7 +249,14 @@ impl Inner {
             let worker = lease.worker().clone();
             let id = worker.connection().new_request_id();
             lease.begin(id, adm.deadline);
-            let req = Request::new(cmd.clone(), rargs).with_deadline(adm.deadline).with_id(id);
+            let req = Request::new(cmd.clone(), rargs)
+                .with_deadline(adm.deadline)
+                .with_id(id)
+                .with_session(session.map(str::to_owned));
+            // In the session, as the call it prepares: its host calls see the session's
+            // variables (and, on an agent, go back to the front end).
+            let _scope = session.map(|sid| self.host.enter(worker.id(), id, sid));
+            let _forward = opts.host.as_ref().map(|to| self.host.forward(worker.id(), id, to));
             let call = worker.connection().start(req);
             let r = match adm.deadline {
                 Some(d) => match tokio::time::timeout_at(d.into(), call).await {

@@ -47,6 +47,13 @@ impl PoolBuilder {
 /// Connects to the agents and makes the builder's pool theirs: the adapter, the size (unless
 /// set), and a retry of calls an agent refused before running them (it drains).
 pub(crate) async fn prepare(opts: RemoteOptions, b: &mut PoolBuilder) -> Result<Remote, Error> {
+    let slot = &b.cfg.slot;
+    if slot.max_requests.is_some() || slot.max_age.is_some() || slot.max_memory.is_some() {
+        // A recycled worker's replacement starts first, and an agent has no room for it.
+        return Err(Error::BadRequest(
+            "a remote pool does not recycle its workers (max_requests, max_age, max_memory): set them on the agents".into(),
+        ));
+    }
     let remote = Remote::new(opts)?;
     let capacity = remote.connect().await?;
     if !b.cfg.size_set {
