@@ -59,11 +59,13 @@ impl Backend for Pool {
     }
 
     async fn call(&self, call: BackendCall) -> Result<Payload, Error> {
+        self.serve_as_agent();
         let opts = options(&call);
         Pool::call(self, call.session.as_deref(), &call.command, call.args, opts).await
     }
 
     async fn stream(&self, call: BackendCall) -> Result<BoxStream<'static, Result<Payload, Error>>, Error> {
+        self.serve_as_agent();
         let opts = options(&call);
         let s = self.stream_call(call.session.as_deref(), &call.command, call.args, opts).await?;
         Ok(s.boxed())

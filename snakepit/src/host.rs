@@ -32,6 +32,10 @@ pub(crate) struct PoolHost {
     /// Calls whose host calls go elsewhere, by (worker, request id): an agent's calls, whose
     /// host calls (tools, session and global variables) belong to the front end that made them.
     forwards: Mutex<HashMap<(WorkerId, RequestId), Arc<dyn HostHandler>>>,
+    /// The pool serves as an agent: every host call belongs to a front end, and one that is
+    /// not forwarded (no request id, or its call already over) is refused rather than answered
+    /// from this pool's own store.
+    agent: std::sync::atomic::AtomicBool,
     tools: RwLock<HashMap<String, HostTool>>,
     store: Arc<dyn SessionStore>,
     /// The session of each session call in flight, by (worker, request id).
@@ -55,6 +59,7 @@ impl PoolHost {
     pub(crate) fn new(store: Arc<dyn SessionStore>, calls: Arc<crate::pool::HostCallMetrics>) -> Self {
         PoolHost {
             forwards: Mutex::new(HashMap::new()),
+            agent: std::sync::atomic::AtomicBool::new(false),
             tools: RwLock::new(HashMap::new()),
             store,
             sessions: Mutex::new(HashMap::new()),
@@ -89,6 +94,11 @@ impl PoolHost {
     ) -> SessionScope {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert((worker, request), session.to_owned());
         SessionScope { host: self.clone(), key: (worker, request) }
+    }
+
+    /// Marks the pool as an agent's (see `agent`).
+    pub(crate) fn serve_as_agent(&self) {
+        self.agent.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Sends the host calls of `request` on `worker` to `to` until the guard drops.
@@ -180,6 +190,10 @@ impl HostHandler for PoolHost {
         });
         let r = match to {
             Some(to) => to.host_call(call).await,
+            None if self.agent.load(std::sync::atomic::Ordering::Relaxed) => Err(werr(
+                "HostUnavailable",
+                "this call's front end no longer waits for it (a host call of an agent's worker goes to the front end that made the call)",
+            )),
             None => self.answer(call).await,
         };
         self.calls.count(r.as_ref().err().map(|_| "error"));

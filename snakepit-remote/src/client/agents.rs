@@ -52,6 +52,12 @@ impl Live {
         (self.status.lock().unwrap_or_else(|p| p.into_inner()).workers as usize).min(MAX_AGENT_WORKERS)
     }
 
+    /// Idle workers minus queued calls, as the agent last said (all front ends' load).
+    fn spare(&self) -> i64 {
+        let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        i64::from(s.free) - i64::from(s.queued)
+    }
+
     fn tools(&self) -> Vec<ToolInfo> {
         let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         s.tools
@@ -279,7 +285,9 @@ impl Agents {
                     }
                     _ => None,
                 })
-                .max_by_key(|(_, _, free, bound)| (*free, std::cmp::Reverse(*bound)));
+                // Most workers not bound here; then what the agent itself says it has free
+                // (other front ends' load); then fewest bound here.
+                .max_by_key(|(_, live, free, bound)| (*free, live.spare(), std::cmp::Reverse(*bound)));
             if let Some((_, live, _, _)) = &best {
                 live.bound.fetch_add(1, Ordering::AcqRel);
             }
@@ -428,9 +436,18 @@ async fn establish(
         .keep_alive_timeout(opts.keepalive_timeout)
         .keep_alive_while_idle(true)
         .connect_timeout(timeout);
+    if host.url.plaintext && !host.addr.ip().is_loopback() {
+        // `http://localhost` that resolved elsewhere: plaintext stays on loopback.
+        let reason = format!(
+            "{} resolved to {}, not a loopback address (plaintext is for loopback only)",
+            host.url, host.addr
+        );
+        return Err(Failure { reason, refused: true });
+    }
     let connector = Connector {
         addr: host.addr,
-        tls: tls.clone().map(tokio_rustls::TlsConnector::from),
+        // An `http://` URL is plaintext even when TLS is set for the others.
+        tls: if host.url.plaintext { None } else { tls.clone().map(tokio_rustls::TlsConnector::from) },
         server_name: host.url.host.clone(),
         timeout,
     };

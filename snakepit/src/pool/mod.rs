@@ -168,6 +168,14 @@ pub struct Pool {
     life: Arc<Life>,
 }
 
+impl Pool {
+    /// Marks the pool as an agent's backend: host calls not forwarded to a front end are refused.
+    #[cfg(feature = "remote")]
+    pub(crate) fn serve_as_agent(&self) {
+        self.inner.host.serve_as_agent();
+    }
+}
+
 /// What the last clone of a [`Pool`] stops on drop.
 struct Life {
     inner: Arc<Inner>,
