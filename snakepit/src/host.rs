@@ -97,6 +97,7 @@ impl PoolHost {
     }
 
     /// Marks the pool as an agent's (see `agent`).
+    #[cfg(feature = "remote")]
     pub(crate) fn serve_as_agent(&self) {
         self.agent.store(true, std::sync::atomic::Ordering::Relaxed);
     }
