@@ -123,8 +123,8 @@ async fn streams_nobody_reads_do_not_starve_the_agent_connection() {
     let certs = Certs::new(g.1.path(), &[LOOPBACK]);
     let a = agent(&g, &certs, 4, "127.0.0.1:0");
     let pool = front(&certs, &[a.url()]).await;
-    // Three streams of 256 KiB items, opened and then not read: past the HTTP/2 windows (64 KiB
-    // per stream by default), were their data left unread on the connection.
+    // Three streams of 256 KiB items, opened and then not read: 3 × 32 items × 256 KiB, past the
+    // connection's HTTP/2 window, were their data left unread on it.
     let mut stalled = Vec::new();
     for _ in 0..3 {
         let mut s = pool.execute_stream("count", json!({"n": 64, "size": 256 << 10})).await.expect("stream");

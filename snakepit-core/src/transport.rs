@@ -549,7 +549,9 @@ pub trait Connection: Send + Sync + 'static {
     /// Resolves when the connection is gone, with the reason.
     fn closed(&self) -> BoxFuture<'static, CloseReason>;
 
-    /// Whether the connection is gone (the worker can take no more calls). The default polls
+    /// Whether the worker can take no more calls: the connection is gone, or (a remote worker)
+    /// it is leaving ([`WorkerHandle::leaving`](crate::WorkerHandle::leaving)) and finishes only
+    /// the calls it has; [`closed`](Connection::closed) resolves only in the first case. The default polls
     /// [`closed`](Connection::closed) once, which allocates; the pool asks on every check-in, so
     /// a transport with a cheaper answer should give it.
     fn is_closed(&self) -> bool {

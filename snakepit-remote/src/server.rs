@@ -4,8 +4,10 @@
 //! Life of an agent: [`bind`] checks the settings and binds the listener (so `:0` gives the
 //! real port before anything is announced); [`Listener::serve`] serves until its `shutdown`
 //! future resolves, then drains: the health service says `NOT_SERVING`, the `Status` streams
-//! say `draining`, new calls are refused as `not_started` (they never ran, so a front end sends
-//! them elsewhere), and the calls in flight get up to `shutdown_grace` to finish.
+//! say `draining`, new calls are refused with `shutting_down` (they never ran: a front end
+//! takes it as `not_started`, sends them elsewhere, and retires its workers on this agent), the
+//! calls in flight get up to `shutdown_grace` to finish, and the agent goes on refusing for one
+//! more second before it closes its connections.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -24,7 +24,9 @@
 //! Each call a front end sends runs as a call on the pool, in the front end's session (for the
 //! agent's own worker affinity), within what is left of its budget; its host calls (host
 //! tools, `session.*`, `global.*`) go back to the front end, whose store holds the session's
-//! variables (Redis when several front ends share them).
+//! variables (Redis when several front ends share them). Once it serves a front end, the pool
+//! refuses host calls that no front end's call made (a late one, after its call ended): a pool
+//! served as an agent is not for local calls that use host tools or session variables.
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;

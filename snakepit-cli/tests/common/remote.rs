@@ -257,7 +257,8 @@ impl AgentProc {
     pub(crate) fn start(mut cmd: Command, timeout: Duration) -> AgentProc {
         cmd.stdout(Stdio::piped());
         // If the test process is killed (a nextest timeout), its agents go with it (and their
-        // workers with them, through their shepherds).
+        // workers with them, through their shepherds). The signal follows the spawning
+        // *thread*: start agents from the test's body, not from a task or `spawn_blocking`.
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec here.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
@@ -599,9 +600,12 @@ impl Netns {
             "to",
             &format!("{}/30", Ipv4Addr::new(10, 213, subnet, 4 * n)),
         ]) {
-            for dev in String::from_utf8_lossy(&o.stdout).lines().filter_map(|l| l.split_whitespace().nth(1))
-            {
-                let _ = ip_quiet(&["link", "del", "dev", dev.trim_end_matches(':')]);
+            let text = String::from_utf8_lossy(&o.stdout);
+            let devs = text.lines().filter_map(|l| l.split_whitespace().nth(1));
+            // Only the tests' own veths (`spv…`): never an interface of the machine's network.
+            for dev in devs.map(|d| d.trim_end_matches(':')).filter(|d| d.starts_with("spv")) {
+                let dev = dev.split('@').next().unwrap_or(dev);
+                let _ = ip_quiet(&["link", "del", "dev", dev]);
             }
         }
 

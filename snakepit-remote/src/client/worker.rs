@@ -181,7 +181,7 @@ impl RemoteConnection {
         if self.is_gone() {
             return Err(self.lost(&command));
         }
-        let _running = self.inflight.enter(id);
+        let running = self.inflight.enter(id);
         let (tx, rx) = mpsc::channel::<AgentIn>(16);
         let _ = tx.try_send(AgentIn { msg: Some(In::Call(first)) });
         self.calls.lock().unwrap_or_else(|p| p.into_inner()).insert(id.0, tx.clone());
@@ -211,6 +211,9 @@ impl RemoteConnection {
         // read (a slow consumer must not hold the connection's flow-control window, which the
         // agent's other calls and its status share); the credit bounds this buffer.
         let mut pending: VecDeque<Payload> = VecDeque::new();
+        // Credit earned by chunks the consumer took, not sent yet (sent without ever blocking
+        // the reading of the call's stream).
+        let mut owed = 0u32;
         loop {
             let m = tokio::select! {
                 m = stream.message() => m,
@@ -218,8 +221,14 @@ impl RemoteConnection {
                     let Ok(permit) = permit else { return Err(Error::Cancelled { command }) };
                     if let Some(item) = pending.pop_front() {
                         permit.send(Ok(item));
+                        owed += 1;
                     }
-                    let _ = tx.send(AgentIn { msg: Some(In::Credit(1)) }).await;
+                    continue;
+                }
+                permit = tx.reserve(), if owed > 0 => {
+                    if let Ok(permit) = permit {
+                        permit.send(AgentIn { msg: Some(In::Credit(std::mem::take(&mut owed))) });
+                    }
                     continue;
                 }
                 _ = &mut gone => return Err(self.lost(&command)),
@@ -240,19 +249,34 @@ impl RemoteConnection {
                 Out::Error(e) => {
                     if e.kind == "shutting_down" {
                         // The agent drains: its workers leave now, before their next call.
-                        self.live.state.send_if_modified(|s| {
+                        let changed = self.live.state.send_if_modified(|s| {
                             let up = *s == LiveState::Up;
                             if up {
                                 *s = LiveState::Draining;
                             }
                             up
                         });
+                        if changed {
+                            tracing::info!(agent = %self.host.name, "agent drains (it refused a call); its workers leave");
+                        }
                     }
-                    flush(chunks, &mut pending).await;
+                    // Answered: the worker is free whatever the consumer does with the rest.
+                    drop(running);
+                    if e.kind != "cancelled" {
+                        tokio::select! {
+                            _ = flush(chunks, &mut pending) => {}
+                            _ = &mut gone => {}
+                        }
+                    }
                     return Err(wire::from_call_error(e, self.worker, &command, &self.host.name));
                 }
                 Out::End(_) => {
-                    if !flush(chunks, &mut pending).await {
+                    drop(running);
+                    let delivered = tokio::select! {
+                        ok = flush(chunks, &mut pending) => ok,
+                        _ = &mut gone => false,
+                    };
+                    if !delivered {
                         return Err(Error::Cancelled { command });
                     }
                     return Ok(Payload::null());
@@ -281,7 +305,11 @@ impl RemoteConnection {
                             traceback: String::new(),
                         })),
                     };
-                    let _ = tx.send(AgentIn { msg: Some(In::HostResult(r)) }).await;
+                    let tx = tx.clone();
+                    // Never blocks the reading of the call's stream (ends with the call).
+                    tokio::spawn(async move {
+                        let _ = tx.send(AgentIn { msg: Some(In::HostResult(r)) }).await;
+                    });
                 }
                 Out::HostCall(h) => {
                     let tx = tx.clone();
@@ -424,7 +452,15 @@ impl Connection for RemoteConnection {
     fn cancel(&self, id: RequestId) {
         let tx = self.calls.lock().unwrap_or_else(|p| p.into_inner()).get(&id.0).cloned();
         if let Some(tx) = tx {
-            let _ = tx.try_send(AgentIn { msg: Some(In::Cancel(true)) });
+            let cancel = AgentIn { msg: Some(In::Cancel(true)) };
+            if let Err(mpsc::error::TrySendError::Full(cancel)) = tx.try_send(cancel) {
+                // A full outbox must not lose the cancel (the send ends with the call).
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let _ = tx.send(cancel).await;
+                    });
+                }
+            }
         }
     }
 
