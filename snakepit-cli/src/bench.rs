@@ -482,8 +482,9 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
         Some(server) => redis::pool(&python, server).await,
         None => None,
     };
-    let remote_pools = if want(remote::SEQ) || want(&remote::rows(1)) || want(&remote::rows(2)) {
-        remote::pools(&python, want(remote::SEQ), want(&remote::rows(1)) || want(&remote::rows(2))).await
+    let scale = want(&remote::rows(1)) || want(&remote::rows(2));
+    let remote_pools = if want(remote::SEQ) || want(remote::SEQ_TLS) || scale {
+        remote::pools(&python, want(remote::SEQ), want(remote::SEQ_TLS), scale).await
     } else {
         None
     };
@@ -667,9 +668,11 @@ pub(crate) async fn run(args: BenchArgs) -> std::process::ExitCode {
             }
         }
         if let Some(rp) = &remote_pools {
-            if let (Some(p), true) = (&rp.seq, want(remote::SEQ)) {
-                floors.insert(remote::SEQ.to_string(), "floor seq 64 B".into());
-                results.entry(remote::SEQ.to_string()).or_default().push(pool_run(p, 64, calls, 1).await);
+            for (name, pool) in [(remote::SEQ, &rp.seq), (remote::SEQ_TLS, &rp.seq_tls)] {
+                if let (Some(p), true) = (pool, want(name)) {
+                    floors.insert(name.to_string(), "floor seq 64 B".into());
+                    results.entry(name.to_string()).or_default().push(pool_run(p, 64, calls, 1).await);
+                }
             }
             let n = if args.quick { 200 } else { 800 };
             for (agents, pool) in [(1, &rp.one), (2, &rp.two)] {

@@ -33,20 +33,54 @@ pub(super) fn rows(agents: usize) -> String {
 /// The hop row's name.
 pub(super) const SEQ: &str = "remote 1 worker seq 64 B (agent on loopback)";
 
-/// Starts `snakepit agent` with `size` showcase workers on a free loopback port.
+/// The same hop with mutual TLS.
+pub(super) const SEQ_TLS: &str = "remote 1 worker seq 64 B, TLS (agent on loopback)";
+
+/// A CA, the agent's certificate (for 127.0.0.1) and a client certificate, made now, in `dir`:
+/// `(ca, agent cert, agent key, client cert, client key)`.
+fn certs(dir: &std::path::Path) -> Result<[PathBuf; 5], rcgen::Error> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate()?;
+    let ca_pem = ca.self_signed(&ca_key)?.pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |sans: Vec<SanType>, usage| -> Result<(String, String), rcgen::Error> {
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.subject_alt_names = sans;
+        p.extended_key_usages = vec![usage];
+        let key = KeyPair::generate()?;
+        Ok((p.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+    };
+    let ip = SanType::IpAddress(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    let (agent, agent_key) = leaf(vec![ip], ExtendedKeyUsagePurpose::ServerAuth)?;
+    let (client, client_key) = leaf(Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)?;
+    let files = ["ca.pem", "agent.pem", "agent-key.pem", "client.pem", "client-key.pem"].map(|n| dir.join(n));
+    for (path, text) in files.iter().zip([ca_pem, agent, agent_key, client, client_key]) {
+        std::fs::write(path, text).map_err(|e| rcgen::Error::PemError(e.to_string()))?;
+    }
+    Ok(files)
+}
+
+/// Starts `snakepit agent` with `size` showcase workers on a free loopback port (plaintext, or
+/// with mutual TLS from `tls`' files).
 #[allow(clippy::disallowed_methods)] // the bench's agents: this binary, which supervises its own workers
-pub(super) fn agent(python: &str, size: usize) -> Option<AgentProc> {
+pub(super) fn agent(python: &str, size: usize, tls: Option<&[PathBuf; 5]>) -> Option<AgentProc> {
     use std::io::BufRead;
     let exe = std::env::current_exe().ok()?;
-    let child = Command::new(exe)
-        .args([
-            "agent",
-            "--listen",
-            "127.0.0.1:0",
-            "--insecure-plaintext",
-            "--module",
-            "snakepit_bridge.showcase",
-        ])
+    let mut cmd = Command::new(exe);
+    cmd.args(["agent", "--listen", "127.0.0.1:0", "--module", "snakepit_bridge.showcase"]);
+    match tls {
+        Some([ca, cert, key, _, _]) => {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key).arg("--tls-client-ca").arg(ca);
+        }
+        None => {
+            cmd.arg("--insecure-plaintext");
+        }
+    }
+    let child = cmd
         .args(["--size", &size.to_string(), "--python", python])
         .env("SNAKEPIT_LOG", "error")
         .stdin(Stdio::null())
@@ -70,7 +104,10 @@ pub(super) fn agent(python: &str, size: usize) -> Option<AgentProc> {
     let line = rx.recv_timeout(Duration::from_secs(60)).ok().flatten();
     let addr = line.as_deref().and_then(|l| l.strip_prefix("snakepit agent listening on "));
     match addr {
-        Some(a) => Some(AgentProc { url: format!("http://{}", a.trim()), child }),
+        Some(a) => {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            Some(AgentProc { url: format!("{scheme}://{}", a.trim()), child })
+        }
         None => {
             eprintln!("bench: no remote rows (the agent did not start: {line:?})");
             let _ = child.kill();
@@ -80,14 +117,14 @@ pub(super) fn agent(python: &str, size: usize) -> Option<AgentProc> {
     }
 }
 
-/// A front-end pool on `agents`.
-pub(super) async fn front(agents: &[&AgentProc]) -> Option<Arc<Pool>> {
+/// A front-end pool on `agents` (with this client certificate for TLS agents).
+pub(super) async fn front(agents: &[&AgentProc], tls: Option<&[PathBuf; 5]>) -> Option<Arc<Pool>> {
     let urls: Vec<String> = agents.iter().map(|a| a.url.clone()).collect();
-    let built = Pool::builder()
-        .heartbeat(None)
-        .remote_options(snakepit::RemoteOptions::new(urls).insecure_plaintext(true))
-        .build()
-        .await;
+    let mut opts = snakepit::RemoteOptions::new(urls).insecure_plaintext(true);
+    if let Some([ca, _, _, cert, key]) = tls {
+        opts = opts.tls(snakepit::ClientTls::new(ca, cert, key));
+    }
+    let built = Pool::builder().heartbeat(None).remote_options(opts).build().await;
     match built {
         Ok(p) => Some(Arc::new(p)),
         Err(e) => {
@@ -101,24 +138,39 @@ pub(super) async fn front(agents: &[&AgentProc]) -> Option<Arc<Pool>> {
 /// a front end on one and on both.
 pub(super) struct Pools {
     pub(super) seq: Option<Arc<Pool>>,
+    pub(super) seq_tls: Option<Arc<Pool>>,
     pub(super) one: Option<Arc<Pool>>,
     pub(super) two: Option<Arc<Pool>>,
     /// Last: dropped after the pools on them.
     _agents: Vec<AgentProc>,
+    _certs: Option<tempfile::TempDir>,
 }
 
-pub(super) async fn pools(python: &str, seq: bool, scale: bool) -> Option<Pools> {
+pub(super) async fn pools(python: &str, seq: bool, seq_tls: bool, scale: bool) -> Option<Pools> {
     let mut agents = Vec::new();
-    let mut out = Pools { seq: None, one: None, two: None, _agents: Vec::new() };
+    let mut out = Pools { seq: None, seq_tls: None, one: None, two: None, _agents: Vec::new(), _certs: None };
     if seq {
-        let a = agent(python, 1)?;
-        out.seq = front(&[&a]).await;
+        let a = agent(python, 1, None)?;
+        out.seq = front(&[&a], None).await;
         agents.push(a);
     }
+    if seq_tls {
+        let dir = tempfile::tempdir().ok()?;
+        match certs(dir.path()) {
+            Ok(files) => {
+                if let Some(a) = agent(python, 1, Some(&files)) {
+                    out.seq_tls = front(&[&a], Some(&files)).await;
+                    agents.push(a);
+                }
+            }
+            Err(e) => eprintln!("bench: no TLS row (cannot make certificates: {e})"),
+        }
+        out._certs = Some(dir);
+    }
     if scale {
-        let (a, b) = (agent(python, AGENT_WORKERS)?, agent(python, AGENT_WORKERS)?);
-        out.one = front(&[&a]).await;
-        out.two = front(&[&a, &b]).await;
+        let (a, b) = (agent(python, AGENT_WORKERS, None)?, agent(python, AGENT_WORKERS, None)?);
+        out.one = front(&[&a], None).await;
+        out.two = front(&[&a, &b], None).await;
         agents.push(a);
         agents.push(b);
     }
