@@ -101,6 +101,14 @@ async fn remote_calls_streams_host_calls_sessions_and_deadlines_over_mutual_tls(
         "the variable is in the front end's store"
     );
     assert_eq!(session.execute("recall", json!({"name": "x"})).await.expect("recall"), json!([1, 2]));
+    // Dropping a stream midway cancels the generator on the agent's worker (its `finally`
+    // runs; the agent is on this machine, so its file is seen here).
+    let marker = g.1.path().join("stream-closed");
+    let mut s = pool.execute_stream("count", json!({"n": 1_000_000, "path": marker})).await.expect("stream");
+    assert!(s.next_json().await.expect("an item").is_ok());
+    drop(s);
+    let m = marker.clone();
+    until("the generator's finally on the agent", Duration::from_secs(10), move || m.exists()).await;
     // A deadline propagates: the call fails at its own deadline, the agent cancels it.
     let t = Instant::now();
     let e = pool
@@ -230,6 +238,26 @@ async fn an_agent_killed_mid_call_fails_its_calls_with_agent_lost_and_the_pool_g
     let b = agent(&g, &certs, 2, "127.0.0.1:0");
     let pool = front(&certs, &[a.url(), b.url()]).await;
     assert_eq!(pool.stats().size, 4);
+    // Strict sessions, each pinned to the worker its first call ran on; keep one on agent a.
+    let on_a: Vec<bool> = pool
+        .worker_handshakes()
+        .iter()
+        .map(|r| r.as_ref().is_some_and(|r| r.bridge.contains(&a.url())))
+        .collect();
+    assert_eq!(on_a.iter().filter(|x| **x).count(), 2, "two remote workers on each agent: {on_a:?}");
+    let strict = snakepit::CallOptions::default().with_affinity(snakepit::Affinity::Strict);
+    let mut pinned_on_a = None;
+    for i in 0..16 {
+        let id = format!("s{i}");
+        let s = pool.create_session(&id, Value::Null).await.expect("session");
+        s.execute_with("ping", snakepit::Payload::from(Value::Null), strict.clone()).await.expect("ping");
+        let worker = s.record().await.expect("record").worker.expect("pinned");
+        if on_a[worker.slot] {
+            pinned_on_a = Some(s);
+            break;
+        }
+    }
+    let pinned_on_a = pinned_on_a.expect("a session pinned to agent a's worker");
     // Four long calls: two on each agent (each remote worker holds one).
     let started = g.1.path().join("started");
     std::fs::create_dir_all(&started).expect("dir");
@@ -269,6 +297,12 @@ async fn an_agent_killed_mid_call_fails_its_calls_with_agent_lost_and_the_pool_g
     eprintln!("agent kill: calls ok {ok}, agent_lost {lost}, other {other:?}");
     assert_eq!((ok, lost), (2, 2), "{other:?}");
     assert!(other.is_empty(), "{other:?}");
+    // The strict session pinned to agent a's worker lost it (no rehydrate hook).
+    let e = pinned_on_a
+        .execute_with("ping", snakepit::Payload::from(Value::Null), strict)
+        .await
+        .expect_err("its worker is gone");
+    assert_eq!(e.kind(), "session_lost", "{e}");
     // The pool goes on with the other agent.
     for i in 0..20 {
         assert_eq!(pool.execute("add", json!({"a": i, "b": 2})).await.expect("served by b"), json!(i + 2));
