@@ -179,29 +179,18 @@ async fn stop_signal(mut term: tokio::signal::unix::Signal, mut int: tokio::sign
 async fn restart_on_hangup(mut hup: tokio::signal::unix::Signal, pool: Pool, config: Option<PathBuf>) {
     while hup.recv().await.is_some() {
         let Some(file) = &config else {
-            tracing::info!("SIGHUP: restarting the workers one by one");
-            if let Err(e) = pool.rolling_restart().await {
-                tracing::error!("SIGHUP: the rolling restart stopped: {e}");
-            }
+            crate::serve::rolling_restart(&pool).await;
             continue;
         };
-        let cfg = match snakepit::PoolConfig::load(file).and_then(|c| c.adapter().map(|ad| (ad, c.size))) {
+        let loaded = snakepit::PoolConfig::load(file).and_then(|c| c.adapter().map(|ad| (ad, c.size)));
+        let (adapter, size) = match loaded {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("SIGHUP: {e}; the pool is kept as it is");
                 continue;
             }
         };
-        let (adapter, size) = cfg;
-        if let Err(e) = pool.reload_shared(adapter).await {
-            tracing::error!("SIGHUP: the reload stopped: {e}");
-            continue;
-        }
-        if let Some(n) = size.filter(|n| *n != pool.stats().size) {
-            if let Err(e) = pool.resize(n).await {
-                tracing::error!("SIGHUP: cannot resize to {n}: {e}");
-            }
-        }
-        tracing::info!("SIGHUP: reloaded");
+        let size = size.unwrap_or_else(|| pool.stats().size);
+        crate::serve::reload(&pool, adapter, size).await;
     }
 }

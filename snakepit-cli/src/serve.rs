@@ -402,11 +402,7 @@ async fn reload_on_hangup(
             continue;
         }
         let Some(file) = &a.config else {
-            tracing::info!("SIGHUP: restarting the workers one by one");
-            match pool.rolling_restart().await {
-                Ok(()) => tracing::info!("SIGHUP: every worker restarted"),
-                Err(e) => tracing::error!("SIGHUP: the rolling restart stopped: {e}"),
-            }
+            rolling_restart(&pool).await;
             continue;
         };
         let cfg = match config::load(&a, &explicit, file) {
@@ -428,21 +424,37 @@ async fn reload_on_hangup(
             }
         };
         tracing::info!(file = %file.display(), "SIGHUP: reloading the workers");
-        if let Err(e) = pool.reload_shared(adapter).await {
-            tracing::error!("SIGHUP: the reload stopped: {e}");
-            continue;
-        }
-        let (before, size) = (pool.stats().size, cfg.size.unwrap_or(1));
-        if size != before {
-            match pool.resize(size).await {
-                // A larger pool admits more requests at once (a smaller one keeps the bound).
-                Ok(()) if size > before => admit.add_permits(size - before),
-                Ok(()) => {}
-                Err(e) => tracing::error!("SIGHUP: cannot resize to {size}: {e}"),
-            }
-        }
-        tracing::info!(workers = size, "SIGHUP: reloaded");
+        // A larger pool admits more requests at once (a smaller one keeps the bound).
+        admit.add_permits(reload(&pool, adapter, cfg.size.unwrap_or(1)).await);
     }
+}
+
+/// SIGHUP without a file (`serve` and `agent`): a rolling restart of the same workers.
+pub(crate) async fn rolling_restart(pool: &Pool) {
+    tracing::info!("SIGHUP: restarting the workers one by one");
+    match pool.rolling_restart().await {
+        Ok(()) => tracing::info!("SIGHUP: every worker restarted"),
+        Err(e) => tracing::error!("SIGHUP: the rolling restart stopped: {e}"),
+    }
+}
+
+/// SIGHUP with a file (`serve` and `agent`): the workers reloaded with `adapter` (a rolling
+/// replacement), then the pool resized to `size`. Returns how many workers it gained.
+pub(crate) async fn reload(pool: &Pool, adapter: Arc<dyn snakepit::Adapter>, size: usize) -> usize {
+    if let Err(e) = pool.reload_shared(adapter).await {
+        tracing::error!("SIGHUP: the reload stopped: {e}");
+        return 0;
+    }
+    let before = pool.stats().size;
+    let mut gained = 0;
+    if size != before {
+        match pool.resize(size).await {
+            Ok(()) => gained = size.saturating_sub(before),
+            Err(e) => tracing::error!("SIGHUP: cannot resize to {size}: {e}"),
+        }
+    }
+    tracing::info!(workers = size, "SIGHUP: reloaded");
+    gained
 }
 
 /// Answers one request line; on shutdown after the grace, answers `shutting_down` instead.

@@ -708,3 +708,25 @@ async fn two_front_ends_share_redis_sessions_across_agents() {
     two.shutdown().await;
     drop((a, b));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarts_its_workers_on_sighup_and_front_ends_go_on() {
+    let g = Guard::new();
+    let certs = Certs::new(g.1.path(), &[LOOPBACK]);
+    let a = agent(&g, &certs, 1, "127.0.0.1:0");
+    let pool = front(&certs, &[a.url()]).await;
+    let before = pool.execute("pid", Value::Null).await.expect("pid");
+    a.signal(nix::sys::signal::Signal::SIGHUP);
+    // The agent's worker is replaced (a rolling restart); the front end's calls keep working.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = pool.execute("pid", Value::Null).await.expect("calls go on during the restart");
+        if now != before {
+            break;
+        }
+        assert!(Instant::now() < end, "the agent's worker was not restarted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pool.shutdown().await;
+    drop(a);
+}
